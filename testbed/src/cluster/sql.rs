@@ -1,0 +1,193 @@
+//! SQL and WAL helpers on a running [`Cluster`], through `psql` (no client library to keep
+//! in step with every server version).
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use super::{Cluster, SUPERUSER};
+
+/// psql's field separator in [`Cluster::rows`] (unit separator: never in test data).
+const FIELD_SEP: &str = "\x1f";
+
+impl Cluster {
+    /// Runs SQL as the superuser over the socket; returns psql's unaligned, tuples-only
+    /// output, trimmed. Several statements may be given; the rows of each are printed.
+    pub fn sql(&self, sql: &str) -> Result<String> {
+        let mut psql = self.psql();
+        psql.arg("-h")
+            .arg(self.socket_dir())
+            .args(["-U", SUPERUSER, "-d", "postgres", "-c", sql]);
+        run_psql(psql, sql)
+    }
+
+    /// Rows of a query, each a list of column texts.
+    pub fn rows(&self, sql: &str) -> Result<Vec<Vec<String>>> {
+        let mut psql = self.psql();
+        psql.arg("-h").arg(self.socket_dir()).args([
+            "-F", FIELD_SEP, "-U", SUPERUSER, "-d", "postgres", "-c", sql,
+        ]);
+        let out = run_psql(psql, sql)?;
+        Ok(out
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| l.split(FIELD_SEP).map(str::to_owned).collect())
+            .collect())
+    }
+
+    /// Runs SQL as `role` over TCP on 127.0.0.1 with `password` (for authentication checks).
+    pub fn sql_as(&self, role: &str, password: &str, sql: &str) -> Result<String> {
+        let mut psql = self.psql();
+        psql.args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            role,
+            "-d",
+            "postgres",
+            "-w",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password);
+        run_psql(psql, sql)
+    }
+
+    /// `pg_current_wal_lsn()` as text (`0/16B3D48`).
+    pub fn current_lsn(&self) -> Result<String> {
+        self.sql("SELECT pg_current_wal_lsn()")
+    }
+
+    /// The cluster's wal_segment_size in bytes.
+    pub fn wal_segment_size(&self) -> Result<u64> {
+        let text = self.sql("SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'")?;
+        let size: u64 = text.parse().context("wal_segment_size")?;
+        // Reported in bytes since PostgreSQL 11.
+        Ok(size)
+    }
+
+    /// Commits a transaction (so there is WAL to switch away from) and forces a WAL switch.
+    /// Returns the name of the segment that was completed, the one the archiver gets next.
+    pub fn switch_wal(&self) -> Result<String> {
+        self.sql("SELECT txid_current()")?;
+        self.sql("SELECT pg_walfile_name(pg_switch_wal())")
+    }
+
+    /// Writes real table data until `n` more segments are complete, then switches. Returns
+    /// the completed segments' names, oldest first (the last may be short, ended by the switch).
+    pub fn generate_wal_segments(&self, n: u64) -> Result<Vec<String>> {
+        let seg_size = self.wal_segment_size()?;
+        let start = parse_lsn(&self.current_lsn()?)?;
+        let target = start + n * seg_size;
+        self.sql(
+            "CREATE TABLE IF NOT EXISTS pitr_bed_filler (id bigint, pad text); \
+             ALTER TABLE pitr_bed_filler ALTER COLUMN pad SET STORAGE EXTERNAL",
+        )?;
+        // About 1 MiB of WAL per statement, with data that compresses like real rows.
+        let rows_per_statement = 1000;
+        while parse_lsn(&self.current_lsn()?)? < target {
+            self.sql(&format!(
+                "INSERT INTO pitr_bed_filler SELECT g, string_agg(md5(g::text || random()::text), '') \
+                 FROM generate_series(1, {rows_per_statement}) g, generate_series(1, 30) r GROUP BY g"
+            ))?;
+        }
+        let last = self.switch_wal()?;
+        let first = self.sql(&format!("SELECT pg_walfile_name('{}')", format_lsn(start)))?;
+        segment_range(&first, &last, seg_size)
+    }
+}
+
+/// A psql command with the bed's defaults: no psqlrc, unaligned, tuples only, stop on error.
+impl Cluster {
+    fn psql(&self) -> Command {
+        let mut cmd = Command::new(self.bin.client("psql"));
+        for var in [
+            "PGHOST",
+            "PGPORT",
+            "PGUSER",
+            "PGDATABASE",
+            "PGPASSWORD",
+            "PGOPTIONS",
+            "PGSERVICE",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-p"])
+            .arg(self.port.to_string());
+        cmd
+    }
+}
+
+fn run_psql(mut psql: Command, sql: &str) -> Result<String> {
+    let out = psql.output().context("run psql")?;
+    if !out.status.success() {
+        bail!(
+            "psql failed for {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// `16/B374D848` -> u64 (the bed's own small parser: it is an oracle for walfmt, not a user).
+pub(crate) fn parse_lsn(text: &str) -> Result<u64> {
+    let (hi, lo) = text
+        .trim()
+        .split_once('/')
+        .with_context(|| format!("not an LSN: {text:?}"))?;
+    let hi = u64::from_str_radix(hi, 16).with_context(|| format!("not an LSN: {text:?}"))?;
+    let lo = u64::from_str_radix(lo, 16).with_context(|| format!("not an LSN: {text:?}"))?;
+    Ok(hi << 32 | lo)
+}
+
+pub(crate) fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Every segment name from `first` to `last` inclusive, on `first`'s timeline.
+fn segment_range(first: &str, last: &str, seg_size: u64) -> Result<Vec<String>> {
+    let segs_per_id = 0x1_0000_0000 / seg_size;
+    let parse = |name: &str| -> Result<(String, u64)> {
+        if name.len() != 24 {
+            bail!("not a segment name: {name:?}");
+        }
+        let hi = u64::from_str_radix(&name[8..16], 16)?;
+        let lo = u64::from_str_radix(&name[16..24], 16)?;
+        Ok((name[..8].to_owned(), hi * segs_per_id + lo))
+    };
+    let (tli, from) = parse(first)?;
+    let (_, to) = parse(last)?;
+    Ok((from..=to)
+        .map(|n| format!("{tli}{:08X}{:08X}", n / segs_per_id, n % segs_per_id))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_round_trip() {
+        assert_eq!(parse_lsn("16/B374D848").unwrap(), 0x16_B374_D848);
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert!(parse_lsn("nope").is_err());
+    }
+
+    #[test]
+    fn segment_range_crosses_log_ids() {
+        let names = segment_range(
+            "0000000100000000000000FE",
+            "000000010000000100000000",
+            16 << 20,
+        )
+        .unwrap();
+        assert_eq!(
+            names,
+            [
+                "0000000100000000000000FE",
+                "0000000100000000000000FF",
+                "000000010000000100000000"
+            ]
+        );
+    }
+}

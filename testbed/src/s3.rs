@@ -1,0 +1,253 @@
+//! A real S3-compatible server for tests: s3s + s3s-fs serving HTTP on a free 127.0.0.1
+//! port from its own temp dir, in a runtime of its own inside the test process (so it dies
+//! with the test, whatever happens). With `PITR_TEST_S3_ENDPOINT` set, the same tests use
+//! that endpoint instead (AWS S3, Garage, MinIO elsewhere): see [`S3Server::start`].
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
+use tokio::net::TcpSocket;
+
+use crate::{temp_dir, unique_name};
+
+const ACCESS_KEY: &str = "pitr-test-access";
+const SECRET_KEY: &str = "pitr-test-secret";
+const REGION: &str = "us-east-1";
+const BUCKET: &str = "pitr-test";
+
+/// An S3 endpoint for one test: the bed's own server, or an external one.
+#[derive(Debug)]
+pub struct S3Server {
+    endpoint: String,
+    access_key: String,
+    secret_key: String,
+    region: String,
+    bucket: String,
+    /// Every key a test writes goes under this prefix (unique per server, so tests sharing
+    /// an external bucket do not see each other).
+    prefix: String,
+    local: Option<Local>,
+}
+
+#[derive(Debug)]
+struct Local {
+    root: tempfile::TempDir,
+    addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl S3Server {
+    /// The endpoint tests use: external when `PITR_TEST_S3_ENDPOINT` is set (with
+    /// `PITR_TEST_S3_BUCKET`, and credentials in `PITR_TEST_S3_ACCESS_KEY` /
+    /// `PITR_TEST_S3_SECRET_KEY` or the usual `AWS_*` variables, region in
+    /// `PITR_TEST_S3_REGION`), else a local server. Fails loudly if neither can be had.
+    pub fn start() -> Result<S3Server> {
+        match std::env::var("PITR_TEST_S3_ENDPOINT") {
+            Ok(endpoint) if !endpoint.is_empty() => S3Server::external(endpoint),
+            _ => S3Server::start_local(),
+        }
+    }
+
+    /// Always the bed's own server, with bucket `pitr-test` created.
+    pub fn start_local() -> Result<S3Server> {
+        let root = temp_dir("pitr-bed-s3-")?;
+        std::fs::create_dir(root.path().join(BUCKET)).context("create the test bucket")?;
+        let (runtime, addr) = serve(root.path(), (Ipv4Addr::LOCALHOST, 0).into())?;
+        Ok(S3Server {
+            endpoint: format!("http://{addr}"),
+            access_key: ACCESS_KEY.to_owned(),
+            secret_key: SECRET_KEY.to_owned(),
+            region: REGION.to_owned(),
+            bucket: BUCKET.to_owned(),
+            prefix: unique_name("t"),
+            local: Some(Local {
+                root,
+                addr,
+                runtime: Some(runtime),
+            }),
+        })
+    }
+
+    fn external(endpoint: String) -> Result<S3Server> {
+        let var = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+        };
+        let bucket = var(&["PITR_TEST_S3_BUCKET"])
+            .context("PITR_TEST_S3_ENDPOINT is set but PITR_TEST_S3_BUCKET is not")?;
+        Ok(S3Server {
+            endpoint,
+            access_key: var(&["PITR_TEST_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
+                .context("no access key for PITR_TEST_S3_ENDPOINT")?,
+            secret_key: var(&["PITR_TEST_S3_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"])
+                .context("no secret key for PITR_TEST_S3_ENDPOINT")?,
+            region: var(&["PITR_TEST_S3_REGION", "AWS_REGION"]).unwrap_or_else(|| REGION.into()),
+            bucket,
+            prefix: unique_name("pitr-test"),
+            local: None,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT` (or the external endpoint).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The static access key id.
+    pub fn access_key(&self) -> &str {
+        &self.access_key
+    }
+
+    /// The static secret key.
+    pub fn secret_key(&self) -> &str {
+        &self.secret_key
+    }
+
+    /// The region to sign for.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// The bucket tests write into.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The key prefix owned by this server handle (no trailing slash).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A repository URL under this handle's prefix: `s3://bucket/prefix/name`.
+    pub fn repo_url(&self, name: &str) -> String {
+        format!("s3://{}/{}/{name}", self.bucket, self.prefix)
+    }
+
+    /// The environment a `pitr` process needs to reach this endpoint: the AWS standard
+    /// variables plus path-style addressing.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", &self.access_key),
+            ("AWS_SECRET_ACCESS_KEY", &self.secret_key),
+            ("AWS_REGION", &self.region),
+            ("PITR_S3_PATH_STYLE", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// Credentials, region and addressing of the bed's local server (all but the endpoint).
+    pub fn static_env() -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+            ("AWS_REGION", REGION),
+            ("PITR_S3_PATH_STYLE", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+    }
+
+    /// Where the local server keeps its bucket dirs (None for an external endpoint).
+    pub fn storage_dir(&self) -> Option<&Path> {
+        self.local.as_ref().map(|l| l.root.path())
+    }
+
+    /// Takes the local server down: the port refuses connections and open connections are
+    /// cut (for outage tests). Data stays.
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(local) = self.local.as_mut() else {
+            bail!("an external S3 endpoint cannot be stopped by the bed");
+        };
+        if let Some(rt) = local.runtime.take() {
+            rt.shutdown_background();
+        }
+        Ok(())
+    }
+
+    /// Brings a stopped local server back on the same port with the same data.
+    pub fn restart(&mut self) -> Result<()> {
+        let Some(local) = self.local.as_mut() else {
+            bail!("an external S3 endpoint cannot be restarted by the bed");
+        };
+        if local.runtime.is_some() {
+            return Ok(());
+        }
+        // The port was ours a moment ago; give the kernel a few tries to release it.
+        let mut last_err = None;
+        for _ in 0..50 {
+            match serve(local.root.path(), local.addr) {
+                Ok((rt, _)) => {
+                    local.runtime = Some(rt);
+                    return Ok(());
+                }
+                Err(err) => last_err = Some(err),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("restart failed")))
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        if let Some(rt) = self.local.as_mut().and_then(|l| l.runtime.take()) {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Serves the s3s-fs tree at `root` on `addr` from a new runtime; returns it and the bound
+/// address. The S3 server binary (`pitr-test-s3`) runs the same code.
+pub fn serve(root: &Path, addr: SocketAddr) -> Result<(tokio::runtime::Runtime, SocketAddr)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("testbed-s3")
+        .enable_all()
+        .build()?;
+    let fs = s3s_fs::FileSystem::new(root)
+        .map_err(|e| anyhow::anyhow!("s3s-fs on {}: {e:?}", root.display()))?;
+    let service = {
+        let mut b = S3ServiceBuilder::new(fs);
+        b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        b.build()
+    };
+    // No block_on: this may be called from inside a test's own runtime.
+    let listener = {
+        let _context = runtime.enter();
+        let socket = TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket
+            .bind(addr)
+            .with_context(|| format!("bind the S3 server to {addr}"))?;
+        socket.listen(1024)?
+    };
+    let bound = listener.local_addr()?;
+    runtime.spawn(async move {
+        let http = ConnBuilder::new(TokioExecutor::new());
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                continue;
+            };
+            // Without TCP_NODELAY small responses wait ~40 ms on delayed ACKs, which would
+            // falsify every latency figure measured against this server.
+            let _ = socket.set_nodelay(true);
+            let conn = http
+                .serve_connection(TokioIo::new(socket), service.clone())
+                .into_owned();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+    });
+    Ok((runtime, bound))
+}

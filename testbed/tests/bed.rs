@@ -1,0 +1,319 @@
+//! Proves the test bed itself: a real PostgreSQL cluster that archives, restarts, adopts a
+//! copied data dir, authenticates password roles and leaves no postmaster behind; and a real
+//! S3 server that aws-sdk-s3, configured the way pitr configures it, can use.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::primitives::ByteStream;
+use testbed::{Cluster, ClusterOptions, S3Server, StopMode, PASSWORD, PASSWORD_ROLES};
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+#[test]
+fn archive_command_receives_switched_segment() {
+    let mut pg = Cluster::init(ClusterOptions::default()).unwrap();
+    let archive = pg.server_dir("archive").unwrap();
+    pg.set_config(
+        "archive_command",
+        &format!("test ! -f '{0}/%f' && cp %p '{0}/%f'", archive.display()),
+    )
+    .unwrap();
+    pg.start().unwrap();
+
+    let segment = pg.switch_wal().unwrap();
+    assert_eq!(segment.len(), 24, "segment name {segment:?}");
+    pg.wait_archived(&segment, Duration::from_secs(30)).unwrap();
+    let copied = std::fs::metadata(archive.join(&segment)).unwrap();
+    assert_eq!(copied.len(), 16 << 20);
+}
+
+#[test]
+fn generated_segments_are_full_and_archived() {
+    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let archive = pg.server_dir("archive").unwrap();
+    pg.set_config(
+        "archive_command",
+        &format!("cp %p '{}/%f'", archive.display()),
+    )
+    .unwrap();
+    pg.start().unwrap();
+    assert_eq!(pg.wal_segment_size().unwrap(), 1 << 20);
+
+    let segments = pg.generate_wal_segments(3).unwrap();
+    assert!(segments.len() >= 3, "{segments:?}");
+    for seg in &segments {
+        pg.wait_archived(seg, Duration::from_secs(30)).unwrap();
+        assert_eq!(std::fs::metadata(archive.join(seg)).unwrap().len(), 1 << 20);
+    }
+}
+
+#[test]
+fn restart_and_stop_modes_keep_data() {
+    let mut pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    pg.sql("CREATE TABLE t (v int); INSERT INTO t VALUES (1), (2)")
+        .unwrap();
+    pg.restart().unwrap();
+    assert_eq!(pg.sql("SELECT sum(v) FROM t").unwrap(), "3");
+    pg.sql("INSERT INTO t VALUES (3)").unwrap();
+    pg.stop(StopMode::Immediate).unwrap();
+    assert!(!pg.is_running());
+    pg.start().unwrap();
+    assert_eq!(pg.sql("SELECT sum(v) FROM t").unwrap(), "6");
+    assert!(pg.server_log().contains("database system was interrupted"));
+}
+
+#[test]
+fn adopted_copy_of_a_data_dir_starts() {
+    let mut pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    pg.sql("CREATE TABLE kept AS SELECT 42 AS answer").unwrap();
+    pg.stop(StopMode::Fast).unwrap();
+
+    let target = tempfile::Builder::new()
+        .prefix("pitr-adopt-")
+        .tempdir()
+        .unwrap();
+    let copy = target.path().join("restored");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(pg.data_dir())
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(pg);
+
+    let mut restored = Cluster::adopt(&copy, ClusterOptions::default()).unwrap();
+    restored.start().unwrap();
+    assert_eq!(restored.sql("SELECT answer FROM kept").unwrap(), "42");
+    let rows = restored.rows("SELECT 1, 'two'").unwrap();
+    assert_eq!(rows, vec![vec!["1".to_owned(), "two".to_owned()]]);
+}
+
+#[test]
+fn password_roles_authenticate_over_tcp() {
+    let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    for (role, method) in PASSWORD_ROLES {
+        assert_eq!(
+            pg.sql_as(role, PASSWORD, "SELECT current_user").unwrap(),
+            role,
+            "{method}"
+        );
+        let err = pg.sql_as(role, "wrong", "SELECT 1").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("password authentication failed"),
+            "{method}: {err:#}"
+        );
+    }
+    let method = pg
+        .sql(
+            "SELECT auth_method FROM pg_hba_file_rules WHERE 'pitr_scram' = ANY(user_name) LIMIT 1",
+        )
+        .unwrap();
+    assert_eq!(method, "scram-sha-256");
+}
+
+#[test]
+fn no_postmaster_survives_drop_or_panic() {
+    let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    let pid = pg.postmaster_pid().unwrap();
+    assert!(process_alive(pid));
+    drop(pg);
+    assert!(!process_alive(pid), "postmaster {pid} survived drop");
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let panicked = std::thread::spawn(move || {
+        let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+        tx.send(pg.postmaster_pid().unwrap()).unwrap();
+        panic!("a test failing with a cluster in hand");
+    })
+    .join();
+    assert!(panicked.is_err());
+    let pid = rx.recv().unwrap();
+    assert!(!process_alive(pid), "postmaster {pid} survived a panic");
+}
+
+#[test]
+fn watchdog_stops_postmaster_when_test_process_dies() {
+    // A child copy of this test binary starts a cluster and is killed with SIGKILL: no Drop
+    // runs, and the watchdog must still take the postmaster down.
+    if let Ok(pid_file) = std::env::var("PITR_BED_CHILD_PIDFILE") {
+        let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+        std::fs::write(&pid_file, pg.postmaster_pid().unwrap().to_string()).unwrap();
+        std::thread::sleep(Duration::from_secs(300));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "watchdog_stops_postmaster_when_test_process_dies",
+            "--nocapture",
+        ])
+        .env("PITR_BED_CHILD_PIDFILE", &pid_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        if let Ok(text) = std::fs::read_to_string(&pid_file) {
+            if let Ok(pid) = text.parse::<u32>() {
+                break pid;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "child never started a cluster"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(process_alive(pid));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while process_alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "postmaster {pid} outlived its killed test process"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// aws-sdk-s3 set up as pitr sets it up: endpoint, path style, region, static credentials.
+fn s3_client(s3: &S3Server) -> aws_sdk_s3::Client {
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .endpoint_url(s3.endpoint())
+        .force_path_style(true)
+        .region(Region::new(s3.region().to_owned()))
+        .credentials_provider(Credentials::new(
+            s3.access_key(),
+            s3.secret_key(),
+            None,
+            None,
+            "testbed",
+        ))
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_put_get_list_delete() {
+    let s3 = S3Server::start().unwrap();
+    let client = s3_client(&s3);
+    let key = format!("{}/hello/world.txt", s3.prefix());
+
+    client
+        .put_object()
+        .bucket(s3.bucket())
+        .key(&key)
+        .body(ByteStream::from_static(b"hello, s3"))
+        .send()
+        .await
+        .unwrap();
+
+    let got = client
+        .get_object()
+        .bucket(s3.bucket())
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    let body = got.body.collect().await.unwrap().into_bytes();
+    assert_eq!(&body[..], b"hello, s3");
+
+    let ranged = client
+        .get_object()
+        .bucket(s3.bucket())
+        .key(&key)
+        .range("bytes=7-8")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        &ranged.body.collect().await.unwrap().into_bytes()[..],
+        b"s3"
+    );
+
+    // Put-if-absent: the repository's "never overwrite" rests on this.
+    let again = client
+        .put_object()
+        .bucket(s3.bucket())
+        .key(&key)
+        .if_none_match("*")
+        .body(ByteStream::from_static(b"other bytes"))
+        .send()
+        .await;
+    let status = again
+        .unwrap_err()
+        .raw_response()
+        .map(|r| r.status().as_u16());
+    assert_eq!(status, Some(412));
+
+    let listed = client
+        .list_objects_v2()
+        .bucket(s3.bucket())
+        .prefix(format!("{}/hello/", s3.prefix()))
+        .send()
+        .await
+        .unwrap();
+    let keys: Vec<_> = listed.contents().iter().filter_map(|o| o.key()).collect();
+    assert_eq!(keys, [key.as_str()]);
+
+    client
+        .delete_object()
+        .bucket(s3.bucket())
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    let gone = client
+        .head_object()
+        .bucket(s3.bucket())
+        .key(&key)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(gone.raw_response().map(|r| r.status().as_u16()), Some(404));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_refuses_then_recovers() {
+    let mut s3 = S3Server::start_local().unwrap();
+    let client = s3_client(&s3);
+    let key = format!("{}/k", s3.prefix());
+    client
+        .put_object()
+        .bucket(s3.bucket())
+        .key(&key)
+        .body(ByteStream::from_static(b"v"))
+        .send()
+        .await
+        .unwrap();
+
+    s3.stop().unwrap();
+    let down = tokio::net::TcpStream::connect(s3.endpoint().trim_start_matches("http://")).await;
+    assert!(
+        down.is_err(),
+        "the port still accepts connections while stopped"
+    );
+
+    s3.restart().unwrap();
+    let got = client
+        .get_object()
+        .bucket(s3.bucket())
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(&got.body.collect().await.unwrap().into_bytes()[..], b"v");
+}
