@@ -169,7 +169,7 @@ impl S3Server {
             bail!("an external S3 endpoint cannot be stopped by the bed");
         };
         if let Some(rt) = local.runtime.take() {
-            rt.shutdown_background();
+            shut_down(rt);
         }
         Ok(())
     }
@@ -201,9 +201,19 @@ impl S3Server {
 impl Drop for S3Server {
     fn drop(&mut self) {
         if let Some(rt) = self.local.as_mut().and_then(|l| l.runtime.take()) {
-            rt.shutdown_background();
+            shut_down(rt);
         }
     }
+}
+
+/// Stops the server's runtime and waits until its listener and connections are closed. A
+/// runtime cannot be dropped from async code (the test's own runtime), so a plain thread
+/// does it.
+fn shut_down(runtime: tokio::runtime::Runtime) {
+    let stopper = std::thread::spawn(move || {
+        runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    });
+    let _ = stopper.join();
 }
 
 /// Serves the s3s-fs tree at `root` on `addr` from a new runtime; returns it and the bound

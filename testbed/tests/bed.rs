@@ -57,6 +57,12 @@ fn generated_segments_are_full_and_archived() {
 #[test]
 fn restart_and_stop_modes_keep_data() {
     let mut pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    let version_num: u32 = pg.sql("SHOW server_version_num").unwrap().parse().unwrap();
+    assert_eq!(
+        version_num / 10000,
+        pg.bin().major(),
+        "the bed runs the binaries it found"
+    );
     pg.sql("CREATE TABLE t (v int); INSERT INTO t VALUES (1), (2)")
         .unwrap();
     pg.restart().unwrap();

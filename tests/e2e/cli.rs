@@ -1,0 +1,37 @@
+//! The command line itself: version, help, usage errors and their exit codes.
+
+use crate::pitr;
+
+#[test]
+fn version_names_the_program_and_version() {
+    let out = pitr().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("pitr {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn help_describes_the_tool() {
+    let out = pitr().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("point-in-time restore"), "{text}");
+    assert!(text.contains("Usage: pitr"), "{text}");
+}
+
+#[test]
+fn no_arguments_prints_usage_and_exits_2() {
+    let out = pitr().output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Usage: pitr"));
+}
+
+#[test]
+fn unknown_argument_exits_2() {
+    let out = pitr().arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--no-such-flag"), "{err}");
+}
