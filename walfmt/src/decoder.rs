@@ -402,3 +402,186 @@ impl WalDecoder {
         Some(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{RM_XACT_ID, RM_XLOG_ID, XLOG_OVERWRITE_CONTRECORD, XLOG_SWITCH};
+    use crate::synth::WalWriter;
+    use proptest::prelude::*;
+
+    const SEG: u64 = 1 << 20;
+
+    fn decode_all(bytes: &[u8], start: Lsn, splits: &[usize]) -> (Vec<Record>, Option<EndOfWal>) {
+        let mut d = WalDecoder::new(start).unwrap();
+        let mut records = Vec::new();
+        let mut rest = bytes;
+        let mut sizes = splits.iter().cycle();
+        loop {
+            let n = sizes
+                .next()
+                .copied()
+                .unwrap_or(rest.len())
+                .max(1)
+                .min(rest.len());
+            d.feed(&rest[..n]);
+            rest = &rest[n..];
+            loop {
+                match d.next() {
+                    Decoded::Record(r) => records.push(r),
+                    Decoded::NeedMore => break,
+                    Decoded::End(end) => return (records, Some(end)),
+                }
+            }
+            if rest.is_empty() {
+                return (records, None);
+            }
+        }
+    }
+
+    /// A segment and a half of records of many sizes, some spanning pages and the segment
+    /// boundary, ending in zeros.
+    fn sample_wal(sizes: &[usize]) -> (Vec<u8>, Vec<Lsn>) {
+        let mut w = WalWriter::new(Lsn(SEG), SEG);
+        let mut lsns = Vec::new();
+        for (i, &size) in sizes.iter().cycle().enumerate() {
+            if w.pos() > Lsn(SEG * 2 + SEG / 2) {
+                break;
+            }
+            lsns.push(w.append(RM_XACT_ID, 0, i as u32, &vec![i as u8; size]));
+        }
+        w.pad_to_page();
+        w.bytes.extend_from_slice(&[0; 8192]);
+        (w.bytes, lsns)
+    }
+
+    #[test]
+    fn records_across_pages_and_segments_then_zero_end() {
+        let (bytes, lsns) = sample_wal(&[10, 9000, 100, 40_000, 3]);
+        let (records, end) = decode_all(&bytes, Lsn(SEG), &[bytes.len()]);
+        assert_eq!(records.iter().map(|r| r.lsn).collect::<Vec<_>>(), lsns);
+        assert!(records
+            .iter()
+            .any(|r| r.lsn.0 < 2 * SEG && r.end.0 > 2 * SEG));
+        let end = end.unwrap();
+        assert_eq!(end.reason, EndReason::ZeroLength);
+    }
+
+    #[test]
+    fn a_flipped_byte_ends_valid_wal_at_that_record() {
+        let (mut bytes, lsns) = sample_wal(&[200]);
+        let victim = lsns[10];
+        bytes[(victim.0 - SEG) as usize + 30] ^= 0x40;
+        let (records, end) = decode_all(&bytes, Lsn(SEG), &[4096]);
+        assert_eq!(records.len(), 10);
+        assert_eq!(
+            end.unwrap(),
+            EndOfWal {
+                lsn: victim,
+                reason: EndReason::CrcMismatch
+            }
+        );
+    }
+
+    #[test]
+    fn xlog_switch_skips_to_the_next_segment() {
+        let mut w = WalWriter::new(Lsn(SEG), SEG);
+        w.append(RM_XACT_ID, 0, 1, b"a");
+        w.append(RM_XLOG_ID, XLOG_SWITCH, 0, b"");
+        // Garbage after the switch, up to the segment end, is never read.
+        while w.pos().0 < 2 * SEG {
+            w.bytes.push(0xAB);
+        }
+        let after = w.append(RM_XACT_ID, 0, 2, b"b");
+        assert_eq!(after, Lsn(2 * SEG + 40));
+        let (records, _) = decode_all(&w.bytes, Lsn(SEG), &[1000]);
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[2].lsn, after);
+    }
+
+    #[test]
+    fn overwrite_contrecord_abandons_the_torn_record() {
+        let mut w = WalWriter::new(Lsn(SEG), SEG);
+        w.append(RM_XACT_ID, 0, 1, &[1; 8000]);
+        let torn = w.record(RM_XACT_ID, 0, 2, &[2; 9000]);
+        let torn_lsn = w.place(&torn, Some(200));
+        w.pad_to_page();
+        w.overwrite_next_page();
+        let overwrite = w.record(
+            RM_XLOG_ID,
+            XLOG_OVERWRITE_CONTRECORD,
+            0,
+            &torn_lsn.0.to_le_bytes(),
+        );
+        let next = w.place(&overwrite, None);
+        let after = w.append(RM_XACT_ID, 0, 3, b"after");
+
+        let mut d = WalDecoder::new(Lsn(SEG)).unwrap();
+        d.feed(&w.bytes);
+        let mut lsns = Vec::new();
+        while let Decoded::Record(r) = d.next() {
+            lsns.push(r.lsn);
+        }
+        assert_eq!(lsns, [Lsn(SEG + 40), next, after]);
+        assert_eq!(d.aborted_record(), Some(torn_lsn));
+    }
+
+    #[test]
+    fn torn_record_without_overwrite_marker_ends_wal() {
+        let mut w = WalWriter::new(Lsn(SEG), SEG);
+        w.append(RM_XACT_ID, 0, 1, b"x");
+        let torn = w.record(RM_XACT_ID, 0, 2, &[2; 9000]);
+        let torn_lsn = w.place(&torn, Some(500));
+        w.pad_to_page();
+        w.append(RM_XACT_ID, 0, 3, b"y");
+        let (_, end) = decode_all(&w.bytes, Lsn(SEG), &[w.bytes.len()]);
+        let end = end.unwrap();
+        assert_eq!(end.lsn, torn_lsn);
+        assert!(matches!(end.reason, EndReason::MissingContrecord { .. }));
+    }
+
+    #[test]
+    fn starting_mid_record_skips_its_tail() {
+        let (bytes, lsns) = sample_wal(&[30_000, 50]);
+        // Start at the second page: the first record's tail continues there.
+        let (records, _) = decode_all(&bytes[8192..], Lsn(SEG + 8192), &[bytes.len()]);
+        let first_whole = lsns.iter().find(|l| l.0 > SEG + 8192).copied();
+        assert_eq!(records.first().map(|r| r.lsn), first_whole);
+    }
+
+    #[test]
+    fn huge_length_field_does_not_allocate_it() {
+        let mut w = WalWriter::new(Lsn(SEG), SEG);
+        let first = w.append(RM_XACT_ID, 0, 1, b"x");
+        let at = (w.pos().align8().0 - SEG) as usize;
+        w.bytes.resize(at, 0);
+        // A plausible header (right prev-link and rmgr) claiming ~1 GiB.
+        w.bytes.extend_from_slice(&0x3FFF_0000u32.to_le_bytes());
+        w.bytes.extend_from_slice(&2u32.to_le_bytes());
+        w.bytes.extend_from_slice(&first.0.to_le_bytes());
+        w.bytes.extend_from_slice(&[0, RM_XACT_ID, 0, 0, 0, 0, 0, 0]);
+        w.bytes.resize(at + 64, 0xEE);
+        let mut d = WalDecoder::new(Lsn(SEG)).unwrap();
+        d.feed(&w.bytes);
+        assert!(matches!(d.next(), Decoded::Record(_)));
+        // A record claiming ~1 GiB waits for bytes instead of reserving them.
+        assert_eq!(d.next(), Decoded::NeedMore);
+        assert!(d.partial.as_ref().unwrap().bytes.capacity() <= 8192);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn same_records_however_the_input_is_split(
+            sizes in proptest::collection::vec(1usize..20_000, 1..6),
+            splits in proptest::collection::vec(1usize..30_000, 1..8),
+        ) {
+            let (bytes, lsns) = sample_wal(&sizes);
+            let (whole, whole_end) = decode_all(&bytes, Lsn(SEG), &[bytes.len()]);
+            let (split, split_end) = decode_all(&bytes, Lsn(SEG), &splits);
+            prop_assert_eq!(whole.iter().map(|r| r.lsn).collect::<Vec<_>>(), lsns);
+            prop_assert_eq!(whole, split);
+            prop_assert_eq!(whole_end, split_end);
+        }
+    }
+}

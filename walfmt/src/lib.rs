@@ -9,6 +9,7 @@
 //! - meaning: commits, aborts, restore points ([`xact`]) and a whole segment's
 //!   [`SegmentSummary`]
 
+pub mod backup_label;
 pub mod decoder;
 pub mod lsn;
 pub mod page;
@@ -20,6 +21,10 @@ pub mod timeline;
 pub mod version;
 pub mod xact;
 
+#[cfg(test)]
+mod synth;
+
+pub use backup_label::{BackupLabel, BackupLabelError};
 pub use decoder::{Decoded, EndOfWal, EndReason, WalDecoder};
 pub use lsn::{Lsn, ParseLsnError, WAL_PAGE_SIZE};
 pub use record::{Record, RecordHeader};
