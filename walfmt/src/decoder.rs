@@ -559,7 +559,8 @@ mod tests {
         w.bytes.extend_from_slice(&0x3FFF_0000u32.to_le_bytes());
         w.bytes.extend_from_slice(&2u32.to_le_bytes());
         w.bytes.extend_from_slice(&first.0.to_le_bytes());
-        w.bytes.extend_from_slice(&[0, RM_XACT_ID, 0, 0, 0, 0, 0, 0]);
+        w.bytes
+            .extend_from_slice(&[0, RM_XACT_ID, 0, 0, 0, 0, 0, 0]);
         w.bytes.resize(at + 64, 0xEE);
         let mut d = WalDecoder::new(Lsn(SEG)).unwrap();
         d.feed(&w.bytes);

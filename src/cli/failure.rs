@@ -1,0 +1,56 @@
+//! How a command fails: a one-line message in PostgreSQL's style (lower case, no final
+//! period, naming the object), an optional HINT line, and a documented exit code.
+
+use std::fmt;
+use std::process::ExitCode;
+
+/// Exit codes other than 0 (success) and 2 (usage, from clap). README documents each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 3: an input is not what it should be (a file that is not WAL, a bad argument value).
+    BadInput = 3,
+}
+
+/// A failed command: what to print and how to exit.
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit code.
+    pub exit: Exit,
+    /// One line, PostgreSQL style.
+    pub message: String,
+    /// What the operator can do about it.
+    pub hint: Option<String>,
+}
+
+impl Failure {
+    /// A failure with a message and no hint.
+    pub fn new(exit: Exit, message: impl Into<String>) -> Failure {
+        Failure {
+            exit,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// Adds a HINT line.
+    pub fn hint(mut self, hint: impl Into<String>) -> Failure {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Prints the failure to stderr and returns its exit code.
+    pub fn report(self) -> ExitCode {
+        eprintln!("{self}");
+        ExitCode::from(self.exit as u8)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pitr: error: {}", self.message)?;
+        if let Some(hint) = &self.hint {
+            write!(f, "\nHINT: {hint}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,48 @@
+//! Argument parsing (clap) and the mapping from outcomes to the exit codes documented in
+//! README.md. Each subcommand lives in its own module and returns `Result<(), Failure>`.
+
+mod failure;
+mod wal_inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use failure::{Exit, Failure};
+
+/// PostgreSQL WAL archiving and point-in-time restore, to S3 or a local directory.
+#[derive(Debug, Parser)]
+#[command(name = "pitr", version, about, long_about = None, arg_required_else_help = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show what WAL files hold: timeline, LSN range, commits and their times, restore points
+    WalInspect(wal_inspect::Args),
+}
+
+/// Parses the command line and runs the chosen command.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::WalInspect(args) => wal_inspect::run(args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
