@@ -35,3 +35,33 @@ fn unknown_argument_exits_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--no-such-flag"), "{err}");
 }
+
+#[test]
+fn server_user_can_run_pitr_from_archive_command() {
+    // The bed copies the binary where the unprivileged server user can run it; a failing
+    // `pitr --version` would leave the segment unarchived.
+    let mut pg = testbed::Cluster::init(testbed::ClusterOptions::default()).unwrap();
+    let bin = pg
+        .expose_binary(std::path::Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    let archive = pg.server_dir("archive").unwrap();
+    pg.set_config(
+        "archive_command",
+        &format!(
+            "'{}' --version > '{}/%f.version' && cp %p '{}/%f'",
+            bin.display(),
+            archive.display(),
+            archive.display()
+        ),
+    )
+    .unwrap();
+    pg.start().unwrap();
+    let segment = pg.switch_wal().unwrap();
+    pg.wait_archived(&segment, std::time::Duration::from_secs(30))
+        .unwrap();
+    let version = std::fs::read_to_string(archive.join(format!("{segment}.version"))).unwrap();
+    assert_eq!(
+        version.trim(),
+        format!("pitr {}", env!("CARGO_PKG_VERSION"))
+    );
+}
