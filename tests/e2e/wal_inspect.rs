@@ -152,8 +152,12 @@ fn finds_the_end_of_valid_wal_in_a_segment_being_written() {
 #[test]
 fn reads_backup_history_files() {
     let (pg, archive) = archiving_cluster(&[]);
-    pg.sql("SELECT pg_backup_start('nightly', true); SELECT pg_backup_stop()")
-        .unwrap();
+    if pg.bin().major() >= 15 {
+        pg.sql("SELECT pg_backup_start('nightly', true); SELECT pg_backup_stop()")
+    } else {
+        pg.sql("SELECT pg_start_backup('nightly', true, false); SELECT pg_stop_backup(false)")
+    }
+    .unwrap();
     pg.switch_wal().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let backup = loop {

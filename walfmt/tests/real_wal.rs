@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use testbed::{Cluster, ClusterOptions};
+use testbed::{Cluster, ClusterOptions, PgBin};
 use walfmt::record::rmgr_name;
 use walfmt::{summarize, Decoded, Event, Lsn, SegmentName, WalDecoder, WalSegmentSize};
 
@@ -94,10 +94,30 @@ fn make_edge_case_wal(pg: &Cluster) {
     sql("UPDATE t SET pad = pad || 'x'");
 }
 
+/// Server binaries that ship pg_waldump: the ones the bed would use, else a Debian install
+/// (npm builds of other versions have none; the fixtures cover those versions).
+fn bin_with_pg_waldump() -> PgBin {
+    let bin = PgBin::locate().unwrap();
+    if bin.tool("pg_waldump").is_file() {
+        return bin;
+    }
+    let debian = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .find(|d| d.join("pg_waldump").is_file())
+        .unwrap_or_else(|| {
+            panic!("no pg_waldump anywhere: this oracle needs Debian's server package")
+        });
+    PgBin::at(&debian).unwrap()
+}
+
 #[test]
 fn decoder_matches_pg_waldump_on_real_wal() {
     let mut pg = Cluster::init(
         ClusterOptions::default()
+            .bin(bin_with_pg_waldump())
             .wal_segment_size_mb(1)
             .setting("max_prepared_transactions", "5"),
     )
@@ -265,6 +285,7 @@ fn end_of_valid_wal_matches_pg_waldump_in_a_partly_written_segment() {
     // recycled one whose tail is an older segment's WAL.
     let pg = Cluster::start_new(
         ClusterOptions::default()
+            .bin(bin_with_pg_waldump())
             .wal_segment_size_mb(1)
             .setting("max_wal_size", "2MB")
             .setting("min_wal_size", "2MB")
