@@ -1,0 +1,9 @@
+//! The pitr repository: where every byte pitr stores goes, and how it is proven intact.
+//!
+//! Layers, bottom up: a [`storage::Storage`] backend moves plain bytes by key (filesystem,
+//! memory, S3); the [`envelope`] wraps each object with compression and a blake3 checksum
+//! (and, later, encryption), encoded and decoded on worker threads by [`codec`]. The
+//! byte-level format is in docs/FORMAT.md.
+
+pub mod codec;
+pub mod envelope;
