@@ -114,17 +114,26 @@ impl Codec {
 }
 
 fn run(job: Job) {
+    // The slot is freed once the work is done, before the caller hears of it.
     match job {
         Job::Encode {
             plain,
             options,
             reply,
-            ..
+            _permit,
         } => {
-            let _ = reply.send(envelope::encode(&plain, options));
+            let out = envelope::encode(&plain, options);
+            drop(_permit);
+            let _ = reply.send(out);
         }
-        Job::Decode { bytes, reply, .. } => {
-            let _ = reply.send(envelope::decode(&bytes));
+        Job::Decode {
+            bytes,
+            reply,
+            _permit,
+        } => {
+            let out = envelope::decode(&bytes);
+            drop(_permit);
+            let _ = reply.send(out);
         }
     }
 }

@@ -7,3 +7,4 @@
 
 pub mod codec;
 pub mod envelope;
+pub mod storage;

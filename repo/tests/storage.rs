@@ -1,0 +1,203 @@
+//! One contract every storage backend meets, run against each: round trips from 0 B to
+//! 200 MiB (streamed), put-if-absent, atomic overwrite, ranged gets, pagination past 1000
+//! keys, batched idempotent deletes, and NotFound only for what is really absent.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use repo::storage::{self, ErrorKind, FsStorage, MemStorage, PutMode, PutOutcome, Storage};
+
+/// Deterministic, poorly compressible bytes.
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn round_trips(s: &dyn Storage) {
+    for (i, len) in [0usize, 1, 16 << 20].into_iter().enumerate() {
+        let body = data(len, i as u64);
+        let key = format!("rt/object-{len}");
+        assert_eq!(
+            s.put(&key, Bytes::from(body.clone()), PutMode::Overwrite)
+                .await
+                .unwrap(),
+            PutOutcome::Stored
+        );
+        assert_eq!(
+            storage::get_bytes(s, &key).await.unwrap(),
+            body,
+            "{len} bytes"
+        );
+        assert_eq!(s.head(&key).await.unwrap().unwrap().size, len as u64);
+    }
+}
+
+async fn streamed_200_mib(s: &dyn Storage) {
+    const CHUNK: usize = 8 << 20;
+    const CHUNKS: u64 = 25;
+    let chunk = Bytes::from(data(CHUNK, 42));
+    let expected = {
+        let mut h = blake3::Hasher::new();
+        for _ in 0..CHUNKS {
+            h.update(&chunk);
+        }
+        h.finalize()
+    };
+    let c = chunk.clone();
+    let body = futures::stream::iter((0..CHUNKS).map(move |_| Ok(c.clone()))).boxed();
+    let key = "big/200MiB";
+    s.put_stream(key, body, Some(CHUNK as u64 * CHUNKS), PutMode::IfAbsent)
+        .await
+        .unwrap();
+    let mut h = blake3::Hasher::new();
+    let mut got = s.get(key).await.unwrap();
+    let mut n = 0u64;
+    while let Some(part) = got.next().await {
+        let part = part.unwrap();
+        n += part.len() as u64;
+        h.update(&part);
+    }
+    assert_eq!(n, CHUNK as u64 * CHUNKS);
+    assert_eq!(h.finalize(), expected);
+    s.delete(&[key.to_owned()]).await.unwrap();
+}
+
+async fn put_if_absent_never_overwrites(s: &dyn Storage) {
+    let key = "once/key";
+    assert_eq!(
+        s.put(key, Bytes::from_static(b"first"), PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    assert_eq!(
+        s.put(key, Bytes::from_static(b"second"), PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        PutOutcome::AlreadyExists
+    );
+    assert_eq!(&storage::get_bytes(s, key).await.unwrap()[..], b"first");
+    let streamed = futures::stream::iter([Ok(Bytes::from_static(b"third"))]).boxed();
+    assert_eq!(
+        s.put_stream(key, streamed, Some(5), PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        PutOutcome::AlreadyExists
+    );
+    assert_eq!(&storage::get_bytes(s, key).await.unwrap()[..], b"first");
+    s.put(key, Bytes::from_static(b"replaced"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(&storage::get_bytes(s, key).await.unwrap()[..], b"replaced");
+}
+
+async fn ranges_and_absence(s: &dyn Storage) {
+    s.put("r/k", Bytes::from_static(b"0123456789"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(&s.get_range("r/k", 2..5).await.unwrap()[..], b"234");
+    assert_eq!(&s.get_range("r/k", 8..100).await.unwrap()[..], b"89");
+    let missing = match s.get("r/missing").await {
+        Err(e) => e,
+        Ok(_) => panic!("got a missing object"),
+    };
+    assert!(missing.is_not_found(), "{missing}");
+    assert!(!missing.is_retryable());
+    assert!(s
+        .get_range("r/missing", 0..1)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert_eq!(s.head("r/missing").await.unwrap(), None);
+    let bad = s
+        .put("../escape", Bytes::new(), PutMode::Overwrite)
+        .await
+        .unwrap_err();
+    assert_eq!(bad.kind, ErrorKind::Permanent);
+}
+
+async fn pagination_and_deletes(s: &dyn Storage) {
+    let keys: Vec<String> = (0..1001).map(|i| format!("page/{i:05}")).collect();
+    futures::stream::iter(
+        keys.iter()
+            .map(|k| s.put(k, Bytes::from_static(b"x"), PutMode::IfAbsent)),
+    )
+    .buffer_unordered(32)
+    .for_each(|r| async move {
+        r.unwrap();
+    })
+    .await;
+    s.put("pager/other", Bytes::from_static(b"y"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let first = s.list_page("page/", None).await.unwrap();
+    assert_eq!(first.objects.len(), 1000);
+    assert!(first.next.is_some());
+    let second = s.list_page("page/", first.next.clone()).await.unwrap();
+    assert_eq!(second.objects.len(), 1);
+    assert_eq!(second.objects[0].key, "page/01000");
+    assert_eq!(second.next, None);
+    let all: Vec<String> = storage::list_all(s, "page/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(all, keys);
+    let partial = storage::list_all(s, "page/0099").await.unwrap();
+    assert_eq!(partial.len(), 10);
+
+    let doomed = vec![
+        keys[0].clone(),
+        keys[500].clone(),
+        "page/never-existed".to_owned(),
+    ];
+    s.delete(&doomed).await.unwrap();
+    assert_eq!(s.head(&keys[0]).await.unwrap(), None);
+    assert_eq!(storage::list_all(s, "page/").await.unwrap().len(), 999);
+}
+
+async fn contract(s: &dyn Storage) {
+    round_trips(s).await;
+    put_if_absent_never_overwrites(s).await;
+    ranges_and_absence(s).await;
+    pagination_and_deletes(s).await;
+    streamed_200_mib(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_backend_meets_the_contract() {
+    contract(&MemStorage::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filesystem_backend_meets_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = FsStorage::new(dir.path().join("repo")).unwrap();
+    contract(&fs).await;
+    // Nothing half-written is left behind.
+    let leftovers: Vec<_> = walk(dir.path())
+        .into_iter()
+        .filter(|p| p.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
