@@ -201,3 +201,89 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+async fn s3_storage(server: &testbed::S3Server) -> repo::storage::S3Storage {
+    let mut settings = repo::storage::S3Settings::new(server.bucket(), server.prefix());
+    settings.endpoint = Some(server.endpoint().to_owned());
+    settings.region = Some(server.region().to_owned());
+    settings.path_style = true;
+    settings.credentials = Some((
+        server.access_key().to_owned(),
+        server.secret_key().to_owned(),
+    ));
+    // Small parts so the 200 MiB object goes up in many concurrent parts.
+    settings.part_size = 8 << 20;
+    repo::storage::S3Storage::connect(settings).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_backend_meets_the_contract() {
+    let server = testbed::S3Server::start().unwrap();
+    contract(&s3_storage(&server).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_multipart_put_if_absent_never_overwrites() {
+    let server = testbed::S3Server::start_local().unwrap();
+    let s = s3_storage(&server).await;
+    let body = Bytes::from(data(20 << 20, 7));
+    assert_eq!(
+        s.put("mp/k", body.clone(), PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    // The conditional complete refuses an existing key: nothing is overwritten.
+    assert_eq!(
+        s.put("mp/k", Bytes::from(data(20 << 20, 8)), PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        PutOutcome::AlreadyExists
+    );
+    assert_eq!(storage::get_bytes(&s, "mp/k").await.unwrap(), body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_is_transient_not_missing() {
+    let mut server = testbed::S3Server::start_local().unwrap();
+    let mut settings = repo::storage::S3Settings::new(server.bucket(), server.prefix());
+    settings.endpoint = Some(server.endpoint().to_owned());
+    settings.path_style = true;
+    settings.credentials = Some((
+        server.access_key().to_owned(),
+        server.secret_key().to_owned(),
+    ));
+    settings.max_attempts = 2;
+    settings.attempt_timeout = std::time::Duration::from_secs(2);
+    let s = repo::storage::S3Storage::connect(settings).await;
+    s.put("k", Bytes::from_static(b"v"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    server.stop().unwrap();
+    // A storage error must never look like "not found".
+    let err = match s.get("k").await {
+        Err(e) => e,
+        Ok(_) => panic!("read from a stopped server"),
+    };
+    assert!(!err.is_not_found(), "{err}");
+    assert!(err.is_retryable(), "{err}");
+    assert!(!s.head("k").await.unwrap_err().is_not_found());
+    server.restart().unwrap();
+    assert_eq!(&storage::get_bytes(&s, "k").await.unwrap()[..], b"v");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_wrong_credentials_are_permanent() {
+    let server = testbed::S3Server::start_local().unwrap();
+    let mut settings = repo::storage::S3Settings::new(server.bucket(), server.prefix());
+    settings.endpoint = Some(server.endpoint().to_owned());
+    settings.path_style = true;
+    settings.credentials = Some(("nobody".to_owned(), "wrong".to_owned()));
+    let s = repo::storage::S3Storage::connect(settings).await;
+    let err = s
+        .put("k", Bytes::from_static(b"v"), PutMode::Overwrite)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Permanent, "{err}");
+    assert!(err.to_string().contains("could not put \"k\""), "{err}");
+}

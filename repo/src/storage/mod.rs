@@ -5,6 +5,7 @@
 
 mod fs;
 mod memory;
+mod s3;
 
 use std::fmt;
 use std::ops::Range;
@@ -16,6 +17,7 @@ use futures::StreamExt;
 
 pub use fs::FsStorage;
 pub use memory::MemStorage;
+pub use s3::{S3Settings, S3Storage};
 
 /// An object's bytes, as a stream of chunks.
 pub type ByteStream = BoxStream<'static, Result<Bytes, StorageError>>;

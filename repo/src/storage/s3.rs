@@ -1,0 +1,532 @@
+//! S3 storage on aws-sdk-s3: AWS S3 itself or any S3-compatible server. Credentials and
+//! region come from the AWS standard chain (environment, profile, instance metadata);
+//! `AWS_ENDPOINT_URL` selects another server. The SDK retries transient failures with
+//! backoff and jitter; what still fails is classified for the caller. Large objects go up
+//! as multipart uploads whose parts are uploaded concurrently as the stream produces them,
+//! with at most `part_size * part_concurrency` bytes in memory, aborted on failure.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream as AwsBody;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesOrdered;
+use futures::StreamExt;
+
+use super::{
+    check_key, ByteStream, ErrorKind, ListPage, ObjectMeta, PutMode, PutOutcome, Storage,
+    StorageError,
+};
+
+/// How to reach a bucket. Unset fields come from the AWS standard configuration.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    /// The bucket.
+    pub bucket: String,
+    /// Key prefix of the repository inside the bucket (no leading or trailing slash).
+    pub prefix: String,
+    /// Another endpoint than AWS's (else `AWS_ENDPOINT_URL` or AWS).
+    pub endpoint: Option<String>,
+    /// Region (else the AWS chain, else `us-east-1` when an endpoint is set).
+    pub region: Option<String>,
+    /// Path-style addressing (`PITR_S3_PATH_STYLE=true`), for most S3-compatible servers.
+    pub path_style: bool,
+    /// Static credentials (else the AWS chain).
+    pub credentials: Option<(String, String)>,
+    /// Send checksums only when an operation requires them (some servers reject others).
+    pub checksums_when_required: bool,
+    /// Total attempts per request for transient failures.
+    pub max_attempts: u32,
+    /// Per-attempt timeout.
+    pub attempt_timeout: Duration,
+    /// Multipart part size (objects up to this size go up in one PUT).
+    pub part_size: usize,
+    /// Parts in flight at once per object.
+    pub part_concurrency: usize,
+}
+
+impl S3Settings {
+    /// Defaults for a bucket and prefix, with pitr's environment settings applied
+    /// (`PITR_S3_PATH_STYLE`, `PITR_S3_CHECKSUMS=when_required`).
+    pub fn new(bucket: &str, prefix: &str) -> S3Settings {
+        let flag = |name: &str| {
+            std::env::var(name).is_ok_and(|v| matches!(v.as_str(), "true" | "1" | "on" | "yes"))
+        };
+        S3Settings {
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+            endpoint: None,
+            region: None,
+            path_style: flag("PITR_S3_PATH_STYLE"),
+            credentials: None,
+            checksums_when_required: std::env::var("PITR_S3_CHECKSUMS")
+                .is_ok_and(|v| v == "when_required"),
+            max_attempts: 5,
+            attempt_timeout: Duration::from_secs(60),
+            part_size: 16 << 20,
+            part_concurrency: 4,
+        }
+    }
+}
+
+/// A bucket (and prefix) as storage.
+#[derive(Debug, Clone)]
+pub struct S3Storage {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+    part_size: usize,
+    part_concurrency: usize,
+}
+
+/// Classifies an SDK failure: NotFound, Transient (timeouts, connection faults, throttling,
+/// 5xx, conflicting concurrent writes) or Permanent (everything a retry cannot change).
+fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+    op: &'static str,
+    key: &str,
+    err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> StorageError {
+    let kind = match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            ErrorKind::Transient
+        }
+        SdkError::ServiceError(e) => {
+            let status = e.raw().status().as_u16();
+            let code = e.err().code().unwrap_or_default();
+            if status == 404 || code == "NoSuchKey" || code == "NotFound" {
+                ErrorKind::NotFound
+            } else if status >= 500
+                || status == 429
+                || status == 409
+                || code == "SlowDown"
+                || code == "RequestTimeout"
+            {
+                ErrorKind::Transient
+            } else {
+                ErrorKind::Permanent
+            }
+        }
+        _ => ErrorKind::Permanent,
+    };
+    let detail = match &err {
+        SdkError::ServiceError(e) => format!(
+            "{} (HTTP {}{})",
+            e.err().message().unwrap_or("service error"),
+            e.raw().status().as_u16(),
+            e.err().code().map(|c| format!(", {c}")).unwrap_or_default()
+        ),
+        other => format!("{}", aws_sdk_s3::error::DisplayErrorContext(other)),
+    };
+    StorageError::new(kind, op, key, detail)
+}
+
+fn status_of<E>(err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
+    match err {
+        SdkError::ServiceError(e) => Some(e.raw().status().as_u16()),
+        _ => None,
+    }
+}
+
+impl S3Storage {
+    /// Connects to the bucket (nothing is sent until the first request).
+    pub async fn connect(settings: S3Settings) -> S3Storage {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(endpoint) = &settings.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(region) = &settings.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        let shared = loader.load().await;
+        let mut b = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(settings.path_style)
+            .retry_config(
+                aws_sdk_s3::config::retry::RetryConfig::standard()
+                    .with_max_attempts(settings.max_attempts),
+            )
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .operation_attempt_timeout(settings.attempt_timeout)
+                    .build(),
+            );
+        if shared.region().is_none() {
+            // S3-compatible servers rarely care, but the SDK must sign for some region.
+            b = b.region(Region::new("us-east-1"));
+        }
+        if let Some((id, secret)) = &settings.credentials {
+            b = b.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id,
+                secret,
+                None,
+                None,
+                "pitr-settings",
+            ));
+        }
+        if settings.checksums_when_required {
+            b = b
+                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+                .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        }
+        S3Storage {
+            client: aws_sdk_s3::Client::from_conf(b.build()),
+            bucket: settings.bucket,
+            prefix: settings.prefix,
+            part_size: settings.part_size.max(5 << 20),
+            part_concurrency: settings.part_concurrency.max(1),
+        }
+    }
+
+    fn full_key(&self, op: &'static str, key: &str) -> Result<String, StorageError> {
+        check_key(op, key)?;
+        Ok(if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.prefix)
+        })
+    }
+
+    fn list_prefix(&self, prefix: &str) -> String {
+        if self.prefix.is_empty() {
+            prefix.to_owned()
+        } else {
+            format!("{}/{prefix}", self.prefix)
+        }
+    }
+
+    async fn put_once(
+        &self,
+        key: &str,
+        full: &str,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StorageError> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .body(AwsBody::from(body));
+        if mode == PutMode::IfAbsent {
+            req = req.if_none_match("*");
+        }
+        match req.send().await {
+            Ok(_) => Ok(PutOutcome::Stored),
+            Err(e) if mode == PutMode::IfAbsent && status_of(&e) == Some(412) => {
+                Ok(PutOutcome::AlreadyExists)
+            }
+            Err(e) => Err(classify("put", key, e)),
+        }
+    }
+
+    async fn multipart(
+        &self,
+        key: &str,
+        full: &str,
+        first: Bytes,
+        mut body: ByteStream,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StorageError> {
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+            .map_err(|e| classify("put", key, e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let result = self
+            .upload_parts(key, full, &upload_id, first, &mut body, mode)
+            .await;
+        if !matches!(result, Ok(PutOutcome::Stored)) {
+            // Leave nothing billed behind; an abort that fails is expired by lifecycle rules.
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        result
+    }
+
+    async fn upload_parts(
+        &self,
+        key: &str,
+        full: &str,
+        upload_id: &str,
+        first: Bytes,
+        body: &mut ByteStream,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StorageError> {
+        let mut in_flight = FuturesOrdered::new();
+        let mut done: Vec<CompletedPart> = Vec::new();
+        let mut next_part = Some(first);
+        let mut number = 0i32;
+        loop {
+            while in_flight.len() < self.part_concurrency {
+                let Some(part) = next_part.take() else { break };
+                number += 1;
+                let req = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .upload_id(upload_id)
+                    .part_number(number)
+                    .body(AwsBody::from(part));
+                in_flight.push_back(async move { (number, req.send().await) });
+                next_part = read_part(body, self.part_size).await?;
+            }
+            let Some((n, result)) = in_flight.next().await else {
+                break;
+            };
+            let out = result.map_err(|e| classify("put", key, e))?;
+            done.push(
+                CompletedPart::builder()
+                    .part_number(n)
+                    .set_e_tag(out.e_tag().map(str::to_owned))
+                    .build(),
+            );
+        }
+        let mut complete = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(done))
+                    .build(),
+            );
+        if mode == PutMode::IfAbsent {
+            complete = complete.if_none_match("*");
+        }
+        match complete.send().await {
+            Ok(_) => Ok(PutOutcome::Stored),
+            Err(e) if mode == PutMode::IfAbsent && status_of(&e) == Some(412) => {
+                Ok(PutOutcome::AlreadyExists)
+            }
+            Err(e) => Err(classify("put", key, e)),
+        }
+    }
+}
+
+/// Reads up to `size` bytes from the stream (None at its end).
+async fn read_part(body: &mut ByteStream, size: usize) -> Result<Option<Bytes>, StorageError> {
+    let mut buf = BytesMut::new();
+    while buf.len() < size {
+        match body.next().await {
+            Some(chunk) => buf.extend_from_slice(&chunk?),
+            None => break,
+        }
+    }
+    // A chunk may overshoot a part; parts only need to be at least 5 MiB, so that is fine.
+    Ok((!buf.is_empty()).then(|| buf.freeze()))
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StorageError> {
+        let full = self.full_key("put", key)?;
+        if body.len() > self.part_size {
+            let rest = futures::stream::iter(
+                body.chunks(self.part_size)
+                    .skip(1)
+                    .map(|c| Ok(body.slice_ref(c)))
+                    .collect::<Vec<_>>(),
+            )
+            .boxed();
+            let first = body.slice(..self.part_size);
+            return self.multipart(key, &full, first, rest, mode).await;
+        }
+        self.put_once(key, &full, body, mode).await
+    }
+
+    async fn put_stream(
+        &self,
+        key: &str,
+        mut body: ByteStream,
+        _size: Option<u64>,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StorageError> {
+        let full = self.full_key("put", key)?;
+        let first = read_part(&mut body, self.part_size)
+            .await?
+            .unwrap_or_default();
+        let second = read_part(&mut body, self.part_size).await?;
+        match second {
+            None => self.put_once(key, &full, first, mode).await,
+            Some(second) => {
+                let rest = futures::stream::once(async move { Ok(second) })
+                    .chain(body)
+                    .boxed();
+                self.multipart(key, &full, first, rest, mode).await
+            }
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<ByteStream, StorageError> {
+        let full = self.full_key("get", key)?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| classify("get", key, e))?;
+        let key = key.to_owned();
+        let stream = futures::stream::unfold(Some(out.body), move |body| {
+            let key = key.clone();
+            async move {
+                let mut body = body?;
+                match body.next().await {
+                    None => None,
+                    Some(Ok(chunk)) => Some((Ok(chunk), Some(body))),
+                    // A cut connection mid-object: retrying the whole get can help.
+                    Some(Err(e)) => Some((
+                        Err(StorageError::new(ErrorKind::Transient, "get", &key, e)),
+                        None,
+                    )),
+                }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StorageError> {
+        let full = self.full_key("get", key)?;
+        if range.start >= range.end {
+            return Ok(Bytes::new());
+        }
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .range(format!("bytes={}-{}", range.start, range.end - 1));
+        let out = match req.send().await {
+            Ok(out) => out,
+            // Past the end: nothing there, like a clipped read.
+            Err(e) if status_of(&e) == Some(416) => return Ok(Bytes::new()),
+            Err(e) => return Err(classify("get", key, e)),
+        };
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StorageError::new(ErrorKind::Transient, "get", key, e))?;
+        Ok(data.into_bytes())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
+        let full = self.full_key("head", key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.to_owned(),
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+            })),
+            Err(e) => {
+                let e = classify("head", key, e);
+                if e.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        token: Option<String>,
+    ) -> Result<ListPage, StorageError> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.list_prefix(prefix))
+            .set_continuation_token(token)
+            .max_keys(super::LIST_PAGE_SIZE as i32)
+            .send()
+            .await
+            .map_err(|e| classify("list", prefix, e))?;
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                let key = o.key()?.get(strip..)?.to_owned();
+                Some(ObjectMeta {
+                    key,
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                })
+            })
+            .collect();
+        let next = if out.is_truncated() == Some(true) {
+            out.next_continuation_token().map(str::to_owned)
+        } else {
+            None
+        };
+        Ok(ListPage { objects, next })
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+        for batch in keys.chunks(1000) {
+            let mut ids = Vec::with_capacity(batch.len());
+            for k in batch {
+                let full = self.full_key("delete", k)?;
+                ids.push(
+                    ObjectIdentifier::builder()
+                        .key(full)
+                        .build()
+                        .map_err(|e| StorageError::new(ErrorKind::Permanent, "delete", k, e))?,
+                );
+            }
+            let delete = Delete::builder()
+                .set_objects(Some(ids))
+                .quiet(true)
+                .build()
+                .map_err(|e| StorageError::new(ErrorKind::Permanent, "delete", &batch[0], e))?;
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| classify("delete", &batch[0], e))?;
+            if let Some(err) = out.errors().first() {
+                let key = err.key().unwrap_or_default();
+                return Err(StorageError::new(
+                    ErrorKind::Permanent,
+                    "delete",
+                    key,
+                    err.message().unwrap_or("delete refused").to_owned(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
