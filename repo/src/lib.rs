@@ -7,4 +7,5 @@
 
 pub mod codec;
 pub mod envelope;
+pub mod objects;
 pub mod storage;

@@ -3,8 +3,10 @@
 //! one contract test suite): atomic puts, a put-if-absent that never overwrites, streaming
 //! and ranged gets, paginated listing in key order, idempotent batched deletes.
 
+mod faulty;
 mod fs;
 mod memory;
+mod retry;
 mod s3;
 
 use std::fmt;
@@ -15,8 +17,10 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
+pub use faulty::{Fault, FaultyStorage};
 pub use fs::FsStorage;
 pub use memory::MemStorage;
+pub use retry::{RetryPolicy, RetryingStorage};
 pub use s3::{S3Settings, S3Storage};
 
 /// An object's bytes, as a stream of chunks.

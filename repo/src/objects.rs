@@ -1,0 +1,88 @@
+//! Objects as the repository stores them: plaintext in, an envelope (compressed, hashed,
+//! later encrypted) on storage; every read is verified and a damaged object comes back as
+//! a typed corruption error naming it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::codec::{Codec, CodecGone};
+use crate::envelope::{EncodeOptions, EnvelopeError, Header};
+use crate::storage::{self, PutMode, PutOutcome, Storage, StorageError};
+
+/// Why an object could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The storage failed (see whether a retry can help).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The object is there but its bytes are not what was stored.
+    #[error("object \"{key}\" is corrupt: {source}")]
+    Corrupt {
+        /// The object.
+        key: String,
+        /// What the envelope check found.
+        source: EnvelopeError,
+    },
+    /// The codec threads are gone.
+    #[error(transparent)]
+    Codec(#[from] CodecGone),
+}
+
+impl ObjectError {
+    /// True only when the storage says the object does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ObjectError::Storage(e) if e.is_not_found())
+    }
+}
+
+/// Envelope-wrapped objects on a storage backend.
+#[derive(Debug, Clone)]
+pub struct ObjectStore {
+    storage: Arc<dyn Storage>,
+    codec: Arc<Codec>,
+    options: EncodeOptions,
+}
+
+impl ObjectStore {
+    /// Objects on `storage`, encoded by `codec` with `options`.
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        codec: Arc<Codec>,
+        options: EncodeOptions,
+    ) -> ObjectStore {
+        ObjectStore {
+            storage,
+            codec,
+            options,
+        }
+    }
+
+    /// The storage underneath.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Encodes and stores `plain` under `key`.
+    pub async fn put(
+        &self,
+        key: &str,
+        plain: Bytes,
+        mode: PutMode,
+    ) -> Result<PutOutcome, ObjectError> {
+        let envelope = self.codec.encode(plain, self.options).await?;
+        Ok(self.storage.put(key, envelope, mode).await?)
+    }
+
+    /// Reads, verifies and decodes the object at `key`.
+    pub async fn get(&self, key: &str) -> Result<(Header, Bytes), ObjectError> {
+        let bytes = storage::get_bytes(self.storage.as_ref(), key).await?;
+        self.codec
+            .decode(bytes)
+            .await?
+            .map_err(|source| ObjectError::Corrupt {
+                key: key.to_owned(),
+                source,
+            })
+    }
+}
