@@ -8,4 +8,6 @@
 pub mod codec;
 pub mod envelope;
 pub mod objects;
+pub mod repository;
 pub mod storage;
+pub mod url;

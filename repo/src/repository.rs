@@ -1,0 +1,304 @@
+//! A repository: storage opened from a URL, and its `config` object, written at first use,
+//! that ties it to one PostgreSQL cluster. Opening refuses a format this build does not
+//! know and a cluster that is not the repository's.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Codec;
+use crate::envelope::EncodeOptions;
+use crate::objects::{ObjectError, ObjectStore};
+use crate::storage::{
+    FsStorage, PutMode, PutOutcome, S3Settings, S3Storage, Storage, StorageError,
+};
+use crate::url::RepoUrl;
+
+/// The repository format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Key of the config object.
+pub const CONFIG_KEY: &str = "config";
+
+/// The cluster a repository belongs to, as read from its WAL or pg_control.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterIdentity {
+    /// System identifier.
+    pub system_identifier: u64,
+    /// PostgreSQL major version.
+    pub pg_version: u32,
+    /// wal_segment_size in bytes.
+    pub wal_segment_size: u64,
+}
+
+/// The `config` object (JSON inside an envelope). Unknown fields are kept by readers that
+/// rewrite nothing, so later versions can add fields without a format break.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoConfig {
+    /// Repository format version.
+    pub format: u32,
+    /// The cluster's system identifier, as a decimal string (JSON numbers lose precision).
+    pub system_identifier: String,
+    /// PostgreSQL major version.
+    pub pg_version: u32,
+    /// wal_segment_size in bytes.
+    pub wal_segment_size: u64,
+    /// Envelope encryption of every object (`none`).
+    pub encryption: String,
+    /// When the repository was created (RFC 3339, UTC).
+    pub created: String,
+    /// The pitr version that created it.
+    pub created_by: String,
+}
+
+/// Why a repository cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Reading or writing the config failed.
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    /// Storage could not be set up.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// No config, and no cluster to create one for.
+    #[error("repository {url} is not initialized (no config object)")]
+    NotInitialized {
+        /// The repository.
+        url: String,
+    },
+    /// The config is not valid JSON of the expected shape.
+    #[error("repository config is unreadable: {0}")]
+    BadConfig(String),
+    /// Written by a newer pitr.
+    #[error("repository format version {found} is not supported by this pitr (it reads version {FORMAT_VERSION})")]
+    UnknownFormat {
+        /// The version found.
+        found: u32,
+    },
+    /// Another cluster's repository.
+    #[error("{what} {found} does not match repository ({expected})")]
+    Mismatch {
+        /// Which property.
+        what: &'static str,
+        /// The cluster's.
+        found: String,
+        /// The repository's.
+        expected: String,
+    },
+}
+
+impl OpenError {
+    /// What the operator can do about it.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            OpenError::NotInitialized { .. } => {
+                Some("archive WAL or take a backup into it first, or check the repository URL")
+            }
+            OpenError::UnknownFormat { .. } => {
+                Some("upgrade pitr to a version that reads this repository")
+            }
+            OpenError::Mismatch {
+                what: "system identifier",
+                ..
+            } => Some(
+                "does archive_command point at the right repository? Each cluster needs its own",
+            ),
+            OpenError::Mismatch { .. } => {
+                Some("a repository holds one cluster; use a new repository after pg_upgrade")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// An open repository.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    url: RepoUrl,
+    objects: ObjectStore,
+    config: RepoConfig,
+}
+
+/// Storage for a URL: S3 with the AWS standard configuration plus pitr's settings, or a
+/// local directory.
+pub async fn storage_for(url: &RepoUrl) -> Result<Arc<dyn Storage>, StorageError> {
+    Ok(match url {
+        RepoUrl::S3 { bucket, prefix } => {
+            Arc::new(S3Storage::connect(S3Settings::new(bucket, prefix)).await)
+        }
+        RepoUrl::File { path } => Arc::new(FsStorage::new(path.clone())?),
+    })
+}
+
+fn now_rfc3339() -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    rfc3339_utc(micros)
+}
+
+/// RFC 3339 UTC with microseconds (civil-from-days; repo does not depend on walfmt).
+fn rfc3339_utc(unix_micros: i64) -> String {
+    let secs = unix_micros.div_euclid(1_000_000);
+    let frac = unix_micros.rem_euclid(1_000_000);
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+impl Repository {
+    /// Opens the repository at `url`. With `cluster`, creates the config if there is none
+    /// and checks the cluster is the repository's; without, the config must exist.
+    pub async fn open(
+        url: &RepoUrl,
+        cluster: Option<&ClusterIdentity>,
+        codec: Arc<Codec>,
+    ) -> Result<Repository, OpenError> {
+        let storage = storage_for(url).await?;
+        Repository::open_on(url.clone(), storage, cluster, codec).await
+    }
+
+    /// [`Repository::open`] on storage already set up (tests, fault injection).
+    pub async fn open_on(
+        url: RepoUrl,
+        storage: Arc<dyn Storage>,
+        cluster: Option<&ClusterIdentity>,
+        codec: Arc<Codec>,
+    ) -> Result<Repository, OpenError> {
+        let objects = ObjectStore::new(storage, codec, EncodeOptions::default());
+        let config = match read_config(&objects).await? {
+            Some(config) => config,
+            None => {
+                let Some(cluster) = cluster else {
+                    return Err(OpenError::NotInitialized {
+                        url: url.to_string(),
+                    });
+                };
+                let fresh = RepoConfig {
+                    format: FORMAT_VERSION,
+                    system_identifier: cluster.system_identifier.to_string(),
+                    pg_version: cluster.pg_version,
+                    wal_segment_size: cluster.wal_segment_size,
+                    encryption: "none".to_owned(),
+                    created: now_rfc3339(),
+                    created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
+                };
+                let json = serde_json::to_vec_pretty(&fresh)
+                    .map_err(|e| OpenError::BadConfig(e.to_string()))?;
+                match objects
+                    .put(CONFIG_KEY, Bytes::from(json), PutMode::IfAbsent)
+                    .await?
+                {
+                    PutOutcome::Stored => fresh,
+                    // Another process created it first: theirs is the one that counts.
+                    PutOutcome::AlreadyExists => {
+                        read_config(&objects)
+                            .await?
+                            .ok_or_else(|| OpenError::NotInitialized {
+                                url: url.to_string(),
+                            })?
+                    }
+                }
+            }
+        };
+        if config.format != FORMAT_VERSION {
+            return Err(OpenError::UnknownFormat {
+                found: config.format,
+            });
+        }
+        if let Some(cluster) = cluster {
+            check(
+                config.system_identifier.clone(),
+                cluster.system_identifier.to_string(),
+                "system identifier",
+            )?;
+            check(
+                config.pg_version.to_string(),
+                cluster.pg_version.to_string(),
+                "PostgreSQL version",
+            )?;
+            check(
+                config.wal_segment_size.to_string(),
+                cluster.wal_segment_size.to_string(),
+                "WAL segment size",
+            )?;
+        }
+        Ok(Repository {
+            url,
+            objects,
+            config,
+        })
+    }
+
+    /// The repository's config.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// Where it is.
+    pub fn url(&self) -> &RepoUrl {
+        &self.url
+    }
+
+    /// Its objects.
+    pub fn objects(&self) -> &ObjectStore {
+        &self.objects
+    }
+}
+
+fn check(expected: String, found: String, what: &'static str) -> Result<(), OpenError> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(OpenError::Mismatch {
+            what,
+            found,
+            expected,
+        })
+    }
+}
+
+async fn read_config(objects: &ObjectStore) -> Result<Option<RepoConfig>, OpenError> {
+    let plain = match objects.get(CONFIG_KEY).await {
+        Ok((_, plain)) => plain,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    // Read the version first, so a newer format with another shape is reported as such.
+    let value: serde_json::Value =
+        serde_json::from_slice(&plain).map_err(|e| OpenError::BadConfig(e.to_string()))?;
+    let format = value
+        .get("format")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0) as u32;
+    if format != FORMAT_VERSION {
+        return Err(OpenError::UnknownFormat { found: format });
+    }
+    serde_json::from_value(value)
+        .map(Some)
+        .map_err(|e| OpenError::BadConfig(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn time_format() {
+        assert_eq!(
+            super::rfc3339_utc(1_778_727_600_123_456),
+            "2026-05-14T03:00:00.123456Z"
+        );
+    }
+}
