@@ -11,7 +11,8 @@ use crate::codec::Codec;
 use crate::envelope::EncodeOptions;
 use crate::objects::{ObjectError, ObjectStore};
 use crate::storage::{
-    FsStorage, PutMode, PutOutcome, S3Settings, S3Storage, Storage, StorageError,
+    FsStorage, PutMode, PutOutcome, RetryPolicy, RetryingStorage, S3Settings, S3Storage, Storage,
+    StorageError,
 };
 use crate::url::RepoUrl;
 
@@ -120,14 +121,18 @@ pub struct Repository {
 }
 
 /// Storage for a URL: S3 with the AWS standard configuration plus pitr's settings, or a
-/// local directory.
+/// local directory; either way behind retries of transient failures.
 pub async fn storage_for(url: &RepoUrl) -> Result<Arc<dyn Storage>, StorageError> {
-    Ok(match url {
+    let inner: Arc<dyn Storage> = match url {
         RepoUrl::S3 { bucket, prefix } => {
             Arc::new(S3Storage::connect(S3Settings::new(bucket, prefix)).await)
         }
         RepoUrl::File { path } => Arc::new(FsStorage::new(path.clone())?),
-    })
+    };
+    Ok(Arc::new(RetryingStorage::new(
+        inner,
+        RetryPolicy::default(),
+    )))
 }
 
 fn now_rfc3339() -> String {

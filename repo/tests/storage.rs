@@ -287,3 +287,33 @@ async fn s3_wrong_credentials_are_permanent() {
     assert_eq!(err.kind, ErrorKind::Permanent, "{err}");
     assert!(err.to_string().contains("could not put \"k\""), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_put_if_absent_is_checked_where_the_server_ignores_conditions() {
+    // As on Garage, which ignores If-None-Match: pitr checks before and after instead.
+    let server = testbed::S3Server::start_local().unwrap();
+    let mut settings = repo::storage::S3Settings::new(server.bucket(), server.prefix());
+    settings.endpoint = Some(server.endpoint().to_owned());
+    settings.path_style = true;
+    settings.credentials = Some((
+        server.access_key().to_owned(),
+        server.secret_key().to_owned(),
+    ));
+    settings.part_size = 8 << 20;
+    settings.conditional_put = repo::storage::ConditionalPut::Off;
+    let s = repo::storage::S3Storage::connect(settings).await;
+    put_if_absent_never_overwrites(&s).await;
+    let body = Bytes::from(data(20 << 20, 1));
+    assert_eq!(
+        s.put("mp/checked", body.clone(), PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    let other = Bytes::from(data(20 << 20, 2));
+    assert_eq!(
+        s.put("mp/checked", other, PutMode::IfAbsent).await.unwrap(),
+        PutOutcome::AlreadyExists
+    );
+    assert_eq!(storage::get_bytes(&s, "mp/checked").await.unwrap(), body);
+}

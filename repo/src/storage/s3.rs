@@ -47,6 +47,20 @@ pub struct S3Settings {
     pub part_size: usize,
     /// Parts in flight at once per object.
     pub part_concurrency: usize,
+    /// Whether the server honours `If-None-Match: *` (`PITR_S3_CONDITIONAL_PUT`).
+    pub conditional_put: ConditionalPut,
+}
+
+/// How put-if-absent is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionalPut {
+    /// Find out once per process with a probe object (the default).
+    Auto,
+    /// The server honours `If-None-Match: *` (AWS S3 does since 2024).
+    On,
+    /// It does not (Garage): check with HEAD first, put, then check the stored object is
+    /// the one written (ETag), reporting a concurrent writer's object as already there.
+    Off,
 }
 
 impl S3Settings {
@@ -69,6 +83,11 @@ impl S3Settings {
             attempt_timeout: Duration::from_secs(60),
             part_size: 16 << 20,
             part_concurrency: 4,
+            conditional_put: match std::env::var("PITR_S3_CONDITIONAL_PUT").as_deref() {
+                Ok("on") | Ok("true") => ConditionalPut::On,
+                Ok("off") | Ok("false") => ConditionalPut::Off,
+                _ => ConditionalPut::Auto,
+            },
         }
     }
 }
@@ -81,6 +100,8 @@ pub struct S3Storage {
     prefix: String,
     part_size: usize,
     part_concurrency: usize,
+    conditional: ConditionalPut,
+    probed: std::sync::Arc<tokio::sync::OnceCell<bool>>,
 }
 
 /// Classifies an SDK failure: NotFound, Transient (timeouts, connection faults, throttling,
@@ -178,7 +199,87 @@ impl S3Storage {
             prefix: settings.prefix,
             part_size: settings.part_size.max(5 << 20),
             part_concurrency: settings.part_concurrency.max(1),
+            conditional: settings.conditional_put,
+            probed: Default::default(),
         }
+    }
+
+    /// Whether `If-None-Match: *` is honoured: by setting, or by a probe made once.
+    async fn conditional_supported(&self) -> bool {
+        match self.conditional {
+            ConditionalPut::On => true,
+            ConditionalPut::Off => false,
+            ConditionalPut::Auto => *self.probed.get_or_init(|| self.probe_conditional()).await,
+        }
+    }
+
+    /// Writes a probe object twice, the second time conditionally: a 412 means the server
+    /// honours the condition. Any other failure assumes it does (the real put will report
+    /// a real problem).
+    async fn probe_conditional(&self) -> bool {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let key = format!(".conditional-probe/{}-{nanos}", std::process::id());
+        let Ok(full) = self.full_key("put", &key) else {
+            return true;
+        };
+        let put = || {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .body(AwsBody::from_static(b"probe"))
+        };
+        if put().send().await.is_err() {
+            return true;
+        }
+        let supported = match put().if_none_match("*").send().await {
+            Err(e) => status_of(&e) == Some(412) || !matches!(e, SdkError::ServiceError(_)),
+            Ok(_) => false,
+        };
+        let _ = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await;
+        supported
+    }
+
+    /// Put-if-absent on a server that ignores the condition: HEAD, put, then make sure the
+    /// object stored is the one written (a concurrent writer's wins and is reported).
+    async fn put_checked(
+        &self,
+        key: &str,
+        full: &str,
+        body: Bytes,
+    ) -> Result<PutOutcome, StorageError> {
+        if self.head(key).await?.is_some() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        let written = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .body(AwsBody::from(body))
+            .send()
+            .await
+            .map_err(|e| classify("put", key, e))?;
+        let stored = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+            .map_err(|e| classify("put", key, e))?;
+        if written.e_tag().is_some() && stored.e_tag() != written.e_tag() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        Ok(PutOutcome::Stored)
     }
 
     fn full_key(&self, op: &'static str, key: &str) -> Result<String, StorageError> {
@@ -205,6 +306,9 @@ impl S3Storage {
         body: Bytes,
         mode: PutMode,
     ) -> Result<PutOutcome, StorageError> {
+        if mode == PutMode::IfAbsent && !self.conditional_supported().await {
+            return self.put_checked(key, full, body).await;
+        }
         let mut req = self
             .client
             .put_object()
@@ -231,6 +335,12 @@ impl S3Storage {
         mut body: ByteStream,
         mode: PutMode,
     ) -> Result<PutOutcome, StorageError> {
+        let conditional = mode == PutMode::IfAbsent && self.conditional_supported().await;
+        let checked = mode == PutMode::IfAbsent && !conditional;
+        if checked && self.head(key).await?.is_some() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        let mode = if checked { PutMode::Overwrite } else { mode };
         let created = self
             .client
             .create_multipart_upload()
@@ -243,6 +353,21 @@ impl S3Storage {
         let result = self
             .upload_parts(key, full, &upload_id, first, &mut body, mode)
             .await;
+        if let (true, Ok((PutOutcome::Stored, written))) = (checked, &result) {
+            // Without a server-side condition: is the stored object still ours?
+            let stored = self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(full)
+                .send()
+                .await
+                .map_err(|e| classify("put", key, e))?;
+            if written.is_some() && stored.e_tag() != written.as_deref() {
+                return Ok(PutOutcome::AlreadyExists);
+            }
+        }
+        let result = result.map(|(outcome, _)| outcome);
         if !matches!(result, Ok(PutOutcome::Stored)) {
             // Leave nothing billed behind; an abort that fails is expired by lifecycle rules.
             let _ = self
@@ -265,7 +390,7 @@ impl S3Storage {
         first: Bytes,
         body: &mut ByteStream,
         mode: PutMode,
-    ) -> Result<PutOutcome, StorageError> {
+    ) -> Result<(PutOutcome, Option<String>), StorageError> {
         let mut in_flight = FuturesOrdered::new();
         let mut done: Vec<CompletedPart> = Vec::new();
         let mut next_part = Some(first);
@@ -311,9 +436,9 @@ impl S3Storage {
             complete = complete.if_none_match("*");
         }
         match complete.send().await {
-            Ok(_) => Ok(PutOutcome::Stored),
+            Ok(out) => Ok((PutOutcome::Stored, out.e_tag().map(str::to_owned))),
             Err(e) if mode == PutMode::IfAbsent && status_of(&e) == Some(412) => {
-                Ok(PutOutcome::AlreadyExists)
+                Ok((PutOutcome::AlreadyExists, None))
             }
             Err(e) => Err(classify("put", key, e)),
         }

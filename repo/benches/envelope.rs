@@ -1,0 +1,53 @@
+//! Envelope encode (zstd level 3 + blake3) and decode (decompress + verify) on one core, on
+//! a real 16 MiB WAL segment written by the test bed's PostgreSQL.
+//! `cargo bench -p repo --bench envelope`.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use repo::envelope::{decode, encode, EncodeOptions};
+use testbed::{Cluster, ClusterOptions};
+
+fn real_segment() -> Vec<u8> {
+    let mut pg = Cluster::init(ClusterOptions::default()).unwrap();
+    let archive = pg.server_dir("archive").unwrap();
+    pg.set_config(
+        "archive_command",
+        &format!("cp %p '{}/%f'", archive.display()),
+    )
+    .unwrap();
+    pg.start().unwrap();
+    let segments = pg.generate_wal_segments(3).unwrap();
+    pg.wait_archived(&segments[1], Duration::from_secs(60))
+        .unwrap();
+    std::fs::read(archive.join(&segments[1])).unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let segment = real_segment();
+    let mut group = c.benchmark_group("envelope");
+    group.throughput(Throughput::Bytes(segment.len() as u64));
+    group.sample_size(10);
+    for level in [1, 3] {
+        let options = EncodeOptions {
+            zstd_level: Some(level),
+        };
+        let sealed = encode(&segment, options);
+        eprintln!(
+            "zstd level {level}: {} -> {} bytes (ratio {:.2})",
+            segment.len(),
+            sealed.len(),
+            segment.len() as f64 / sealed.len() as f64
+        );
+        group.bench_function(format!("encode_zstd{level}_16MiB"), |b| {
+            b.iter(|| encode(&segment, options))
+        });
+        group.bench_function(format!("decode_zstd{level}_16MiB"), |b| {
+            b.iter(|| decode(&sealed).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
