@@ -1,6 +1,7 @@
-//! Damage and faults, injected: a flipped byte is reported as corruption of that object, a
-//! transient fault is retried and succeeds, a permanent one surfaces at once with a clear
-//! error, a cut stream is never mistaken for a missing object.
+//! Damage and faults, injected over each real backend (filesystem, the test bed's S3
+//! server) and memory: a flipped byte is reported as corruption of that object, a transient
+//! fault is retried and succeeds, a permanent one surfaces at once with a clear error, a
+//! cut stream is never mistaken for a missing object.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,8 @@ use repo::codec::Codec;
 use repo::envelope::EncodeOptions;
 use repo::objects::{ObjectError, ObjectStore};
 use repo::storage::{
-    ErrorKind, Fault, FaultyStorage, MemStorage, PutMode, RetryPolicy, RetryingStorage, Storage,
+    ErrorKind, Fault, FaultyStorage, FsStorage, MemStorage, PutMode, RetryPolicy, RetryingStorage,
+    S3Settings, S3Storage, Storage,
 };
 
 fn quick_retries() -> RetryPolicy {
@@ -21,19 +23,6 @@ fn quick_retries() -> RetryPolicy {
     }
 }
 
-/// Objects on faulty memory storage, with retries; returns both handles.
-fn setup() -> (Arc<FaultyStorage>, ObjectStore) {
-    let faulty = Arc::new(FaultyStorage::new(Arc::new(MemStorage::new())));
-    let retrying: Arc<dyn Storage> =
-        Arc::new(RetryingStorage::new(faulty.clone(), quick_retries()));
-    let objects = ObjectStore::new(
-        retrying,
-        Arc::new(Codec::new(1, 2)),
-        EncodeOptions::default(),
-    );
-    (faulty, objects)
-}
-
 fn wal_like(len: usize) -> Bytes {
     Bytes::from(
         (0..len)
@@ -42,9 +31,18 @@ fn wal_like(len: usize) -> Bytes {
     )
 }
 
-#[tokio::test]
-async fn a_flipped_byte_is_reported_as_corruption_of_that_object() {
-    let (faulty, objects) = setup();
+/// Every fault scenario over `backend` (faults injected between the retries and it).
+async fn fault_suite(backend: Arc<dyn Storage>) {
+    let faulty = Arc::new(FaultyStorage::new(backend));
+    let retrying: Arc<dyn Storage> =
+        Arc::new(RetryingStorage::new(faulty.clone(), quick_retries()));
+    let objects = ObjectStore::new(
+        retrying,
+        Arc::new(Codec::new(1, 2)),
+        EncodeOptions::default(),
+    );
+
+    // A flipped byte anywhere in the stored object is corruption of that object.
     objects
         .put("wal/seg", wal_like(100_000), PutMode::IfAbsent)
         .await
@@ -66,11 +64,8 @@ async fn a_flipped_byte_is_reported_as_corruption_of_that_object() {
     }
     faulty.heal();
     assert_eq!(objects.get("wal/seg").await.unwrap().1, wal_like(100_000));
-}
 
-#[tokio::test]
-async fn a_transient_fault_is_retried_and_succeeds() {
-    let (faulty, objects) = setup();
+    // Transient faults (and a stall) are retried until the call works.
     objects
         .put("k", Bytes::from_static(b"value"), PutMode::Overwrite)
         .await
@@ -94,48 +89,66 @@ async fn a_transient_fault_is_retried_and_succeeds() {
         before + 3,
         "two failures, then the stalled call that worked"
     );
-}
+    faulty.heal();
 
-#[tokio::test]
-async fn a_permanent_fault_surfaces_at_once_with_a_clear_error() {
-    let (faulty, objects) = setup();
+    // A permanent fault surfaces at once, with the operation and the key.
     let before = faulty.calls();
     faulty.inject(Fault::Fail {
         nth: before + 1,
         kind: ErrorKind::Permanent,
     });
     let err = objects
-        .put("k", Bytes::from_static(b"v"), PutMode::Overwrite)
+        .put("p", Bytes::from_static(b"v"), PutMode::Overwrite)
         .await
         .unwrap_err();
     assert_eq!(faulty.calls(), before + 1, "not retried");
     assert_eq!(
         err.to_string(),
-        format!("could not put \"k\": injected fault on call {}", before + 1)
+        format!("could not put \"p\": injected fault on call {}", before + 1)
     );
     assert!(!err.is_not_found());
-}
+    faulty.heal();
 
-#[tokio::test]
-async fn a_stream_cut_every_time_is_an_error_not_a_missing_object() {
-    let (faulty, objects) = setup();
+    // A stream cut on every attempt is an error, never "not found".
     objects
-        .put("k", wal_like(10_000), PutMode::Overwrite)
+        .put("cut", wal_like(10_000), PutMode::Overwrite)
         .await
         .unwrap();
     faulty.inject(Fault::CutStream { after: 100 });
-    let err = objects.get("k").await.unwrap_err();
+    let err = objects.get("cut").await.unwrap_err();
     assert!(
         matches!(&err, ObjectError::Storage(e) if e.is_retryable()),
         "{err}"
     );
     assert!(!err.is_not_found());
     faulty.heal();
-    assert_eq!(objects.get("k").await.unwrap().1, wal_like(10_000));
+    assert_eq!(objects.get("cut").await.unwrap().1, wal_like(10_000));
+
+    // Only a really absent object is "not found".
+    assert!(objects.get("nope").await.unwrap_err().is_not_found());
 }
 
-#[tokio::test]
-async fn only_a_really_absent_object_is_not_found() {
-    let (_, objects) = setup();
-    assert!(objects.get("nope").await.unwrap_err().is_not_found());
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_over_memory() {
+    fault_suite(Arc::new(MemStorage::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_over_the_filesystem() {
+    let dir = tempfile::tempdir().unwrap();
+    fault_suite(Arc::new(FsStorage::new(dir.path()).unwrap())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_over_s3() {
+    let server = testbed::S3Server::start().unwrap();
+    let mut settings = S3Settings::new(server.bucket(), server.prefix());
+    settings.endpoint = Some(server.endpoint().to_owned());
+    settings.region = Some(server.region().to_owned());
+    settings.path_style = true;
+    settings.credentials = Some((
+        server.access_key().to_owned(),
+        server.secret_key().to_owned(),
+    ));
+    fault_suite(Arc::new(S3Storage::connect(settings).await)).await;
 }
