@@ -9,6 +9,11 @@ use std::process::ExitCode;
 pub enum Exit {
     /// 3: an input is not what it should be (a file that is not WAL, a bad argument value).
     BadInput = 3,
+    /// 4: the repository cannot be used: unreachable, not initialized, another cluster's, or
+    /// written by a newer pitr.
+    Repository = 4,
+    /// 5: data in the repository is damaged (a checksum or length does not match).
+    Corrupt = 5,
 }
 
 /// A failed command: what to print and how to exit.

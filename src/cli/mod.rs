@@ -2,6 +2,8 @@
 //! README.md. Each subcommand lives in its own module and returns `Result<(), Failure>`.
 
 mod failure;
+mod info;
+mod repo_args;
 mod wal_inspect;
 
 use std::process::ExitCode;
@@ -20,6 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Show which cluster a repository belongs to and its format
+    Info(info::Args),
     /// Show what WAL files hold: timeline, LSN range, commits and their times, restore points
     WalInspect(wal_inspect::Args),
 }
@@ -28,6 +32,7 @@ enum Command {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
+        Command::Info(args) => info::run(args),
         Command::WalInspect(args) => wal_inspect::run(args),
     };
     match outcome {

@@ -2,6 +2,7 @@
 //! server from the test bed. One test binary; one module per command.
 
 mod cli;
+mod info;
 mod wal_inspect;
 
 /// The `pitr` binary under test.
