@@ -11,8 +11,7 @@ use crate::codec::Codec;
 use crate::envelope::EncodeOptions;
 use crate::objects::{ObjectError, ObjectStore};
 use crate::storage::{
-    FsStorage, PutMode, PutOutcome, RetryPolicy, RetryingStorage, S3Settings, S3Storage, Storage,
-    StorageError,
+    FsStorage, PutMode, RetryPolicy, RetryingStorage, S3Settings, S3Storage, Storage, StorageError,
 };
 use crate::url::RepoUrl;
 
@@ -203,20 +202,16 @@ impl Repository {
                 };
                 let json = serde_json::to_vec_pretty(&fresh)
                     .map_err(|e| OpenError::BadConfig(e.to_string()))?;
-                match objects
+                objects
                     .put(CONFIG_KEY, Bytes::from(json), PutMode::IfAbsent)
+                    .await?;
+                // Whoever won, the stored config is the one that counts. Reading it back
+                // also narrows the window on servers whose If-None-Match is not atomic.
+                read_config(&objects)
                     .await?
-                {
-                    PutOutcome::Stored => fresh,
-                    // Another process created it first: theirs is the one that counts.
-                    PutOutcome::AlreadyExists => {
-                        read_config(&objects)
-                            .await?
-                            .ok_or_else(|| OpenError::NotInitialized {
-                                url: url.to_string(),
-                            })?
-                    }
-                }
+                    .ok_or_else(|| OpenError::NotInitialized {
+                        url: url.to_string(),
+                    })?
             }
         };
         if config.format != FORMAT_VERSION {
