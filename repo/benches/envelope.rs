@@ -9,14 +9,7 @@ use repo::envelope::{decode, encode, EncodeOptions};
 use testbed::{Cluster, ClusterOptions};
 
 fn real_segment() -> Vec<u8> {
-    let mut pg = Cluster::init(ClusterOptions::default()).unwrap();
-    let archive = pg.server_dir("archive").unwrap();
-    pg.set_config(
-        "archive_command",
-        &format!("cp %p '{}/%f'", archive.display()),
-    )
-    .unwrap();
-    pg.start().unwrap();
+    let (pg, archive) = Cluster::start_copy_archiving(ClusterOptions::default()).unwrap();
     let segments = pg.generate_wal_segments(3).unwrap();
     pg.wait_archived(&segments[1], Duration::from_secs(60))
         .unwrap();

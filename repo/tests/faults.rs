@@ -3,6 +3,8 @@
 //! fault is retried and succeeds, a permanent one surfaces at once with a clear error, a
 //! cut stream is never mistaken for a missing object.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use repo::envelope::EncodeOptions;
 use repo::objects::{ObjectError, ObjectStore};
 use repo::storage::{
     ErrorKind, Fault, FaultyStorage, FsStorage, MemStorage, PutMode, RetryPolicy, RetryingStorage,
-    S3Settings, S3Storage, Storage,
+    S3Storage, Storage,
 };
 
 fn quick_retries() -> RetryPolicy {
@@ -142,13 +144,6 @@ async fn faults_over_the_filesystem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_over_s3() {
     let server = testbed::S3Server::start().unwrap();
-    let mut settings = S3Settings::new(server.bucket(), server.prefix());
-    settings.endpoint = Some(server.endpoint().to_owned());
-    settings.region = Some(server.region().to_owned());
-    settings.path_style = true;
-    settings.credentials = Some((
-        server.access_key().to_owned(),
-        server.secret_key().to_owned(),
-    ));
+    let settings = support::s3_settings(&server);
     fault_suite(Arc::new(S3Storage::connect(settings).await)).await;
 }

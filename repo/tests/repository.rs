@@ -1,6 +1,8 @@
 //! Opening repositories: the config written at first use, and refusals of what does not
 //! belong (another cluster, a newer format), on the filesystem and on the S3 server.
 
+mod support;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -8,7 +10,7 @@ use repo::codec::Codec;
 use repo::envelope::EncodeOptions;
 use repo::objects::ObjectStore;
 use repo::repository::{ClusterIdentity, OpenError, Repository, CONFIG_KEY};
-use repo::storage::{PutMode, S3Settings, S3Storage, Storage};
+use repo::storage::{PutMode, S3Storage, Storage};
 use repo::url::RepoUrl;
 
 fn cluster(sysid: u64) -> ClusterIdentity {
@@ -105,14 +107,7 @@ async fn filesystem_repository_config_and_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_repository_config_and_refusals() {
     let server = testbed::S3Server::start().unwrap();
-    let mut settings = S3Settings::new(server.bucket(), server.prefix());
-    settings.endpoint = Some(server.endpoint().to_owned());
-    settings.region = Some(server.region().to_owned());
-    settings.path_style = true;
-    settings.credentials = Some((
-        server.access_key().to_owned(),
-        server.secret_key().to_owned(),
-    ));
+    let settings = support::s3_settings(&server);
     let url: RepoUrl = format!("s3://{}/{}", server.bucket(), server.prefix())
         .parse()
         .unwrap();

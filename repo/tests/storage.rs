@@ -2,6 +2,8 @@
 //! 200 MiB (streamed), put-if-absent, atomic overwrite, ranged gets, pagination past 1000
 //! keys, batched idempotent deletes, and NotFound only for what is really absent.
 
+mod support;
+
 use bytes::Bytes;
 use futures::StreamExt;
 use repo::storage::{self, ErrorKind, FsStorage, MemStorage, PutMode, PutOutcome, Storage};
@@ -203,14 +205,7 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
 }
 
 async fn s3_storage(server: &testbed::S3Server) -> repo::storage::S3Storage {
-    let mut settings = repo::storage::S3Settings::new(server.bucket(), server.prefix());
-    settings.endpoint = Some(server.endpoint().to_owned());
-    settings.region = Some(server.region().to_owned());
-    settings.path_style = true;
-    settings.credentials = Some((
-        server.access_key().to_owned(),
-        server.secret_key().to_owned(),
-    ));
+    let mut settings = support::s3_settings(server);
     // Small parts so the 200 MiB object goes up in many concurrent parts.
     settings.part_size = 8 << 20;
     repo::storage::S3Storage::connect(settings).await
@@ -246,13 +241,7 @@ async fn s3_multipart_put_if_absent_never_overwrites() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_outage_is_transient_not_missing() {
     let mut server = testbed::S3Server::start_local().unwrap();
-    let mut settings = repo::storage::S3Settings::new(server.bucket(), server.prefix());
-    settings.endpoint = Some(server.endpoint().to_owned());
-    settings.path_style = true;
-    settings.credentials = Some((
-        server.access_key().to_owned(),
-        server.secret_key().to_owned(),
-    ));
+    let mut settings = support::s3_settings(&server);
     settings.max_attempts = 2;
     settings.attempt_timeout = std::time::Duration::from_secs(2);
     let s = repo::storage::S3Storage::connect(settings).await;
@@ -275,9 +264,7 @@ async fn s3_outage_is_transient_not_missing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_wrong_credentials_are_permanent() {
     let server = testbed::S3Server::start_local().unwrap();
-    let mut settings = repo::storage::S3Settings::new(server.bucket(), server.prefix());
-    settings.endpoint = Some(server.endpoint().to_owned());
-    settings.path_style = true;
+    let mut settings = support::s3_settings(&server);
     settings.credentials = Some(("nobody".to_owned(), "wrong".to_owned()));
     let s = repo::storage::S3Storage::connect(settings).await;
     let err = s
@@ -292,13 +279,7 @@ async fn s3_wrong_credentials_are_permanent() {
 async fn s3_put_if_absent_is_checked_where_the_server_ignores_conditions() {
     // As on Garage, which ignores If-None-Match: pitr checks before and after instead.
     let server = testbed::S3Server::start_local().unwrap();
-    let mut settings = repo::storage::S3Settings::new(server.bucket(), server.prefix());
-    settings.endpoint = Some(server.endpoint().to_owned());
-    settings.path_style = true;
-    settings.credentials = Some((
-        server.access_key().to_owned(),
-        server.secret_key().to_owned(),
-    ));
+    let mut settings = support::s3_settings(&server);
     settings.part_size = 8 << 20;
     settings.conditional_put = repo::storage::ConditionalPut::Off;
     let s = repo::storage::S3Storage::connect(settings).await;

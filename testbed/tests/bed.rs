@@ -36,14 +36,8 @@ fn archive_command_receives_switched_segment() {
 
 #[test]
 fn generated_segments_are_full_and_archived() {
-    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
-    let archive = pg.server_dir("archive").unwrap();
-    pg.set_config(
-        "archive_command",
-        &format!("cp %p '{}/%f'", archive.display()),
-    )
-    .unwrap();
-    pg.start().unwrap();
+    let (pg, archive) =
+        Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
     assert_eq!(pg.wal_segment_size().unwrap(), 1 << 20);
 
     let segments = pg.generate_wal_segments(3).unwrap();

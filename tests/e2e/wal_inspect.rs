@@ -13,14 +13,7 @@ fn archiving_cluster(settings: &[(&str, &str)]) -> (Cluster, std::path::PathBuf)
     for (name, value) in settings {
         options = options.setting(*name, *value);
     }
-    let mut pg = Cluster::init(options).unwrap();
-    let archive = pg.server_dir("archive").unwrap();
-    pg.set_config(
-        "archive_command",
-        &format!("cp %p '{}/%f'", archive.display()),
-    )
-    .unwrap();
-    pg.start().unwrap();
+    let (pg, archive) = Cluster::start_copy_archiving(options).unwrap();
     (pg, archive)
 }
 

@@ -9,14 +9,7 @@ use testbed::{Cluster, ClusterOptions};
 use walfmt::{summarize, Decoded, Lsn, WalDecoder};
 
 fn real_segment() -> Vec<u8> {
-    let mut pg = Cluster::init(ClusterOptions::default()).unwrap();
-    let archive = pg.server_dir("archive").unwrap();
-    pg.set_config(
-        "archive_command",
-        &format!("cp %p '{}/%f'", archive.display()),
-    )
-    .unwrap();
-    pg.start().unwrap();
+    let (pg, archive) = Cluster::start_copy_archiving(ClusterOptions::default()).unwrap();
     // Table rows and commits, like an OLTP load; the second segment is full of them.
     pg.sql("CREATE TABLE t (id bigint, v text)").unwrap();
     let segments = pg.generate_wal_segments(3).unwrap();

@@ -187,14 +187,7 @@ fn make_fixtures() {
             .setting("wal_keep_size", "1GB")
             .setting("autovacuum", "off")
     };
-    let mut pg = Cluster::init(options()).unwrap();
-    let archive = pg.server_dir("archive").unwrap();
-    pg.set_config(
-        "archive_command",
-        &format!("cp %p '{}/%f'", archive.display()),
-    )
-    .unwrap();
-    pg.start().unwrap();
+    let (pg, archive) = Cluster::start_copy_archiving(options()).unwrap();
     let major = pg.bin().major();
     let sysid = pg
         .sql("SELECT system_identifier FROM pg_control_system()")

@@ -115,20 +115,13 @@ fn bin_with_pg_waldump() -> PgBin {
 
 #[test]
 fn decoder_matches_pg_waldump_on_real_wal() {
-    let mut pg = Cluster::init(
+    let (pg, archive) = Cluster::start_copy_archiving(
         ClusterOptions::default()
             .bin(bin_with_pg_waldump())
             .wal_segment_size_mb(1)
             .setting("max_prepared_transactions", "5"),
     )
     .unwrap();
-    let archive = pg.server_dir("archive").unwrap();
-    pg.set_config(
-        "archive_command",
-        &format!("cp %p '{}/%f'", archive.display()),
-    )
-    .unwrap();
-    pg.start().unwrap();
     if !pg.bin().tool("pg_waldump").is_file() {
         panic!(
             "no pg_waldump in {}: this oracle needs the Debian server package",

@@ -248,6 +248,28 @@ impl S3Storage {
         supported
     }
 
+    /// After an unconditional write: is the stored object the one with the ETag we got back?
+    /// (Without an ETag there is nothing to compare; the write is taken as ours.)
+    async fn still_ours(
+        &self,
+        key: &str,
+        full: &str,
+        written: Option<&str>,
+    ) -> Result<bool, StorageError> {
+        let Some(written) = written else {
+            return Ok(true);
+        };
+        let stored = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+            .map_err(|e| classify("put", key, e))?;
+        Ok(stored.e_tag() == Some(written))
+    }
+
     /// Put-if-absent on a server that ignores the condition: HEAD, put, then make sure the
     /// object stored is the one written (a concurrent writer's wins and is reported).
     async fn put_checked(
@@ -268,15 +290,7 @@ impl S3Storage {
             .send()
             .await
             .map_err(|e| classify("put", key, e))?;
-        let stored = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(full)
-            .send()
-            .await
-            .map_err(|e| classify("put", key, e))?;
-        if written.e_tag().is_some() && stored.e_tag() != written.e_tag() {
+        if !self.still_ours(key, full, written.e_tag()).await? {
             return Ok(PutOutcome::AlreadyExists);
         }
         Ok(PutOutcome::Stored)
@@ -355,15 +369,7 @@ impl S3Storage {
             .await;
         if let (true, Ok((PutOutcome::Stored, written))) = (checked, &result) {
             // Without a server-side condition: is the stored object still ours?
-            let stored = self
-                .client
-                .head_object()
-                .bucket(&self.bucket)
-                .key(full)
-                .send()
-                .await
-                .map_err(|e| classify("put", key, e))?;
-            if written.is_some() && stored.e_tag() != written.as_deref() {
+            if !self.still_ours(key, full, written.as_deref()).await? {
                 return Ok(PutOutcome::AlreadyExists);
             }
         }

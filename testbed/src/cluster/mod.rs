@@ -110,6 +110,20 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// initdb and start a cluster whose archive_command copies each file into a dir of the
+    /// bed's (PostgreSQL's documented `cp` example), returned beside it: archived WAL for
+    /// tests and benches that do not exercise pitr's own archiving.
+    pub fn start_copy_archiving(options: ClusterOptions) -> Result<(Cluster, PathBuf)> {
+        let mut cluster = Cluster::init(options)?;
+        let archive = cluster.server_dir("archive")?;
+        cluster.set_config(
+            "archive_command",
+            &format!("cp %p '{}/%f'", archive.display()),
+        )?;
+        cluster.start()?;
+        Ok((cluster, archive))
+    }
+
     /// initdb a new cluster and write its configuration, without starting it.
     pub fn init(options: ClusterOptions) -> Result<Cluster> {
         let bin = match &options.bin {
