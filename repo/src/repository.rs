@@ -138,29 +138,7 @@ fn now_rfc3339() -> String {
     let micros = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64);
-    rfc3339_utc(micros)
-}
-
-/// RFC 3339 UTC with microseconds (civil-from-days; repo does not depend on walfmt).
-fn rfc3339_utc(unix_micros: i64) -> String {
-    let secs = unix_micros.div_euclid(1_000_000);
-    let frac = unix_micros.rem_euclid(1_000_000);
-    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    )
+    walfmt::PgTimestamp::from_unix_micros(micros).to_string()
 }
 
 impl Repository {
@@ -290,15 +268,4 @@ async fn read_config(objects: &ObjectStore) -> Result<Option<RepoConfig>, OpenEr
     serde_json::from_value(value)
         .map(Some)
         .map_err(|e| OpenError::BadConfig(e.to_string()))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn time_format() {
-        assert_eq!(
-            super::rfc3339_utc(1_778_727_600_123_456),
-            "2026-05-14T03:00:00.123456Z"
-        );
-    }
 }
