@@ -14,6 +14,8 @@ pub enum Exit {
     Repository = 4,
     /// 5: data in the repository is damaged (a checksum or length does not match).
     Corrupt = 5,
+    /// 6: refused: a different file is already stored under this name.
+    Conflict = 6,
 }
 
 /// A failed command: what to print and how to exit.

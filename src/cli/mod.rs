@@ -5,6 +5,7 @@ mod failure;
 mod info;
 mod repo_args;
 mod wal_inspect;
+mod wal_push;
 
 use std::process::ExitCode;
 
@@ -26,6 +27,8 @@ enum Command {
     Info(info::Args),
     /// Show what WAL files hold: timeline, LSN range, commits and their times, restore points
     WalInspect(wal_inspect::Args),
+    /// Archive one WAL file into the repository (archive_command = 'pitr wal-push %p')
+    WalPush(wal_push::Args),
 }
 
 /// Parses the command line and runs the chosen command.
@@ -34,6 +37,7 @@ pub fn run() -> ExitCode {
     let outcome = match cli.command {
         Command::Info(args) => info::run(args),
         Command::WalInspect(args) => wal_inspect::run(args),
+        Command::WalPush(args) => wal_push::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 use walfmt::{
-    summarize_with, ArchiveFileKind, BackupLabel, Event, Lsn, PgTimestamp, Record, SegmentSummary,
+    summarize_with, ArchiveFileKind, BackupLabel, Event, Lsn, Record, SegmentSummary,
     TimelineHistory,
 };
 
@@ -98,40 +98,8 @@ fn inspect(path: &Path, args: &Args) -> Result<(), Failure> {
     Ok(())
 }
 
-fn time(t: Option<PgTimestamp>) -> Value {
-    t.map_or(Value::Null, |t| Value::String(t.to_string()))
-}
-
 fn lsn(l: Option<Lsn>) -> Value {
     l.map_or(Value::Null, |l| Value::String(l.to_string()))
-}
-
-fn segment_json(file: &str, s: &SegmentSummary) -> Value {
-    json!({
-        "file": file,
-        "kind": "segment",
-        "timeline": s.timeline.0,
-        "system_identifier": s.system_identifier.to_string(),
-        "pg_version": s.pg_version.number(),
-        "segment_size": s.segment_size.bytes(),
-        "start_lsn": s.start_lsn.to_string(),
-        "first_lsn": lsn(s.first_record_lsn),
-        "last_lsn": lsn(s.last_record_lsn),
-        "end_lsn": s.end_lsn.to_string(),
-        "end_reason": s.end_reason.as_ref().map(|e| e.reason.to_string()),
-        "continued_record_lsn": lsn(s.continued_record_lsn),
-        "switched": s.switched,
-        "record_count": s.records,
-        "commits": s.commits,
-        "aborts": s.aborts,
-        "first_commit_time": time(s.first_commit_time),
-        "last_commit_time": time(s.last_commit_time),
-        "restore_points": s.restore_points.iter().map(|rp| json!({
-            "name": rp.name,
-            "time": rp.time.to_string(),
-            "lsn": rp.lsn.to_string(),
-        })).collect::<Vec<_>>(),
-    })
 }
 
 fn record_json(r: &Record, event: Option<&Event>) -> Value {
@@ -165,7 +133,7 @@ fn record_json(r: &Record, event: Option<&Event>) -> Value {
 
 fn print_segment(file: &str, s: &SegmentSummary, records: Vec<Value>, as_json: bool) {
     if as_json {
-        let mut v = segment_json(file, s);
+        let mut v = archiver::summary_json::summary_json(file, s);
         if !records.is_empty() {
             v["records"] = Value::Array(records);
         }

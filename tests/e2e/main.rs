@@ -4,6 +4,7 @@
 mod cli;
 mod info;
 mod wal_inspect;
+mod wal_push;
 
 /// The `pitr` binary under test.
 pub fn pitr() -> std::process::Command {

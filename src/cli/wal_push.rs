@@ -1,0 +1,55 @@
+//! `pitr wal-push FILE` (archive_command = 'pitr wal-push %p'): exit 0 only once the file
+//! is stored and read back with its checksum, or the same bytes were already stored.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use archiver::wal_push::{push, PushError};
+use repo::codec::Codec;
+use repo::objects::ObjectError;
+
+use super::repo_args::{open_failure, RepoArgs};
+use super::{Exit, Failure};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The WAL file to archive (PostgreSQL's %p)
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+fn failure(e: PushError) -> Failure {
+    match e {
+        PushError::Open(e) => open_failure(e),
+        PushError::Read { .. } | PushError::NotWal { .. } => Failure::new(Exit::BadInput, e.to_string())
+            .hint("archive_command should be 'pitr wal-push %p', run by the server whose WAL it is"),
+        PushError::Conflict { .. } => Failure::new(Exit::Conflict, e.to_string()).hint(
+            "the repository holds another cluster's or timeline's WAL under this name; check which server archives here",
+        ),
+        PushError::Object(ObjectError::Corrupt { .. }) | PushError::Unverified { .. } => {
+            Failure::new(Exit::Corrupt, e.to_string())
+        }
+        PushError::Object(_) => Failure::new(Exit::Repository, e.to_string())
+            .hint("PostgreSQL retries archiving; the file stays in pg_wal until it succeeds"),
+    }
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    let url = args.repo.url()?;
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| {
+        Failure::new(
+            Exit::Repository,
+            format!("could not start the runtime: {e}"),
+        )
+    })?;
+    runtime
+        .block_on(push(
+            &url,
+            &args.file,
+            Arc::new(Codec::with_default_threads()),
+        ))
+        .map(|_| ())
+        .map_err(failure)
+}

@@ -1,0 +1,188 @@
+//! `pitr wal-push` as PostgreSQL's archive_command, against the test bed's S3 server:
+//! segments arrive and read back as the original bytes, re-pushing the same bytes is fine,
+//! different bytes under a name are refused, and files that are not this cluster's WAL
+//! are refused with the documented exit codes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use repo::codec::Codec;
+use repo::envelope::EncodeOptions;
+use repo::objects::ObjectStore;
+use repo::storage::{S3Settings, S3Storage, Storage};
+use testbed::{Cluster, ClusterOptions, S3Server};
+
+use crate::pitr;
+
+/// A cluster archiving with `cp` into a dir (for comparison) and `pitr wal-push` to S3.
+fn archiving_to(s3: &S3Server, repo_url: &str) -> (Cluster, PathBuf, PathBuf) {
+    let mut options = ClusterOptions::default()
+        .wal_segment_size_mb(1)
+        .env("PITR_REPO", repo_url);
+    for (k, v) in s3.env() {
+        options = options.env(k, v);
+    }
+    let mut pg = Cluster::init(options).unwrap();
+    let pitr_bin = pg
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    let copies = pg.server_dir("copies").unwrap();
+    pg.set_config(
+        "archive_command",
+        &format!(
+            "cp %p '{}/%f' && '{}' wal-push %p",
+            copies.display(),
+            pitr_bin.display()
+        ),
+    )
+    .unwrap();
+    pg.start().unwrap();
+    (pg, copies, pitr_bin)
+}
+
+fn objects(s3: &S3Server, prefix: &str) -> ObjectStore {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut settings = S3Settings::new(s3.bucket(), prefix);
+    settings.endpoint = Some(s3.endpoint().to_owned());
+    settings.region = Some(s3.region().to_owned());
+    settings.path_style = true;
+    settings.credentials = Some((s3.access_key().to_owned(), s3.secret_key().to_owned()));
+    let storage: Arc<dyn Storage> = Arc::new(rt.block_on(S3Storage::connect(settings)));
+    ObjectStore::new(
+        storage,
+        Arc::new(Codec::new(1, 2)),
+        EncodeOptions::default(),
+    )
+}
+
+fn get(objects: &ObjectStore, key: &str) -> Vec<u8> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(objects.get(key)).unwrap().1.to_vec()
+}
+
+fn key(name: &str) -> String {
+    format!("wal/{}/{name}", &name[..16])
+}
+
+#[test]
+fn archived_segments_arrive_whole_and_pushes_are_idempotent() {
+    let s3 = S3Server::start().unwrap();
+    let prefix = format!("{}/push", s3.prefix());
+    let url = format!("s3://{}/{prefix}", s3.bucket());
+    let (pg, copies, _) = archiving_to(&s3, &url);
+    pg.sql("CREATE TABLE t (v int)").unwrap();
+    let segments = pg.generate_wal_segments(4).unwrap();
+    for seg in &segments {
+        pg.wait_archived(seg, Duration::from_secs(60)).unwrap();
+    }
+    let store = objects(&s3, &prefix);
+    for seg in &segments {
+        let original = std::fs::read(copies.join(seg)).unwrap();
+        assert_eq!(
+            get(&store, &key(seg)),
+            original,
+            "{seg} reads back as archived"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_slice(&get(&store, &format!("{}.summary", key(seg)))).unwrap();
+        assert_eq!(summary["file"], seg.as_str());
+        let name =
+            walfmt::SegmentName::parse(seg, walfmt::WalSegmentSize::new(1 << 20).unwrap()).unwrap();
+        assert_eq!(
+            summary["end_lsn"],
+            name.end_lsn().to_string(),
+            "{seg} is whole"
+        );
+    }
+
+    // Re-pushing the same bytes succeeds; different bytes under the same name are refused
+    // and the stored object stays as it was.
+    let last = segments.last().unwrap();
+    let envs = s3.env();
+    let same = pitr()
+        .args(["wal-push", "--repo", &url])
+        .arg(copies.join(last))
+        .envs(envs.clone())
+        .output()
+        .unwrap();
+    assert!(
+        same.status.success(),
+        "{}",
+        String::from_utf8_lossy(&same.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut altered = std::fs::read(copies.join(last)).unwrap();
+    let end = altered.len() - 1;
+    altered[end] ^= 0xFF; // in the unused tail after the WAL switch: still valid WAL
+    std::fs::write(dir.path().join(last), &altered).unwrap();
+    let out = pitr()
+        .args(["wal-push", "--repo", &url])
+        .arg(dir.path().join(last))
+        .envs(envs.clone())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "WAL file {last} is already archived with different contents"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("stored blake3 ") && err.contains("this file "),
+        "{err}"
+    );
+    assert_eq!(
+        get(&store, &key(last)),
+        std::fs::read(copies.join(last)).unwrap()
+    );
+
+    // Another cluster's WAL is refused by the repository (exit 4) with a HINT.
+    let other = Cluster::start_new(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let theirs = other.switch_wal().unwrap();
+    std::fs::copy(
+        other.data_dir().join("pg_wal").join(&theirs),
+        dir.path().join(&theirs),
+    )
+    .unwrap();
+    let out = pitr()
+        .args(["wal-push", "--repo", &url])
+        .arg(dir.path().join(&theirs))
+        .envs(envs.clone())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("system identifier") && err.contains("does not match repository"),
+        "{err}"
+    );
+    assert!(
+        err.contains("HINT: does archive_command point at the right repository?"),
+        "{err}"
+    );
+
+    // A file that is not WAL is bad input (exit 3), and nothing is stored for it.
+    let junk = dir.path().join("000000010000000000000099");
+    std::fs::write(&junk, vec![7u8; 1 << 20]).unwrap();
+    let out = pitr()
+        .args(["wal-push", "--repo", &url])
+        .arg(&junk)
+        .envs(envs)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a WAL file"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert!(rt
+        .block_on(store.storage().head(&key("000000010000000000000099")))
+        .unwrap()
+        .is_none());
+}
