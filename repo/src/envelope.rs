@@ -170,10 +170,19 @@ pub fn decode(bytes: &[u8]) -> Result<(Header, Bytes), EnvelopeError> {
     let plain = match h.compression {
         Compression::None => Bytes::copy_from_slice(body),
         Compression::Zstd => {
-            // The declared length bounds the output buffer; a lying header cannot make
-            // us allocate more than the body could plausibly hold.
-            let bound = h.plain_len.min(body.len() as u64 * 1024 + 1024);
-            let out = zstd::bulk::decompress(body, bound as usize + 1)
+            // Stream the decompression: memory grows with what the frame really holds and
+            // stops one byte past the declared length, so a lying header can neither make
+            // us allocate its number nor hide extra output. (A one-shot buffer bounded by a
+            // ratio would refuse legitimate objects: a zero-filled WAL tail compresses far
+            // beyond 1000:1.)
+            use std::io::Read;
+            let mut out =
+                Vec::with_capacity(h.plain_len.min(body.len() as u64 * 4 + 4096) as usize);
+            let decoder = zstd::stream::read::Decoder::with_buffer(body)
+                .map_err(|e| EnvelopeError::Decompress(e.to_string()))?;
+            decoder
+                .take(h.plain_len.saturating_add(1))
+                .read_to_end(&mut out)
                 .map_err(|e| EnvelopeError::Decompress(e.to_string()))?;
             Bytes::from(out)
         }
@@ -239,12 +248,40 @@ mod tests {
     }
 
     #[test]
+    fn zero_filled_segment_round_trips() {
+        // Regression: a switched segment is mostly zeros and compresses over 1000:1; a
+        // decompression buffer bounded by a ratio refused to read it back.
+        for len in [1usize << 20, 16 << 20] {
+            let mut plain = vec![0u8; len];
+            plain[..100].copy_from_slice(&[7u8; 100]);
+            let env = encode(&plain, EncodeOptions::default());
+            assert!(
+                env.len() * 1000 < len,
+                "{} bytes compressed to {}",
+                len,
+                env.len()
+            );
+            assert_eq!(&decode(&env).unwrap().1[..], &plain[..]);
+        }
+    }
+
+    #[test]
     fn a_lying_length_does_not_allocate_it() {
         let mut env = encode(b"small", EncodeOptions::default()).to_vec();
         env[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(matches!(
             decode(&env),
             Err(EnvelopeError::Length { .. } | EnvelopeError::Decompress(_))
+        ));
+        // And a header that claims less than the frame holds is caught too.
+        let mut short = encode(&[1u8; 5000], EncodeOptions::default()).to_vec();
+        short[8..16].copy_from_slice(&10u64.to_le_bytes());
+        assert!(matches!(
+            decode(&short),
+            Err(EnvelopeError::Length {
+                expected: 10,
+                found: 11
+            })
         ));
     }
 

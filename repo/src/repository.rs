@@ -128,10 +128,14 @@ pub async fn storage_for(url: &RepoUrl) -> Result<Arc<dyn Storage>, StorageError
         }
         RepoUrl::File { path } => Arc::new(FsStorage::new(path.clone())?),
     };
-    Ok(Arc::new(RetryingStorage::new(
-        inner,
-        RetryPolicy::default(),
-    )))
+    // Few outer attempts: the S3 SDK retries each request itself, and callers such as
+    // archive_command must come back in bounded time.
+    let policy = RetryPolicy {
+        attempts: 3,
+        base_delay: std::time::Duration::from_millis(200),
+        max_delay: std::time::Duration::from_secs(2),
+    };
+    Ok(Arc::new(RetryingStorage::new(inner, policy)))
 }
 
 fn now_rfc3339() -> String {

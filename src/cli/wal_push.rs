@@ -18,6 +18,14 @@ pub struct Args {
     /// The WAL file to archive (PostgreSQL's %p)
     #[arg(value_name = "FILE")]
     file: PathBuf,
+    /// Give up (exit 4; PostgreSQL retries later) after this many seconds
+    #[arg(
+        long,
+        env = "PITR_WAL_PUSH_TIMEOUT",
+        default_value_t = 120,
+        value_name = "SECONDS"
+    )]
+    timeout: u64,
 }
 
 fn failure(e: PushError) -> Failure {
@@ -44,12 +52,20 @@ pub fn run(args: Args) -> Result<(), Failure> {
             format!("could not start the runtime: {e}"),
         )
     })?;
-    runtime
-        .block_on(push(
-            &url,
-            &args.file,
-            Arc::new(Codec::with_default_threads()),
-        ))
-        .map(|_| ())
-        .map_err(failure)
+    let limit = std::time::Duration::from_secs(args.timeout);
+    let codec = Arc::new(Codec::with_default_threads());
+    let pushed = runtime
+        .block_on(async { tokio::time::timeout(limit, push(&url, &args.file, codec)).await });
+    match pushed {
+        Ok(result) => result.map(|_| ()).map_err(failure),
+        Err(_) => Err(Failure::new(
+            Exit::Repository,
+            format!(
+                "could not archive \"{}\": no answer from the repository within {} s",
+                args.file.display(),
+                args.timeout
+            ),
+        )
+        .hint("PostgreSQL retries archiving; the file stays in pg_wal until it succeeds")),
+    }
 }

@@ -186,3 +186,52 @@ fn archived_segments_arrive_whole_and_pushes_are_idempotent() {
         .unwrap()
         .is_none());
 }
+
+#[test]
+fn while_s3_is_down_nothing_is_marked_archived_and_everything_arrives_after() {
+    let mut s3 = S3Server::start_local().unwrap();
+    let prefix = format!("{}/outage", s3.prefix());
+    let url = format!("s3://{}/{prefix}", s3.bucket());
+    let (pg, _copies, _) = archiving_to(&s3, &url);
+    let first = pg.switch_wal().unwrap();
+    pg.wait_archived(&first, Duration::from_secs(60)).unwrap();
+
+    s3.stop().unwrap();
+    let during = pg.switch_wal().unwrap();
+    let failed = |pg: &Cluster| -> u64 {
+        pg.sql("SELECT failed_count FROM pg_stat_archiver")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while failed(&pg) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "archiving never failed while S3 was down"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let done = pg
+        .data_dir()
+        .join("pg_wal/archive_status")
+        .join(format!("{during}.done"));
+    assert!(!done.exists(), "{during} marked archived while S3 was down");
+    assert_eq!(
+        pg.sql("SELECT last_failed_wal FROM pg_stat_archiver")
+            .unwrap(),
+        during
+    );
+
+    s3.restart().unwrap();
+    // A new segment wakes the archiver, which retries the failed one first.
+    let after = pg.switch_wal().unwrap();
+    pg.wait_archived(&during, Duration::from_secs(120)).unwrap();
+    pg.wait_archived(&after, Duration::from_secs(60)).unwrap();
+    let store = objects(&s3, &prefix);
+    for seg in [&first, &during, &after] {
+        let stored = get(&store, &key(seg));
+        assert_eq!(stored.len(), 1 << 20, "{seg}");
+        assert!(walfmt::summarize(&stored).is_ok(), "{seg} is WAL");
+    }
+}

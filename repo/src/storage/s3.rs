@@ -79,7 +79,7 @@ impl S3Settings {
             credentials: None,
             checksums_when_required: std::env::var("PITR_S3_CHECKSUMS")
                 .is_ok_and(|v| v == "when_required"),
-            max_attempts: 5,
+            max_attempts: 3,
             attempt_timeout: Duration::from_secs(60),
             part_size: 16 << 20,
             part_concurrency: 4,
