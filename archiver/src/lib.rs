@@ -1,6 +1,5 @@
 //! pitr's write side: putting WAL into the repository (`wal-push`), and later the stream
 //! service and base backups.
 
-pub mod keys;
 pub mod summary_json;
 pub mod wal_push;

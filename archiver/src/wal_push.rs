@@ -15,8 +15,8 @@ use repo::storage::{PutMode, PutOutcome, Storage};
 use repo::url::RepoUrl;
 use walfmt::{ArchiveFileKind, SegmentName, SegmentSummary};
 
-use crate::keys::{summary_key, wal_key};
 use crate::summary_json::summary_json;
+use repo::keys::{summary_key, wal_key};
 
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod envelope;
+pub mod keys;
 pub mod objects;
 pub mod repository;
 pub mod storage;

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 /// Exit codes other than 0 (success) and 2 (usage, from clap). README documents each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
+    /// 1: `wal-fetch` only: the repository has no such file.
+    NotFound = 1,
     /// 3: an input is not what it should be (a file that is not WAL, a bad argument value).
     BadInput = 3,
     /// 4: the repository cannot be used: unreachable, not initialized, another cluster's, or
@@ -16,6 +18,9 @@ pub enum Exit {
     Corrupt = 5,
     /// 6: refused: a different file is already stored under this name.
     Conflict = 6,
+    /// 200: `wal-fetch` could not deliver a file the repository may hold (unreachable,
+    /// damaged, misconfigured). Above 125, so PostgreSQL stops recovery.
+    FetchFailed = 200,
 }
 
 /// A failed command: what to print and how to exit.

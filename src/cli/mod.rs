@@ -4,6 +4,7 @@
 mod failure;
 mod info;
 mod repo_args;
+mod wal_fetch;
 mod wal_inspect;
 mod wal_push;
 
@@ -25,6 +26,8 @@ struct Cli {
 enum Command {
     /// Show which cluster a repository belongs to and its format
     Info(info::Args),
+    /// Restore one WAL file from the repository (restore_command = 'pitr wal-fetch %f %p')
+    WalFetch(wal_fetch::Args),
     /// Show what WAL files hold: timeline, LSN range, commits and their times, restore points
     WalInspect(wal_inspect::Args),
     /// Archive one WAL file into the repository (archive_command = 'pitr wal-push %p')
@@ -36,6 +39,7 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Info(args) => info::run(args),
+        Command::WalFetch(args) => wal_fetch::run(args),
         Command::WalInspect(args) => wal_inspect::run(args),
         Command::WalPush(args) => wal_push::run(args),
     };

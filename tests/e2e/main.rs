@@ -3,6 +3,7 @@
 
 mod cli;
 mod info;
+mod wal_fetch;
 mod wal_inspect;
 mod wal_push;
 

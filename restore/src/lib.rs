@@ -1,0 +1,4 @@
+//! pitr's read side: fetching WAL for recovery (`wal-fetch`), and later restore, verify and
+//! drill.
+
+pub mod wal_fetch;
