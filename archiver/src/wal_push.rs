@@ -154,22 +154,25 @@ pub async fn push(url: &RepoUrl, path: &Path, codec: Arc<Codec>) -> Result<Pushe
             })?,
     );
 
-    let summary = match kind {
-        ArchiveFileKind::Segment | ArchiveFileKind::Partial => {
-            let (b, p, n, k) = (bytes.clone(), shown.clone(), name.clone(), kind.clone());
-            let checked = tokio::task::spawn_blocking(move || check_segment(&p, &n, &k, &b))
-                .await
-                .map_err(|e| PushError::NotWal {
-                    path: shown.clone(),
-                    reason: e.to_string(),
-                })?;
-            Some(checked?)
-        }
-        _ => None,
-    };
+    // Checking and hashing are CPU work: one trip to a blocking thread for both.
+    let (b, p, n) = (bytes.clone(), shown.clone(), name.clone());
+    let (pushed, summary) = tokio::task::spawn_blocking(move || {
+        let pushed = *blake3::hash(&b).as_bytes();
+        let summary = match kind {
+            ArchiveFileKind::Segment | ArchiveFileKind::Partial => {
+                Some(check_segment(&p, &n, &kind, &b)?)
+            }
+            _ => None,
+        };
+        Ok::<_, PushError>((pushed, summary))
+    })
+    .await
+    .map_err(|e| PushError::NotWal {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })??;
     let repo = Repository::open(url, summary.as_ref().map(identity).as_ref(), codec).await?;
     let objects = repo.objects();
-    let pushed = *blake3::hash(&bytes).as_bytes();
 
     match objects.put(&key, bytes, PutMode::IfAbsent).await? {
         PutOutcome::Stored => {
