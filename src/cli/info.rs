@@ -20,12 +20,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| {
-        Failure::new(
-            Exit::Repository,
-            format!("could not start the runtime: {e}"),
-        )
-    })?;
+    let runtime = super::runtime(Exit::Repository)?;
     let repo = runtime
         .block_on(Repository::open(&url, None, Arc::new(Codec::new(1, 2))))
         .map_err(open_failure)?;

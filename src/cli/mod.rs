@@ -34,6 +34,13 @@ enum Command {
     WalPush(wal_push::Args),
 }
 
+/// The async runtime of a command that talks to a repository; failing to start it exits
+/// with `exit` (each command's own code for "could not reach the repository").
+fn runtime(exit: Exit) -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Runtime::new()
+        .map_err(|e| Failure::new(exit, format!("could not start the runtime: {e}")))
+}
+
 /// Parses the command line and runs the chosen command.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();

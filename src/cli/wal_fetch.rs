@@ -29,12 +29,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         exit: Exit::FetchFailed,
         ..f
     })?;
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| {
-        Failure::new(
-            Exit::FetchFailed,
-            format!("could not start the runtime: {e}"),
-        )
-    })?;
+    let runtime = super::runtime(Exit::FetchFailed)?;
     let fetched = runtime.block_on(fetch(
         &url,
         &args.name,

@@ -46,12 +46,7 @@ fn failure(e: PushError) -> Failure {
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| {
-        Failure::new(
-            Exit::Repository,
-            format!("could not start the runtime: {e}"),
-        )
-    })?;
+    let runtime = super::runtime(Exit::Repository)?;
     let limit = std::time::Duration::from_secs(args.timeout);
     let codec = Arc::new(Codec::with_default_threads());
     let pushed = runtime
