@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use repo::codec::Codec;
 use repo::repository::{ClusterIdentity, Repository};
-use repo::storage::{FsStorage, S3Settings, S3Storage, Storage};
+use repo::storage::{FsStorage, Storage};
 
 use crate::pitr;
 
@@ -28,16 +28,6 @@ fn create(url: &str, storage: Arc<dyn Storage>) {
         Arc::new(Codec::new(1, 1)),
     ))
     .unwrap();
-}
-
-fn s3_storage(s3: &testbed::S3Server, prefix: &str) -> Arc<dyn Storage> {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut settings = S3Settings::new(s3.bucket(), prefix);
-    settings.endpoint = Some(s3.endpoint().to_owned());
-    settings.region = Some(s3.region().to_owned());
-    settings.path_style = true;
-    settings.credentials = Some((s3.access_key().to_owned(), s3.secret_key().to_owned()));
-    Arc::new(rt.block_on(S3Storage::connect(settings)))
 }
 
 #[test]
@@ -63,17 +53,15 @@ fn info_on_an_s3_repository_named_by_environment() {
     );
     assert!(err.contains("\nHINT: "), "{err}");
 
-    create(&url, s3_storage(&s3, &format!("{}/info", s3.prefix())));
-    let out = pitr()
-        .args(["info", "--json"])
-        .env("PITR_REPO", &url)
-        .envs(s3.env())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    create(
+        &url,
+        crate::bed_s3_storage(&s3, &format!("{}/info", s3.prefix())),
+    );
+    let out = crate::succeeds(
+        pitr()
+            .args(["info", "--json"])
+            .env("PITR_REPO", &url)
+            .envs(s3.env()),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["system_identifier"], "7311111111111111111");

@@ -7,7 +7,34 @@ mod wal_fetch;
 mod wal_inspect;
 mod wal_push;
 
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use repo::storage::{S3Settings, S3Storage, Storage};
+
 /// The `pitr` binary under test.
-pub fn pitr() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_pitr"))
+pub fn pitr() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pitr"))
+}
+
+/// Runs a command that must succeed, showing its stderr if it does not.
+pub fn succeeds(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run the command");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Storage on the test bed's S3 server at `prefix`, for checking what the binary stored.
+pub fn bed_s3_storage(s3: &testbed::S3Server, prefix: &str) -> Arc<dyn Storage> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut settings = S3Settings::new(s3.bucket(), prefix);
+    settings.endpoint = Some(s3.endpoint().to_owned());
+    settings.region = Some(s3.region().to_owned());
+    settings.path_style = true;
+    settings.credentials = Some((s3.access_key().to_owned(), s3.secret_key().to_owned()));
+    Arc::new(rt.block_on(S3Storage::connect(settings)))
 }

@@ -18,17 +18,7 @@ fn archiving_cluster(settings: &[(&str, &str)]) -> (Cluster, std::path::PathBuf)
 }
 
 fn inspect_json(files: &[std::path::PathBuf]) -> Vec<Value> {
-    let out = pitr()
-        .arg("wal-inspect")
-        .arg("--json")
-        .args(files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = crate::succeeds(pitr().arg("wal-inspect").arg("--json").args(files));
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -63,15 +53,10 @@ fn reports_commits_times_and_restore_points_of_an_archived_segment() {
         .sql("SELECT system_identifier FROM pg_control_system()")
         .unwrap();
 
-    let out = pitr()
-        .args(["wal-inspect", "--json", "--records"])
-        .arg(archive.join(&segment))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = crate::succeeds(
+        pitr()
+            .args(["wal-inspect", "--json", "--records"])
+            .arg(archive.join(&segment)),
     );
     let s: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["file"], segment.as_str());

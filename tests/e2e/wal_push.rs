@@ -10,7 +10,6 @@ use std::time::Duration;
 use repo::codec::Codec;
 use repo::envelope::EncodeOptions;
 use repo::objects::ObjectStore;
-use repo::storage::{S3Settings, S3Storage, Storage};
 use testbed::{Cluster, ClusterOptions, S3Server};
 
 use crate::pitr;
@@ -42,15 +41,8 @@ fn archiving_to(s3: &S3Server, repo_url: &str) -> (Cluster, PathBuf, PathBuf) {
 }
 
 fn objects(s3: &S3Server, prefix: &str) -> ObjectStore {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut settings = S3Settings::new(s3.bucket(), prefix);
-    settings.endpoint = Some(s3.endpoint().to_owned());
-    settings.region = Some(s3.region().to_owned());
-    settings.path_style = true;
-    settings.credentials = Some((s3.access_key().to_owned(), s3.secret_key().to_owned()));
-    let storage: Arc<dyn Storage> = Arc::new(rt.block_on(S3Storage::connect(settings)));
     ObjectStore::new(
-        storage,
+        crate::bed_s3_storage(s3, prefix),
         Arc::new(Codec::new(1, 2)),
         EncodeOptions::default(),
     )
@@ -100,16 +92,11 @@ fn archived_segments_arrive_whole_and_pushes_are_idempotent() {
     // and the stored object stays as it was.
     let last = segments.last().unwrap();
     let envs = s3.env();
-    let same = pitr()
-        .args(["wal-push", "--repo", &url])
-        .arg(copies.join(last))
-        .envs(envs.clone())
-        .output()
-        .unwrap();
-    assert!(
-        same.status.success(),
-        "{}",
-        String::from_utf8_lossy(&same.stderr)
+    crate::succeeds(
+        pitr()
+            .args(["wal-push", "--repo", &url])
+            .arg(copies.join(last))
+            .envs(envs.clone()),
     );
     let dir = tempfile::tempdir().unwrap();
     let mut altered = std::fs::read(copies.join(last)).unwrap();
