@@ -1,5 +1,6 @@
 //! pitr's write side: putting WAL into the repository (`wal-push`), and later the stream
 //! service and base backups.
 
+pub mod ahead;
 pub mod summary_json;
 pub mod wal_push;

@@ -58,6 +58,12 @@ impl ObjectStore {
         }
     }
 
+    /// The same objects, encoded with `options` from now on.
+    pub fn with_options(mut self, options: EncodeOptions) -> ObjectStore {
+        self.options = options;
+        self
+    }
+
     /// The storage underneath.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage

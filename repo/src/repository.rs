@@ -201,28 +201,40 @@ impl Repository {
                 found: config.format,
             });
         }
-        if let Some(cluster) = cluster {
-            check(
-                config.system_identifier.clone(),
-                cluster.system_identifier.to_string(),
-                "system identifier",
-            )?;
-            check(
-                config.pg_version.to_string(),
-                cluster.pg_version.to_string(),
-                "PostgreSQL version",
-            )?;
-            check(
-                config.wal_segment_size.to_string(),
-                cluster.wal_segment_size.to_string(),
-                "WAL segment size",
-            )?;
-        }
-        Ok(Repository {
+        let repo = Repository {
             url,
             objects,
             config,
-        })
+        };
+        if let Some(cluster) = cluster {
+            repo.check_cluster(cluster)?;
+        }
+        Ok(repo)
+    }
+
+    /// Checks that `cluster` is the repository's cluster.
+    pub fn check_cluster(&self, cluster: &ClusterIdentity) -> Result<(), OpenError> {
+        check(
+            self.config.system_identifier.clone(),
+            cluster.system_identifier.to_string(),
+            "system identifier",
+        )?;
+        check(
+            self.config.pg_version.to_string(),
+            cluster.pg_version.to_string(),
+            "PostgreSQL version",
+        )?;
+        check(
+            self.config.wal_segment_size.to_string(),
+            cluster.wal_segment_size.to_string(),
+            "WAL segment size",
+        )
+    }
+
+    /// The same repository, writing objects with `options` (compression level).
+    pub fn with_encode_options(mut self, options: EncodeOptions) -> Repository {
+        self.objects = self.objects.with_options(options);
+        self
     }
 
     /// The repository's config.

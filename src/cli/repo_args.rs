@@ -1,6 +1,7 @@
 //! The repository option shared by every command that opens one, and how repository
 //! failures become messages and exit codes.
 
+use repo::envelope::EncodeOptions;
 use repo::objects::ObjectError;
 use repo::repository::OpenError;
 use repo::url::{RepoUrl, RepoUrlError};
@@ -20,6 +21,32 @@ impl RepoArgs {
         self.repo.parse().map_err(|e: RepoUrlError| {
             Failure::new(Exit::BadInput, e.to_string()).hint(RepoUrlError::HINT)
         })
+    }
+}
+
+/// How objects written by a command are compressed.
+#[derive(Debug, clap::Args)]
+pub struct CompressArgs {
+    /// zstd level of stored objects (1 fastest .. 19; 0 stores them uncompressed)
+    #[arg(
+        long,
+        env = "PITR_COMPRESS_LEVEL",
+        default_value_t = DEFAULT_ZSTD_LEVEL,
+        value_parser = clap::value_parser!(i32).range(0..=19),
+        value_name = "LEVEL"
+    )]
+    pub compress_level: i32,
+}
+
+/// The default zstd level (see README for the measurement behind it).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+impl CompressArgs {
+    /// The envelope options for the chosen level.
+    pub fn options(&self) -> EncodeOptions {
+        EncodeOptions {
+            zstd_level: (self.compress_level > 0).then_some(self.compress_level),
+        }
     }
 }
 

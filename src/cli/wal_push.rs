@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use archiver::wal_push::{push, PushError};
+use archiver::wal_push::{push, PushError, PushOptions};
 use repo::codec::Codec;
 use repo::objects::ObjectError;
 
-use super::repo_args::{open_failure, RepoArgs};
+use super::repo_args::{open_failure, CompressArgs, RepoArgs};
 use super::{Exit, Failure};
 
 #[derive(Debug, clap::Args)]
@@ -26,6 +26,23 @@ pub struct Args {
         value_name = "SECONDS"
     )]
     timeout: u64,
+    /// Also archive up to this many more files PostgreSQL has marked ready, in the same
+    /// call; its calls for them then return after a cheap check (0: off)
+    #[arg(
+        long,
+        env = "PITR_WAL_PUSH_AHEAD",
+        default_value_t = 8,
+        value_name = "N"
+    )]
+    ahead: usize,
+    /// Files read, compressed and uploaded at once [default: twice the cores]
+    #[arg(long, env = "PITR_WAL_PUSH_PARALLEL", value_name = "N")]
+    parallel: Option<usize>,
+    /// Where records of files archived ahead are kept [default: pg_wal/.pitr/push]
+    #[arg(long, env = "PITR_WAL_PUSH_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    compress: CompressArgs,
 }
 
 fn failure(e: PushError) -> Failure {
@@ -49,10 +66,27 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let runtime = super::runtime(Exit::Repository)?;
     let limit = std::time::Duration::from_secs(args.timeout);
     let codec = Arc::new(Codec::with_default_threads());
-    let pushed = runtime
-        .block_on(async { tokio::time::timeout(limit, push(&url, &args.file, codec)).await });
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let options = PushOptions {
+        ahead: args.ahead,
+        parallel: args.parallel.unwrap_or(2 * cores),
+        state_dir: args.state_dir,
+        encode: args.compress.options(),
+    };
+    let pushed = runtime.block_on(async {
+        tokio::time::timeout(limit, push(&url, &args.file, codec, &options)).await
+    });
     match pushed {
-        Ok(result) => result.map(|_| ()).map_err(failure),
+        Ok(Ok(report)) => {
+            for (name, result) in report.ahead {
+                if let Err(e) = result {
+                    // PostgreSQL's own call for that file will try again and report it.
+                    eprintln!("pitr: warning: could not archive {name} ahead: {e}");
+                }
+            }
+            Ok(())
+        }
+        Ok(Err(e)) => Err(failure(e)),
         Err(_) => Err(Failure::new(
             Exit::Repository,
             format!(

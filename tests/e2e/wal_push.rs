@@ -222,3 +222,102 @@ fn while_s3_is_down_nothing_is_marked_archived_and_everything_arrives_after() {
         assert!(walfmt::summarize(&stored).is_ok(), "{seg} is WAL");
     }
 }
+
+#[test]
+fn ready_segments_are_pushed_ahead_and_their_own_calls_only_check() {
+    let s3 = S3Server::start().unwrap();
+    let prefix = format!("{}/ahead", s3.prefix());
+    let url = format!("s3://{}/{prefix}", s3.bucket());
+    let mut options = ClusterOptions::default()
+        .wal_segment_size_mb(1)
+        .env("PITR_REPO", &url)
+        .env("PITR_WAL_PUSH_AHEAD", "3");
+    for (k, v) in s3.env() {
+        options = options.env(k, v);
+    }
+    // No archive_command yet: segments wait as .ready, as behind a slow archiver.
+    let mut pg = Cluster::init(options).unwrap();
+    pg.start().unwrap();
+    let segments = pg.generate_wal_segments(8).unwrap();
+    let bin = pg
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    // After each call, note the records of files stored ahead and still to be asked for.
+    let calls = pg.server_dir("calls").unwrap();
+    pg.set_config(
+        "archive_command",
+        &format!(
+            "'{}' wal-push %p && ls pg_wal/.pitr/push > '{}/%f'",
+            bin.display(),
+            calls.display()
+        ),
+    )
+    .unwrap();
+    pg.sql("SELECT pg_reload_conf()").unwrap();
+    for seg in &segments {
+        pg.wait_archived(seg, Duration::from_secs(60)).unwrap();
+    }
+
+    let store = objects(&s3, &prefix);
+    for seg in &segments {
+        let original = std::fs::read(pg.data_dir().join("pg_wal").join(seg)).unwrap();
+        assert_eq!(get(&store, &key(seg)), original, "{seg} reads back");
+    }
+    let seen = |seg: &str| std::fs::read_to_string(calls.join(seg)).unwrap();
+    let mut answered_from_records = 0;
+    for (i, seg) in segments.iter().enumerate() {
+        let records = seen(seg);
+        assert!(records.lines().count() <= 3, "{seg}: {records}");
+        assert!(
+            !records.contains(seg.as_str()),
+            "{seg}'s record outlived its call"
+        );
+        if i > 0 && seen(&segments[i - 1]).contains(&format!("{seg}.ok")) {
+            answered_from_records += 1;
+        }
+    }
+    // Each full call stores the next three, whose own calls are then answered at once.
+    assert!(
+        answered_from_records >= segments.len() / 2,
+        "only {answered_from_records} of {} calls found a record",
+        segments.len()
+    );
+}
+
+#[test]
+fn a_record_is_trusted_only_when_the_repository_holds_the_bytes() {
+    let repo_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", repo_dir.path().display());
+    let (pg, archive) =
+        Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let segments = pg.generate_wal_segments(2).unwrap();
+    for seg in &segments {
+        pg.wait_archived(seg, Duration::from_secs(60)).unwrap();
+    }
+    // A pg_wal of our own, with both segments ready.
+    let work = tempfile::tempdir().unwrap();
+    let pg_wal = work.path().join("pg_wal");
+    std::fs::create_dir_all(pg_wal.join("archive_status")).unwrap();
+    for seg in &segments {
+        std::fs::copy(archive.join(seg), pg_wal.join(seg)).unwrap();
+        std::fs::write(pg_wal.join(format!("archive_status/{seg}.ready")), b"").unwrap();
+    }
+    let push = |seg: &str| {
+        crate::succeeds(
+            pitr()
+                .args(["wal-push", "--repo", &url, "--ahead", "4"])
+                .arg(pg_wal.join(seg)),
+        )
+    };
+    push(&segments[0]);
+    let record = pg_wal.join(format!(".pitr/push/{}.ok", segments[1]));
+    assert!(record.exists(), "the second segment was pushed ahead");
+    let stored = repo_dir.path().join(key(&segments[1]));
+    assert!(stored.exists());
+
+    // The object disappears behind the record's back: the call uploads it again.
+    std::fs::remove_file(&stored).unwrap();
+    push(&segments[1]);
+    assert!(stored.exists(), "a record without its object was trusted");
+    assert!(!record.exists());
+}
