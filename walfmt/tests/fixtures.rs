@@ -13,7 +13,10 @@ use walfmt::{
 };
 
 fn fixture_dirs() -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    // Read at run time: a test binary reused from a shared build cache may have been compiled
+    // in another checkout, whose path `env!` would have baked in.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo or nextest");
+    let root = Path::new(&manifest_dir).join("tests/fixtures");
     let dirs: Vec<PathBuf> = (13..=18).map(|v| root.join(format!("pg{v}"))).collect();
     for d in &dirs {
         assert!(
