@@ -83,6 +83,11 @@ impl ObjectStore {
     /// Reads, verifies and decodes the object at `key`.
     pub async fn get(&self, key: &str) -> Result<(Header, Bytes), ObjectError> {
         let bytes = storage::get_bytes(self.storage.as_ref(), key).await?;
+        self.decode(key, bytes).await
+    }
+
+    /// Decodes and verifies the stored bytes of the object at `key` (read by the caller).
+    pub async fn decode(&self, key: &str, bytes: Bytes) -> Result<(Header, Bytes), ObjectError> {
         self.codec
             .decode(bytes)
             .await?

@@ -82,6 +82,26 @@ impl FromStr for RepoUrl {
     }
 }
 
+impl RepoUrl {
+    /// The location `name` below this one (a sub-prefix or sub-directory).
+    pub fn join(&self, name: &str) -> RepoUrl {
+        let name = name.trim_matches('/');
+        match self {
+            RepoUrl::S3 { bucket, prefix } if prefix.is_empty() => RepoUrl::S3 {
+                bucket: bucket.clone(),
+                prefix: name.to_owned(),
+            },
+            RepoUrl::S3 { bucket, prefix } => RepoUrl::S3 {
+                bucket: bucket.clone(),
+                prefix: format!("{prefix}/{name}"),
+            },
+            RepoUrl::File { path } => RepoUrl::File {
+                path: path.join(name),
+            },
+        }
+    }
+}
+
 impl fmt::Display for RepoUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -95,6 +115,15 @@ impl fmt::Display for RepoUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joins_a_name_below() {
+        let s3: RepoUrl = "s3://bkt".parse().unwrap();
+        assert_eq!(s3.join("x").to_string(), "s3://bkt/x");
+        assert_eq!(s3.join("x").join("y/").to_string(), "s3://bkt/x/y");
+        let file: RepoUrl = "file:///r".parse().unwrap();
+        assert_eq!(file.join("x").to_string(), "file:///r/x");
+    }
 
     #[test]
     fn parses_both_schemes() {

@@ -4,15 +4,20 @@
 //! that is really absent is reported as missing; every other failure is an error, so that
 //! recovery stops instead of ending early with WAL left behind.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use repo::codec::Codec;
 use repo::keys::wal_key;
 use repo::objects::ObjectError;
-use repo::repository::{OpenError, Repository};
+use repo::repository::{storage_for, OpenError, Repository};
+use repo::storage::{get_bytes, StorageError};
 use repo::url::RepoUrl;
+use walfmt::{ArchiveFileKind, WalSegmentSize};
+
+use crate::spool::{window, Spool};
 
 /// Why a fetch did not deliver the file.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +45,7 @@ pub enum FetchError {
 }
 
 /// Writes `bytes` at `dest` atomically and durably.
-fn write_atomically(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -49,18 +54,23 @@ fn write_atomically(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{name}.pitr-{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dest)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::spool::write_durably(dir, &name, bytes)
+}
+
+/// Where a fetched file came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// The repository, now.
+    Repository,
+    /// The spool, fetched ahead by the prefetch worker.
+    Spool,
+}
+
+/// How `wal-fetch` works beside the one file asked for.
+#[derive(Debug, Clone, Default)]
+pub struct FetchOptions {
+    /// The spool to answer from and record requests in; None: no prefetch.
+    pub spool: Option<PathBuf>,
 }
 
 /// Fetches WAL file `name` from the repository at `url` into `dest`.
@@ -70,13 +80,54 @@ pub async fn fetch(
     dest: &Path,
     codec: Arc<Codec>,
 ) -> Result<(), FetchError> {
+    fetch_with(url, name, dest, codec, &FetchOptions::default())
+        .await
+        .map(|_| ())
+}
+
+/// [`fetch`], answering from the spool when it holds the file and recording the request
+/// there so the prefetch worker ([`prefetch`]) fetches what comes next.
+pub async fn fetch_with(
+    url: &RepoUrl,
+    name: &str,
+    dest: &Path,
+    codec: Arc<Codec>,
+    options: &FetchOptions,
+) -> Result<Delivered, FetchError> {
     let key = wal_key(name).ok_or_else(|| FetchError::BadName(name.to_owned()))?;
-    let repo = Repository::open(url, None, codec).await?;
-    let (_, plain) = match repo.objects().get(&key).await {
-        Ok(found) => found,
-        Err(e) if e.is_not_found() => return Err(FetchError::NotFound(name.to_owned())),
-        Err(e) => return Err(e.into()),
+    // The spool is a cache: when it cannot be used, fetch from the repository as without it.
+    let spool = match (&options.spool, ArchiveFileKind::of(name)) {
+        (Some(dir), ArchiveFileKind::Segment) => Spool::open(dir, &url.to_string()).ok(),
+        _ => None,
     };
+    if let Some(spool) = &spool {
+        let _ = spool.set_wanted(name);
+        let (spool, name_, dest_) = (spool.clone(), name.to_owned(), dest.to_owned());
+        let taken = tokio::task::spawn_blocking(move || spool.take(&name_, &dest_))
+            .await
+            .map_err(|e| FetchError::Write {
+                path: dest.display().to_string(),
+                source: std::io::Error::other(e),
+            })?;
+        if let Ok(true) = taken {
+            return Ok(Delivered::Spool);
+        }
+    }
+    // One round trip: the repository's config and the object are read at once.
+    let storage = storage_for(url)
+        .await
+        .map_err(|e| FetchError::Open(OpenError::from(e)))?;
+    let (repo, stored) = tokio::join!(
+        Repository::open_on(url.clone(), storage.clone(), None, codec),
+        get_bytes(storage.as_ref(), &key)
+    );
+    let repo = repo?;
+    let stored = match stored {
+        Ok(bytes) => bytes,
+        Err(e) if e.is_not_found() => return Err(FetchError::NotFound(name.to_owned())),
+        Err(e) => return Err(FetchError::Object(e.into())),
+    };
+    let (_, plain) = repo.objects().decode(&key, stored).await?;
     let dest = dest.to_owned();
     let shown = dest.display().to_string();
     tokio::task::spawn_blocking(move || write_atomically(&dest, &plain))
@@ -88,5 +139,90 @@ pub async fn fetch(
         .map_err(|source| FetchError::Write {
             path: shown,
             source,
-        })
+        })?;
+    Ok(Delivered::Repository)
+}
+
+/// How the prefetch worker runs.
+#[derive(Debug, Clone)]
+pub struct PrefetchOptions {
+    /// The spool it fills.
+    pub spool: PathBuf,
+    /// How many segments after the one asked for last it keeps there.
+    pub depth: usize,
+    /// How many it fetches at once.
+    pub parallel: usize,
+    /// How long it waits for the next request once the window is full, before exiting.
+    pub linger: Duration,
+}
+
+/// The prefetch worker: keeps the `depth` segments after the one PostgreSQL asked for last
+/// in the spool, fetched `parallel` at once, each verified before it appears there. It stops
+/// at the first segment the repository does not hold (the end of the archive, for now) or
+/// cannot deliver (the foreground fetch then reports the error), and exits once no request
+/// has come for `linger`. Only one worker runs per spool; a second returns at once.
+pub async fn prefetch(
+    url: &RepoUrl,
+    codec: Arc<Codec>,
+    options: &PrefetchOptions,
+) -> Result<(), FetchError> {
+    let io = |path: &Path, source: std::io::Error| FetchError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let spool = Spool::open(&options.spool, &url.to_string()).map_err(|e| io(&options.spool, e))?;
+    let Some(_lock) = spool.lock_worker().map_err(|e| io(&options.spool, e))? else {
+        return Ok(());
+    };
+    let repo = Repository::open(url, None, codec).await?;
+    let seg_size = WalSegmentSize::new(repo.config().wal_segment_size)
+        .map_err(|e| FetchError::Open(OpenError::BadConfig(e.to_string())))?;
+    let mut filled_for: Option<String> = None;
+    let mut idle_since = Instant::now();
+    loop {
+        let wanted = spool.wanted();
+        if wanted.is_none() || wanted == filled_for {
+            if idle_since.elapsed() >= options.linger {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        let want = wanted.unwrap_or_default();
+        let window = window(&want, options.depth, seg_size);
+        let _ = spool.prune(&window);
+        let missing: Vec<String> = window.into_iter().filter(|n| !spool.has(n)).collect();
+        let mut fetches = futures::stream::iter(missing)
+            .map(|name| {
+                let objects = repo.objects();
+                async move {
+                    let got = match wal_key(&name) {
+                        Some(key) => objects.get(&key).await.map(|(_, plain)| plain),
+                        None => Err(ObjectError::Storage(StorageError::not_found("get", &name))),
+                    };
+                    (name, got)
+                }
+            })
+            .buffered(options.parallel.max(1));
+        let mut complete = true;
+        while let Some((name, got)) = fetches.next().await {
+            let Ok(plain) = got else {
+                complete = false;
+                break;
+            };
+            let (spool_, name_) = (spool.clone(), name.clone());
+            let stored = tokio::task::spawn_blocking(move || spool_.put(&name_, &plain)).await;
+            if !matches!(stored, Ok(Ok(()))) {
+                complete = false;
+                break;
+            }
+        }
+        drop(fetches);
+        if !complete {
+            // The end of the archive, or a failure the foreground fetch will report.
+            return Ok(());
+        }
+        filled_for = Some(want);
+        idle_since = Instant::now();
+    }
 }

@@ -28,6 +28,9 @@ enum Command {
     Info(info::Args),
     /// Restore one WAL file from the repository (restore_command = 'pitr wal-fetch %f %p')
     WalFetch(wal_fetch::Args),
+    /// The background worker wal-fetch starts to fill its spool
+    #[command(hide = true)]
+    WalPrefetch(wal_fetch::WorkerArgs),
     /// Show what WAL files hold: timeline, LSN range, commits and their times, restore points
     WalInspect(wal_inspect::Args),
     /// Archive one WAL file into the repository (archive_command = 'pitr wal-push %p')
@@ -47,6 +50,7 @@ pub fn run() -> ExitCode {
     let outcome = match cli.command {
         Command::Info(args) => info::run(args),
         Command::WalFetch(args) => wal_fetch::run(args),
+        Command::WalPrefetch(args) => wal_fetch::run_worker(args),
         Command::WalInspect(args) => wal_inspect::run(args),
         Command::WalPush(args) => wal_push::run(args),
     };

@@ -1,13 +1,20 @@
 //! `pitr wal-fetch NAME DEST` (restore_command = 'pitr wal-fetch %f %p'): exit 0 with the
 //! verified file at DEST; exit 1 only when the repository says it has no such file; any
 //! other failure exits 200, above 125, so that PostgreSQL stops recovery instead of
-//! treating it as the end of the archive.
+//! treating it as the end of the archive. With prefetch on (the default), segments come
+//! from the spool when the background worker has fetched them ahead, and each call makes
+//! sure a worker is filling the spool with the segments that follow.
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
+use std::process::{Command as Process, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use repo::codec::Codec;
-use restore::wal_fetch::{fetch, FetchError};
+use restore::spool::{default_dir, Spool};
+use restore::wal_fetch::{fetch_with, prefetch, FetchError, FetchOptions, PrefetchOptions};
+use walfmt::ArchiveFileKind;
 
 use super::repo_args::RepoArgs;
 use super::{Exit, Failure};
@@ -22,6 +29,40 @@ pub struct Args {
     /// Where to put it (PostgreSQL's %p)
     #[arg(value_name = "DEST")]
     dest: PathBuf,
+    #[command(flatten)]
+    prefetch: PrefetchArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct PrefetchArgs {
+    /// Keep this many segments after the one asked for fetched ahead in the spool (0: off)
+    #[arg(
+        long = "prefetch",
+        env = "PITR_WAL_FETCH_PREFETCH",
+        default_value_t = 16,
+        value_name = "N"
+    )]
+    depth: usize,
+    /// Segments the prefetch worker fetches at once
+    #[arg(
+        long = "prefetch-parallel",
+        env = "PITR_WAL_FETCH_PARALLEL",
+        default_value_t = 4,
+        value_name = "N"
+    )]
+    parallel: usize,
+    /// The spool of prefetched segments [default: .pitr/fetch beside DEST, in pg_wal]
+    #[arg(long, env = "PITR_WAL_FETCH_SPOOL_DIR", value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+}
+
+/// `pitr wal-prefetch`: the background worker wal-fetch starts (not for people).
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    #[command(flatten)]
+    prefetch: PrefetchArgs,
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
@@ -30,14 +71,31 @@ pub fn run(args: Args) -> Result<(), Failure> {
         ..f
     })?;
     let runtime = super::runtime(Exit::FetchFailed)?;
-    let fetched = runtime.block_on(fetch(
+    let spool_dir = (args.prefetch.depth > 0).then(|| {
+        args.prefetch
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| default_dir(&args.dest))
+    });
+    let options = FetchOptions {
+        spool: spool_dir.clone(),
+    };
+    let fetched = runtime.block_on(fetch_with(
         &url,
         &args.name,
         &args.dest,
         Arc::new(Codec::with_default_threads()),
+        &options,
     ));
     match fetched {
-        Ok(()) => Ok(()),
+        Ok(_) => {
+            if let Some(dir) = spool_dir {
+                if ArchiveFileKind::of(&args.name) == ArchiveFileKind::Segment {
+                    start_worker(&args.repo.repo, &dir, &args.prefetch);
+                }
+            }
+            Ok(())
+        }
         Err(e @ FetchError::NotFound(_)) => Err(Failure::new(Exit::NotFound, e.to_string())),
         Err(e) => {
             let hint = match &e {
@@ -51,4 +109,55 @@ pub fn run(args: Args) -> Result<(), Failure> {
             })
         }
     }
+}
+
+/// Starts the prefetch worker for `dir` in the background unless one is running. The
+/// worker is a cache filler: failing to start it is not the fetch's failure.
+fn start_worker(repo: &str, dir: &std::path::Path, prefetch: &PrefetchArgs) {
+    let running = Spool::open(dir, repo).map(|s| s.worker_running());
+    if !matches!(running, Ok(false)) {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let _ = Process::new(exe)
+        .arg("wal-prefetch")
+        .arg("--repo")
+        .arg(repo)
+        .arg("--prefetch")
+        .arg(prefetch.depth.to_string())
+        .arg("--prefetch-parallel")
+        .arg(prefetch.parallel.to_string())
+        .arg("--spool-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn();
+}
+
+pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
+    let url = args.repo.url()?;
+    let Some(spool) = args.prefetch.spool_dir else {
+        return Err(Failure::new(
+            Exit::BadInput,
+            "wal-prefetch needs --spool-dir",
+        ));
+    };
+    let runtime = super::runtime(Exit::FetchFailed)?;
+    let options = PrefetchOptions {
+        spool,
+        depth: args.prefetch.depth,
+        parallel: args.prefetch.parallel,
+        linger: Duration::from_secs(5),
+    };
+    runtime
+        .block_on(prefetch(
+            &url,
+            Arc::new(Codec::with_default_threads()),
+            &options,
+        ))
+        .map_err(|e| Failure::new(Exit::FetchFailed, e.to_string()))
 }

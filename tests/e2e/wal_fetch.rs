@@ -46,11 +46,12 @@ fn fetch_exit_codes_follow_the_restore_command_contract() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(std::fs::read(&dest).unwrap(), original);
-    assert_eq!(
-        std::fs::read_dir(out_dir.path()).unwrap().count(),
-        1,
-        "temp files left behind"
-    );
+    let left: Vec<String> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != ".pitr") // the prefetch spool
+        .collect();
+    assert_eq!(left, ["RECOVERYXLOG"], "temp files left behind");
     std::fs::remove_file(&dest).unwrap();
 
     // Absent: exit 1, for segments and for the .history probes of recovery_target_timeline.
@@ -108,5 +109,97 @@ fn fetch_exit_codes_follow_the_restore_command_contract() {
     let out = fetch(&s3, &s3.repo_url("nothing-here"), &segment, &dest);
     assert_eq!(out.status.code(), Some(200));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not initialized"));
+    assert!(!dest.exists());
+}
+
+#[test]
+fn prefetched_segments_are_served_from_the_spool_verified_and_whole() {
+    let mut s3 = S3Server::start_local().unwrap();
+    let url = s3.repo_url("prefetch");
+    let (pg, archive) =
+        Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    pg.sql("CREATE TABLE t (v int)").unwrap();
+    let segments = pg.generate_wal_segments(5).unwrap();
+    for seg in &segments {
+        pg.wait_archived(seg, Duration::from_secs(60)).unwrap();
+        crate::succeeds(
+            pitr()
+                .args(["wal-push", "--ahead", "0", "--repo", &url])
+                .arg(archive.join(seg))
+                .envs(s3.env()),
+        );
+    }
+
+    // Recovery asks for the first segment: it comes from the repository, and a background
+    // worker fills the spool (pg_wal/.pitr/fetch beside %p) with those that follow.
+    let data = tempfile::tempdir().unwrap();
+    let pg_wal = data.path().join("pg_wal");
+    std::fs::create_dir(&pg_wal).unwrap();
+    let dest = pg_wal.join("RECOVERYXLOG");
+    let spool = pg_wal.join(".pitr").join("fetch");
+    let out = fetch(&s3, &url, &segments[0], &dest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rest = &segments[1..];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !rest.iter().all(|s| spool.join(s).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spool was not filled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The worker stops at the end of the archive and exits once nothing more is asked.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while spool.join("worker.pid").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // With S3 down, the spooled segments are still delivered, whole, from the spool, and
+    // leave it as they are taken; a segment the spool does not hold is an error, never
+    // "not found".
+    s3.stop().unwrap();
+    for seg in rest {
+        let out = fetch(&s3, &url, seg, &dest);
+        assert!(
+            out.status.success(),
+            "{seg}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            std::fs::read(archive.join(seg)).unwrap()
+        );
+        assert!(!spool.join(seg).exists(), "{seg} stays in the spool");
+    }
+    std::fs::remove_file(&dest).unwrap();
+    let out = fetch(&s3, &url, &segments[0], &dest);
+    assert_eq!(
+        out.status.code(),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dest.exists());
+    s3.restart().unwrap();
+
+    // A spool filled from another repository is not trusted: its files are dropped.
+    std::fs::write(spool.join(&segments[1]), b"not this repository's").unwrap();
+    let other = s3.repo_url("prefetch-other");
+    let out = fetch(&s3, &other, &segments[1], &dest);
+    assert_eq!(
+        out.status.code(),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!spool.join(&segments[1]).exists());
     assert!(!dest.exists());
 }

@@ -1,0 +1,302 @@
+//! The wal-fetch spool: a local directory (by default `pg_wal/.pitr/fetch`) where a
+//! background worker keeps the next segments of the timeline PostgreSQL is replaying, fetched
+//! from the repository and verified before they appear, so that `wal-fetch` answers from disk
+//! instead of waiting on a round trip.
+//!
+//! What is in it:
+//! - `repo`: the URL of the repository the spooled files came from; a spool found holding
+//!   another repository's files is emptied before use.
+//! - `want`: the name of the segment PostgreSQL asked for last; the worker keeps the window
+//!   of segments after it filled.
+//! - `worker.pid`: held (create-new) by the one running worker, with its process id.
+//! - whole segments under their own names, each written to a temp file, fsynced and renamed,
+//!   so a name in the spool always means a complete, verified file.
+//!
+//! Only whole segments (`wal/` objects of complete segments) are spooled: a segment that is
+//! still being written (by `pitr stream`, later) is never delivered from here.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use walfmt::{SegmentName, WalSegmentSize};
+
+const REPO_FILE: &str = "repo";
+const WANT_FILE: &str = "want";
+const LOCK_FILE: &str = "worker.pid";
+
+/// A spool directory.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    dir: PathBuf,
+}
+
+/// The default spool for a restore_command destination (`%p`, normally
+/// `pg_wal/RECOVERYXLOG`): `.pitr/fetch` beside it, on the same filesystem so that handing a
+/// file over is a rename.
+pub fn default_dir(dest: &Path) -> PathBuf {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    dir.join(".pitr").join("fetch")
+}
+
+fn is_segment_name(name: &str) -> bool {
+    name.len() == 24 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F'))
+}
+
+/// Writes `bytes` to `dir/name` through a temp file, fsynced before the rename.
+pub(crate) fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.pitr-{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name))?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl Spool {
+    /// Opens (creating) the spool at `dir` for the repository `repo_url`, emptying it if it
+    /// holds another repository's files.
+    pub fn open(dir: &Path, repo_url: &str) -> std::io::Result<Spool> {
+        std::fs::create_dir_all(dir)?;
+        let spool = Spool {
+            dir: dir.to_owned(),
+        };
+        let marker = std::fs::read_to_string(dir.join(REPO_FILE)).ok();
+        if marker.as_deref() != Some(repo_url) {
+            for name in spool.segments()? {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            let _ = std::fs::remove_file(dir.join(WANT_FILE));
+            write_durably(dir, REPO_FILE, repo_url.as_bytes())?;
+        }
+        Ok(spool)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The segments held, in name order.
+    pub fn segments(&self) -> std::io::Result<Vec<String>> {
+        let mut out: Vec<String> = std::fs::read_dir(&self.dir)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| is_segment_name(n))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Whether the spool holds `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.dir.join(name).is_file()
+    }
+
+    /// Moves spooled `name` to `dest` (rename, or copy across filesystems) and makes it
+    /// durable there. False when the spool does not hold it.
+    pub fn take(&self, name: &str, dest: &Path) -> std::io::Result<bool> {
+        if !is_segment_name(name) {
+            return Ok(false);
+        }
+        let src = self.dir.join(name);
+        match std::fs::rename(&src, dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(_) => {
+                // Another filesystem: copy through a temp file beside dest instead.
+                let bytes = match std::fs::read(&src) {
+                    Ok(b) => b,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                    Err(e) => return Err(e),
+                };
+                crate::wal_fetch::write_atomically(dest, &bytes)?;
+                let _ = std::fs::remove_file(&src);
+                return Ok(true);
+            }
+        }
+        let dir = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(true)
+    }
+
+    /// Stores a verified segment.
+    pub fn put(&self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        write_durably(&self.dir, name, bytes)
+    }
+
+    /// Records that PostgreSQL asked for `name`.
+    pub fn set_wanted(&self, name: &str) -> std::io::Result<()> {
+        let tmp = self
+            .dir
+            .join(format!(".{WANT_FILE}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, name)?;
+        std::fs::rename(&tmp, self.dir.join(WANT_FILE))
+    }
+
+    /// The segment PostgreSQL asked for last.
+    pub fn wanted(&self) -> Option<String> {
+        let name = std::fs::read_to_string(self.dir.join(WANT_FILE)).ok()?;
+        let name = name.trim();
+        is_segment_name(name).then(|| name.to_owned())
+    }
+
+    /// Removes spooled segments outside `keep` (consumed, skipped or off the timeline).
+    pub fn prune(&self, keep: &[String]) -> std::io::Result<()> {
+        for name in self.segments()? {
+            if !keep.contains(&name) {
+                let _ = std::fs::remove_file(self.dir.join(name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a worker is running for this spool.
+    pub fn worker_running(&self) -> bool {
+        let Ok(pid) = std::fs::read_to_string(self.dir.join(LOCK_FILE)) else {
+            return false;
+        };
+        pid_alive(pid.trim())
+    }
+
+    /// Becomes the spool's one worker; None if another one is running. The lock goes with
+    /// the returned guard.
+    pub fn lock_worker(&self) -> std::io::Result<Option<WorkerLock>> {
+        let path = self.dir.join(LOCK_FILE);
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(std::process::id().to_string().as_bytes())?;
+                    return Ok(Some(WorkerLock { path }));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if self.worker_running() {
+                        return Ok(None);
+                    }
+                    // Left by a worker that died: take it over.
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn pid_alive(pid: &str) -> bool {
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && Path::new("/proc").join(pid).exists()
+}
+
+/// The worker's hold on a spool; released on drop.
+#[derive(Debug)]
+pub struct WorkerLock {
+    path: PathBuf,
+}
+
+impl Drop for WorkerLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The `depth` segments after `name` on its timeline.
+pub fn window(name: &str, depth: usize, seg_size: WalSegmentSize) -> Vec<String> {
+    let Ok(mut seg) = SegmentName::parse(name, seg_size) else {
+        return Vec::new();
+    };
+    (0..depth)
+        .map(|_| {
+            seg = seg.next();
+            seg.to_string()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "000000010000000000000001";
+    const B: &str = "000000010000000000000002";
+
+    #[test]
+    fn the_window_follows_the_timeline_across_log_ids() {
+        let seg = WalSegmentSize::new(16 << 20).unwrap();
+        assert_eq!(
+            window("0000000200000000000000FE", 3, seg),
+            [
+                "0000000200000000000000FF",
+                "000000020000000100000000",
+                "000000020000000100000001"
+            ]
+        );
+        assert!(window("00000002.history", 3, seg).is_empty());
+    }
+
+    #[test]
+    fn takes_what_it_holds_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), "file:///r").unwrap();
+        spool.put(A, b"one").unwrap();
+        let dest = dir.path().join("RECOVERYXLOG");
+        assert!(spool.take(A, &dest).unwrap());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"one");
+        assert!(!spool.take(A, &dest).unwrap());
+        assert!(!spool.take(B, &dest).unwrap());
+    }
+
+    #[test]
+    fn another_repositorys_files_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), "file:///r").unwrap();
+        spool.put(A, b"one").unwrap();
+        spool.set_wanted(A).unwrap();
+        assert!(Spool::open(dir.path(), "file:///r").unwrap().has(A));
+        let other = Spool::open(dir.path(), "s3://b/p").unwrap();
+        assert!(!other.has(A));
+        assert_eq!(other.wanted(), None);
+    }
+
+    #[test]
+    fn prunes_and_records_what_was_wanted() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), "file:///r").unwrap();
+        spool.put(A, b"one").unwrap();
+        spool.put(B, b"two").unwrap();
+        spool.set_wanted(A).unwrap();
+        assert_eq!(spool.wanted().as_deref(), Some(A));
+        spool.prune(&[B.to_owned()]).unwrap();
+        assert_eq!(spool.segments().unwrap(), [B]);
+    }
+
+    #[test]
+    fn one_worker_at_a_time_and_a_dead_ones_lock_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), "file:///r").unwrap();
+        let held = spool.lock_worker().unwrap().expect("first worker");
+        assert!(spool.worker_running());
+        assert!(spool.lock_worker().unwrap().is_none());
+        drop(held);
+        assert!(!spool.worker_running());
+        std::fs::write(dir.path().join(LOCK_FILE), "999999999").unwrap();
+        assert!(!spool.worker_running());
+        assert!(spool.lock_worker().unwrap().is_some());
+    }
+}
