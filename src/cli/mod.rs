@@ -1,6 +1,7 @@
 //! Argument parsing (clap) and the mapping from outcomes to the exit codes documented in
 //! README.md. Each subcommand lives in its own module and returns `Result<(), Failure>`.
 
+mod bench;
 mod failure;
 mod info;
 mod repo_args;
@@ -24,6 +25,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Measure archiving throughput against real WAL, beside other tools
+    Bench(bench::Args),
     /// Show which cluster a repository belongs to and its format
     Info(info::Args),
     /// Restore one WAL file from the repository (restore_command = 'pitr wal-fetch %f %p')
@@ -48,6 +51,7 @@ fn runtime(exit: Exit) -> Result<tokio::runtime::Runtime, Failure> {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Info(args) => info::run(args),
         Command::WalFetch(args) => wal_fetch::run(args),
         Command::WalPrefetch(args) => wal_fetch::run_worker(args),
