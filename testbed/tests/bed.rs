@@ -192,6 +192,13 @@ fn watchdog_stops_postmaster_when_test_process_dies() {
 fn s3_client(s3: &S3Server) -> aws_sdk_s3::Client {
     let config = aws_sdk_s3::Config::builder()
         .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                ))
+                .build_https(),
+        )
         .endpoint_url(s3.endpoint())
         .force_path_style(true)
         .region(Region::new(s3.region().to_owned()))

@@ -152,10 +152,20 @@ fn status_of<E>(err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Op
     }
 }
 
+/// The HTTPS client for S3 and the credential providers: rustls on ring, system roots
+/// (or `SSL_CERT_FILE`).
+pub fn https_client() -> aws_sdk_s3::config::SharedHttpClient {
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https()
+}
+
 impl S3Storage {
     /// Connects to the bucket (nothing is sent until the first request).
     pub async fn connect(settings: S3Settings) -> S3Storage {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        let mut loader =
+            aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(https_client());
         if let Some(endpoint) = &settings.endpoint {
             loader = loader.endpoint_url(endpoint);
         }
