@@ -35,6 +35,7 @@ pub fn bed_s3_storage(s3: &testbed::S3Server, prefix: &str) -> Arc<dyn Storage> 
     settings.endpoint = Some(s3.endpoint().to_owned());
     settings.region = Some(s3.region().to_owned());
     settings.path_style = true;
+    settings.cache_dir = None;
     settings.credentials = Some((s3.access_key().to_owned(), s3.secret_key().to_owned()));
     Arc::new(rt.block_on(S3Storage::connect(settings)))
 }

@@ -49,12 +49,16 @@ pub struct S3Settings {
     pub part_concurrency: usize,
     /// Whether the server honours `If-None-Match: *` (`PITR_S3_CONDITIONAL_PUT`).
     pub conditional_put: ConditionalPut,
+    /// Where the outcome of the `If-None-Match` probe is remembered for an hour, so that
+    /// one-process-per-file commands do not probe every time (`PITR_CACHE_DIR`, else
+    /// `$XDG_CACHE_HOME/pitr`, else `~/.cache/pitr`; none: probe once per process).
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 /// How put-if-absent is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConditionalPut {
-    /// Find out once per process with a probe object (the default).
+    /// Find out with a probe object (the default), remembered in `cache_dir` for an hour.
     Auto,
     /// The server honours `If-None-Match: *` (AWS S3 does since 2024).
     On,
@@ -88,7 +92,52 @@ impl S3Settings {
                 Ok("off") | Ok("false") => ConditionalPut::Off,
                 _ => ConditionalPut::Auto,
             },
+            cache_dir: default_cache_dir(),
         }
+    }
+}
+
+/// `PITR_CACHE_DIR`, else `$XDG_CACHE_HOME/pitr`, else `$HOME/.cache/pitr`.
+pub fn default_cache_dir() -> Option<std::path::PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    var("PITR_CACHE_DIR")
+        .map(Into::into)
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| std::path::Path::new(&d).join("pitr")))
+        .or_else(|| var("HOME").map(|d| std::path::Path::new(&d).join(".cache/pitr")))
+}
+
+/// How long a remembered probe outcome is trusted.
+const PROBE_TTL: Duration = Duration::from_secs(3600);
+
+/// The file remembering whether `endpoint` honours `If-None-Match` for `bucket`.
+fn probe_cache_file(dir: &std::path::Path, endpoint: &str, bucket: &str) -> std::path::PathBuf {
+    let id = blake3::hash(format!("{endpoint}\n{bucket}").as_bytes()).to_hex();
+    dir.join("s3-conditional-put").join(&id.as_str()[..32])
+}
+
+/// A remembered outcome younger than the TTL.
+fn read_probe_cache(file: &std::path::Path) -> Option<bool> {
+    let meta = std::fs::metadata(file).ok()?;
+    if meta.modified().ok()?.elapsed().ok()? > PROBE_TTL {
+        return None;
+    }
+    match std::fs::read_to_string(file).ok()?.trim() {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// Remembers an outcome (temp file and rename: readers see all or nothing). Best effort.
+fn write_probe_cache(file: &std::path::Path, supported: bool) {
+    let Some(dir) = file.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    let tmp = dir.join(format!(".tmp-{}", std::process::id()));
+    let text = if supported { "on\n" } else { "off\n" };
+    if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, file).is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
 }
 
@@ -102,6 +151,7 @@ pub struct S3Storage {
     part_concurrency: usize,
     conditional: ConditionalPut,
     probed: std::sync::Arc<tokio::sync::OnceCell<bool>>,
+    probe_cache: Option<std::path::PathBuf>,
 }
 
 /// Classifies an SDK failure: NotFound, Transient (timeouts, connection faults, throttling,
@@ -203,8 +253,18 @@ impl S3Storage {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
+        let endpoint = settings
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .unwrap_or_else(|| "aws".into());
+        let probe_cache = settings
+            .cache_dir
+            .as_deref()
+            .map(|d| probe_cache_file(d, &endpoint, &settings.bucket));
         S3Storage {
             client: aws_sdk_s3::Client::from_conf(b.build()),
+            probe_cache,
             bucket: settings.bucket,
             prefix: settings.prefix,
             part_size: settings.part_size.max(5 << 20),
@@ -219,21 +279,37 @@ impl S3Storage {
         match self.conditional {
             ConditionalPut::On => true,
             ConditionalPut::Off => false,
-            ConditionalPut::Auto => *self.probed.get_or_init(|| self.probe_conditional()).await,
+            ConditionalPut::Auto => {
+                *self
+                    .probed
+                    .get_or_init(|| async {
+                        if let Some(known) = self.probe_cache.as_deref().and_then(read_probe_cache)
+                        {
+                            return known;
+                        }
+                        let Some(supported) = self.probe_conditional().await else {
+                            return true;
+                        };
+                        if let Some(file) = &self.probe_cache {
+                            write_probe_cache(file, supported);
+                        }
+                        supported
+                    })
+                    .await
+            }
         }
     }
 
     /// Writes a probe object twice, the second time conditionally: a 412 means the server
-    /// honours the condition. Any other failure assumes it does (the real put will report
-    /// a real problem).
-    async fn probe_conditional(&self) -> bool {
+    /// honours the condition, a success that it does not. `None` when the probe itself
+    /// failed: the caller assumes support for now (the real put will report a real problem)
+    /// and remembers nothing.
+    async fn probe_conditional(&self) -> Option<bool> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let key = format!(".conditional-probe/{}-{nanos}", std::process::id());
-        let Ok(full) = self.full_key("put", &key) else {
-            return true;
-        };
+        let full = self.full_key("put", &key).ok()?;
         let put = || {
             self.client
                 .put_object()
@@ -241,12 +317,13 @@ impl S3Storage {
                 .key(&full)
                 .body(AwsBody::from_static(b"probe"))
         };
-        if put().send().await.is_err() {
-            return true;
-        }
+        put().send().await.ok()?;
         let supported = match put().if_none_match("*").send().await {
-            Err(e) => status_of(&e) == Some(412) || !matches!(e, SdkError::ServiceError(_)),
-            Ok(_) => false,
+            Err(e) if status_of(&e) == Some(412) => Some(true),
+            // The server answered but refused the condition (501 and the like).
+            Err(SdkError::ServiceError(_)) => Some(false),
+            Err(_) => None,
+            Ok(_) => Some(false),
         };
         let _ = self
             .client
@@ -669,5 +746,41 @@ impl Storage for S3Storage {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_outcome_is_remembered_per_endpoint_and_bucket() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = probe_cache_file(dir.path(), "http://127.0.0.1:9000", "b1");
+        let b = probe_cache_file(dir.path(), "http://127.0.0.1:9000", "b2");
+        assert_ne!(a, b);
+        assert_eq!(read_probe_cache(&a), None);
+        write_probe_cache(&a, false);
+        write_probe_cache(&b, true);
+        assert_eq!(read_probe_cache(&a), Some(false));
+        assert_eq!(read_probe_cache(&b), Some(true));
+        // Garbage is no answer.
+        std::fs::write(&a, "maybe").unwrap();
+        assert_eq!(read_probe_cache(&a), None);
+    }
+
+    #[test]
+    fn a_stale_outcome_is_probed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = probe_cache_file(dir.path(), "aws", "b");
+        write_probe_cache(&a, true);
+        let old = std::time::SystemTime::now() - PROBE_TTL - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(read_probe_cache(&a), None);
     }
 }

@@ -8,6 +8,7 @@ pub fn s3_settings(server: &testbed::S3Server) -> S3Settings {
     settings.endpoint = Some(server.endpoint().to_owned());
     settings.region = Some(server.region().to_owned());
     settings.path_style = true;
+    settings.cache_dir = None;
     settings.credentials = Some((
         server.access_key().to_owned(),
         server.secret_key().to_owned(),
