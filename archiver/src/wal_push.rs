@@ -178,7 +178,8 @@ struct WalFile {
     name: String,
     key: String,
     bytes: Bytes,
-    hash: [u8; 32],
+    /// Only when loaded for comparison: a file loaded to store is hashed while encoding.
+    hash: Option<[u8; 32]>,
     summary: Option<SegmentSummary>,
 }
 
@@ -188,7 +189,8 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Reads the file at `path` and, on a blocking thread, hashes it and checks a segment.
+/// Reads the file at `path` and, on a blocking thread, checks a segment (`check`, to store
+/// it) or hashes it (to compare it with what was stored).
 async fn load(path: &Path, check: bool) -> Result<WalFile, PushError> {
     let shown = path.display().to_string();
     let name = file_name(path);
@@ -205,10 +207,10 @@ async fn load(path: &Path, check: bool) -> Result<WalFile, PushError> {
                 source,
             })?,
     );
-    // Checking and hashing are CPU work: one trip to a blocking thread for both.
+    // Checking and hashing are CPU work, done on a blocking thread.
     let (b, p, n) = (bytes.clone(), shown.clone(), name.clone());
     let (hash, summary) = tokio::task::spawn_blocking(move || {
-        let hash = *blake3::hash(&b).as_bytes();
+        let hash = (!check).then(|| *blake3::hash(&b).as_bytes());
         let summary = match kind {
             ArchiveFileKind::Segment | ArchiveFileKind::Partial if check => {
                 Some(check_segment(&p, &n, &kind, &b)?)
@@ -231,8 +233,9 @@ async fn load(path: &Path, check: bool) -> Result<WalFile, PushError> {
     })
 }
 
-/// Stores a loaded file: put-if-absent, read back its checksum, then its summary.
-async fn store(repo: &Repository, file: WalFile) -> Result<Pushed, PushError> {
+/// Stores a loaded file: put-if-absent, read back its checksum, then its summary. Returns
+/// the outcome and the file's blake3.
+async fn store(repo: &Repository, file: WalFile) -> Result<(Pushed, [u8; 32]), PushError> {
     if let Some(s) = &file.summary {
         repo.check_cluster(&identity(s))?;
     }
@@ -241,10 +244,11 @@ async fn store(repo: &Repository, file: WalFile) -> Result<Pushed, PushError> {
         name,
         key,
         bytes,
-        hash: pushed,
         summary,
+        ..
     } = file;
-    match objects.put(&key, bytes, PutMode::IfAbsent).await? {
+    let (outcome, pushed) = objects.put_hashed(&key, bytes, PutMode::IfAbsent).await?;
+    match outcome {
         PutOutcome::Stored => {
             // Success only once the stored object reads back with this file's checksum.
             let stored = stored_hash(objects.storage().as_ref(), &key).await?;
@@ -261,12 +265,12 @@ async fn store(repo: &Repository, file: WalFile) -> Result<Pushed, PushError> {
                     .put(&skey, Bytes::from(json), PutMode::Overwrite)
                     .await?;
             }
-            Ok(Pushed::Stored)
+            Ok((Pushed::Stored, pushed))
         }
         PutOutcome::AlreadyExists => {
             let stored = stored_hash(objects.storage().as_ref(), &key).await?;
             if stored == pushed {
-                Ok(Pushed::AlreadyStored)
+                Ok((Pushed::AlreadyStored, pushed))
             } else {
                 Err(PushError::Conflict {
                     name,
@@ -294,13 +298,16 @@ async fn stored_earlier(
     let Some(key) = wal_key(&name) else {
         return false;
     };
-    let Ok(file) = load(path, false).await else {
+    let Ok(WalFile {
+        hash: Some(hash), ..
+    }) = load(path, false).await
+    else {
         return false;
     };
-    if hex(&file.hash) != record.blake3 {
+    if hex(&hash) != record.blake3 {
         return false;
     }
-    matches!(stored_hash(storage, &key).await, Ok(h) if h == file.hash)
+    matches!(stored_hash(storage, &key).await, Ok(h) if h == hash)
 }
 
 /// Pushes the WAL file at `path` into the repository at `url`, and with
@@ -368,8 +375,8 @@ pub async fn push(
         async move {
             let result = async {
                 let f = load(&pg_wal.join(&n), true).await?;
-                let hash = hex(&f.hash);
-                let pushed = store(repo, f).await?;
+                let (pushed, hash) = store(repo, f).await?;
+                let hash = hex(&hash);
                 if let Some(s) = state {
                     let _ = s.record(
                         &n,
@@ -396,7 +403,7 @@ pub async fn push(
         .collect::<Vec<_>>();
     let (pushed, ahead) = tokio::join!(main, others);
     Ok(PushReport {
-        pushed: pushed?,
+        pushed: pushed?.0,
         ahead,
     })
 }

@@ -80,6 +80,24 @@ impl ObjectStore {
         Ok(self.storage.put(key, envelope, mode).await?)
     }
 
+    /// Like `put`, and also returns the blake3 of `plain`, taken from the envelope the
+    /// codec made (so the caller need not hash the bytes a second time).
+    pub async fn put_hashed(
+        &self,
+        key: &str,
+        plain: Bytes,
+        mode: PutMode,
+    ) -> Result<(PutOutcome, [u8; 32]), ObjectError> {
+        let envelope = self.codec.encode(plain, self.options).await?;
+        let hash = crate::envelope::header(&envelope)
+            .map_err(|source| ObjectError::Corrupt {
+                key: key.to_owned(),
+                source,
+            })?
+            .hash;
+        Ok((self.storage.put(key, envelope, mode).await?, hash))
+    }
+
     /// Reads, verifies and decodes the object at `key`.
     pub async fn get(&self, key: &str) -> Result<(Header, Bytes), ObjectError> {
         let bytes = storage::get_bytes(self.storage.as_ref(), key).await?;

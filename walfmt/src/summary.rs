@@ -136,7 +136,10 @@ pub fn summarize_with(
     let mut decoder = WalDecoder::new(start)
         .map_err(|_| SummaryError::NotSegmentStart)?
         .with_segment_size(seg_size);
-    decoder.feed(bytes);
+    // Fed a piece at a time: the decoder's buffer stays small and warm in cache instead of
+    // holding a second copy of the whole segment.
+    const PIECE: usize = 256 << 10;
+    let mut pieces = bytes.chunks(PIECE);
     loop {
         match decoder.next() {
             Decoded::Record(record) => {
@@ -151,6 +154,9 @@ pub fn summarize_with(
                     s.end_lsn = seg_end;
                     break;
                 }
+            }
+            Decoded::NeedMore if pieces.len() > 0 => {
+                decoder.feed(pieces.next().unwrap_or_default());
             }
             Decoded::NeedMore => {
                 // Ran out of bytes: valid to the end of what was given, except a record
