@@ -1,12 +1,16 @@
 //! Push-ahead bookkeeping: which files PostgreSQL has marked ready to archive, and a local
-//! state directory that records the files an earlier `wal-push` call already stored, so
-//! that PostgreSQL's own call for such a file is answered after a cheap check instead of a
+//! state directory where the background push worker records the files it stored, so that
+//! PostgreSQL's own call for such a file is answered after a cheap check instead of a
 //! second upload.
 //!
 //! A record only ever claims something that was true when it was written (the object was
-//! stored and read back with this hash), and the call that uses it checks again against
-//! the file and the repository, so a stale, torn or foreign record can cost a re-upload but
-//! never report a file archived that is not stored.
+//! stored and read back with this hash, from a file with this identity), and the call that
+//! uses it checks again against the file and the repository, so a stale, torn or foreign
+//! record can cost a re-upload but never report a file archived that is not stored.
+//!
+//! In the directory: `NAME.ok` records, `NAME.error` (the worker could not store NAME: its
+//! message; PostgreSQL's own call then pushes NAME itself and reports what happens), and
+//! the worker's lock, `worker.pid`, and `want`: the file PostgreSQL's current call waits for.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -49,6 +53,38 @@ pub struct Record {
     pub repo: String,
     /// blake3 of the file, hex.
     pub blake3: String,
+    /// The file as it was when hashed; the same identity now means the same bytes (a
+    /// segment is never rewritten in place once ready, and a recycled one is renamed and
+    /// rewritten). Without it, the file is hashed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileIdentity>,
+}
+
+/// Device, inode, size and modification time of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileIdentity {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i128,
+}
+
+impl FileIdentity {
+    /// The identity of the file at `path` now.
+    pub fn of(path: &Path) -> std::io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
 }
 
 /// The state directory.
@@ -94,6 +130,65 @@ impl StateDir {
         let _ = std::fs::remove_file(self.path(name));
     }
 
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Notes that the worker could not store `name` (best effort).
+    pub fn fail(&self, name: &str, message: &str) {
+        let _ = std::fs::create_dir_all(&self.dir);
+        let _ = std::fs::write(self.dir.join(format!("{name}.error")), message);
+    }
+
+    /// What the worker said when it could not store `name`, if it said so; taken once.
+    pub fn take_failure(&self, name: &str) -> Option<String> {
+        let path = self.dir.join(format!("{name}.error"));
+        let message = std::fs::read_to_string(&path).ok()?;
+        let _ = std::fs::remove_file(&path);
+        Some(message)
+    }
+
+    /// Records not yet asked for, i.e. files stored ahead of PostgreSQL.
+    pub fn outstanding(&self) -> usize {
+        std::fs::read_dir(&self.dir).map_or(0, |entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".ok"))
+                .count()
+        })
+    }
+
+    /// Tells the worker which file PostgreSQL is waiting for (best effort).
+    pub fn want(&self, name: &str) {
+        let _ = std::fs::create_dir_all(&self.dir);
+        let tmp = self.dir.join(format!(".want.{}.tmp", std::process::id()));
+        if std::fs::write(&tmp, name).is_ok()
+            && std::fs::rename(&tmp, self.dir.join("want")).is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    /// No call waits for `name` any more.
+    pub fn unwant(&self, name: &str) {
+        if self.wanted().as_deref() == Some(name) {
+            let _ = std::fs::remove_file(self.dir.join("want"));
+        }
+    }
+
+    /// The file PostgreSQL waits for, as last told.
+    pub fn wanted(&self) -> Option<String> {
+        let name = std::fs::read_to_string(self.dir.join("want")).ok()?;
+        let name = name.trim();
+        (ArchiveFileKind::of(name) != ArchiveFileKind::Other).then(|| name.to_owned())
+    }
+
+    /// Whether a push worker is running for this directory.
+    pub fn worker_running(&self) -> bool {
+        repo::worker::running(&self.dir)
+    }
+
     /// Drops every record whose file is not in `keep` (PostgreSQL has archived or removed
     /// it), and leftover temp files.
     pub fn prune(&self, keep: &HashSet<String>) {
@@ -102,7 +197,10 @@ impl StateDir {
         };
         for e in entries.filter_map(|e| e.ok()) {
             let file = e.file_name().to_string_lossy().into_owned();
-            let stale = match file.strip_suffix(".ok") {
+            let stale = match file
+                .strip_suffix(".ok")
+                .or_else(|| file.strip_suffix(".error"))
+            {
                 Some(name) => !keep.contains(name),
                 None => file.ends_with(".tmp"),
             };
@@ -151,6 +249,7 @@ mod tests {
         let r = Record {
             repo: "file:///r".into(),
             blake3: "ab".into(),
+            file: None,
         };
         state.record("A", &r).unwrap();
         state.record("B", &r).unwrap();
@@ -162,5 +261,20 @@ mod tests {
         assert_eq!(state.lookup("B"), Some(r));
         state.forget("B");
         assert_eq!(state.lookup("B"), None);
+    }
+
+    #[test]
+    fn failures_are_told_once_and_identity_follows_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("push"));
+        state.fail("A", "no space");
+        assert_eq!(state.take_failure("A").as_deref(), Some("no space"));
+        assert_eq!(state.take_failure("A"), None);
+        let f = dir.path().join("seg");
+        std::fs::write(&f, b"one").unwrap();
+        let before = FileIdentity::of(&f).unwrap();
+        assert_eq!(FileIdentity::of(&f).unwrap(), before);
+        std::fs::write(&f, b"other").unwrap();
+        assert_ne!(FileIdentity::of(&f).unwrap(), before);
     }
 }

@@ -3,8 +3,10 @@
 //! back the stored object's checksum before reporting success, and treats the same bytes
 //! already stored as success and different bytes under the same name as a refusal.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
@@ -141,15 +143,18 @@ fn hex(h: &[u8; 32]) -> String {
 /// How a push call works beyond the file it was given.
 #[derive(Debug, Clone)]
 pub struct PushOptions {
-    /// How many more `.ready` files to store in the same call (0: none).
+    /// How many `.ready` files the background worker may have stored ahead of PostgreSQL's
+    /// calls for them (0: no worker; each call stores only its own file).
     pub ahead: usize,
-    /// At most this many files read, compressed and uploaded at once.
+    /// At most this many files read, compressed and uploaded at once by the worker.
     pub parallel: usize,
     /// Where records of files stored ahead are kept; `None`: beside `pg_wal`
     /// ([`ahead::default_state_dir`]).
     pub state_dir: Option<PathBuf>,
     /// Compression of stored objects.
     pub encode: EncodeOptions,
+    /// How long the worker waits for more `.ready` files before it exits.
+    pub linger: Duration,
 }
 
 impl Default for PushOptions {
@@ -159,18 +164,30 @@ impl Default for PushOptions {
             parallel: 1,
             state_dir: None,
             encode: EncodeOptions::default(),
+            linger: Duration::from_secs(5),
         }
     }
 }
 
-/// What a call did: the outcome for the file asked for, and for each file pushed ahead.
-#[derive(Debug)]
-pub struct PushReport {
-    /// The file asked for.
-    pub pushed: Pushed,
-    /// Files pushed ahead, each with its outcome (failures are left for PostgreSQL's own
-    /// call for that file).
-    pub ahead: Vec<(String, Result<Pushed, PushError>)>,
+impl PushOptions {
+    /// The state directory for files in `pg_wal`, when pushing ahead is on.
+    pub fn state(&self, pg_wal: &Path) -> Option<StateDir> {
+        (self.ahead > 0).then(|| {
+            StateDir::new(
+                self.state_dir
+                    .clone()
+                    .unwrap_or_else(|| ahead::default_state_dir(pg_wal)),
+            )
+        })
+    }
+}
+
+/// The directory holding `path` (`pg_wal` when PostgreSQL calls).
+pub fn pg_wal_of(path: &Path) -> PathBuf {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned()
 }
 
 /// A WAL file read and checked, ready to store.
@@ -282,15 +299,11 @@ async fn store(repo: &Repository, file: WalFile) -> Result<(Pushed, [u8; 32]), P
     }
 }
 
-/// The cheap check for a file an earlier call stored ahead: the record is for this
-/// repository, the file still hashes to what was stored, and the stored object's header
-/// carries that hash (one ranged read). Any doubt (`false`) means a normal push.
-async fn stored_earlier(
-    storage: &dyn Storage,
-    url: &RepoUrl,
-    path: &Path,
-    record: &Record,
-) -> bool {
+/// The cheap check for a file the worker stored ahead: the record is for this repository,
+/// the file is the one it hashed (same identity, or else the same hash now), and the stored
+/// object's header carries that hash (one ranged read). Any doubt (`false`) means a normal
+/// push.
+async fn stored_earlier(url: &RepoUrl, path: &Path, record: &Record) -> bool {
     if record.repo != url.to_string() {
         return false;
     }
@@ -298,112 +311,224 @@ async fn stored_earlier(
     let Some(key) = wal_key(&name) else {
         return false;
     };
-    let Ok(WalFile {
-        hash: Some(hash), ..
-    }) = load(path, false).await
-    else {
+    let Ok(expected) = <[u8; 32]>::try_from(
+        (0..record.blake3.len() / 2)
+            .filter_map(|i| u8::from_str_radix(record.blake3.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect::<Vec<u8>>(),
+    ) else {
         return false;
     };
-    if hex(&hash) != record.blake3 {
+    let unchanged = match record.file {
+        Some(id) => ahead::FileIdentity::of(path).is_ok_and(|now| now == id),
+        None => {
+            matches!(load(path, false).await, Ok(WalFile { hash: Some(h), .. }) if h == expected)
+        }
+    };
+    if !unchanged {
         return false;
     }
-    matches!(stored_hash(storage, &key).await, Ok(h) if h == hash)
+    let Ok(storage) = repo::repository::storage_for(url).await else {
+        return false;
+    };
+    matches!(stored_hash(storage.as_ref(), &key).await, Ok(h) if h == expected)
 }
 
-/// Pushes the WAL file at `path` into the repository at `url`, and with
-/// `options.ahead`, up to that many more files PostgreSQL has marked ready, concurrently.
+/// Pushes the WAL file at `path` into the repository at `url`. With `options.ahead`, a file
+/// the background worker ([`push_ahead`]) stored is answered from its record after a cheap
+/// check, and while the worker is running this call waits for its record rather than
+/// uploading the same file twice; the file is pushed here when the worker could not.
 pub async fn push(
     url: &RepoUrl,
     path: &Path,
     codec: Arc<Codec>,
     options: &PushOptions,
-) -> Result<PushReport, PushError> {
+) -> Result<Pushed, PushError> {
     let name = file_name(path);
-    let pg_wal = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_owned();
-    let state = (options.ahead > 0).then(|| {
-        StateDir::new(
-            options
-                .state_dir
-                .clone()
-                .unwrap_or_else(|| ahead::default_state_dir(&pg_wal)),
-        )
-    });
-
-    // A file stored by an earlier call's push-ahead: check it and answer at once.
-    if let Some(record) = state.as_ref().and_then(|s| s.lookup(&name)) {
-        let storage = repo::repository::storage_for(url)
-            .await
-            .map_err(|e| PushError::Open(e.into()))?;
-        if stored_earlier(storage.as_ref(), url, path, &record).await {
-            if let Some(s) = &state {
-                s.forget(&name);
+    if let Some(state) = options.state(&pg_wal_of(path)) {
+        let mut asked = false;
+        loop {
+            if let Some(record) = state.lookup(&name) {
+                state.forget(&name);
+                if asked {
+                    state.unwant(&name);
+                }
+                if stored_earlier(url, path, &record).await {
+                    return Ok(Pushed::StoredEarlier);
+                }
+                break;
             }
-            return Ok(PushReport {
-                pushed: Pushed::StoredEarlier,
-                ahead: Vec::new(),
-            });
+            // The worker could not store it (or is gone): push it here, which reports why.
+            if state.take_failure(&name).is_some() || !state.worker_running() {
+                break;
+            }
+            if !asked {
+                state.want(&name);
+                asked = true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-
     let file = load(path, true).await?;
     let repo = Repository::open(url, file.summary.as_ref().map(identity).as_ref(), codec)
         .await?
         .with_encode_options(options.encode);
+    Ok(store(&repo, file).await?.0)
+}
 
-    let ready = state
-        .as_ref()
-        .map(|_| ahead::ready_files(&pg_wal, &name))
-        .unwrap_or_default();
-    let todo: Vec<String> = ready
-        .iter()
-        .filter(|n| state.as_ref().is_some_and(|s| s.lookup(n).is_none()))
-        .take(options.ahead)
-        .cloned()
-        .collect();
-    if let Some(s) = &state {
-        // Records of files no longer waiting are of no use.
-        s.prune(&ready.iter().cloned().collect());
-    }
-
-    let url_text = url.to_string();
-    let one_ahead = |n: String| {
-        let (repo, pg_wal, state, url_text) = (&repo, &pg_wal, state.as_ref(), url_text.clone());
-        async move {
-            let result = async {
-                let f = load(&pg_wal.join(&n), true).await?;
-                let (pushed, hash) = store(repo, f).await?;
-                let hash = hex(&hash);
-                if let Some(s) = state {
-                    let _ = s.record(
-                        &n,
-                        &Record {
-                            repo: url_text,
-                            blake3: hash,
-                        },
-                    );
-                }
-                Ok(pushed)
-            }
-            .await;
-            (n, result)
-        }
+/// The background push worker for the `pg_wal` directory `pg_wal`: while PostgreSQL has
+/// files marked `.ready`, stores them in archiving order (the one PostgreSQL waits for
+/// first), `options.parallel` at a time, keeping at most `options.ahead` stored but not yet
+/// asked for, and records each one stored (or why not). Returns when nothing new has been
+/// ready for `options.linger`, or at once if another worker is running.
+pub async fn push_ahead(
+    url: &RepoUrl,
+    pg_wal: &Path,
+    codec: Arc<Codec>,
+    options: &PushOptions,
+) -> Result<(), PushError> {
+    let Some(state) = options.state(pg_wal) else {
+        return Ok(());
     };
-    // The file asked for first; the others share the remaining slots.
-    // Memory: each slot holds a file and its envelope; keep the sum near 256 MiB whatever
-    // the segment size.
-    let by_memory = (256 << 20) / file.bytes.len().max(16 << 20);
-    let slots = options.parallel.min(by_memory).max(1);
-    let main = store(&repo, file);
-    let others = futures::stream::iter(todo.into_iter().map(one_ahead))
-        .buffer_unordered(slots.saturating_sub(1).max(1))
-        .collect::<Vec<_>>();
-    let (pushed, ahead) = tokio::join!(main, others);
-    Ok(PushReport {
-        pushed: pushed?.0,
-        ahead,
-    })
+    let Ok(Some(_lock)) = repo::worker::lock(state.dir()) else {
+        return Ok(());
+    };
+    let url_text = url.to_string();
+    let repo: tokio::sync::OnceCell<Repository> = tokio::sync::OnceCell::new();
+    let mut failed: HashMap<String, String> = HashMap::new();
+    let mut busy: HashSet<String> = HashSet::new();
+    // Stored by this worker: never again while still ready (PostgreSQL's call for it takes
+    // the record away before the file stops being ready).
+    let mut done: HashSet<String> = HashSet::new();
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    let mut idle_since = Instant::now();
+    let mut parallel = options.parallel.max(1);
+    let mut sized = false;
+    loop {
+        if inflight.len() < parallel {
+            let ready = ahead::ready_files(pg_wal, "");
+            if !sized {
+                // Memory: each file in flight and its envelope; keep the sum near 256 MiB
+                // whatever the segment size.
+                if let Some(len) = ready
+                    .iter()
+                    .filter_map(|n| std::fs::metadata(pg_wal.join(n)).ok().map(|m| m.len()))
+                    .max()
+                {
+                    parallel = parallel
+                        .min(((256 << 20) / len.max(16 << 20)) as usize)
+                        .max(1);
+                    sized = true;
+                }
+            }
+            let ready_set: HashSet<String> = ready.iter().cloned().collect();
+            state.prune(&ready_set);
+            done.retain(|n| ready_set.contains(n));
+            failed.retain(|n, _| ready_set.contains(n));
+            let wanted = state.wanted().filter(|w| ready.contains(w));
+            if let Some(w) = &wanted {
+                // A call waits for a file this worker will not record (it failed, or its
+                // record could not be kept): tell it, and it pushes the file itself.
+                if let Some(message) = failed.get(w) {
+                    state.fail(w, message);
+                } else if done.contains(w) && state.lookup(w).is_none() {
+                    state.fail(w, "stored, but no record of it was kept");
+                }
+            }
+            let room = options
+                .ahead
+                .saturating_sub(state.outstanding() + inflight.len());
+            let open = |n: &String| {
+                !busy.contains(n)
+                    && !done.contains(n)
+                    && !failed.contains_key(n)
+                    && state.lookup(n).is_none()
+            };
+            // The file PostgreSQL waits for goes first, whatever the room ahead.
+            let first: Vec<String> = wanted.into_iter().filter(|n| open(n)).collect();
+            let todo: Vec<String> = ready
+                .into_iter()
+                .filter(|n| open(n) && !first.contains(n))
+                .take(room.saturating_sub(first.len()))
+                .chain(first.iter().cloned())
+                .collect();
+            let mut todo = todo;
+            todo.rotate_right(first.len());
+            todo.truncate(parallel - inflight.len());
+            for n in todo {
+                if busy.insert(n.clone()) {
+                    inflight.push(push_one(
+                        &repo, url, &codec, options, &state, pg_wal, n, &url_text,
+                    ));
+                }
+            }
+        }
+        if inflight.is_empty() {
+            if idle_since.elapsed() >= options.linger {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        idle_since = Instant::now();
+        tokio::select! {
+            Some((n, result)) = inflight.next() => {
+                busy.remove(&n);
+                match result {
+                    Ok(()) => {
+                        done.insert(n);
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        state.fail(&n, &message);
+                        failed.insert(n, message);
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+}
+
+/// The worker's push of one ready file: load, store, and record it if the file did not
+/// change meanwhile.
+#[allow(clippy::too_many_arguments)]
+async fn push_one(
+    repo: &tokio::sync::OnceCell<Repository>,
+    url: &RepoUrl,
+    codec: &Arc<Codec>,
+    options: &PushOptions,
+    state: &StateDir,
+    pg_wal: &Path,
+    name: String,
+    url_text: &str,
+) -> (String, Result<(), PushError>) {
+    let path = pg_wal.join(&name);
+    let result = async {
+        let id = ahead::FileIdentity::of(&path).map_err(|source| PushError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let f = load(&path, true).await?;
+        let identity = f.summary.as_ref().map(identity);
+        let repo = repo
+            .get_or_try_init(|| async {
+                Repository::open(url, identity.as_ref(), codec.clone())
+                    .await
+                    .map(|r| r.with_encode_options(options.encode))
+            })
+            .await?;
+        let (_, hash) = store(repo, f).await?;
+        // The identity is the file's before it was read: if it changed since, no record.
+        if ahead::FileIdentity::of(&path).is_ok_and(|now| now == id) {
+            let record = Record {
+                repo: url_text.to_owned(),
+                blake3: hex(&hash),
+                file: Some(id),
+            };
+            let _ = state.record(&name, &record);
+        }
+        Ok(())
+    }
+    .await;
+    (name, result)
 }

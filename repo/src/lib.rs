@@ -12,3 +12,4 @@ pub mod objects;
 pub mod repository;
 pub mod storage;
 pub mod url;
+pub mod worker;

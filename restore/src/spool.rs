@@ -22,7 +22,6 @@ use walfmt::{SegmentName, WalSegmentSize};
 
 const REPO_FILE: &str = "repo";
 const WANT_FILE: &str = "want";
-const LOCK_FILE: &str = "worker.pid";
 
 /// A spool directory.
 #[derive(Debug, Clone)]
@@ -162,57 +161,14 @@ impl Spool {
         Ok(())
     }
 
-    /// Whether a worker is running for this spool.
+    /// Whether a worker is filling this spool.
     pub fn worker_running(&self) -> bool {
-        let Ok(pid) = std::fs::read_to_string(self.dir.join(LOCK_FILE)) else {
-            return false;
-        };
-        pid_alive(pid.trim())
+        repo::worker::running(&self.dir)
     }
 
-    /// Becomes the spool's one worker; None if another one is running. The lock goes with
-    /// the returned guard.
-    pub fn lock_worker(&self) -> std::io::Result<Option<WorkerLock>> {
-        let path = self.dir.join(LOCK_FILE);
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(mut f) => {
-                    f.write_all(std::process::id().to_string().as_bytes())?;
-                    return Ok(Some(WorkerLock { path }));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    if self.worker_running() {
-                        return Ok(None);
-                    }
-                    // Left by a worker that died: take it over.
-                    let _ = std::fs::remove_file(&path);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(None)
-    }
-}
-
-fn pid_alive(pid: &str) -> bool {
-    !pid.is_empty()
-        && pid.bytes().all(|b| b.is_ascii_digit())
-        && Path::new("/proc").join(pid).exists()
-}
-
-/// The worker's hold on a spool; released on drop.
-#[derive(Debug)]
-pub struct WorkerLock {
-    path: PathBuf,
-}
-
-impl Drop for WorkerLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// Becomes the spool's one worker; None if another one is running.
+    pub fn lock_worker(&self) -> std::io::Result<Option<repo::worker::WorkerLock>> {
+        repo::worker::lock(&self.dir)
     }
 }
 
@@ -284,19 +240,5 @@ mod tests {
         assert_eq!(spool.wanted().as_deref(), Some(A));
         spool.prune(&[B.to_owned()]).unwrap();
         assert_eq!(spool.segments().unwrap(), [B]);
-    }
-
-    #[test]
-    fn one_worker_at_a_time_and_a_dead_ones_lock_is_taken_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(dir.path(), "file:///r").unwrap();
-        let held = spool.lock_worker().unwrap().expect("first worker");
-        assert!(spool.worker_running());
-        assert!(spool.lock_worker().unwrap().is_none());
-        drop(held);
-        assert!(!spool.worker_running());
-        std::fs::write(dir.path().join(LOCK_FILE), "999999999").unwrap();
-        assert!(!spool.worker_running());
-        assert!(spool.lock_worker().unwrap().is_some());
     }
 }

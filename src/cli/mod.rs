@@ -38,6 +38,9 @@ enum Command {
     WalInspect(wal_inspect::Args),
     /// Archive one WAL file into the repository (archive_command = 'pitr wal-push %p')
     WalPush(wal_push::Args),
+    /// The background worker wal-push starts to store ready files ahead
+    #[command(hide = true)]
+    WalPushWorker(wal_push::WorkerArgs),
 }
 
 /// The async runtime of a command that talks to a repository; failing to start it exits
@@ -57,6 +60,7 @@ pub fn run() -> ExitCode {
         Command::WalPrefetch(args) => wal_fetch::run_worker(args),
         Command::WalInspect(args) => wal_inspect::run(args),
         Command::WalPush(args) => wal_push::run(args),
+        Command::WalPushWorker(args) => wal_push::run_worker(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

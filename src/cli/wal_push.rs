@@ -1,10 +1,13 @@
 //! `pitr wal-push FILE` (archive_command = 'pitr wal-push %p'): exit 0 only once the file
 //! is stored and read back with its checksum, or the same bytes were already stored.
 
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
-use archiver::wal_push::{push, PushError, PushOptions};
+use archiver::wal_push::{pg_wal_of, push, push_ahead, PushError, PushOptions};
 use repo::codec::Codec;
 use repo::objects::ObjectError;
 
@@ -26,8 +29,15 @@ pub struct Args {
         value_name = "SECONDS"
     )]
     timeout: u64,
-    /// Also archive up to this many more files PostgreSQL has marked ready, in the same
-    /// call; its calls for them then return after a cheap check (0: off)
+    #[command(flatten)]
+    ahead: AheadArgs,
+}
+
+/// How files PostgreSQL has marked ready are stored ahead of its calls.
+#[derive(Debug, clap::Args)]
+pub struct AheadArgs {
+    /// A background worker stores the files PostgreSQL has marked ready, up to this many
+    /// ahead of its calls for them, which then return after a cheap check (0: off)
     #[arg(
         long,
         env = "PITR_WAL_PUSH_AHEAD",
@@ -35,7 +45,7 @@ pub struct Args {
         value_name = "N"
     )]
     ahead: usize,
-    /// Files read, compressed and uploaded at once [default: twice the cores]
+    /// Files the worker reads, compresses and uploads at once [default: twice the cores]
     #[arg(long, env = "PITR_WAL_PUSH_PARALLEL", value_name = "N")]
     parallel: Option<usize>,
     /// Where records of files archived ahead are kept [default: pg_wal/.pitr/push]
@@ -43,6 +53,31 @@ pub struct Args {
     state_dir: Option<PathBuf>,
     #[command(flatten)]
     compress: CompressArgs,
+}
+
+impl AheadArgs {
+    fn options(&self) -> PushOptions {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        PushOptions {
+            ahead: self.ahead,
+            parallel: self.parallel.unwrap_or(2 * cores),
+            state_dir: self.state_dir.clone(),
+            encode: self.compress.options(),
+            ..PushOptions::default()
+        }
+    }
+}
+
+/// The hidden `wal-push-worker` command: the background worker a push starts.
+#[derive(Debug, clap::Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The pg_wal directory whose ready files to store
+    #[arg(long, value_name = "DIR")]
+    pg_wal: PathBuf,
+    #[command(flatten)]
+    ahead: AheadArgs,
 }
 
 fn failure(e: PushError) -> Failure {
@@ -61,31 +96,66 @@ fn failure(e: PushError) -> Failure {
     }
 }
 
+/// Starts the background worker for `pg_wal` unless one is running, and waits briefly
+/// until it holds its lock, so that this call waits for it instead of racing it.
+fn start_worker(repo: &str, pg_wal: &Path, args: &AheadArgs, options: &PushOptions) {
+    let Some(state) = options.state(pg_wal) else {
+        return;
+    };
+    if state.worker_running() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut cmd = Process::new(exe);
+    cmd.arg("wal-push-worker")
+        .arg("--repo")
+        .arg(repo)
+        .arg("--pg-wal")
+        .arg(pg_wal)
+        .arg("--ahead")
+        .arg(options.ahead.to_string())
+        .arg("--parallel")
+        .arg(options.parallel.to_string())
+        .arg("--compress-level")
+        .arg(args.compress.compress_level.to_string())
+        .arg("--state-dir")
+        .arg(state.dir());
+    let spawned = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn();
+    if let Ok(mut child) = spawned {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while !state.worker_running() && std::time::Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
-    let runtime = super::runtime(Exit::Repository)?;
     let limit = std::time::Duration::from_secs(args.timeout);
+    let options = args.ahead.options();
+    start_worker(
+        &url.to_string(),
+        &pg_wal_of(&args.file),
+        &args.ahead,
+        &options,
+    );
+    let runtime = super::runtime(Exit::Repository)?;
     let codec = Arc::new(Codec::with_default_threads());
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let options = PushOptions {
-        ahead: args.ahead,
-        parallel: args.parallel.unwrap_or(2 * cores),
-        state_dir: args.state_dir,
-        encode: args.compress.options(),
-    };
     let pushed = runtime.block_on(async {
         tokio::time::timeout(limit, push(&url, &args.file, codec, &options)).await
     });
     match pushed {
-        Ok(Ok(report)) => {
-            for (name, result) in report.ahead {
-                if let Err(e) = result {
-                    // PostgreSQL's own call for that file will try again and report it.
-                    eprintln!("pitr: warning: could not archive {name} ahead: {e}");
-                }
-            }
-            Ok(())
-        }
+        Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(failure(e)),
         Err(_) => Err(Failure::new(
             Exit::Repository,
@@ -97,4 +167,18 @@ pub fn run(args: Args) -> Result<(), Failure> {
         )
         .hint("PostgreSQL retries archiving; the file stays in pg_wal until it succeeds")),
     }
+}
+
+pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
+    let url = args.repo.url()?;
+    let options = args.ahead.options();
+    let runtime = super::runtime(Exit::Repository)?;
+    runtime
+        .block_on(push_ahead(
+            &url,
+            &args.pg_wal,
+            Arc::new(Codec::with_default_threads()),
+            &options,
+        ))
+        .map_err(failure)
 }

@@ -267,9 +267,11 @@ fn ready_segments_are_pushed_ahead_and_their_own_calls_only_check() {
     let mut answered_from_records = 0;
     for (i, seg) in segments.iter().enumerate() {
         let records = seen(seg);
-        assert!(records.lines().count() <= 3, "{seg}: {records}");
+        // At most --ahead stored ahead, plus the one a call waited for.
+        let held = records.lines().filter(|l| l.ends_with(".ok")).count();
+        assert!(held <= 4, "{seg}: {records}");
         assert!(
-            !records.contains(seg.as_str()),
+            !records.contains(&format!("{seg}.ok")),
             "{seg}'s record outlived its call"
         );
         if i > 0 && seen(&segments[i - 1]).contains(&format!("{seg}.ok")) {
@@ -311,7 +313,14 @@ fn a_record_is_trusted_only_when_the_repository_holds_the_bytes() {
     };
     push(&segments[0]);
     let record = pg_wal.join(format!(".pitr/push/{}.ok", segments[1]));
-    assert!(record.exists(), "the second segment was pushed ahead");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !record.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second segment was not pushed ahead"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let stored = repo_dir.path().join(key(&segments[1]));
     assert!(stored.exists());
 
@@ -320,4 +329,47 @@ fn a_record_is_trusted_only_when_the_repository_holds_the_bytes() {
     push(&segments[1]);
     assert!(stored.exists(), "a record without its object was trusted");
     assert!(!record.exists());
+}
+
+#[test]
+fn a_file_the_worker_cannot_store_is_refused_by_its_own_call() {
+    let repo_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", repo_dir.path().display());
+    let (pg, archive) =
+        Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let segments = pg.generate_wal_segments(2).unwrap();
+    for seg in &segments {
+        pg.wait_archived(seg, Duration::from_secs(60)).unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let pg_wal = work.path().join("pg_wal");
+    std::fs::create_dir_all(pg_wal.join("archive_status")).unwrap();
+    for seg in &segments {
+        std::fs::copy(archive.join(seg), pg_wal.join(seg)).unwrap();
+        std::fs::write(pg_wal.join(format!("archive_status/{seg}.ready")), b"").unwrap();
+    }
+    // The second segment is damaged in pg_wal: its page headers no longer say which
+    // segment it is.
+    let damaged = pg_wal.join(&segments[1]);
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    bytes[8..16].copy_from_slice(&[0xFF; 8]);
+    std::fs::write(&damaged, &bytes).unwrap();
+
+    let push = |seg: &str| {
+        pitr()
+            .args(["wal-push", "--repo", &url, "--ahead", "4"])
+            .arg(pg_wal.join(seg))
+            .output()
+            .unwrap()
+    };
+    assert!(push(&segments[0]).status.success());
+    // The worker could not store it; the call for it says why, with the bad-input code.
+    let out = push(&segments[1]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&segments[1]), "{stderr}");
+    assert!(!repo_dir.path().join(key(&segments[1])).exists());
+    assert!(!pg_wal
+        .join(format!(".pitr/push/{}.ok", segments[1]))
+        .exists());
 }
