@@ -337,14 +337,27 @@ async fn stored_earlier(url: &RepoUrl, path: &Path, record: &Record) -> bool {
 /// the background worker ([`push_ahead`]) stored is answered from its record after a cheap
 /// check, and while the worker is running this call waits for its record rather than
 /// uploading the same file twice; the file is pushed here when the worker could not.
+///
+/// `start_worker` is called when the worker is not running but has work: a file that is
+/// ready and not recorded (this one included). It should return once the worker runs.
 pub async fn push(
     url: &RepoUrl,
     path: &Path,
     codec: Arc<Codec>,
     options: &PushOptions,
+    start_worker: &(dyn Fn() + Sync),
 ) -> Result<Pushed, PushError> {
     let name = file_name(path);
-    if let Some(state) = options.state(&pg_wal_of(path)) {
+    let pg_wal = pg_wal_of(path);
+    if let Some(state) = options.state(&pg_wal) {
+        if !state.worker_running()
+            && (state.lookup(&name).is_none()
+                || ahead::ready_files(&pg_wal, &name)
+                    .iter()
+                    .any(|n| state.lookup(n).is_none()))
+        {
+            start_worker();
+        }
         let mut asked = false;
         loop {
             if let Some(record) = state.lookup(&name) {

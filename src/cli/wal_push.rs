@@ -143,16 +143,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
     let limit = std::time::Duration::from_secs(args.timeout);
     let options = args.ahead.options();
-    start_worker(
-        &url.to_string(),
-        &pg_wal_of(&args.file),
-        &args.ahead,
-        &options,
-    );
     let runtime = super::runtime(Exit::Repository)?;
     let codec = Arc::new(Codec::with_default_threads());
+    let (url_text, pg_wal) = (url.to_string(), pg_wal_of(&args.file));
+    let start = || start_worker(&url_text, &pg_wal, &args.ahead, &options);
     let pushed = runtime.block_on(async {
-        tokio::time::timeout(limit, push(&url, &args.file, codec, &options)).await
+        tokio::time::timeout(limit, push(&url, &args.file, codec, &options, &start)).await
     });
     match pushed {
         Ok(Ok(_)) => Ok(()),

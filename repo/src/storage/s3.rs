@@ -202,13 +202,51 @@ fn status_of<E>(err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Op
     }
 }
 
-/// The HTTPS client for S3 and the credential providers: rustls on ring, system roots
-/// (or `SSL_CERT_FILE`).
+/// The HTTPS client for S3 and the credential providers: rustls on ring, trusting the
+/// system's CA bundle file (or `SSL_CERT_FILE`).
 pub fn https_client() -> aws_sdk_s3::config::SharedHttpClient {
-    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https()
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider, TlsContext};
+    let builder =
+        aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring));
+    match ca_bundles().and_then(|bundles| {
+        let mut store = aws_smithy_http_client::tls::TrustStore::empty();
+        for pem in bundles {
+            store.add_pem_certificate(pem);
+        }
+        TlsContext::builder().with_trust_store(store).build().ok()
+    }) {
+        Some(context) => builder.tls_context(context).build_https(),
+        None => builder.build_https(),
+    }
+}
+
+/// The CA certificates to trust, from bundle files: those `AWS_CA_BUNDLE` and
+/// `SSL_CERT_FILE` name, if set, else the distribution's bundle unless `SSL_CERT_DIR` names a
+/// directory to use instead. `None` means the whole native store (`SSL_CERT_DIR`, a
+/// directory of files that takes a wal-push process longer to read than the rest of its
+/// work), also when no bundle is found.
+fn ca_bundles() -> Option<Vec<Vec<u8>>> {
+    let named: Vec<Vec<u8>> = ["AWS_CA_BUNDLE", "SSL_CERT_FILE"]
+        .iter()
+        .filter_map(|var| std::env::var_os(var).filter(|v| !v.is_empty()))
+        .filter_map(|file| std::fs::read(file).ok())
+        .collect();
+    if !named.is_empty() {
+        return Some(named);
+    }
+    if std::env::var_os("SSL_CERT_DIR").is_some() {
+        return None;
+    }
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/ca-bundle.pem",
+        "/etc/ssl/cert.pem",
+    ]
+    .iter()
+    .find_map(|path| std::fs::read(path).ok())
+    .filter(|pem| !pem.is_empty())
+    .map(|pem| vec![pem])
 }
 
 impl S3Storage {
