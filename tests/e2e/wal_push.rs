@@ -373,3 +373,49 @@ fn a_file_the_worker_cannot_store_is_refused_by_its_own_call() {
         .join(format!(".pitr/push/{}.ok", segments[1]))
         .exists());
 }
+
+#[test]
+fn fifty_segments_of_pgbench_wal_arrive_through_the_worker_each_as_written() {
+    let s3 = S3Server::start().unwrap();
+    let prefix = format!("{}/pgbench", s3.prefix());
+    let url = format!("s3://{}/{prefix}", s3.bucket());
+    // The default push-ahead worker is on: most calls are answered from its records.
+    let (pg, copies, _) = archiving_to(&s3, &url);
+    let first: u64 = pg
+        .sql("SELECT pg_current_wal_lsn() - '0/0'")
+        .unwrap()
+        .parse()
+        .unwrap();
+    while pg
+        .sql("SELECT pg_current_wal_lsn() - '0/0'")
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        < first + (50 << 20)
+    {
+        pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
+    }
+    let last = pg.switch_wal().unwrap();
+    pg.wait_archived(&last, Duration::from_secs(300)).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&copies)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24)
+        .collect();
+    names.sort();
+    assert!(names.len() >= 50, "only {} segments archived", names.len());
+    let store = objects(&s3, &prefix);
+    for seg in &names {
+        assert_eq!(
+            get(&store, &key(seg)),
+            std::fs::read(copies.join(seg)).unwrap(),
+            "{seg} reads back as written"
+        );
+    }
+    let failed: u64 = pg
+        .sql("SELECT failed_count FROM pg_stat_archiver")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(failed, 0, "{}", pg.server_log());
+}

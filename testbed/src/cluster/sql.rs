@@ -21,6 +21,34 @@ impl Cluster {
         run_psql(psql, sql)
     }
 
+    /// Runs `pgbench` with `args` against the `postgres` database as the superuser over the
+    /// socket (`-i -s 3` to initialize, `-T 10` for load, ...); returns its output.
+    pub fn pgbench(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(self.bin.client("pgbench"));
+        for var in ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD"] {
+            cmd.env_remove(var);
+        }
+        cmd.arg("-h")
+            .arg(self.socket_dir())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", SUPERUSER])
+            .args(args)
+            .arg("postgres");
+        let out = cmd.output().context("run pgbench")?;
+        if !out.status.success() {
+            bail!(
+                "pgbench {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
     /// Rows of a query, each a list of column texts.
     pub fn rows(&self, sql: &str) -> Result<Vec<Vec<String>>> {
         let mut psql = self.psql();
