@@ -1,4 +1,4 @@
-//! Envelope encode (zstd level 3 + blake3) and decode (decompress + verify) on one core, on
+//! Envelope encode (zstd levels 1 and 3, + blake3) and decode (decompress + verify) on one core, on
 //! a real 16 MiB WAL segment written by the test bed's PostgreSQL.
 //! `cargo bench -p repo --bench envelope`.
 
