@@ -416,8 +416,19 @@ pub async fn push_ahead(
     let mut idle_since = Instant::now();
     let mut parallel = options.parallel.max(1);
     let mut sized = false;
+    // Idle, the directories are only looked at again when they changed (or every 200 ms,
+    // since a change within the filesystem's clock tick keeps the same time).
+    let stamp = || {
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        (mtime(&pg_wal.join("archive_status")), mtime(state.dir()))
+    };
+    let mut listed: Option<(_, Instant)> = None;
     loop {
-        if inflight.len() < parallel {
+        let unchanged = listed.as_ref().is_some_and(|(seen, at)| {
+            inflight.is_empty() && *seen == stamp() && at.elapsed() < Duration::from_millis(200)
+        });
+        if inflight.len() < parallel && !unchanged {
+            listed = Some((stamp(), Instant::now()));
             let ready = ahead::ready_files(pg_wal, "");
             if !sized {
                 // Memory: each file in flight and its envelope; keep the sum near 256 MiB
