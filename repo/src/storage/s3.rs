@@ -252,8 +252,40 @@ fn ca_bundles() -> Option<Vec<Vec<u8>>> {
 impl S3Storage {
     /// Connects to the bucket (nothing is sent until the first request).
     pub async fn connect(settings: S3Settings) -> S3Storage {
+        let endpoint_url = settings
+            .endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .filter(|e| !e.is_empty());
+        let env_keys = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+            .iter()
+            .all(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
+        let own_credentials = settings.credentials.is_some() || env_keys;
+        // Building a TLS configuration parses every trusted certificate; a wal-push call is a
+        // process of its own, so build none for a plain-HTTP endpoint and only one otherwise.
+        let http = match &endpoint_url {
+            Some(e) if e.starts_with("http://") && own_credentials => {
+                aws_smithy_http_client::Builder::new().build_http()
+            }
+            _ => https_client(),
+        };
         let mut loader =
-            aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(https_client());
+            aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
+        if let Some((id, secret)) = &settings.credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id,
+                secret,
+                None,
+                None,
+                "pitr-settings",
+            ));
+        } else if env_keys {
+            // What the default chain would find first, without building the rest of it
+            // (its web-identity provider makes an STS client, with a TLS configuration).
+            loader = loader.credentials_provider(
+                aws_config::environment::credentials::EnvironmentVariableCredentialsProvider::new(),
+            );
+        }
         if let Some(endpoint) = &settings.endpoint {
             loader = loader.endpoint_url(endpoint);
         }
@@ -291,11 +323,7 @@ impl S3Storage {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
-        let endpoint = settings
-            .endpoint
-            .clone()
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
-            .unwrap_or_else(|| "aws".into());
+        let endpoint = endpoint_url.unwrap_or_else(|| "aws".into());
         let probe_cache = settings
             .cache_dir
             .as_deref()
