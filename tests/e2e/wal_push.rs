@@ -286,17 +286,15 @@ fn ready_segments_are_pushed_ahead_and_their_own_calls_only_check() {
     );
 }
 
-#[test]
-fn a_record_is_trusted_only_when_the_repository_holds_the_bytes() {
-    let repo_dir = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", repo_dir.path().display());
+/// A pg_wal directory of its own (in the returned temp dir) holding two real segments, both
+/// marked ready, as PostgreSQL leaves them for an archiver that is behind.
+fn two_ready_segments() -> (tempfile::TempDir, Vec<String>) {
     let (pg, archive) =
         Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
     let segments = pg.generate_wal_segments(2).unwrap();
     for seg in &segments {
         pg.wait_archived(seg, Duration::from_secs(60)).unwrap();
     }
-    // A pg_wal of our own, with both segments ready.
     let work = tempfile::tempdir().unwrap();
     let pg_wal = work.path().join("pg_wal");
     std::fs::create_dir_all(pg_wal.join("archive_status")).unwrap();
@@ -304,6 +302,16 @@ fn a_record_is_trusted_only_when_the_repository_holds_the_bytes() {
         std::fs::copy(archive.join(seg), pg_wal.join(seg)).unwrap();
         std::fs::write(pg_wal.join(format!("archive_status/{seg}.ready")), b"").unwrap();
     }
+    (work, segments)
+}
+
+#[test]
+fn a_record_is_trusted_only_when_the_repository_holds_the_bytes() {
+    let repo_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", repo_dir.path().display());
+    // A pg_wal of our own, with two segments ready.
+    let (work, segments) = two_ready_segments();
+    let pg_wal = work.path().join("pg_wal");
     let push = |seg: &str| {
         crate::succeeds(
             pitr()
@@ -335,19 +343,8 @@ fn a_record_is_trusted_only_when_the_repository_holds_the_bytes() {
 fn a_file_the_worker_cannot_store_is_refused_by_its_own_call() {
     let repo_dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", repo_dir.path().display());
-    let (pg, archive) =
-        Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
-    let segments = pg.generate_wal_segments(2).unwrap();
-    for seg in &segments {
-        pg.wait_archived(seg, Duration::from_secs(60)).unwrap();
-    }
-    let work = tempfile::tempdir().unwrap();
+    let (work, segments) = two_ready_segments();
     let pg_wal = work.path().join("pg_wal");
-    std::fs::create_dir_all(pg_wal.join("archive_status")).unwrap();
-    for seg in &segments {
-        std::fs::copy(archive.join(seg), pg_wal.join(seg)).unwrap();
-        std::fs::write(pg_wal.join(format!("archive_status/{seg}.ready")), b"").unwrap();
-    }
     // The second segment is damaged in pg_wal: its page headers no longer say which
     // segment it is.
     let damaged = pg_wal.join(&segments[1]);

@@ -309,15 +309,6 @@ impl S3Storage {
             // S3-compatible servers rarely care, but the SDK must sign for some region.
             b = b.region(Region::new("us-east-1"));
         }
-        if let Some((id, secret)) = &settings.credentials {
-            b = b.credentials_provider(aws_sdk_s3::config::Credentials::new(
-                id,
-                secret,
-                None,
-                None,
-                "pitr-settings",
-            ));
-        }
         if settings.checksums_when_required {
             b = b
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
