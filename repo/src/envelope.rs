@@ -2,7 +2,7 @@
 //! compression and encryption, the plaintext's length and blake3 hash, then the body.
 //! Decoding always checks length and hash. Byte layout: docs/FORMAT.md, "Envelope".
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 
 /// The first four bytes of every envelope.
 pub const MAGIC: [u8; 4] = *b"PITR";
@@ -96,30 +96,37 @@ pub enum EnvelopeError {
 /// Wraps `plain` in an envelope.
 pub fn encode(plain: &[u8], options: EncodeOptions) -> Bytes {
     let hash = blake3::hash(plain);
-    let (compression, body) = match options.zstd_level {
-        Some(level) => (
-            Compression::Zstd,
-            // Compressing into memory cannot fail for in-range levels; fall back to storing
-            // the bytes plain rather than losing them if it ever does.
-            zstd::bulk::compress(plain, level).ok(),
-        ),
-        None => (Compression::None, None),
+    // The body is compressed straight into place after the header: no second buffer, no
+    // copy. Pages past the compressed size are never touched.
+    let compressed = options.zstd_level.and_then(|level| {
+        let mut out = vec![0u8; FIXED_HEADER_LEN + zstd::zstd_safe::compress_bound(plain.len())];
+        // Compressing into memory cannot fail for in-range levels; fall back to storing the
+        // bytes plain rather than losing them if it ever does.
+        let n = zstd::bulk::Compressor::new(level)
+            .and_then(|mut c| c.compress_to_buffer(plain, &mut out[FIXED_HEADER_LEN..]))
+            .ok()?;
+        out.truncate(FIXED_HEADER_LEN + n);
+        Some(out)
+    });
+    let (compression, mut out) = match compressed {
+        Some(out) => (Compression::Zstd, out),
+        None => {
+            let mut out = Vec::with_capacity(FIXED_HEADER_LEN + plain.len());
+            out.resize(FIXED_HEADER_LEN, 0);
+            out.extend_from_slice(plain);
+            (Compression::None, out)
+        }
     };
-    let (compression, body) = match body {
-        Some(body) => (compression, body),
-        None => (Compression::None, plain.to_vec()),
-    };
-    let mut out = BytesMut::with_capacity(FIXED_HEADER_LEN + body.len());
-    out.put_slice(&MAGIC);
-    out.put_u8(VERSION);
-    out.put_u8(compression as u8);
-    out.put_u8(Encryption::None as u8);
-    out.put_u8(0); // flags
-    out.put_u64_le(plain.len() as u64);
-    out.put_slice(hash.as_bytes());
-    out.put_u16_le(0); // encryption parameters length
-    out.put_slice(&body);
-    out.freeze()
+    let mut header = &mut out[..FIXED_HEADER_LEN];
+    header.put_slice(&MAGIC);
+    header.put_u8(VERSION);
+    header.put_u8(compression as u8);
+    header.put_u8(Encryption::None as u8);
+    header.put_u8(0); // flags
+    header.put_u64_le(plain.len() as u64);
+    header.put_slice(hash.as_bytes());
+    header.put_u16_le(0); // encryption parameters length
+    Bytes::from(out)
 }
 
 /// Reads and checks the header.
