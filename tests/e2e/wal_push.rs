@@ -224,7 +224,7 @@ fn while_s3_is_down_nothing_is_marked_archived_and_everything_arrives_after() {
 }
 
 #[test]
-fn ready_segments_are_pushed_ahead_and_their_own_calls_only_check() {
+fn segments_stored_ahead_arrive_and_their_records_stay_bounded() {
     let s3 = S3Server::start().unwrap();
     let prefix = format!("{}/ahead", s3.prefix());
     let url = format!("s3://{}/{prefix}", s3.bucket());
@@ -263,10 +263,11 @@ fn ready_segments_are_pushed_ahead_and_their_own_calls_only_check() {
         let original = std::fs::read(pg.data_dir().join("pg_wal").join(seg)).unwrap();
         assert_eq!(get(&store, &key(seg)), original, "{seg} reads back");
     }
-    let seen = |seg: &str| std::fs::read_to_string(calls.join(seg)).unwrap();
-    let mut answered_from_records = 0;
-    for (i, seg) in segments.iter().enumerate() {
-        let records = seen(seg);
+    // Which calls find a record depends on how far the background worker got, so this
+    // checks only what always holds; that the worker stores the next segment ahead is
+    // checked in a_record_is_trusted_only_when_the_repository_holds_the_bytes.
+    for seg in &segments {
+        let records = std::fs::read_to_string(calls.join(seg)).unwrap();
         // At most --ahead stored ahead, plus the one a call waited for.
         let held = records.lines().filter(|l| l.ends_with(".ok")).count();
         assert!(held <= 4, "{seg}: {records}");
@@ -274,16 +275,7 @@ fn ready_segments_are_pushed_ahead_and_their_own_calls_only_check() {
             !records.contains(&format!("{seg}.ok")),
             "{seg}'s record outlived its call"
         );
-        if i > 0 && seen(&segments[i - 1]).contains(&format!("{seg}.ok")) {
-            answered_from_records += 1;
-        }
     }
-    // Each full call stores the next three, whose own calls are then answered at once.
-    assert!(
-        answered_from_records >= segments.len() / 2,
-        "only {answered_from_records} of {} calls found a record",
-        segments.len()
-    );
 }
 
 /// A pg_wal directory of its own (in the returned temp dir) holding two real segments, both
