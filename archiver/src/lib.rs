@@ -2,5 +2,6 @@
 //! service and base backups.
 
 pub mod ahead;
+pub mod pg;
 pub mod summary_json;
 pub mod wal_push;

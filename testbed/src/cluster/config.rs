@@ -53,7 +53,9 @@ pub(crate) fn settings_block(
 /// pg_hba.conf: the password roles first, each with its method, then trust for everyone
 /// else on the socket and on 127.0.0.1, for both databases and replication.
 pub(crate) fn hba() -> String {
-    let mut s = String::from("# written by the pitr test bed\nlocal all all trust\n");
+    let mut s = String::from(
+        "# written by the pitr test bed\nlocal all all trust\nlocal replication all trust\n",
+    );
     for (role, method) in PASSWORD_ROLES {
         let _ = writeln!(s, "host all {role} 127.0.0.1/32 {method}");
         let _ = writeln!(s, "host replication {role} 127.0.0.1/32 {method}");

@@ -1,0 +1,8 @@
+//! Talking to PostgreSQL: connection settings as libpq takes them, and the replication
+//! connection (base backups and streaming use it).
+
+pub mod conn;
+pub mod settings;
+
+pub use conn::{ConnError, ReplicationConn, ResultSet, ServerError, SystemInfo};
+pub use settings::{PgSettings, SettingsError};
