@@ -95,3 +95,63 @@ async fn a_server_that_is_not_there_is_a_connect_error_naming_it() {
     assert!(matches!(err, ConnError::Connect { .. }), "{err}");
     assert!(err.to_string().contains(".s.PGSQL.1"), "{err}");
 }
+
+#[tokio::test]
+async fn base_backup_streams_its_archive_and_manifest_through_copy_out() {
+    use archiver::pg::Reply;
+    let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    if pg.bin().major() < 15 {
+        return; // the parenthesized syntax and typed CopyData are 15+
+    }
+    let s = settings(&format!(
+        "host={} port={} user={SUPERUSER}",
+        pg.socket_dir().display(),
+        pg.port()
+    ));
+    let mut conn = ReplicationConn::connect(&s).await.unwrap();
+    conn.start_query(
+        "BASE_BACKUP (LABEL 'pitr-test', CHECKPOINT 'fast', WAIT false, MANIFEST 'yes')",
+    )
+    .await
+    .unwrap();
+    let mut sets = Vec::new();
+    let (mut archives, mut tar, mut manifest) = (Vec::new(), Vec::new(), Vec::new());
+    let mut in_manifest = false;
+    let (mut copies, mut dones) = (0, 0);
+    while let Some(reply) = conn.next_reply().await.unwrap() {
+        match reply {
+            Reply::Rows(set) => sets.push(set),
+            Reply::CopyOut => copies += 1,
+            Reply::CopyDone => dones += 1,
+            Reply::CopyData(d) => match d[0] {
+                b'n' => archives.push(String::from_utf8_lossy(&d[1..]).into_owned()),
+                b'm' => in_manifest = true,
+                b'd' if in_manifest => manifest.extend_from_slice(&d[1..]),
+                b'd' => tar.extend_from_slice(&d[1..]),
+                b'p' => {}
+                other => panic!("unexpected CopyData type {other}"),
+            },
+            Reply::CopyBoth => panic!("BASE_BACKUP does not copy both ways"),
+        }
+    }
+    assert_eq!((copies, dones), (1, 1));
+    assert!(archives[0].starts_with("base.tar"), "{archives:?}");
+    // The first file of base.tar is backup_label, named in the first tar header.
+    assert_eq!(&tar[..12], b"backup_label");
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    assert!(manifest["Files"].as_array().unwrap().len() > 100);
+    // Start position first, end position last, on timeline 1.
+    // Result sets: start position, tablespaces, end position, then the command's own tag.
+    let positions: Vec<_> = sets
+        .iter()
+        .filter(|s| s.columns == ["recptr", "tli"])
+        .collect();
+    assert_eq!(positions.len(), 2, "{sets:?}");
+    let start: walfmt::Lsn = positions[0].text(0, "recptr").unwrap().parse().unwrap();
+    let end: walfmt::Lsn = positions[1].text(0, "recptr").unwrap().parse().unwrap();
+    assert!(start < end, "{start} .. {end}");
+    assert_eq!(positions[1].text(0, "tli").as_deref(), Some("1"));
+    assert_eq!(sets.last().unwrap().tag, "BASE_BACKUP");
+    // And the connection is ready for the next command.
+    assert!(conn.identify_system().await.is_ok());
+}

@@ -2,7 +2,8 @@
 //! tokio-postgres has no replication mode): startup with `replication=true`, password
 //! authentication (cleartext, md5, SCRAM-SHA-256), and the simple query protocol with any
 //! number of result sets, which is how replication commands (IDENTIFY_SYSTEM,
-//! TIMELINE_HISTORY, BASE_BACKUP, ...) answer. TLS, CopyOut and CopyBoth come next.
+//! TIMELINE_HISTORY, BASE_BACKUP, ...) answer, including the COPY streams of BASE_BACKUP and
+//! the start of START_REPLICATION's CopyBoth. TLS comes next.
 
 use std::fmt;
 
@@ -136,6 +137,27 @@ pub struct ReplicationConn {
     read: BytesMut,
     write: BytesMut,
     server_version: Option<String>,
+    pending_error: Option<ServerError>,
+}
+
+enum Incoming {
+    Message(Message),
+    CopyBoth,
+}
+
+/// A part of a query's answer.
+#[derive(Debug)]
+pub enum Reply {
+    /// A whole result set.
+    Rows(ResultSet),
+    /// A COPY from the server starts (BASE_BACKUP's archives, its manifest).
+    CopyOut,
+    /// Both directions copy from now on (START_REPLICATION).
+    CopyBoth,
+    /// One CopyData message's payload.
+    CopyData(Bytes),
+    /// The COPY from the server ended.
+    CopyDone,
 }
 
 impl fmt::Debug for ReplicationConn {
@@ -178,6 +200,7 @@ impl ReplicationConn {
             read: BytesMut::with_capacity(8192),
             write: BytesMut::new(),
             server_version: None,
+            pending_error: None,
         };
         conn.startup(s).await?;
         Ok(conn)
@@ -196,9 +219,26 @@ impl ReplicationConn {
     }
 
     async fn next_message(&mut self) -> Result<Message, ConnError> {
+        match self.next_incoming().await? {
+            Incoming::Message(m) => Ok(m),
+            Incoming::CopyBoth => Err(ConnError::Protocol("unexpected CopyBothResponse".into())),
+        }
+    }
+
+    /// The next message. postgres-protocol does not know CopyBothResponse ('W'), so that
+    /// one is recognised here before the rest are parsed.
+    async fn next_incoming(&mut self) -> Result<Incoming, ConnError> {
         loop {
-            if let Some(m) = Message::parse(&mut self.read)? {
-                return Ok(m);
+            if self.read.len() >= 5 && self.read[0] == b'W' {
+                let len =
+                    u32::from_be_bytes([self.read[1], self.read[2], self.read[3], self.read[4]]);
+                let total = 1 + len as usize;
+                if self.read.len() >= total {
+                    let _ = self.read.split_to(total);
+                    return Ok(Incoming::CopyBoth);
+                }
+            } else if let Some(m) = Message::parse(&mut self.read)? {
+                return Ok(Incoming::Message(m));
             }
             if self.stream.read_buf(&mut self.read).await? == 0 {
                 return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
@@ -290,16 +330,27 @@ impl ReplicationConn {
         }
     }
 
-    /// Runs `sql` with the simple query protocol and returns every result set. A server
-    /// error is returned after the server is ready again, so the connection stays usable.
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<ResultSet>, ConnError> {
+    /// Sends `sql` with the simple query protocol; read the answer with
+    /// [`ReplicationConn::next_reply`] until it returns `None`.
+    pub async fn start_query(&mut self, sql: &str) -> Result<(), ConnError> {
         frontend::query(sql, &mut self.write)?;
         self.send().await?;
-        let mut sets = Vec::new();
+        self.pending_error = None;
+        Ok(())
+    }
+
+    /// The next part of the answer to the query started last: a whole result set, the
+    /// start of a COPY, a piece of its data, its end; `None` once the server is ready for
+    /// the next query. A server error is returned then (not before), so the connection
+    /// stays usable.
+    pub async fn next_reply(&mut self) -> Result<Option<Reply>, ConnError> {
         let mut current: Option<ResultSet> = None;
-        let mut error = None;
         loop {
-            match self.next_message().await? {
+            let message = match self.next_incoming().await? {
+                Incoming::CopyBoth => return Ok(Some(Reply::CopyBoth)),
+                Incoming::Message(m) => m,
+            };
+            match message {
                 Message::RowDescription(body) => {
                     let mut names = Vec::new();
                     let mut fields = body.fields();
@@ -326,26 +377,47 @@ impl ReplicationConn {
                 Message::CommandComplete(body) => {
                     let mut set = current.take().unwrap_or_default();
                     set.tag = body.tag()?.to_owned();
-                    sets.push(set);
+                    return Ok(Some(Reply::Rows(set)));
                 }
-                Message::EmptyQueryResponse | Message::NoticeResponse(_) => {}
-                Message::ParameterStatus(_) => {}
+                Message::CopyOutResponse(_) => return Ok(Some(Reply::CopyOut)),
+                Message::CopyData(body) => return Ok(Some(Reply::CopyData(body.into_bytes()))),
+                Message::CopyDone => return Ok(Some(Reply::CopyDone)),
+                Message::EmptyQueryResponse
+                | Message::NoticeResponse(_)
+                | Message::ParameterStatus(_) => {}
                 Message::ErrorResponse(e) => {
-                    error = Some(ServerError::from_fields(e.fields()));
+                    self.pending_error = Some(ServerError::from_fields(e.fields()));
                 }
                 Message::ReadyForQuery(_) => {
-                    return match error {
+                    return match self.pending_error.take() {
                         Some(e) => Err(ConnError::Server(e)),
-                        None => Ok(sets),
+                        None => Ok(None),
                     };
                 }
                 _ => {
-                    return Err(ConnError::Protocol(format!(
-                        "unexpected message in the reply to \"{sql}\""
-                    )))
+                    return Err(ConnError::Protocol(
+                        "unexpected message in a query's answer".into(),
+                    ))
                 }
             }
         }
+    }
+
+    /// Runs `sql` and returns every result set (a query without COPY).
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<ResultSet>, ConnError> {
+        self.start_query(sql).await?;
+        let mut sets = Vec::new();
+        let mut unexpected = false;
+        while let Some(reply) = self.next_reply().await? {
+            match reply {
+                Reply::Rows(set) => sets.push(set),
+                _ => unexpected = true,
+            }
+        }
+        if unexpected {
+            return Err(ConnError::Protocol(format!("\"{sql}\" started a COPY")));
+        }
+        Ok(sets)
     }
 
     /// IDENTIFY_SYSTEM: which cluster, timeline and WAL position the server is at.

@@ -4,5 +4,5 @@
 pub mod conn;
 pub mod settings;
 
-pub use conn::{ConnError, ReplicationConn, ResultSet, ServerError, SystemInfo};
+pub use conn::{ConnError, ReplicationConn, Reply, ResultSet, ServerError, SystemInfo};
 pub use settings::{PgSettings, SettingsError};
