@@ -4,4 +4,5 @@
 pub mod ahead;
 pub mod pg;
 pub mod summary_json;
+pub mod tar;
 pub mod wal_push;

@@ -136,10 +136,46 @@ async fn base_backup_streams_its_archive_and_manifest_through_copy_out() {
     }
     assert_eq!((copies, dones), (1, 1));
     assert!(archives[0].starts_with("base.tar"), "{archives:?}");
-    // The first file of base.tar is backup_label, named in the first tar header.
-    assert_eq!(&tar[..12], b"backup_label");
+    // base.tar taken apart: backup_label first, and every regular file with the size the
+    // server's own manifest gives it.
     let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    assert!(manifest["Files"].as_array().unwrap().len() > 100);
+    let mut reader = archiver::tar::TarReader::new();
+    let mut files = std::collections::BTreeMap::new();
+    let mut first = None;
+    let mut current = String::new();
+    for piece in tar.chunks(7919) {
+        reader.feed(piece);
+        while let Some(event) = reader.next_event().unwrap() {
+            match event {
+                archiver::tar::TarEvent::Entry(e) => {
+                    first.get_or_insert(e.path.clone());
+                    if e.kind == archiver::tar::EntryKind::File {
+                        files.insert(e.path.clone(), 0u64);
+                        current = e.path;
+                    }
+                }
+                archiver::tar::TarEvent::Data(d) => {
+                    *files.get_mut(&current).unwrap() += d.len() as u64;
+                }
+                archiver::tar::TarEvent::End => {}
+            }
+        }
+    }
+    reader.finish().unwrap();
+    assert_eq!(first.as_deref(), Some("backup_label"));
+    let listed: std::collections::BTreeMap<String, u64> = manifest["Files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["Path"].as_str().unwrap().to_owned(),
+                f["Size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(listed.len() > 100);
+    assert_eq!(files, listed);
     // Start position first, end position last, on timeline 1.
     // Result sets: start position, tablespaces, end position, then the command's own tag.
     let positions: Vec<_> = sets
