@@ -191,3 +191,168 @@ async fn base_backup_streams_its_archive_and_manifest_through_copy_out() {
     // And the connection is ready for the next command.
     assert!(conn.identify_system().await.is_ok());
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for `san` signed by it, in `dir`: ca.crt, server.crt,
+/// server.key.
+fn make_certs(dir: &std::path::Path, san: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pitr-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=pitr-test-server",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(
+        dir.join("ext"),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\n"),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+            "-out",
+            "server.crt",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn tls_as_sslmode_says() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut pg = Cluster::init(ClusterOptions::default()).unwrap();
+    let tls = pg.server_dir("tls").unwrap();
+    make_certs(&tls, "DNS:db.example");
+    for f in ["server.crt", "server.key"] {
+        pg.os_user().give(&tls.join(f)).unwrap();
+    }
+    std::fs::set_permissions(
+        tls.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    pg.set_config("ssl", "on").unwrap();
+    pg.set_config("ssl_cert_file", tls.join("server.crt").to_str().unwrap())
+        .unwrap();
+    pg.set_config("ssl_key_file", tls.join("server.key").to_str().unwrap())
+        .unwrap();
+    pg.start().unwrap();
+    let other_ca = tempfile::tempdir().unwrap();
+    make_certs(other_ca.path(), "DNS:db.example");
+
+    let tcp = |mode: &str, root: &std::path::Path| {
+        let mut s = settings(&format!(
+            "host=127.0.0.1 port={} user={SUPERUSER} sslmode={mode}",
+            pg.port()
+        ));
+        s.sslrootcert = Some(root.to_owned());
+        s
+    };
+    let encrypted = |pg: &Cluster| -> u64 {
+        pg.sql("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.backend_type = 'walsender'")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let ca = tls.join("ca.crt");
+    for mode in ["prefer", "require", "verify-ca"] {
+        let mut conn = ReplicationConn::connect(&tcp(mode, &ca))
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(conn.identify_system().await.is_ok());
+        assert!(encrypted(&pg) >= 1, "{mode} is encrypted");
+        conn.close().await;
+    }
+    // The walsenders of closed connections go away; then none is encrypted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while encrypted(&pg) > 0 {
+        assert!(std::time::Instant::now() < deadline, "walsenders linger");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The certificate names db.example, not 127.0.0.1: verify-full refuses it.
+    let err = ReplicationConn::connect(&tcp("verify-full", &ca))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("SSL connection"), "{err}");
+    // Signed by another CA: verify-ca refuses it.
+    let err = ReplicationConn::connect(&tcp("verify-ca", &other_ca.path().join("ca.crt")))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("SSL connection"), "{err}");
+    // disable: plain text.
+    let mut conn = ReplicationConn::connect(&tcp("disable", &ca))
+        .await
+        .unwrap();
+    assert!(conn.identify_system().await.is_ok());
+    assert_eq!(encrypted(&pg), 0);
+}
+
+#[tokio::test]
+async fn a_server_without_tls_is_refused_when_tls_is_required() {
+    let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    let s = |mode: &str| {
+        settings(&format!(
+            "host=127.0.0.1 port={} user={SUPERUSER} sslmode={mode}",
+            pg.port()
+        ))
+    };
+    let err = ReplicationConn::connect(&s("require")).await.unwrap_err();
+    assert!(
+        err.to_string().contains("server does not support SSL"),
+        "{err}"
+    );
+    let mut conn = ReplicationConn::connect(&s("prefer")).await.unwrap();
+    assert!(conn.identify_system().await.is_ok());
+}

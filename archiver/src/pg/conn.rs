@@ -3,7 +3,7 @@
 //! authentication (cleartext, md5, SCRAM-SHA-256), and the simple query protocol with any
 //! number of result sets, which is how replication commands (IDENTIFY_SYSTEM,
 //! TIMELINE_HISTORY, BASE_BACKUP, ...) answer, including the COPY streams of BASE_BACKUP and
-//! the start of START_REPLICATION's CopyBoth. TLS comes next.
+//! the start of START_REPLICATION's CopyBoth. TCP connections use TLS as `sslmode` says.
 
 use std::fmt;
 
@@ -18,7 +18,7 @@ use walfmt::Lsn;
 
 use super::settings::PgSettings;
 
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// An error the server reported (ErrorResponse), with its fields.
@@ -183,17 +183,17 @@ impl ReplicationConn {
                     .map_err(connect_err)?,
             )
         } else {
-            if matches!(s.sslmode.as_str(), "require" | "verify-ca" | "verify-full") {
-                return Err(ConnError::Auth(format!(
-                    "sslmode {} is not supported yet",
-                    s.sslmode
-                )));
-            }
-            let tcp = tokio::net::TcpStream::connect((s.host.as_str(), s.port))
+            let mut tcp = tokio::net::TcpStream::connect((s.host.as_str(), s.port))
                 .await
                 .map_err(connect_err)?;
             let _ = tcp.set_nodelay(true);
-            Box::new(tcp)
+            match s.sslmode.as_str() {
+                "disable" | "allow" => Box::new(tcp),
+                _ => match super::tls::negotiate(&mut tcp, s).await? {
+                    Some(config) => Box::new(super::tls::handshake(tcp, s, config).await?),
+                    None => Box::new(tcp),
+                },
+            }
         };
         let mut conn = ReplicationConn {
             stream,

@@ -3,6 +3,7 @@
 
 pub mod conn;
 pub mod settings;
+mod tls;
 
 pub use conn::{ConnError, ReplicationConn, Reply, ResultSet, ServerError, SystemInfo};
 pub use settings::{PgSettings, SettingsError};

@@ -25,6 +25,9 @@ pub struct PgSettings {
     pub sslmode: String,
     /// The password file (`PGPASSFILE`, else `~/.pgpass`).
     pub passfile: Option<PathBuf>,
+    /// CA certificates (PEM) that verify-ca and verify-full check the server against
+    /// (`PGSSLROOTCERT`, else `~/.postgresql/root.crt`).
+    pub sslrootcert: Option<PathBuf>,
 }
 
 /// A connection string that cannot be understood.
@@ -46,6 +49,7 @@ impl PgSettings {
             ("PGDATABASE", "dbname"),
             ("PGAPPNAME", "application_name"),
             ("PGSSLMODE", "sslmode"),
+            ("PGSSLROOTCERT", "sslrootcert"),
         ] {
             if let Some(v) = env(var) {
                 given.insert(key.into(), v);
@@ -85,7 +89,11 @@ impl PgSettings {
         let passfile = take("passfile")
             .map(PathBuf::from)
             .or_else(|| home.map(|h| h.join(".pgpass")));
+        let sslrootcert = take("sslrootcert")
+            .map(PathBuf::from)
+            .or_else(|| home.map(|h| h.join(".postgresql/root.crt")));
         let mut settings = PgSettings {
+            sslrootcert,
             dbname: take("dbname").unwrap_or_else(|| user.clone()),
             application_name: take("application_name").unwrap_or_else(|| "pitr".into()),
             password: take("password"),
