@@ -18,6 +18,8 @@ pub enum Exit {
     Corrupt = 5,
     /// 6: refused: a different file is already stored under this name.
     Conflict = 6,
+    /// 7: the database server cannot be reached, or refused the connection or a command.
+    Database = 7,
     /// 200: `wal-fetch` could not deliver a file the repository may hold (unreachable,
     /// damaged, misconfigured). Above 125, so PostgreSQL stops recovery.
     FetchFailed = 200,

@@ -2,6 +2,7 @@
 //! README.md. Each subcommand lives in its own module and returns `Result<(), Failure>`.
 
 mod bench;
+mod check;
 mod failure;
 mod info;
 mod repo_args;
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Measure archiving throughput against real WAL, beside other tools
     Bench(bench::Args),
+    /// Check the server can be reached for replication and the repository is its own
+    Check(check::Args),
     /// Show which cluster a repository belongs to and its format
     Info(info::Args),
     /// Restore one WAL file from the repository (restore_command = 'pitr wal-fetch %f %p')
@@ -55,6 +58,7 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Check(args) => check::run(args),
         Command::Info(args) => info::run(args),
         Command::WalFetch(args) => wal_fetch::run(args),
         Command::WalPrefetch(args) => wal_fetch::run_worker(args),
