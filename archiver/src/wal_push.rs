@@ -394,6 +394,9 @@ pub async fn push(
     Ok(store(&repo, file).await?.0)
 }
 
+/// How long the worker leaves a file it could not store before trying it again.
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(10);
+
 /// The background push worker for the `pg_wal` directory `pg_wal`: while PostgreSQL has
 /// files marked `.ready`, stores them in archiving order (the one PostgreSQL waits for
 /// first), `options.parallel` at a time, keeping at most `options.ahead` stored but not yet
@@ -413,7 +416,9 @@ pub async fn push_ahead(
     };
     let url_text = url.to_string();
     let repo: tokio::sync::OnceCell<Repository> = tokio::sync::OnceCell::new();
-    let mut failed: HashMap<String, String> = HashMap::new();
+    // Files this worker could not store, with why and when: tried again after a while (the
+    // repository may have come back), told to a call waiting for them meanwhile.
+    let mut failed: HashMap<String, (String, Instant)> = HashMap::new();
     let mut busy: HashSet<String> = HashSet::new();
     // Stored by this worker: never again while still ready (PostgreSQL's call for it takes
     // the record away before the file stops being ready).
@@ -460,8 +465,10 @@ pub async fn push_ahead(
             if let Some(w) = &wanted {
                 // A call waits for a file this worker will not record (it failed, or its
                 // record could not be kept): tell it, and it pushes the file itself.
-                if let Some(message) = failed.get(w) {
-                    state.fail(w, message);
+                if let Some((message, at)) = failed.get(w) {
+                    if at.elapsed() < RETRY_FAILED_AFTER {
+                        state.fail(w, message);
+                    }
                 } else if done.contains(w) && state.lookup(w).is_none() {
                     state.fail(w, "stored, but no record of it was kept");
                 }
@@ -472,7 +479,9 @@ pub async fn push_ahead(
             let open = |n: &String| {
                 !busy.contains(n)
                     && !done.contains(n)
-                    && !failed.contains_key(n)
+                    && failed
+                        .get(n)
+                        .is_none_or(|(_, at)| at.elapsed() >= RETRY_FAILED_AFTER)
                     && state.lookup(n).is_none()
             };
             // The file PostgreSQL waits for goes first, whatever the room ahead.
@@ -507,12 +516,13 @@ pub async fn push_ahead(
                 busy.remove(&n);
                 match result {
                     Ok(()) => {
+                        failed.remove(&n);
                         done.insert(n);
                     }
                     Err(e) => {
                         let message = e.to_string();
                         state.fail(&n, &message);
-                        failed.insert(n, message);
+                        failed.insert(n, (message, Instant::now()));
                     }
                 }
             }
