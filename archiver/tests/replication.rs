@@ -97,73 +97,112 @@ async fn a_server_that_is_not_there_is_a_connect_error_naming_it() {
 }
 
 #[tokio::test]
-async fn base_backup_streams_its_archive_and_manifest_through_copy_out() {
-    use archiver::pg::Reply;
+async fn base_backup_in_either_syntax_yields_each_archive_and_the_manifest() {
+    use archiver::pg::base_backup::{BackupEvent, BackupOptions, BaseBackup};
+    use archiver::tar::{EntryKind, TarEvent, TarReader};
+    use std::collections::BTreeMap;
     let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
-    if pg.bin().major() < 15 {
-        return; // the parenthesized syntax and typed CopyData are 15+
-    }
+    let space = pg.server_dir("space").unwrap();
+    pg.sql(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        space.display()
+    ))
+    .unwrap();
+    pg.sql("CREATE TABLE t TABLESPACE extra AS SELECT g FROM generate_series(1, 10000) g")
+        .unwrap();
+    let oid: u32 = pg
+        .sql("SELECT oid FROM pg_tablespace WHERE spcname = 'extra'")
+        .unwrap()
+        .parse()
+        .unwrap();
     let s = settings(&format!(
         "host={} port={} user={SUPERUSER}",
         pg.socket_dir().display(),
         pg.port()
     ));
     let mut conn = ReplicationConn::connect(&s).await.unwrap();
-    conn.start_query(
-        "BASE_BACKUP (LABEL 'pitr-test', CHECKPOINT 'fast', WAIT false, MANIFEST 'yes')",
-    )
-    .await
-    .unwrap();
-    let mut sets = Vec::new();
-    let (mut archives, mut tar, mut manifest) = (Vec::new(), Vec::new(), Vec::new());
-    let mut in_manifest = false;
-    let (mut copies, mut dones) = (0, 0);
-    while let Some(reply) = conn.next_reply().await.unwrap() {
-        match reply {
-            Reply::Rows(set) => sets.push(set),
-            Reply::CopyOut => copies += 1,
-            Reply::CopyDone => dones += 1,
-            Reply::CopyData(d) => match d[0] {
-                b'n' => archives.push(String::from_utf8_lossy(&d[1..]).into_owned()),
-                b'm' => in_manifest = true,
-                b'd' if in_manifest => manifest.extend_from_slice(&d[1..]),
-                b'd' => tar.extend_from_slice(&d[1..]),
-                b'p' => {}
-                other => panic!("unexpected CopyData type {other}"),
-            },
-            Reply::CopyBoth => panic!("BASE_BACKUP does not copy both ways"),
-        }
+    let options = BackupOptions {
+        label: "pitr-test".into(),
+        fast_checkpoint: true,
+        manifest: true,
+    };
+    let mut backup = BaseBackup::start(&mut conn, &options).await.unwrap();
+    let (mut start, mut end) = (None, None);
+    let mut tablespaces = Vec::new();
+    // Each archive taken apart as it streams.
+    struct Received {
+        name: String,
+        tablespace: Option<u32>,
+        files: BTreeMap<String, u64>,
+        first: Option<String>,
     }
-    assert_eq!((copies, dones), (1, 1));
-    assert!(archives[0].starts_with("base.tar"), "{archives:?}");
-    // base.tar taken apart: backup_label first, and every regular file with the size the
-    // server's own manifest gives it.
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    let mut reader = archiver::tar::TarReader::new();
-    let mut files = std::collections::BTreeMap::new();
-    let mut first = None;
+    let mut archives: Vec<Received> = Vec::new();
+    let mut reader = TarReader::new();
     let mut current = String::new();
-    for piece in tar.chunks(7919) {
-        reader.feed(piece);
-        while let Some(event) = reader.next_event().unwrap() {
-            match event {
-                archiver::tar::TarEvent::Entry(e) => {
-                    first.get_or_insert(e.path.clone());
-                    if e.kind == archiver::tar::EntryKind::File {
-                        files.insert(e.path.clone(), 0u64);
-                        current = e.path;
+    let mut manifest = Vec::new();
+    while let Some(event) = backup.next().await.unwrap() {
+        match event {
+            BackupEvent::Started { lsn, timeline } => start = Some((lsn, timeline)),
+            BackupEvent::Ended { lsn, timeline } => end = Some((lsn, timeline)),
+            BackupEvent::Tablespaces(list) => tablespaces = list,
+            BackupEvent::Archive { name, tablespace } => {
+                reader.finish().unwrap();
+                reader = TarReader::new();
+                archives.push(Received {
+                    name,
+                    tablespace,
+                    files: BTreeMap::new(),
+                    first: None,
+                });
+            }
+            BackupEvent::Data(d) => {
+                reader.feed(&d);
+                let got = archives.last_mut().unwrap();
+                while let Some(e) = reader.next_event().unwrap() {
+                    match e {
+                        TarEvent::Entry(e) => {
+                            got.first.get_or_insert(e.path.clone());
+                            if e.kind == EntryKind::File {
+                                got.files.insert(e.path.clone(), 0);
+                                current = e.path;
+                            }
+                        }
+                        TarEvent::Data(d) => {
+                            *got.files.get_mut(&current).unwrap() += d.len() as u64
+                        }
+                        TarEvent::End => {}
                     }
                 }
-                archiver::tar::TarEvent::Data(d) => {
-                    *files.get_mut(&current).unwrap() += d.len() as u64;
-                }
-                archiver::tar::TarEvent::End => {}
             }
+            BackupEvent::Progress(_) => {}
+            BackupEvent::Manifest => reader.finish().unwrap(),
+            BackupEvent::ManifestData(d) => manifest.extend_from_slice(&d),
         }
     }
-    reader.finish().unwrap();
-    assert_eq!(first.as_deref(), Some("backup_label"));
-    let listed: std::collections::BTreeMap<String, u64> = manifest["Files"]
+    drop(backup);
+
+    let (start, end) = (start.unwrap(), end.unwrap());
+    assert!(
+        start.0 < end.0 && start.1 == 1 && end.1 == 1,
+        "{start:?} {end:?}"
+    );
+    assert_eq!(tablespaces.len(), 2, "{tablespaces:?}");
+    assert!(tablespaces.iter().any(|t| t.oid == Some(oid)));
+    // The tablespace's archive, then base.tar with backup_label first.
+    let names: Vec<&str> = archives.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [format!("{oid}.tar").as_str(), "base.tar"],
+        "{names:?}"
+    );
+    assert_eq!(archives[0].tablespace, Some(oid));
+    assert_eq!(archives[1].tablespace, None);
+    assert_eq!(archives[1].first.as_deref(), Some("backup_label"));
+
+    // Every file of every archive, at the size the server's own manifest gives it (the
+    // manifest names tablespace files pg_tblspc/OID/...).
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let listed: BTreeMap<String, u64> = manifest["Files"]
         .as_array()
         .unwrap()
         .iter()
@@ -174,20 +213,18 @@ async fn base_backup_streams_its_archive_and_manifest_through_copy_out() {
             )
         })
         .collect();
+    let mut found = BTreeMap::new();
+    for a in &archives {
+        for (path, size) in &a.files {
+            let path = match a.tablespace {
+                Some(oid) => format!("pg_tblspc/{oid}/{path}"),
+                None => path.clone(),
+            };
+            found.insert(path, *size);
+        }
+    }
     assert!(listed.len() > 100);
-    assert_eq!(files, listed);
-    // Start position first, end position last, on timeline 1.
-    // Result sets: start position, tablespaces, end position, then the command's own tag.
-    let positions: Vec<_> = sets
-        .iter()
-        .filter(|s| s.columns == ["recptr", "tli"])
-        .collect();
-    assert_eq!(positions.len(), 2, "{sets:?}");
-    let start: walfmt::Lsn = positions[0].text(0, "recptr").unwrap().parse().unwrap();
-    let end: walfmt::Lsn = positions[1].text(0, "recptr").unwrap().parse().unwrap();
-    assert!(start < end, "{start} .. {end}");
-    assert_eq!(positions[1].text(0, "tli").as_deref(), Some("1"));
-    assert_eq!(sets.last().unwrap().tag, "BASE_BACKUP");
+    assert_eq!(found, listed);
     // And the connection is ready for the next command.
     assert!(conn.identify_system().await.is_ok());
 }

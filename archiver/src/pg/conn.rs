@@ -206,6 +206,15 @@ impl ReplicationConn {
         Ok(conn)
     }
 
+    /// The server's major version (15 from "15.18 (Debian 15.18-0+deb12u1)"), 0 if unknown.
+    pub fn server_major(&self) -> u32 {
+        self.server_version
+            .as_deref()
+            .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// `server_version` as the server reported it.
     pub fn server_version(&self) -> Option<&str> {
         self.server_version.as_deref()

@@ -1,6 +1,7 @@
 //! Talking to PostgreSQL: connection settings as libpq takes them, and the replication
 //! connection (base backups and streaming use it).
 
+pub mod base_backup;
 pub mod conn;
 pub mod settings;
 mod tls;
