@@ -68,20 +68,19 @@ fn client_config(s: &PgSettings) -> Result<ClientConfig, ConnError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ConnError::Auth(e.to_string()))?;
-    let verifier: Arc<dyn ServerCertVerifier> = match s.sslmode.as_str() {
-        "verify-ca" | "verify-full" => {
-            let roots = roots(s)?;
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+    let chain = match s.sslmode.as_str() {
+        "verify-ca" | "verify-full" => Some(
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots(s)?), provider())
                 .build()
-                .map_err(|e| ConnError::Auth(format!("root certificates: {e}")))?;
-            if s.sslmode == "verify-full" {
-                webpki
-            } else {
-                Arc::new(ChainOnly(webpki))
-            }
-        }
-        _ => Arc::new(Unchecked(provider())),
+                .map_err(|e| ConnError::Auth(format!("root certificates: {e}")))?,
+        ),
+        _ => None,
     };
+    let verifier = Arc::new(Verifier {
+        chain,
+        check_name: s.sslmode == "verify-full",
+        provider: provider(),
+    });
     Ok(builder
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -114,60 +113,17 @@ fn roots(s: &PgSettings) -> Result<RootCertStore, ConnError> {
     Ok(store)
 }
 
-/// prefer / require: encrypted, the certificate not checked (as libpq does).
+/// The server certificate check for each mode: none for prefer and require (as libpq),
+/// the chain for verify-ca, the chain and the name for verify-full. Handshake signatures
+/// are always checked.
 #[derive(Debug)]
-struct Unchecked(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct Verifier {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    check_name: bool,
+    provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-/// verify-ca: the chain must lead to a trusted root; the name is not checked.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -176,14 +132,14 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName
                 | rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }
@@ -194,7 +150,8 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -203,10 +160,13 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
