@@ -29,7 +29,9 @@ pub use decoder::{Decoded, EndOfWal, EndReason, WalDecoder};
 pub use lsn::{Lsn, ParseLsnError, WAL_PAGE_SIZE};
 pub use record::{Record, RecordHeader};
 pub use segment::{ArchiveFileKind, SegmentName, WalSegmentSize};
-pub use summary::{summarize, summarize_with, RestorePoint, SegmentSummary, SummaryError};
+pub use summary::{
+    summarize, summarize_with, RestorePoint, SegmentSummary, Summarizer, SummaryError,
+};
 pub use time::PgTimestamp;
 pub use timeline::{HistoryEntry, TimelineHistory, TimelineId};
 pub use version::PgMajor;

@@ -85,99 +85,146 @@ pub enum SummaryError {
     TooLong { len: usize, seg_size: u64 },
 }
 
+/// A segment summary built as the segment's bytes arrive (from a file read piece by piece,
+/// or from replication as it streams): [`Summarizer::start`] with the first page,
+/// [`Summarizer::feed`] every byte from the segment's start on, [`Summarizer::finish`].
+#[derive(Debug)]
+pub struct Summarizer {
+    summary: SegmentSummary,
+    decoder: WalDecoder,
+    version: PgMajor,
+    seg_end: Lsn,
+    fed: u64,
+    done: bool,
+}
+
+impl Summarizer {
+    /// Checks the first page (at least its long header) is the start of a WAL segment.
+    /// The same bytes must then be fed again, from the start.
+    pub fn start(first: &[u8]) -> Result<Summarizer, SummaryError> {
+        let Some(page) = page::parse(first) else {
+            return Err(SummaryError::TooShort(first.len()));
+        };
+        let start = page.page_addr;
+        page::validate(&page, start, &page::Expect::default()).map_err(SummaryError::NotWal)?;
+        let long = page.long.ok_or(SummaryError::NotSegmentStart)?;
+        let seg_size =
+            WalSegmentSize::new(long.seg_size as u64).map_err(|_| SummaryError::NotSegmentStart)?;
+        if start.segment_offset(seg_size) != 0 {
+            return Err(SummaryError::NotSegmentStart);
+        }
+        let version = PgMajor::from_page_magic(page.magic).ok_or(SummaryError::NotSegmentStart)?;
+        let decoder = WalDecoder::new(start)
+            .map_err(|_| SummaryError::NotSegmentStart)?
+            .with_segment_size(seg_size);
+        Ok(Summarizer {
+            summary: SegmentSummary {
+                system_identifier: long.system_identifier,
+                pg_version: version,
+                timeline: page.timeline,
+                segment_size: seg_size,
+                start_lsn: start,
+                first_record_lsn: None,
+                last_record_lsn: None,
+                end_lsn: start,
+                end_reason: None,
+                continued_record_lsn: None,
+                switched: false,
+                records: 0,
+                commits: 0,
+                aborts: 0,
+                first_commit_time: None,
+                last_commit_time: None,
+                first_xact_time: None,
+                last_xact_time: None,
+                restore_points: Vec::new(),
+            },
+            decoder,
+            version,
+            seg_end: start + seg_size.bytes(),
+            fed: 0,
+            done: false,
+        })
+    }
+
+    /// The next bytes of the segment; `on_record` sees every complete record and its
+    /// meaning. Bytes after the end of valid WAL (or a WAL switch) are taken and ignored.
+    pub fn feed(
+        &mut self,
+        piece: &[u8],
+        on_record: &mut impl FnMut(&Record, Option<&Event>),
+    ) -> Result<(), SummaryError> {
+        self.fed += piece.len() as u64;
+        let seg_size = self.summary.segment_size.bytes();
+        if self.fed > seg_size {
+            return Err(SummaryError::TooLong {
+                len: self.fed as usize,
+                seg_size,
+            });
+        }
+        if self.done {
+            return Ok(());
+        }
+        self.decoder.feed(piece);
+        loop {
+            match self.decoder.next() {
+                Decoded::Record(record) => {
+                    if record.lsn >= self.seg_end {
+                        self.summary.end_lsn = self.seg_end;
+                        self.done = true;
+                        return Ok(());
+                    }
+                    let event = interpret(&record, self.version);
+                    self.summary.note(&record, event.as_ref());
+                    on_record(&record, event.as_ref());
+                    if record.header.is_switch() {
+                        self.summary.switched = true;
+                        self.summary.end_lsn = self.seg_end;
+                        self.done = true;
+                        return Ok(());
+                    }
+                }
+                Decoded::NeedMore => return Ok(()),
+                Decoded::End(end) => {
+                    self.summary.end_lsn = end.lsn;
+                    self.summary.end_reason = Some(end);
+                    self.done = true;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The summary of what was fed: a whole segment, or the first part of one.
+    pub fn finish(mut self) -> SegmentSummary {
+        if !self.done {
+            // Ran out of bytes: valid to the end of what was given, except a record cut
+            // short by the end of a partial file.
+            let valid = self.decoder.valid_until();
+            if self.fed == self.summary.segment_size.bytes() {
+                self.summary.end_lsn = self.seg_end;
+                self.summary.continued_record_lsn = (valid < self.seg_end).then_some(valid);
+            } else {
+                self.summary.end_lsn = valid;
+            }
+        }
+        self.summary
+    }
+}
+
 /// Summarises a segment file's bytes (a whole segment, or the first part of one).
 /// `on_record` sees every complete record and its meaning (for `wal-inspect --records`).
 pub fn summarize_with(
     bytes: &[u8],
     mut on_record: impl FnMut(&Record, Option<&Event>),
 ) -> Result<SegmentSummary, SummaryError> {
-    let Some(first) = page::parse(bytes) else {
-        return Err(SummaryError::TooShort(bytes.len()));
-    };
-    let start = first.page_addr;
-    page::validate(&first, start, &page::Expect::default()).map_err(SummaryError::NotWal)?;
-    let long = first.long.ok_or(SummaryError::NotSegmentStart)?;
-    let seg_size =
-        WalSegmentSize::new(long.seg_size as u64).map_err(|_| SummaryError::NotSegmentStart)?;
-    if start.segment_offset(seg_size) != 0 {
-        return Err(SummaryError::NotSegmentStart);
-    }
-    if bytes.len() as u64 > seg_size.bytes() {
-        return Err(SummaryError::TooLong {
-            len: bytes.len(),
-            seg_size: seg_size.bytes(),
-        });
-    }
-    let version = PgMajor::from_page_magic(first.magic).ok_or(SummaryError::NotSegmentStart)?;
-    let seg_end = start + seg_size.bytes();
-    let input_end = start + bytes.len() as u64;
-
-    let mut s = SegmentSummary {
-        system_identifier: long.system_identifier,
-        pg_version: version,
-        timeline: first.timeline,
-        segment_size: seg_size,
-        start_lsn: start,
-        first_record_lsn: None,
-        last_record_lsn: None,
-        end_lsn: input_end,
-        end_reason: None,
-        continued_record_lsn: None,
-        switched: false,
-        records: 0,
-        commits: 0,
-        aborts: 0,
-        first_commit_time: None,
-        last_commit_time: None,
-        first_xact_time: None,
-        last_xact_time: None,
-        restore_points: Vec::new(),
-    };
-    let mut decoder = WalDecoder::new(start)
-        .map_err(|_| SummaryError::NotSegmentStart)?
-        .with_segment_size(seg_size);
+    let mut summarizer = Summarizer::start(bytes)?;
     // Fed a piece at a time: the decoder's buffer stays small and warm in cache instead of
     // holding a second copy of the whole segment.
-    const PIECE: usize = 256 << 10;
-    let mut pieces = bytes.chunks(PIECE);
-    loop {
-        match decoder.next() {
-            Decoded::Record(record) => {
-                if record.lsn >= seg_end {
-                    break;
-                }
-                let event = interpret(&record, version);
-                s.note(&record, event.as_ref());
-                on_record(&record, event.as_ref());
-                if record.header.is_switch() {
-                    s.switched = true;
-                    s.end_lsn = seg_end;
-                    break;
-                }
-            }
-            Decoded::NeedMore if pieces.len() > 0 => {
-                decoder.feed(pieces.next().unwrap_or_default());
-            }
-            Decoded::NeedMore => {
-                // Ran out of bytes: valid to the end of what was given, except a record
-                // cut short by the end of a partial file.
-                let valid = decoder.valid_until();
-                if input_end == seg_end {
-                    s.end_lsn = seg_end;
-                    s.continued_record_lsn = (valid < seg_end).then_some(valid);
-                } else {
-                    s.end_lsn = valid;
-                }
-                break;
-            }
-            Decoded::End(end) => {
-                s.end_lsn = end.lsn;
-                s.end_reason = Some(end);
-                break;
-            }
-        }
+    for piece in bytes.chunks(256 << 10) {
+        summarizer.feed(piece, &mut on_record)?;
     }
-    Ok(s)
+    Ok(summarizer.finish())
 }
 
 /// [`summarize_with`] without a record callback.

@@ -265,3 +265,28 @@ fn every_version_ends_valid_wal_where_its_crash_recovery_did() {
         assert!(s.end_lsn >= lsn(&r["flushed"]), "{}", dir.display());
     }
 }
+
+#[test]
+fn every_version_summarizes_the_same_fed_in_pieces_of_any_size() {
+    for dir in fixture_dirs() {
+        let f = load(&dir);
+        for (name, bytes) in &f.segments {
+            let whole = summarize(bytes).unwrap();
+            for piece in [1000, 8192, 7919, 300_000] {
+                let mut z = walfmt::Summarizer::start(bytes).unwrap();
+                let mut records = 0;
+                for p in bytes.chunks(piece) {
+                    z.feed(p, &mut |_, _| records += 1).unwrap();
+                }
+                let streamed = z.finish();
+                assert_eq!(streamed, whole, "{name} in {piece}-byte pieces");
+                assert_eq!(records, whole.records, "{name}");
+            }
+            // A partial file (the first half): the same as summarizing that half.
+            let half = &bytes[..bytes.len() / 2];
+            let mut z = walfmt::Summarizer::start(half).unwrap();
+            z.feed(half, &mut |_, _| {}).unwrap();
+            assert_eq!(z.finish(), summarize(half).unwrap(), "{name} half");
+        }
+    }
+}
