@@ -71,6 +71,15 @@ fn parse_size(text: &str) -> Option<u64> {
     })
 }
 
+/// A setting's value as SHOW prints it (empty if it cannot be read).
+async fn show(conn: &mut ReplicationConn, name: &str) -> String {
+    conn.simple_query(&format!("SHOW {name}"))
+        .await
+        .ok()
+        .and_then(|sets| sets.first().and_then(|s| s.text(0, name)))
+        .unwrap_or_default()
+}
+
 pub fn run(args: Args) -> Result<(), Failure> {
     let settings = PgSettings::from_env_and(&args.pg).map_err(|e| {
         Failure::new(Exit::BadInput, e.to_string())
@@ -89,15 +98,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
             .identify_system()
             .await
             .map_err(|e| connect_failure(&settings, e))?;
-        let show = conn
-            .simple_query("SHOW wal_segment_size")
-            .await
-            .map_err(|e| connect_failure(&settings, e))?;
-        let segment = show
-            .first()
-            .and_then(|s| s.text(0, "wal_segment_size"))
-            .and_then(|t| parse_size(&t))
-            .unwrap_or(16 << 20);
+        let segment = parse_size(&show(&mut conn, "wal_segment_size").await).unwrap_or(16 << 20);
+        // How WAL leaves the server (walsenders answer SHOW for any setting).
+        let archive_mode = show(&mut conn, "archive_mode").await;
+        let archive_command = show(&mut conn, "archive_command").await;
         let version = conn.server_version().unwrap_or("").to_owned();
         conn.close().await;
         let major: u32 = version
@@ -127,6 +131,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
             }
         };
 
+        let archiving_warning = if archive_mode == "off" {
+            Some("archive_mode is off: WAL is not archived (only pitr stream would keep it)")
+        } else if !archive_command.contains("wal-push") {
+            Some("archive_command does not run pitr wal-push")
+        } else {
+            None
+        };
         if args.json {
             let v = json!({
                 "server": settings.describe(),
@@ -137,6 +148,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 "wal_segment_size": segment,
                 "repository": url.as_ref().map(|u| u.to_string()),
                 "repository_state": repository,
+                "archive_mode": archive_mode,
+                "archive_command": archive_command,
+                "archiving_warning": archiving_warning,
             });
             println!("{v}");
         } else {
@@ -150,6 +164,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
             );
             if let (Some(url), Some(state)) = (&url, repository) {
                 println!("repository  {url}: {state}");
+            }
+            println!(
+                "archiving   archive_mode={archive_mode}, archive_command='{archive_command}'"
+            );
+            if let Some(w) = archiving_warning {
+                eprintln!("pitr: warning: {w}");
             }
         }
         Ok(())

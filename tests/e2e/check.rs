@@ -43,6 +43,14 @@ fn check_reports_the_server_and_compares_the_repository() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["system_identifier"], sysid.as_str());
     assert_eq!(v["repository_state"], "this cluster's");
+    // The bed's cluster archives with something else: said as a warning, not an error.
+    assert_eq!(v["archive_mode"], "on");
+    assert!(
+        v["archiving_warning"]
+            .as_str()
+            .is_some_and(|w| w.contains("pitr wal-push")),
+        "{v}"
+    );
 
     // Another cluster's server against it: refused, exit 4, with a HINT.
     let other = Cluster::start_new(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
