@@ -363,7 +363,16 @@ async fn tls_as_sslmode_says() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("SSL connection"), "{err}");
-    // Signed by another CA: verify-ca refuses it.
+    // Signed by another CA: verify-ca refuses it, and so does require with that root file
+    // present (as libpq); without a root file, require does not check.
+    let err = ReplicationConn::connect(&tcp("require", &other_ca.path().join("ca.crt")))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("SSL connection"), "{err}");
+    let conn = ReplicationConn::connect(&tcp("require", &other_ca.path().join("none.crt")))
+        .await
+        .unwrap();
+    conn.close().await;
     let err = ReplicationConn::connect(&tcp("verify-ca", &other_ca.path().join("ca.crt")))
         .await
         .unwrap_err();

@@ -1,8 +1,8 @@
 //! TLS for TCP connections, as libpq's `sslmode` says: `prefer` tries it and takes what the
-//! server offers without checking its certificate, `require` insists on it without
-//! checking, `verify-ca` checks the certificate chain against `sslrootcert`, `verify-full`
-//! the chain and that the certificate names the host. (libpq's `require` with a root
-//! certificate file present behaves like verify-ca; here `require` never verifies.)
+//! server offers without checking its certificate, `require` insists on it (and checks the
+//! chain like verify-ca when a root certificate file exists, as libpq does), `verify-ca`
+//! checks the certificate chain against `sslrootcert`, `verify-full` the chain and that the
+//! certificate names the host.
 
 use std::sync::Arc;
 
@@ -68,8 +68,15 @@ fn client_config(s: &PgSettings) -> Result<ClientConfig, ConnError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| ConnError::Auth(e.to_string()))?;
+    // As libpq: require checks the chain too when a root certificate file exists.
+    let root_file = s.sslrootcert.as_deref().is_some_and(|f| f.is_file());
     let chain = match s.sslmode.as_str() {
         "verify-ca" | "verify-full" => Some(
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots(s)?), provider())
+                .build()
+                .map_err(|e| ConnError::Auth(format!("root certificates: {e}")))?,
+        ),
+        "require" if root_file => Some(
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots(s)?), provider())
                 .build()
                 .map_err(|e| ConnError::Auth(format!("root certificates: {e}")))?,
