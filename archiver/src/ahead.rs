@@ -161,27 +161,17 @@ impl StateDir {
 
     /// Tells the worker which file PostgreSQL is waiting for (best effort).
     pub fn want(&self, name: &str) {
-        let _ = std::fs::create_dir_all(&self.dir);
-        let tmp = self.dir.join(format!(".want.{}.tmp", std::process::id()));
-        if std::fs::write(&tmp, name).is_ok()
-            && std::fs::rename(&tmp, self.dir.join("want")).is_err()
-        {
-            let _ = std::fs::remove_file(&tmp);
-        }
+        let _ = repo::worker::set_wanted(&self.dir, name);
     }
 
     /// No call waits for `name` any more.
     pub fn unwant(&self, name: &str) {
-        if self.wanted().as_deref() == Some(name) {
-            let _ = std::fs::remove_file(self.dir.join("want"));
-        }
+        repo::worker::unwant(&self.dir, name);
     }
 
     /// The file PostgreSQL waits for, as last told.
     pub fn wanted(&self) -> Option<String> {
-        let name = std::fs::read_to_string(self.dir.join("want")).ok()?;
-        let name = name.trim();
-        (ArchiveFileKind::of(name) != ArchiveFileKind::Other).then(|| name.to_owned())
+        repo::worker::wanted(&self.dir).filter(|n| ArchiveFileKind::of(n) != ArchiveFileKind::Other)
     }
 
     /// Whether a push worker is running for this directory.

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use walfmt::{SegmentName, WalSegmentSize};
 
 const REPO_FILE: &str = "repo";
-const WANT_FILE: &str = "want";
 
 /// A spool directory.
 #[derive(Debug, Clone)]
@@ -73,7 +72,7 @@ impl Spool {
             for name in spool.segments()? {
                 let _ = std::fs::remove_file(dir.join(name));
             }
-            let _ = std::fs::remove_file(dir.join(WANT_FILE));
+            let _ = std::fs::remove_file(dir.join(repo::worker::WANT_FILE));
             write_durably(dir, REPO_FILE, repo_url.as_bytes())?;
         }
         Ok(spool)
@@ -137,18 +136,12 @@ impl Spool {
 
     /// Records that PostgreSQL asked for `name`.
     pub fn set_wanted(&self, name: &str) -> std::io::Result<()> {
-        let tmp = self
-            .dir
-            .join(format!(".{WANT_FILE}.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, name)?;
-        std::fs::rename(&tmp, self.dir.join(WANT_FILE))
+        repo::worker::set_wanted(&self.dir, name)
     }
 
     /// The segment PostgreSQL asked for last.
     pub fn wanted(&self) -> Option<String> {
-        let name = std::fs::read_to_string(self.dir.join(WANT_FILE)).ok()?;
-        let name = name.trim();
-        is_segment_name(name).then(|| name.to_owned())
+        repo::worker::wanted(&self.dir).filter(|n| is_segment_name(n))
     }
 
     /// Removes spooled segments outside `keep` (consumed, skipped or off the timeline).
