@@ -342,28 +342,16 @@ async fn stored_earlier(url: &RepoUrl, path: &Path, record: &Record) -> bool {
 /// Pushes the WAL file at `path` into the repository at `url`. With `options.ahead`, a file
 /// the background worker ([`push_ahead`]) stored is answered from its record after a cheap
 /// check, and while the worker is running this call waits for its record rather than
-/// uploading the same file twice; the file is pushed here when the worker could not.
-///
-/// `start_worker` is called when the worker is not running but has work: a file that is
-/// ready and not recorded (this one included). It should return once the worker runs.
+/// uploading the same file twice; the file is pushed here when the worker could not. The
+/// caller starts the worker first when [`worker_needed`] says so.
 pub async fn push(
     url: &RepoUrl,
     path: &Path,
     codec: Arc<Codec>,
     options: &PushOptions,
-    start_worker: &(dyn Fn() + Sync),
 ) -> Result<Pushed, PushError> {
     let name = file_name(path);
-    let pg_wal = pg_wal_of(path);
-    if let Some(state) = options.state(&pg_wal) {
-        if !state.worker_running()
-            && (state.lookup(&name).is_none()
-                || ahead::ready_files(&pg_wal, &name)
-                    .iter()
-                    .any(|n| state.lookup(n).is_none()))
-        {
-            start_worker();
-        }
+    if let Some(state) = options.state(&pg_wal_of(path)) {
         let mut asked = false;
         loop {
             if let Some(record) = state.lookup(&name) {
@@ -392,6 +380,21 @@ pub async fn push(
         .await?
         .with_encode_options(options.encode);
     Ok(store(&repo, file).await?.0)
+}
+
+/// Whether a call for the file at `path` should start the background worker first: pushing
+/// ahead is on, no worker runs, and a ready file (this one included) has no record.
+pub fn worker_needed(path: &Path, options: &PushOptions) -> bool {
+    let pg_wal = pg_wal_of(path);
+    let Some(state) = options.state(&pg_wal) else {
+        return false;
+    };
+    let name = file_name(path);
+    !state.worker_running()
+        && (state.lookup(&name).is_none()
+            || ahead::ready_files(&pg_wal, &name)
+                .iter()
+                .any(|n| state.lookup(n).is_none()))
 }
 
 /// How long the worker leaves a file it could not store before trying it again.

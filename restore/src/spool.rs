@@ -154,11 +154,6 @@ impl Spool {
         Ok(())
     }
 
-    /// Whether a worker is filling this spool.
-    pub fn worker_running(&self) -> bool {
-        repo::worker::running(&self.dir)
-    }
-
     /// Becomes the spool's one worker; None if another one is running.
     pub fn lock_worker(&self) -> std::io::Result<Option<repo::worker::WorkerLock>> {
         repo::worker::lock(&self.dir)

@@ -53,6 +53,23 @@ fn runtime(exit: Exit) -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::new(exit, format!("could not start the runtime: {e}")))
 }
 
+/// Starts this binary again with `args` as a detached background worker (own process
+/// group, no stdio: PostgreSQL's signals and pipes are not its own). A worker is a helper:
+/// failing to start one is never the command's failure, so this only says if it started.
+fn spawn_worker(args: &[&std::ffi::OsStr]) -> Option<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let exe = std::env::current_exe().ok()?;
+    std::process::Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .ok()
+}
+
 /// Parses the command line and runs the chosen command.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();

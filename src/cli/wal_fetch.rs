@@ -5,14 +5,12 @@
 //! from the spool when the background worker has fetched them ahead, and each call makes
 //! sure a worker is filling the spool with the segments that follow.
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command as Process, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use repo::codec::Codec;
-use restore::spool::{default_dir, Spool};
+use restore::spool::default_dir;
 use restore::wal_fetch::{fetch_with, prefetch, FetchError, FetchOptions, PrefetchOptions};
 use walfmt::ArchiveFileKind;
 
@@ -114,28 +112,21 @@ pub fn run(args: Args) -> Result<(), Failure> {
 /// Starts the prefetch worker for `dir` in the background unless one is running. The
 /// worker is a cache filler: failing to start it is not the fetch's failure.
 fn start_worker(repo: &str, dir: &std::path::Path, prefetch: &PrefetchArgs) {
-    let running = Spool::open(dir, repo).map(|s| s.worker_running());
-    if !matches!(running, Ok(false)) {
+    if repo::worker::running(dir) {
         return;
     }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let _ = Process::new(exe)
-        .arg("wal-prefetch")
-        .arg("--repo")
-        .arg(repo)
-        .arg("--prefetch")
-        .arg(prefetch.depth.to_string())
-        .arg("--prefetch-parallel")
-        .arg(prefetch.parallel.to_string())
-        .arg("--spool-dir")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn();
+    let (depth, parallel) = (prefetch.depth.to_string(), prefetch.parallel.to_string());
+    let _ = super::spawn_worker(&[
+        "wal-prefetch".as_ref(),
+        "--repo".as_ref(),
+        repo.as_ref(),
+        "--prefetch".as_ref(),
+        depth.as_ref(),
+        "--prefetch-parallel".as_ref(),
+        parallel.as_ref(),
+        "--spool-dir".as_ref(),
+        dir.as_os_str(),
+    ]);
 }
 
 pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {

@@ -1,13 +1,11 @@
 //! `pitr wal-push FILE` (archive_command = 'pitr wal-push %p'): exit 0 only once the file
 //! is stored and read back with its checksum, or the same bytes were already stored.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command as Process, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use archiver::wal_push::{pg_wal_of, push, push_ahead, PushError, PushOptions};
+use archiver::wal_push::{pg_wal_of, push, push_ahead, worker_needed, PushError, PushOptions};
 use repo::codec::Codec;
 use repo::objects::ObjectError;
 
@@ -96,46 +94,37 @@ fn failure(e: PushError) -> Failure {
     }
 }
 
-/// Starts the background worker for `pg_wal` unless one is running, and waits briefly
-/// until it holds its lock, so that this call waits for it instead of racing it.
+/// Starts the background worker for `pg_wal` and waits briefly until it holds its lock, so
+/// that this call waits for it instead of racing it.
 fn start_worker(repo: &str, pg_wal: &Path, args: &AheadArgs, options: &PushOptions) {
     let Some(state) = options.state(pg_wal) else {
         return;
     };
-    if state.worker_running() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
+    let (ahead, parallel) = (options.ahead.to_string(), options.parallel.to_string());
+    let level = args.compress.compress_level.to_string();
+    let Some(mut child) = super::spawn_worker(&[
+        "wal-push-worker".as_ref(),
+        "--repo".as_ref(),
+        repo.as_ref(),
+        "--pg-wal".as_ref(),
+        pg_wal.as_os_str(),
+        "--ahead".as_ref(),
+        ahead.as_ref(),
+        "--parallel".as_ref(),
+        parallel.as_ref(),
+        "--compress-level".as_ref(),
+        level.as_ref(),
+        "--state-dir".as_ref(),
+        state.dir().as_os_str(),
+    ]) else {
         return;
     };
-    let mut cmd = Process::new(exe);
-    cmd.arg("wal-push-worker")
-        .arg("--repo")
-        .arg(repo)
-        .arg("--pg-wal")
-        .arg(pg_wal)
-        .arg("--ahead")
-        .arg(options.ahead.to_string())
-        .arg("--parallel")
-        .arg(options.parallel.to_string())
-        .arg("--compress-level")
-        .arg(args.compress.compress_level.to_string())
-        .arg("--state-dir")
-        .arg(state.dir());
-    let spawned = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn();
-    if let Ok(mut child) = spawned {
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        while !state.worker_running() && std::time::Instant::now() < deadline {
-            if matches!(child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while !state.worker_running() && std::time::Instant::now() < deadline {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
         }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -143,12 +132,15 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
     let limit = std::time::Duration::from_secs(args.timeout);
     let options = args.ahead.options();
+    // Decided and done before the runtime starts: starting waits (briefly) on the process.
+    let pg_wal = pg_wal_of(&args.file);
+    if worker_needed(&args.file, &options) {
+        start_worker(&url.to_string(), &pg_wal, &args.ahead, &options);
+    }
     let runtime = super::runtime(Exit::Repository)?;
     let codec = Arc::new(Codec::with_default_threads());
-    let (url_text, pg_wal) = (url.to_string(), pg_wal_of(&args.file));
-    let start = || start_worker(&url_text, &pg_wal, &args.ahead, &options);
     let pushed = runtime.block_on(async {
-        tokio::time::timeout(limit, push(&url, &args.file, codec, &options, &start)).await
+        tokio::time::timeout(limit, push(&url, &args.file, codec, &options)).await
     });
     match pushed {
         Ok(Ok(_)) => Ok(()),
