@@ -317,18 +317,13 @@ async fn stored_earlier(url: &RepoUrl, path: &Path, record: &Record) -> bool {
     let Some(key) = wal_key(&name) else {
         return false;
     };
-    let Ok(expected) = <[u8; 32]>::try_from(
-        (0..record.blake3.len() / 2)
-            .filter_map(|i| u8::from_str_radix(record.blake3.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect::<Vec<u8>>(),
-    ) else {
-        return false;
-    };
+    // Records keep the hash as hex: compare in hex.
     let unchanged = match record.file {
         Some(id) => ahead::FileIdentity::of(path).is_ok_and(|now| now == id),
-        None => {
-            matches!(load(path, false).await, Ok(WalFile { hash: Some(h), .. }) if h == expected)
-        }
+        None => matches!(
+            load(path, false).await,
+            Ok(WalFile { hash: Some(h), .. }) if hex(&h) == record.blake3
+        ),
     };
     if !unchanged {
         return false;
@@ -336,7 +331,7 @@ async fn stored_earlier(url: &RepoUrl, path: &Path, record: &Record) -> bool {
     let Ok(storage) = repo::repository::storage_for(url).await else {
         return false;
     };
-    matches!(stored_hash(storage.as_ref(), &key).await, Ok(h) if h == expected)
+    matches!(stored_hash(storage.as_ref(), &key).await, Ok(h) if hex(&h) == record.blake3)
 }
 
 /// Pushes the WAL file at `path` into the repository at `url`. With `options.ahead`, a file
