@@ -284,10 +284,8 @@ async fn remove_all(url: &RepoUrl) -> Result<(), Failure> {
         .into_iter()
         .map(|o| o.key)
         .collect();
-    for batch in keys.chunks(500) {
-        storage.delete(batch).await.map_err(fail)?;
-    }
-    Ok(())
+    // The storage batches deletes itself.
+    storage.delete(&keys).await.map_err(fail)
 }
 
 fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
