@@ -10,6 +10,16 @@ use testbed::{Cluster, ClusterOptions, S3Server};
 
 use crate::pitr;
 
+/// A delivery that failed the way recovery must stop on: exit 200, with the reason shown.
+fn exits_200(out: &std::process::Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn fetch(s3: &S3Server, url: &str, name: &str, dest: &Path) -> Output {
     pitr()
         .args(["wal-fetch", "--repo", url, name])
@@ -80,12 +90,7 @@ fn fetch_exit_codes_follow_the_restore_command_contract() {
     bytes[last] ^= 0x40;
     std::fs::write(&stored, &bytes).unwrap();
     let out = fetch(&s3, &url, &segment, &dest);
-    assert_eq!(
-        out.status.code(),
-        Some(200),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits_200(&out);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(&key),
         "{}",
@@ -96,12 +101,7 @@ fn fetch_exit_codes_follow_the_restore_command_contract() {
     // S3 down: above 125 (never "not found"), nothing at %p.
     s3.stop().unwrap();
     let out = fetch(&s3, &url, "0000000100000000000000F0", &dest);
-    assert_eq!(
-        out.status.code(),
-        Some(200),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits_200(&out);
     assert!(!dest.exists());
     s3.restart().unwrap();
 
@@ -181,12 +181,7 @@ fn prefetched_segments_are_served_from_the_spool_verified_and_whole() {
     }
     std::fs::remove_file(&dest).unwrap();
     let out = fetch(&s3, &url, &segments[0], &dest);
-    assert_eq!(
-        out.status.code(),
-        Some(200),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits_200(&out);
     assert!(!dest.exists());
     s3.restart().unwrap();
 
@@ -194,12 +189,7 @@ fn prefetched_segments_are_served_from_the_spool_verified_and_whole() {
     std::fs::write(spool.join(&segments[1]), b"not this repository's").unwrap();
     let other = s3.repo_url("prefetch-other");
     let out = fetch(&s3, &other, &segments[1], &dest);
-    assert_eq!(
-        out.status.code(),
-        Some(200),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits_200(&out);
     assert!(!spool.join(&segments[1]).exists());
     assert!(!dest.exists());
 }
