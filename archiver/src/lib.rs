@@ -1,7 +1,8 @@
-//! pitr's write side: putting WAL into the repository (`wal-push`), and later the stream
-//! service and base backups.
+//! pitr's write side: putting WAL into the repository (`wal-push`), base backups
+//! (`backup`), and later the stream service.
 
 pub mod ahead;
+pub mod backup;
 pub mod pg;
 pub mod summary_json;
 pub mod tar;

@@ -125,6 +125,7 @@ async fn base_backup_in_either_syntax_yields_each_archive_and_the_manifest() {
         label: "pitr-test".into(),
         fast_checkpoint: true,
         manifest: true,
+        wal: false,
     };
     let mut backup = BaseBackup::start(&mut conn, &options).await.unwrap();
     let (mut start, mut end) = (None, None);

@@ -95,38 +95,69 @@ pub enum EnvelopeError {
 
 /// Wraps `plain` in an envelope.
 pub fn encode(plain: &[u8], options: EncodeOptions) -> Bytes {
-    let hash = blake3::hash(plain);
-    // The body is compressed straight into place after the header: no second buffer, no
-    // copy. Pages past the compressed size are never touched.
-    let compressed = options.zstd_level.and_then(|level| {
-        let mut out = vec![0u8; FIXED_HEADER_LEN + zstd::zstd_safe::compress_bound(plain.len())];
-        // Compressing into memory cannot fail for in-range levels; fall back to storing the
-        // bytes plain rather than losing them if it ever does.
-        let n = zstd::bulk::Compressor::new(level)
-            .and_then(|mut c| c.compress_to_buffer(plain, &mut out[FIXED_HEADER_LEN..]))
-            .ok()?;
-        out.truncate(FIXED_HEADER_LEN + n);
-        Some(out)
-    });
-    let (compression, mut out) = match compressed {
-        Some(out) => (Compression::Zstd, out),
-        None => {
-            let mut out = Vec::with_capacity(FIXED_HEADER_LEN + plain.len());
-            out.resize(FIXED_HEADER_LEN, 0);
-            out.extend_from_slice(plain);
-            (Compression::None, out)
+    Encoder::new(options).encode(plain, blake3::hash(plain).into())
+}
+
+/// Makes envelopes with one reusable compression context: for many small objects (backup
+/// chunks) a fresh zstd context per object costs more than compressing it.
+pub struct Encoder {
+    options: EncodeOptions,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder").field("options", &self.options).finish()
+    }
+}
+
+impl Encoder {
+    /// An encoder for `options`.
+    pub fn new(options: EncodeOptions) -> Encoder {
+        let compressor = options
+            .zstd_level
+            .and_then(|level| zstd::bulk::Compressor::new(level).ok());
+        Encoder {
+            options,
+            compressor,
         }
-    };
-    let mut header = &mut out[..FIXED_HEADER_LEN];
-    header.put_slice(&MAGIC);
-    header.put_u8(VERSION);
-    header.put_u8(compression as u8);
-    header.put_u8(Encryption::None as u8);
-    header.put_u8(0); // flags
-    header.put_u64_le(plain.len() as u64);
-    header.put_slice(hash.as_bytes());
-    header.put_u16_le(0); // encryption parameters length
-    Bytes::from(out)
+    }
+
+    /// Wraps `plain`, whose blake3 the caller has already taken as `hash`.
+    pub fn encode(&mut self, plain: &[u8], hash: [u8; 32]) -> Bytes {
+        // The body is compressed straight into place after the header: no second buffer,
+        // no copy. Pages past the compressed size are never touched.
+        let compressed = self.compressor.as_mut().and_then(|c| {
+            let mut out =
+                vec![0u8; FIXED_HEADER_LEN + zstd::zstd_safe::compress_bound(plain.len())];
+            // Compressing into memory cannot fail for in-range levels; fall back to storing
+            // the bytes plain rather than losing them if it ever does.
+            let n = c
+                .compress_to_buffer(plain, &mut out[FIXED_HEADER_LEN..])
+                .ok()?;
+            out.truncate(FIXED_HEADER_LEN + n);
+            Some(out)
+        });
+        let (compression, mut out) = match compressed {
+            Some(out) => (Compression::Zstd, out),
+            None => {
+                let mut out = Vec::with_capacity(FIXED_HEADER_LEN + plain.len());
+                out.resize(FIXED_HEADER_LEN, 0);
+                out.extend_from_slice(plain);
+                (Compression::None, out)
+            }
+        };
+        let mut header = &mut out[..FIXED_HEADER_LEN];
+        header.put_slice(&MAGIC);
+        header.put_u8(VERSION);
+        header.put_u8(compression as u8);
+        header.put_u8(Encryption::None as u8);
+        header.put_u8(0); // flags
+        header.put_u64_le(plain.len() as u64);
+        header.put_slice(&hash);
+        header.put_u16_le(0); // encryption parameters length
+        Bytes::from(out)
+    }
 }
 
 /// Reads and checks the header.

@@ -8,7 +8,9 @@
 pub mod codec;
 pub mod envelope;
 pub mod keys;
+pub mod manifest;
 pub mod objects;
+pub mod pack;
 pub mod repository;
 pub mod storage;
 pub mod url;

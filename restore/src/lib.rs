@@ -1,5 +1,6 @@
-//! pitr's read side: fetching WAL for recovery (`wal-fetch`), and later restore, verify and
-//! drill.
+//! pitr's read side: fetching WAL for recovery (`wal-fetch`), reading backups back
+//! (`backup_files`), and later restore, verify and drill.
 
+pub mod backup_files;
 pub mod spool;
 pub mod wal_fetch;

@@ -4,21 +4,20 @@
 
 use std::sync::Arc;
 
-use archiver::pg::{ConnError, PgSettings, ReplicationConn};
+use archiver::pg::ReplicationConn;
 use repo::codec::Codec;
 use repo::repository::{ClusterIdentity, OpenError, Repository};
 use repo::url::RepoUrl;
 use serde_json::json;
 
+use super::pg_args::{connect_failure, PgArgs};
 use super::repo_args::open_failure;
 use super::{Exit, Failure};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The server: a connection string (key=value ... or postgresql://...), on top of the
-    /// libpq environment (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGSSLMODE, ...)
-    #[arg(long, value_name = "CONNINFO", default_value = "")]
-    pg: String,
+    #[command(flatten)]
+    pg: PgArgs,
     /// Also check this repository belongs to the server (s3://... or file:///...)
     #[arg(long, env = "PITR_REPO", value_name = "URL")]
     repo: Option<String>,
@@ -27,64 +26,8 @@ pub struct Args {
     json: bool,
 }
 
-/// A failure to reach or use the server, with a HINT for the usual causes.
-fn connect_failure(settings: &PgSettings, e: ConnError) -> Failure {
-    let hint = match e.server().map(|s| s.code.as_str()) {
-        Some("28P01") => Some(
-            "check the password: PGPASSWORD, password= in --pg, or the password file (~/.pgpass)"
-                .to_owned(),
-        ),
-        Some("28000") => Some(format!(
-            "pg_hba.conf needs a line for the \"replication\" database and user \"{}\"",
-            settings.user
-        )),
-        Some("42501") => Some(format!(
-            "user \"{}\" needs the REPLICATION attribute",
-            settings.user
-        )),
-        Some(_) => None,
-        None => match &e {
-            ConnError::Connect { .. } => {
-                Some("is the server running, and are host and port right?".to_owned())
-            }
-            _ => None,
-        },
-    };
-    let failure = Failure::new(Exit::Database, e.to_string());
-    match hint {
-        Some(h) => failure.hint(h),
-        None => failure,
-    }
-}
-
-/// `16MB` / `1GB` (SHOW's units) in bytes.
-fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    Some(match unit {
-        "kB" => n << 10,
-        "MB" => n << 20,
-        "GB" => n << 30,
-        _ => return None,
-    })
-}
-
-/// A setting's value as SHOW prints it (empty if it cannot be read).
-async fn show(conn: &mut ReplicationConn, name: &str) -> String {
-    conn.simple_query(&format!("SHOW {name}"))
-        .await
-        .ok()
-        .and_then(|sets| sets.first().and_then(|s| s.text(0, name)))
-        .unwrap_or_default()
-}
-
 pub fn run(args: Args) -> Result<(), Failure> {
-    let settings = PgSettings::from_env_and(&args.pg).map_err(|e| {
-        Failure::new(Exit::BadInput, e.to_string())
-            .hint("--pg takes key=value pairs (host=... port=... user=...) or a postgresql:// URI")
-    })?;
+    let settings = args.pg.settings()?;
     let url: Option<RepoUrl> = match &args.repo {
         Some(r) => Some(super::repo_args::RepoArgs { repo: r.clone() }.url()?),
         None => None,
@@ -98,10 +41,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
             .identify_system()
             .await
             .map_err(|e| connect_failure(&settings, e))?;
-        let segment = parse_size(&show(&mut conn, "wal_segment_size").await).unwrap_or(16 << 20);
-        // How WAL leaves the server (walsenders answer SHOW for any setting).
-        let archive_mode = show(&mut conn, "archive_mode").await;
-        let archive_command = show(&mut conn, "archive_command").await;
+        let segment = conn.wal_segment_size().await;
+        // How WAL leaves the server.
+        let archive_mode = conn.show("archive_mode").await;
+        let archive_command = conn.show("archive_command").await;
         let version = conn.server_version().unwrap_or("").to_owned();
         conn.close().await;
         let major: u32 = version
@@ -174,17 +117,4 @@ pub fn run(args: Args) -> Result<(), Failure> {
         }
         Ok(())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_as_show_prints_them() {
-        assert_eq!(parse_size("16MB"), Some(16 << 20));
-        assert_eq!(parse_size("1GB"), Some(1 << 30));
-        assert_eq!(parse_size("64kB"), Some(64 << 10));
-        assert_eq!(parse_size("16"), None);
-    }
 }

@@ -20,6 +20,8 @@ pub enum Exit {
     Conflict = 6,
     /// 7: the database server cannot be reached, or refused the connection or a command.
     Database = 7,
+    /// 8: `backup`: the WAL the backup needs did not reach the repository in time.
+    WalMissing = 8,
     /// 200: `wal-fetch` could not deliver a file the repository may hold (unreachable,
     /// damaged, misconfigured). Above 125, so PostgreSQL stops recovery.
     FetchFailed = 200,

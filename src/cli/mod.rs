@@ -1,10 +1,13 @@
 //! Argument parsing (clap) and the mapping from outcomes to the exit codes documented in
 //! README.md. Each subcommand lives in its own module and returns `Result<(), Failure>`.
 
+mod backup;
 mod bench;
 mod check;
 mod failure;
 mod info;
+mod list;
+mod pg_args;
 mod repo_args;
 mod wal_fetch;
 mod wal_inspect;
@@ -26,12 +29,16 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Take a base backup of the server into the repository
+    Backup(backup::Args),
     /// Measure archiving throughput against real WAL, beside other tools
     Bench(bench::Args),
     /// Check the server can be reached for replication and the repository is its own
     Check(check::Args),
     /// Show which cluster a repository belongs to and its format
     Info(info::Args),
+    /// List the backups in the repository and the WAL it holds
+    List(list::Args),
     /// Restore one WAL file from the repository (restore_command = 'pitr wal-fetch %f %p')
     WalFetch(wal_fetch::Args),
     /// The background worker wal-fetch starts to fill its spool
@@ -74,9 +81,11 @@ fn spawn_worker(args: &[&std::ffi::OsStr]) -> Option<std::process::Child> {
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
+        Command::Backup(args) => backup::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Check(args) => check::run(args),
         Command::Info(args) => info::run(args),
+        Command::List(args) => list::run(args),
         Command::WalFetch(args) => wal_fetch::run(args),
         Command::WalPrefetch(args) => wal_fetch::run_worker(args),
         Command::WalInspect(args) => wal_inspect::run(args),

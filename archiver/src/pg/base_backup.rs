@@ -18,6 +18,8 @@ pub struct BackupOptions {
     pub fast_checkpoint: bool,
     /// Ask for the server's backup_manifest.
     pub manifest: bool,
+    /// Include the WAL from start to stop in the data directory's archive (`pg_wal/`).
+    pub wal: bool,
 }
 
 /// A tablespace the server will send, from its list.
@@ -27,6 +29,8 @@ pub struct Tablespace {
     pub oid: Option<u32>,
     /// Where it lives on the server.
     pub location: Option<String>,
+    /// The server's estimate of its size in bytes (sent with PROGRESS).
+    pub size: Option<u64>,
 }
 
 /// One step of a base backup as it streams.
@@ -73,16 +77,18 @@ fn quote(s: &str) -> String {
 pub fn command(major: u32, o: &BackupOptions) -> String {
     if major >= 15 {
         format!(
-            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT '{}', WAIT false, MANIFEST '{}')",
+            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT '{}', WAIT false, MANIFEST '{}'{})",
             quote(&o.label),
             if o.fast_checkpoint { "fast" } else { "spread" },
             if o.manifest { "yes" } else { "no" },
+            if o.wal { ", WAL true" } else { "" },
         )
     } else {
         format!(
-            "BASE_BACKUP LABEL {} PROGRESS{} NOWAIT MANIFEST '{}'",
+            "BASE_BACKUP LABEL {} PROGRESS{}{} NOWAIT MANIFEST '{}'",
             quote(&o.label),
             if o.fast_checkpoint { " FAST" } else { "" },
+            if o.wal { " WAL" } else { "" },
             if o.manifest { "yes" } else { "no" },
         )
     }
@@ -160,6 +166,10 @@ impl<'c> BaseBackup<'c> {
                         .map(|i| Tablespace {
                             oid: set.text(i, "spcoid").and_then(|t| t.parse().ok()),
                             location: set.text(i, "spclocation"),
+                            size: set
+                                .text(i, "size")
+                                .and_then(|t| t.parse::<u64>().ok())
+                                .map(|kb| kb * 1024),
                         })
                         .collect();
                     // 13/14 send the data directory last, whatever its place in the list.
@@ -245,6 +255,7 @@ mod tests {
             label: "it's".into(),
             fast_checkpoint: true,
             manifest: true,
+            wal: false,
         };
         assert_eq!(
             command(15, &o),
@@ -253,6 +264,12 @@ mod tests {
         assert_eq!(
             command(13, &o),
             "BASE_BACKUP LABEL 'it''s' PROGRESS FAST NOWAIT MANIFEST 'yes'"
+        );
+        let with_wal = BackupOptions { wal: true, ..o };
+        assert!(command(16, &with_wal).ends_with("MANIFEST 'yes', WAL true)"));
+        assert_eq!(
+            command(14, &with_wal),
+            "BASE_BACKUP LABEL 'it''s' PROGRESS FAST WAL NOWAIT MANIFEST 'yes'"
         );
     }
 }

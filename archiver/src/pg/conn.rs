@@ -100,6 +100,20 @@ impl ConnError {
     }
 }
 
+/// `16MB` / `1GB` (SHOW's units) in bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "kB" => n << 10,
+        "MB" => n << 20,
+        "GB" => n << 30,
+        _ => return None,
+    })
+}
+
 /// One result set of a simple query.
 #[derive(Debug, Clone, Default)]
 pub struct ResultSet {
@@ -451,9 +465,37 @@ impl ReplicationConn {
         })
     }
 
+    /// A setting's value as SHOW prints it (walsenders answer SHOW for any setting); empty
+    /// if it cannot be read.
+    pub async fn show(&mut self, name: &str) -> String {
+        self.simple_query(&format!("SHOW {name}"))
+            .await
+            .ok()
+            .and_then(|sets| sets.first().and_then(|s| s.text(0, name)))
+            .unwrap_or_default()
+    }
+
+    /// `wal_segment_size` in bytes (16 MiB if it cannot be read).
+    pub async fn wal_segment_size(&mut self) -> u64 {
+        parse_size(&self.show("wal_segment_size").await).unwrap_or(16 << 20)
+    }
+
     /// Says goodbye (best effort).
     pub async fn close(mut self) {
         frontend::terminate(&mut self.write);
         let _ = self.send().await;
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_as_show_prints_them() {
+        assert_eq!(parse_size("16MB"), Some(16 << 20));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_size("64kB"), Some(64 << 10));
+        assert_eq!(parse_size("16"), None);
     }
 }

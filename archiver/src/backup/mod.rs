@@ -1,0 +1,440 @@
+//! `pitr backup`: a base backup over the replication protocol into the repository.
+//!
+//! BASE_BACKUP's archives are taken apart as they stream ([`chunker`]), file contents cut
+//! into fixed chunks that are hashed, compressed and packed on worker threads and uploaded
+//! a few packs at a time ([`pipeline`]). A chunk the newest earlier backup already holds is
+//! referenced, not stored again, so every backup is a full one that pays only for what
+//! changed. Once the data is stored and the WAL from the backup's start to its stop is in
+//! the repository (or in the backup itself, with `include_wal`), PostgreSQL's own
+//! backup_manifest and then pitr's manifest are written: the backup exists from then on.
+
+pub mod chunker;
+pub mod pipeline;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use repo::keys::wal_key;
+use repo::manifest::{
+    id_taken, list_backups, pg_manifest_key, BackupManifest, ChunkRef, ManifestError,
+    TablespaceEntry, MANIFEST_FORMAT,
+};
+use repo::objects::ObjectError;
+use repo::repository::Repository;
+use repo::storage::{PutMode, StorageError};
+use walfmt::{Lsn, PgTimestamp, SegmentName, TimelineId, WalSegmentSize};
+
+use crate::pg::base_backup::{BackupEvent, BackupOptions, BaseBackup};
+use crate::pg::{ConnError, ReplicationConn};
+use crate::tar::TarError;
+use chunker::Chunker;
+use pipeline::{Pipeline, PipelineConfig, PipelineError};
+
+/// The chunk size: 64 KiB, eight pages (docs/FORMAT.md says why).
+pub const DEFAULT_CHUNK_SIZE: usize = 64 << 10;
+/// Packs are closed at about this size (one PutObject on S3).
+pub const DEFAULT_PACK_SIZE: usize = 8 << 20;
+
+/// How to take the backup.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// BASE_BACKUP's label.
+    pub label: String,
+    /// Checkpoint at once rather than spread.
+    pub fast_checkpoint: bool,
+    /// Store the WAL from start to stop in the backup itself instead of waiting for it
+    /// to be archived.
+    pub include_wal: bool,
+    /// Bytes per chunk.
+    pub chunk_size: usize,
+    /// The data path.
+    pub pipeline: PipelineConfig,
+    /// How long to wait for the backup's WAL to reach the repository.
+    pub wal_timeout: Duration,
+}
+
+/// Where the backup is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for BASE_BACKUP's checkpoint.
+    Checkpoint,
+    /// Receiving and storing files.
+    Data,
+    /// Waiting for this WAL segment to be archived.
+    WaitingForWal(String),
+    /// Writing the manifest.
+    Manifest,
+}
+
+/// A progress report.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// What is going on.
+    pub phase: Phase,
+    /// File bytes received.
+    pub bytes: u64,
+    /// The server's estimate of the total, if it sent one.
+    pub total: Option<u64>,
+}
+
+/// Why a backup failed. Nothing it stored is referenced by a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The server refused or the connection broke.
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    /// The server sent an archive pitr cannot read.
+    #[error(transparent)]
+    Tar(#[from] TarError),
+    /// Storing the data failed.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// The repository failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// An object could not be written or read.
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    /// A manifest could not be written or read.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The WAL the backup needs did not reach the repository in time.
+    #[error("WAL segment {segment} needed by the backup was not archived within {waited:?}")]
+    WalMissing {
+        /// The first missing segment.
+        segment: String,
+        /// How long pitr waited.
+        waited: Duration,
+    },
+    /// Something the server said makes no sense.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl BackupError {
+    /// What the operator can do about it.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            BackupError::WalMissing { .. } => Some(
+                "is archive_command = 'pitr wal-push %p' archiving into this repository? Or take the backup with --wal",
+            ),
+            _ => None,
+        }
+    }
+}
+
+fn now() -> PgTimestamp {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    PgTimestamp::from_unix_micros(micros)
+}
+
+/// `20261201T104312Z` from a time.
+fn id_of(t: PgTimestamp) -> String {
+    let s = t.to_string(); // 2026-12-01T10:43:12.123456Z
+    let digits: String = s[..19].chars().filter(|c| c.is_ascii_digit()).collect();
+    format!("{}T{}Z", &digits[..8], &digits[8..])
+}
+
+/// What an earlier backup holds, to reference instead of storing again.
+struct Previous {
+    manifest: BackupManifest,
+    by_hash: HashMap<[u8; 32], u32>,
+}
+
+async fn previous(repo: &Repository) -> Result<Option<Previous>, BackupError> {
+    let ids = list_backups(repo.objects().storage().as_ref()).await?;
+    let Some(last) = ids.last() else {
+        return Ok(None);
+    };
+    let manifest = BackupManifest::load(repo.objects(), last).await?;
+    let by_hash = manifest
+        .chunks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| Some((c.hash()?, i as u32)))
+        .collect();
+    Ok(Some(Previous { manifest, by_hash }))
+}
+
+/// Takes a base backup of the server on `conn` into `repo` and returns its manifest, once
+/// stored. `server_version` is the server's full version string.
+pub async fn take(
+    conn: &mut ReplicationConn,
+    repo: &Repository,
+    config: &BackupConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<BackupManifest, BackupError> {
+    let storage = repo.objects().storage().clone();
+    let server_version = conn.server_version().unwrap_or("").to_owned();
+    let start_time = now();
+    let mut id = id_of(start_time);
+    let mut n = 2;
+    while id_taken(storage.as_ref(), &id).await? {
+        id = format!("{}-{n}", id_of(start_time));
+        n += 1;
+    }
+    let prev = previous(repo).await?;
+    let known: HashSet<[u8; 32]> = prev
+        .as_ref()
+        .map(|p| p.by_hash.keys().copied().collect())
+        .unwrap_or_default();
+
+    let pipeline = Pipeline::start(storage.clone(), known, config.pipeline);
+    let options = BackupOptions {
+        label: config.label.clone(),
+        fast_checkpoint: config.fast_checkpoint,
+        manifest: true,
+        wal: config.include_wal,
+    };
+    let mut report = Progress {
+        phase: Phase::Checkpoint,
+        bytes: 0,
+        total: None,
+    };
+    progress(&report);
+    let mut backup = BaseBackup::start(conn, &options).await?;
+    let mut chunker = Chunker::new(config.chunk_size);
+    let mut chunks = Vec::new();
+    let (mut start, mut stop) = (None, None);
+    let mut tablespaces = Vec::new();
+    let mut pg_manifest = Vec::new();
+    let mut last_report = Instant::now();
+    while let Some(event) = backup.next().await? {
+        match event {
+            BackupEvent::Started { lsn, timeline } => start = Some((lsn, timeline)),
+            BackupEvent::Ended { lsn, timeline } => stop = Some((lsn, timeline)),
+            BackupEvent::Tablespaces(list) => {
+                report.total = list.iter().map(|t| t.size).sum();
+                report.phase = Phase::Data;
+                tablespaces = list;
+            }
+            BackupEvent::Archive { tablespace, .. } => chunker.start_archive(tablespace)?,
+            BackupEvent::Data(d) => {
+                chunker.feed(&d, &mut chunks)?;
+                for c in chunks.drain(..) {
+                    pipeline.submit(c).await?;
+                }
+                if pipeline.failed() {
+                    break;
+                }
+                if last_report.elapsed() >= Duration::from_millis(200) {
+                    report.bytes = chunker.bytes;
+                    progress(&report);
+                    last_report = Instant::now();
+                }
+            }
+            BackupEvent::Progress(_) => {}
+            BackupEvent::Manifest => chunker.end_archive()?,
+            BackupEvent::ManifestData(d) => pg_manifest.extend_from_slice(&d),
+        }
+    }
+    drop(backup);
+    report.bytes = chunker.bytes;
+    progress(&report);
+    let stored = pipeline.finish().await?;
+    let mut files = chunker.finish()?;
+    let stop_time = now();
+    let ((start_lsn, timeline), (stop_lsn, stop_timeline)) = match (start, stop) {
+        (Some(a), Some(b)) => (a, b),
+        _ => {
+            return Err(BackupError::Protocol(
+                "BASE_BACKUP ended without its start and stop positions".into(),
+            ))
+        }
+    };
+
+    if !config.include_wal {
+        let seg = WalSegmentSize::new(repo.config().wal_segment_size)
+            .map_err(|e| BackupError::Protocol(e.to_string()))?;
+        wait_for_wal(
+            repo,
+            (timeline, stop_timeline),
+            (start_lsn, stop_lsn),
+            seg,
+            config.wal_timeout,
+            &mut |segment| {
+                report.phase = Phase::WaitingForWal(segment);
+                progress(&report);
+            },
+        )
+        .await?;
+    }
+    report.phase = Phase::Manifest;
+    progress(&report);
+
+    let pg_manifest_key = if pg_manifest.is_empty() {
+        None
+    } else {
+        let key = pg_manifest_key(&id);
+        repo.objects()
+            .put(&key, pg_manifest.into(), PutMode::IfAbsent)
+            .await?;
+        Some(key)
+    };
+
+    // The chunk table: each distinct chunk once, files pointing at it in order.
+    let mut refs = stored.refs;
+    refs.sort_unstable_by_key(|r| (r.0, r.1));
+    let mut packs: Vec<String> = Vec::new();
+    let mut pack_index: HashMap<String, u32> = HashMap::new();
+    let mut table: Vec<ChunkRef> = Vec::new();
+    let mut chunk_index: HashMap<[u8; 32], u32> = HashMap::new();
+    for (file, seq, hash) in refs {
+        let index = match chunk_index.get(&hash) {
+            Some(&i) => i,
+            None => {
+                let (pack, offset, stored_len, plain_len) =
+                    if let Some((p, e)) = stored.new.get(&hash) {
+                        (
+                            stored.new_packs[*p as usize].clone(),
+                            e.offset,
+                            e.stored_len,
+                            e.plain_len,
+                        )
+                    } else if let Some(c) = prev
+                        .as_ref()
+                        .and_then(|p| Some(&p.manifest.chunks[*p.by_hash.get(&hash)? as usize]))
+                    {
+                        let p = &prev.as_ref().map(|p| &p.manifest.packs);
+                        let pack = p.and_then(|p| p.get(c.pack()).cloned());
+                        let pack = pack.ok_or_else(|| {
+                            BackupError::Protocol("earlier manifest names a missing pack".into())
+                        })?;
+                        (pack, c.1, c.2, c.3)
+                    } else {
+                        return Err(BackupError::Protocol(format!(
+                            "chunk {} was neither stored nor found in an earlier backup",
+                            blake3::Hash::from_bytes(hash).to_hex()
+                        )));
+                    };
+                let p = *pack_index.entry(pack.clone()).or_insert_with(|| {
+                    packs.push(pack);
+                    packs.len() as u32 - 1
+                });
+                table.push(ChunkRef(
+                    p,
+                    offset,
+                    stored_len,
+                    plain_len,
+                    blake3::Hash::from_bytes(hash).to_hex().to_string(),
+                ));
+                chunk_index.insert(hash, table.len() as u32 - 1);
+                table.len() as u32 - 1
+            }
+        };
+        let f = files
+            .get_mut(file as usize)
+            .filter(|f| f.chunks.len() == seq as usize)
+            .ok_or_else(|| BackupError::Protocol(format!("chunk {seq} of file {file} out of place")))?;
+        f.chunks.push(index);
+    }
+
+    let manifest = BackupManifest {
+        format: MANIFEST_FORMAT,
+        id,
+        label: config.label.clone(),
+        system_identifier: repo.config().system_identifier.clone(),
+        pg_version: repo.config().pg_version,
+        server_version,
+        timeline,
+        start_lsn: start_lsn.to_string(),
+        stop_lsn: stop_lsn.to_string(),
+        stop_timeline,
+        start_time: start_time.to_string(),
+        stop_time: stop_time.to_string(),
+        checkpoint: if config.fast_checkpoint { "fast" } else { "spread" }.to_owned(),
+        wal: if config.include_wal { "included" } else { "archive" }.to_owned(),
+        chunk_size: config.chunk_size as u32,
+        compression: match config.pipeline.encode.zstd_level {
+            Some(l) => format!("zstd-{l}"),
+            None => "none".to_owned(),
+        },
+        size: files.iter().map(|f| f.size).sum(),
+        stored_new: stored.stored_new,
+        stored_total: table.iter().map(|c| u64::from(c.2)).sum(),
+        pg_manifest: pg_manifest_key,
+        tablespaces: tablespaces
+            .into_iter()
+            .filter_map(|t| {
+                Some(TablespaceEntry {
+                    oid: t.oid?,
+                    location: t.location.unwrap_or_default(),
+                })
+            })
+            .collect(),
+        packs,
+        chunks: table,
+        files,
+        created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
+    };
+    manifest
+        .check()
+        .map_err(|e| BackupError::Protocol(format!("the new manifest is inconsistent: {e}")))?;
+    manifest.store(repo.objects()).await?;
+    Ok(manifest)
+}
+
+/// Waits until every segment from `lsns.0` up to the one holding the byte before `lsns.1`
+/// is in the repository (on the start or stop timeline).
+async fn wait_for_wal(
+    repo: &Repository,
+    timelines: (u32, u32),
+    lsns: (Lsn, Lsn),
+    seg: WalSegmentSize,
+    timeout: Duration,
+    waiting: &mut dyn FnMut(String),
+) -> Result<(), BackupError> {
+    let storage = repo.objects().storage();
+    let first = SegmentName::of(TimelineId(timelines.0), lsns.0, seg);
+    let last = lsns.1 .0.saturating_sub(1).max(lsns.0 .0) / seg.bytes();
+    let started = Instant::now();
+    let mut name = first;
+    let mut told = false;
+    while name.segno <= last {
+        let candidates = [
+            name,
+            SegmentName {
+                timeline: TimelineId(timelines.1),
+                ..name
+            },
+        ];
+        let mut found = false;
+        for c in candidates {
+            let key = wal_key(&c.to_string()).unwrap_or_default();
+            if storage.head(&key).await?.is_some() {
+                found = true;
+                break;
+            }
+        }
+        if found {
+            name = name.next();
+            told = false;
+            continue;
+        }
+        if started.elapsed() >= timeout {
+            return Err(BackupError::WalMissing {
+                segment: name.to_string(),
+                waited: timeout,
+            });
+        }
+        if !told {
+            waiting(name.to_string());
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_sort_as_times() {
+        let t = PgTimestamp::from_unix_micros(1_778_727_600_123_456);
+        assert_eq!(id_of(t), "20260514T030000Z");
+    }
+}

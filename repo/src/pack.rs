@@ -1,0 +1,238 @@
+//! Pack objects: many small envelopes (backup chunks) stored as one object, so a backup
+//! of small deduplicated chunks is a few large uploads rather than one request per chunk.
+//! A pack ends with an index of what it holds, so it can be checked (and the repository's
+//! chunk index rebuilt) without any manifest. Byte layout: docs/FORMAT.md, "Packs".
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::envelope::{self, EncodeOptions, EnvelopeError};
+use crate::objects::{ObjectError, ObjectStore};
+
+/// The last four bytes of every pack.
+pub const PACK_MAGIC: [u8; 4] = *b"PKIX";
+/// Bytes of the footer: index envelope length (u32 LE), then the magic.
+pub const FOOTER_LEN: usize = 8;
+/// Bytes per index entry: blake3 (32), offset (u64), stored length (u32), plain length (u32).
+pub const INDEX_ENTRY_LEN: usize = 48;
+
+/// Where one chunk's envelope lies in its pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    /// blake3 of the chunk's plaintext.
+    pub hash: [u8; 32],
+    /// Offset of its envelope in the pack.
+    pub offset: u64,
+    /// Length of its envelope.
+    pub stored_len: u32,
+    /// Length of its plaintext.
+    pub plain_len: u32,
+}
+
+/// The key of the pack whose id is `id` (64 hex digits).
+pub fn pack_key(id: &str) -> String {
+    format!("pack/{}/{id}", &id[..2])
+}
+
+/// A pack being filled.
+#[derive(Debug, Default)]
+pub struct PackBuilder {
+    body: BytesMut,
+    entries: Vec<PackEntry>,
+}
+
+/// A finished pack: its id (blake3 of its index), its bytes, and what it holds.
+#[derive(Debug, Clone)]
+pub struct Pack {
+    /// 64 hex digits.
+    pub id: String,
+    /// The whole object.
+    pub bytes: Bytes,
+    /// Its chunks, in order.
+    pub entries: Vec<PackEntry>,
+}
+
+impl PackBuilder {
+    /// An empty pack.
+    pub fn new() -> PackBuilder {
+        PackBuilder::default()
+    }
+
+    /// Bytes of chunk envelopes so far.
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// No chunk yet.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends a chunk's envelope (made by the envelope encoder for plaintext with `hash`)
+    /// and returns where it lies.
+    pub fn push(&mut self, hash: [u8; 32], plain_len: u32, envelope: &[u8]) -> PackEntry {
+        let entry = PackEntry {
+            hash,
+            offset: self.body.len() as u64,
+            stored_len: envelope.len() as u32,
+            plain_len,
+        };
+        self.body.extend_from_slice(envelope);
+        self.entries.push(entry);
+        entry
+    }
+
+    /// Closes the pack: appends the index envelope and the footer.
+    pub fn finish(mut self, options: EncodeOptions) -> Pack {
+        let mut index = Vec::with_capacity(self.entries.len() * INDEX_ENTRY_LEN);
+        for e in &self.entries {
+            index.put_slice(&e.hash);
+            index.put_u64_le(e.offset);
+            index.put_u32_le(e.stored_len);
+            index.put_u32_le(e.plain_len);
+        }
+        let id = blake3::hash(&index).to_hex().to_string();
+        let index_env = envelope::encode(&index, options);
+        self.body.extend_from_slice(&index_env);
+        self.body.put_u32_le(index_env.len() as u32);
+        self.body.put_slice(&PACK_MAGIC);
+        Pack {
+            id,
+            bytes: self.body.freeze(),
+            entries: self.entries,
+        }
+    }
+}
+
+/// Why a pack's index cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PackError {
+    /// No footer.
+    #[error("not a pack (no footer)")]
+    NoFooter,
+    /// The index envelope is damaged.
+    #[error("pack index: {0}")]
+    Index(#[from] EnvelopeError),
+    /// The index does not describe the pack.
+    #[error("pack index is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Reads the index of a whole pack, checking every entry lies inside it.
+pub fn read_index(pack: &[u8]) -> Result<Vec<PackEntry>, PackError> {
+    if pack.len() < FOOTER_LEN || pack[pack.len() - 4..] != PACK_MAGIC {
+        return Err(PackError::NoFooter);
+    }
+    let n = pack.len();
+    let index_len = u32::from_le_bytes(pack[n - 8..n - 4].try_into().unwrap_or([0; 4])) as usize;
+    let Some(index_start) = (n - FOOTER_LEN).checked_sub(index_len) else {
+        return Err(PackError::Inconsistent("index longer than the pack".into()));
+    };
+    let (_, index) = envelope::decode(&pack[index_start..n - FOOTER_LEN])?;
+    if index.len() % INDEX_ENTRY_LEN != 0 {
+        return Err(PackError::Inconsistent(format!(
+            "index of {} bytes",
+            index.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(index.len() / INDEX_ENTRY_LEN);
+    for e in index.chunks_exact(INDEX_ENTRY_LEN) {
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&e[..32]);
+        let entry = PackEntry {
+            hash,
+            offset: u64::from_le_bytes(e[32..40].try_into().unwrap_or([0; 8])),
+            stored_len: u32::from_le_bytes(e[40..44].try_into().unwrap_or([0; 4])),
+            plain_len: u32::from_le_bytes(e[44..48].try_into().unwrap_or([0; 4])),
+        };
+        if entry.offset + u64::from(entry.stored_len) > index_start as u64 {
+            return Err(PackError::Inconsistent(format!(
+                "chunk at {} runs past the data",
+                entry.offset
+            )));
+        }
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+/// Reads one chunk from its pack (a ranged read), verifies its envelope and that it is the
+/// chunk with `hash`; damage is a corruption error naming the pack and the offset.
+pub async fn fetch_chunk(
+    objects: &ObjectStore,
+    pack: &str,
+    range: std::ops::Range<u64>,
+    hash: &[u8; 32],
+) -> Result<Bytes, ObjectError> {
+    let offset = range.start;
+    let want = range.end - range.start;
+    let bytes = objects.storage().get_range(pack, range).await?;
+    let name = || format!("{pack}@{offset}");
+    if bytes.len() as u64 != want {
+        return Err(ObjectError::Corrupt {
+            key: name(),
+            source: EnvelopeError::Truncated(bytes.len()),
+        });
+    }
+    let (header, plain) = objects.decode(&name(), bytes).await?;
+    if &header.hash != hash {
+        return Err(ObjectError::Corrupt {
+            key: name(),
+            source: EnvelopeError::Hash {
+                expected: blake3::Hash::from_bytes(*hash).to_hex().to_string(),
+                found: blake3::Hash::from_bytes(header.hash).to_hex().to_string(),
+            },
+        });
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_come_back_from_their_ranges_and_the_index() {
+        let mut b = PackBuilder::new();
+        let mut enc = envelope::Encoder::new(EncodeOptions::default());
+        let plains: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000 * i as usize]).collect();
+        let mut entries = Vec::new();
+        for p in &plains {
+            let hash: [u8; 32] = blake3::hash(p).into();
+            entries.push(b.push(hash, p.len() as u32, &enc.encode(p, hash)));
+        }
+        let pack = b.finish(EncodeOptions::default());
+        assert_eq!(pack.entries, entries);
+        assert_eq!(read_index(&pack.bytes).unwrap(), entries);
+        for (e, p) in entries.iter().zip(&plains) {
+            let range = e.offset as usize..(e.offset + u64::from(e.stored_len)) as usize;
+            let (h, back) = envelope::decode(&pack.bytes[range]).unwrap();
+            assert_eq!(&back[..], &p[..]);
+            assert_eq!(h.hash, e.hash);
+        }
+        // The id names the contents.
+        let again = {
+            let mut b = PackBuilder::new();
+            for (e, p) in entries.iter().zip(&plains) {
+                b.push(e.hash, e.plain_len, &enc.encode(p, e.hash));
+            }
+            b.finish(EncodeOptions::default())
+        };
+        assert_eq!(again.id, pack.id);
+        assert_eq!(pack_key(&pack.id), format!("pack/{}/{}", &pack.id[..2], pack.id));
+    }
+
+    #[test]
+    fn damage_is_refused() {
+        let mut b = PackBuilder::new();
+        b.push([1; 32], 3, &envelope::encode(b"abc", EncodeOptions::default()));
+        let pack = b.finish(EncodeOptions::default());
+        assert_eq!(read_index(b"short"), Err(PackError::NoFooter));
+        let mut bad = pack.bytes.to_vec();
+        let n = bad.len();
+        bad[n - 10] ^= 1; // inside the index envelope
+        assert!(matches!(read_index(&bad), Err(PackError::Index(_))));
+        let mut long = pack.bytes.to_vec();
+        long[n - 8..n - 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(read_index(&long), Err(PackError::Inconsistent(_))));
+    }
+}

@@ -1,0 +1,55 @@
+//! The server option shared by every command that connects to PostgreSQL, and how
+//! connection failures become messages, HINTs and exit code 7.
+
+use archiver::pg::{ConnError, PgSettings};
+
+use super::{Exit, Failure};
+
+#[derive(Debug, clap::Args)]
+pub struct PgArgs {
+    /// The server: a connection string (key=value ... or postgresql://...), on top of the
+    /// libpq environment (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGSSLMODE, ...)
+    #[arg(long, value_name = "CONNINFO", default_value = "")]
+    pub pg: String,
+}
+
+impl PgArgs {
+    /// The connection settings, or a bad-input failure with a HINT.
+    pub fn settings(&self) -> Result<PgSettings, Failure> {
+        PgSettings::from_env_and(&self.pg).map_err(|e| {
+            Failure::new(Exit::BadInput, e.to_string()).hint(
+                "--pg takes key=value pairs (host=... port=... user=...) or a postgresql:// URI",
+            )
+        })
+    }
+}
+
+/// A failure to reach or use the server, with a HINT for the usual causes.
+pub fn connect_failure(settings: &PgSettings, e: ConnError) -> Failure {
+    let hint = match e.server().map(|s| s.code.as_str()) {
+        Some("28P01") => Some(
+            "check the password: PGPASSWORD, password= in --pg, or the password file (~/.pgpass)"
+                .to_owned(),
+        ),
+        Some("28000") => Some(format!(
+            "pg_hba.conf needs a line for the \"replication\" database and user \"{}\"",
+            settings.user
+        )),
+        Some("42501") => Some(format!(
+            "user \"{}\" needs the REPLICATION attribute",
+            settings.user
+        )),
+        Some(_) => None,
+        None => match &e {
+            ConnError::Connect { .. } => {
+                Some("is the server running, and are host and port right?".to_owned())
+            }
+            _ => None,
+        },
+    };
+    let failure = Failure::new(Exit::Database, e.to_string());
+    match hint {
+        Some(h) => failure.hint(h),
+        None => failure,
+    }
+}
