@@ -107,7 +107,9 @@ pub struct Encoder {
 
 impl std::fmt::Debug for Encoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Encoder").field("options", &self.options).finish()
+        f.debug_struct("Encoder")
+            .field("options", &self.options)
+            .finish()
     }
 }
 

@@ -202,7 +202,12 @@ impl BackupManifest {
     pub fn check(&self) -> Result<(), String> {
         for c in &self.chunks {
             if c.pack() >= self.packs.len() {
-                return Err(format!("chunk {} names pack {} of {}", c.4, c.0, self.packs.len()));
+                return Err(format!(
+                    "chunk {} names pack {} of {}",
+                    c.4,
+                    c.0,
+                    self.packs.len()
+                ));
             }
             if c.hash().is_none() {
                 return Err(format!("chunk hash {:?} is not 64 hex digits", c.4));
@@ -210,7 +215,11 @@ impl BackupManifest {
         }
         for f in &self.files {
             if let Some(&bad) = f.chunks.iter().find(|&&i| i as usize >= self.chunks.len()) {
-                return Err(format!("file {} names chunk {bad} of {}", f.path, self.chunks.len()));
+                return Err(format!(
+                    "file {} names chunk {bad} of {}",
+                    f.path,
+                    self.chunks.len()
+                ));
             }
             let sum: u64 = f
                 .chunks
@@ -218,7 +227,10 @@ impl BackupManifest {
                 .map(|&i| u64::from(self.chunks[i as usize].plain_len()))
                 .sum();
             if f.kind == FileType::File && sum != f.size {
-                return Err(format!("file {} has {} bytes of chunks for size {}", f.path, sum, f.size));
+                return Err(format!(
+                    "file {} has {} bytes of chunks for size {}",
+                    f.path, sum, f.size
+                ));
             }
         }
         Ok(())

@@ -218,13 +218,20 @@ mod tests {
             b.finish(EncodeOptions::default())
         };
         assert_eq!(again.id, pack.id);
-        assert_eq!(pack_key(&pack.id), format!("pack/{}/{}", &pack.id[..2], pack.id));
+        assert_eq!(
+            pack_key(&pack.id),
+            format!("pack/{}/{}", &pack.id[..2], pack.id)
+        );
     }
 
     #[test]
     fn damage_is_refused() {
         let mut b = PackBuilder::new();
-        b.push([1; 32], 3, &envelope::encode(b"abc", EncodeOptions::default()));
+        b.push(
+            [1; 32],
+            3,
+            &envelope::encode(b"abc", EncodeOptions::default()),
+        );
         let pack = b.finish(EncodeOptions::default());
         assert_eq!(read_index(b"short"), Err(PackError::NoFooter));
         let mut bad = pack.bytes.to_vec();

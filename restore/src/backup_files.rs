@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use repo::manifest::{BackupManifest, ManifestFile};
+use repo::manifest::{BackupManifest, FileType, ManifestFile};
 use repo::objects::{ObjectError, ObjectStore};
 use repo::pack::fetch_chunk;
 
@@ -27,32 +27,185 @@ pub enum ReadError {
     Manifest(String),
 }
 
+/// The chunks of `file` of backup `m` in order, each verified, [`CHUNK_READS`] fetched at
+/// once: memory stays bounded whatever the file's size.
+pub fn file_chunks<'a>(
+    objects: &'a ObjectStore,
+    m: &'a BackupManifest,
+    file: &'a ManifestFile,
+) -> impl futures::Stream<Item = Result<Bytes, ReadError>> + 'a {
+    futures::stream::iter(file.chunks.iter().copied())
+        .map(move |i| async move {
+            let bad = || ReadError::Manifest(file.path.clone());
+            let c = m.chunks.get(i as usize).ok_or_else(bad)?;
+            let pack = m.pack_key(c.pack()).ok_or_else(bad)?;
+            let hash = c.hash().ok_or_else(bad)?;
+            fetch_chunk(objects, &pack, c.range(), &hash)
+                .await
+                .map_err(|source| ReadError::Object {
+                    path: file.path.clone(),
+                    source,
+                })
+        })
+        .buffered(CHUNK_READS)
+}
+
 /// The contents of `file` of backup `m`, verified chunk by chunk.
 pub async fn read_file(
     objects: &ObjectStore,
     m: &BackupManifest,
     file: &ManifestFile,
 ) -> Result<Vec<u8>, ReadError> {
-    let bad = || ReadError::Manifest(file.path.clone());
-    let mut wanted = Vec::with_capacity(file.chunks.len());
-    for &i in &file.chunks {
-        let c = m.chunks.get(i as usize).ok_or_else(bad)?;
-        let pack = m.pack_key(c.pack()).ok_or_else(bad)?;
-        let hash = c.hash().ok_or_else(bad)?;
-        wanted.push((pack, c.range(), hash));
-    }
-    let pieces: Vec<Bytes> = futures::stream::iter(wanted)
-        .map(|(pack, range, hash)| async move { fetch_chunk(objects, &pack, range, &hash).await })
-        .buffered(CHUNK_READS)
-        .try_collect()
-        .await
-        .map_err(|source| ReadError::Object {
-            path: file.path.clone(),
-            source,
-        })?;
+    let pieces: Vec<Bytes> = file_chunks(objects, m, file).try_collect().await?;
     let mut out = Vec::with_capacity(file.size as usize);
     for p in pieces {
         out.extend_from_slice(&p);
     }
     Ok(out)
+}
+
+/// What [`check_backup`] read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Files read back whole.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Files also compared with PostgreSQL's backup_manifest (size and checksum).
+    pub matched_pg_manifest: u64,
+}
+
+/// Why a backup does not check out.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// A file could not be read back.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// PostgreSQL's backup_manifest could not be read.
+    #[error("backup_manifest of backup {id}: {reason}")]
+    PgManifest {
+        /// The backup.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file is not what PostgreSQL sent.
+    #[error("file \"{path}\" {what}")]
+    Mismatch {
+        /// The file (as backup_manifest names it).
+        path: String,
+        /// How it differs.
+        what: String,
+    },
+}
+
+/// The path PostgreSQL's backup_manifest gives a file of the backup.
+pub fn pg_path(f: &ManifestFile) -> String {
+    match f.tablespace {
+        Some(oid) => format!("pg_tblspc/{oid}/{}", f.path),
+        None => f.path.clone(),
+    }
+}
+
+struct PgFile {
+    size: u64,
+    crc32c: Option<String>,
+}
+
+async fn pg_files(
+    objects: &ObjectStore,
+    m: &BackupManifest,
+) -> Result<Option<std::collections::HashMap<String, PgFile>>, CheckError> {
+    let Some(key) = &m.pg_manifest else {
+        return Ok(None);
+    };
+    let bad = |reason: String| CheckError::PgManifest {
+        id: m.id.clone(),
+        reason,
+    };
+    let (_, bytes) = objects.get(key).await.map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    let files = v["Files"]
+        .as_array()
+        .ok_or_else(|| bad("no Files list".into()))?;
+    let mut out = std::collections::HashMap::with_capacity(files.len());
+    for f in files {
+        let (Some(path), Some(size)) = (f["Path"].as_str(), f["Size"].as_u64()) else {
+            return Err(bad(format!("entry without Path or Size: {f}")));
+        };
+        // CRC-32C is the server's default; other algorithms are compared by size only.
+        let crc32c = (f["Checksum-Algorithm"] == "CRC32C")
+            .then(|| f["Checksum"].as_str().map(str::to_owned))
+            .flatten();
+        out.insert(path.to_owned(), PgFile { size, crc32c });
+    }
+    Ok(Some(out))
+}
+
+/// Reads every file of backup `m` back, checking each chunk's hash, and compares each with
+/// PostgreSQL's backup_manifest (size and CRC-32C) when the backup holds one: every file
+/// the server listed must be there, and nothing else but the WAL under `pg_wal/`.
+pub async fn check_backup(
+    objects: &ObjectStore,
+    m: &BackupManifest,
+) -> Result<CheckReport, CheckError> {
+    let mut listed = pg_files(objects, m).await?;
+    let mut report = CheckReport::default();
+    for f in m.files.iter().filter(|f| f.kind == FileType::File) {
+        let (mut len, mut crc) = (0u64, 0u32);
+        let mut chunks = std::pin::pin!(file_chunks(objects, m, f));
+        while let Some(piece) = chunks.next().await {
+            let piece = piece?;
+            len += piece.len() as u64;
+            crc = crc32c::crc32c_append(crc, &piece);
+        }
+        let path = pg_path(f);
+        if len != f.size {
+            return Err(CheckError::Mismatch {
+                path,
+                what: format!("has {len} bytes, the manifest says {}", f.size),
+            });
+        }
+        report.files += 1;
+        report.bytes += f.size;
+        let Some(listed) = listed.as_mut() else {
+            continue;
+        };
+        let Some(pg) = listed.remove(&path) else {
+            if path.starts_with("pg_wal/") {
+                continue;
+            }
+            return Err(CheckError::Mismatch {
+                path,
+                what: "is not in PostgreSQL's backup_manifest".into(),
+            });
+        };
+        if pg.size != f.size {
+            return Err(CheckError::Mismatch {
+                path,
+                what: format!("has {} bytes, backup_manifest says {}", f.size, pg.size),
+            });
+        }
+        if let Some(want) = pg.crc32c {
+            let found: String = crc
+                .to_le_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if !want.eq_ignore_ascii_case(&found) {
+                return Err(CheckError::Mismatch {
+                    path,
+                    what: format!("has CRC-32C {found}, backup_manifest says {want}"),
+                });
+            }
+        }
+        report.matched_pg_manifest += 1;
+    }
+    if let Some(missing) = listed.and_then(|l| l.into_keys().min()) {
+        return Err(CheckError::Mismatch {
+            path: missing,
+            what: "is in PostgreSQL's backup_manifest but not in the backup".into(),
+        });
+    }
+    Ok(report)
 }

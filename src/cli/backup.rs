@@ -35,7 +35,12 @@ pub struct Args {
     #[arg(long)]
     wal: bool,
     /// Seconds to wait for the backup's WAL to be archived into the repository
-    #[arg(long, default_value_t = 60, value_name = "SECONDS", env = "PITR_BACKUP_WAL_TIMEOUT")]
+    #[arg(
+        long,
+        default_value_t = 60,
+        value_name = "SECONDS",
+        env = "PITR_BACKUP_WAL_TIMEOUT"
+    )]
     wal_timeout: u64,
     /// Packs uploaded at once
     #[arg(long, default_value_t = 4, value_name = "N", env = "PITR_BACKUP_PARALLEL",
@@ -103,7 +108,11 @@ impl Reporter {
             if p.phase == Phase::Manifest {
                 eprintln!();
             }
-        } else if phase_changed || self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+        } else if phase_changed
+            || self
+                .last
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
             eprintln!("pitr: backup: {line}");
             self.last = Some(Instant::now());
         }

@@ -52,7 +52,9 @@ pub fn wal_ranges<'a>(names: impl Iterator<Item = &'a str>, seg: WalSegmentSize)
         segs.dedup();
         for s in segs {
             match out.last_mut() {
-                Some(WalRange { timeline, last, .. }) if *timeline == tli && last.segno + 1 == s.segno => {
+                Some(WalRange { timeline, last, .. })
+                    if *timeline == tli && last.segno + 1 == s.segno =>
+                {
                     *last = s
                 }
                 _ => out.push(WalRange {
@@ -93,17 +95,18 @@ pub fn run(args: Args) -> Result<(), Failure> {
             .map_err(|e| failure(e.into()))?;
         let mut backups = Vec::new();
         for id in &ids {
-            backups.push(BackupManifest::load(repo.objects(), id).await.map_err(failure)?);
+            backups.push(
+                BackupManifest::load(repo.objects(), id)
+                    .await
+                    .map_err(failure)?,
+            );
         }
         let seg = WalSegmentSize::new(repo.config().wal_segment_size)
             .map_err(|e| Failure::new(Exit::Corrupt, e.to_string()))?;
         let wal = list_all(storage.as_ref(), "wal/")
             .await
             .map_err(|e| failure(e.into()))?;
-        let ranges = wal_ranges(
-            wal.iter().filter_map(|o| o.key.rsplit('/').next()),
-            seg,
-        );
+        let ranges = wal_ranges(wal.iter().filter_map(|o| o.key.rsplit('/').next()), seg);
         if args.json {
             let v = json!({
                 "repository": url.to_string(),
@@ -155,7 +158,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 mb(m.size),
                 mb(m.stored_new),
                 m.label,
-                if m.wal == "included" { " (WAL included)" } else { "" },
+                if m.wal == "included" {
+                    " (WAL included)"
+                } else {
+                    ""
+                },
             );
         }
         if ranges.is_empty() {

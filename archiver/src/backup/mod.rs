@@ -327,7 +327,9 @@ pub async fn take(
         let f = files
             .get_mut(file as usize)
             .filter(|f| f.chunks.len() == seq as usize)
-            .ok_or_else(|| BackupError::Protocol(format!("chunk {seq} of file {file} out of place")))?;
+            .ok_or_else(|| {
+                BackupError::Protocol(format!("chunk {seq} of file {file} out of place"))
+            })?;
         f.chunks.push(index);
     }
 
@@ -344,8 +346,18 @@ pub async fn take(
         stop_timeline,
         start_time: start_time.to_string(),
         stop_time: stop_time.to_string(),
-        checkpoint: if config.fast_checkpoint { "fast" } else { "spread" }.to_owned(),
-        wal: if config.include_wal { "included" } else { "archive" }.to_owned(),
+        checkpoint: if config.fast_checkpoint {
+            "fast"
+        } else {
+            "spread"
+        }
+        .to_owned(),
+        wal: if config.include_wal {
+            "included"
+        } else {
+            "archive"
+        }
+        .to_owned(),
         chunk_size: config.chunk_size as u32,
         compression: match config.pipeline.encode.zstd_level {
             Some(l) => format!("zstd-{l}"),

@@ -166,7 +166,9 @@ impl Pipeline {
         .await
         .ok()
         .flatten();
-        let uploaded = (&mut self.uploader).await.map_err(|_| PipelineError::Gone)?;
+        let uploaded = (&mut self.uploader)
+            .await
+            .map_err(|_| PipelineError::Gone)?;
         uploaded?;
         joined.ok_or(PipelineError::Gone)
     }
@@ -245,7 +247,7 @@ async fn upload(
     let mut running = tokio::task::JoinSet::new();
     let mut first_error: Option<StorageError> = None;
     let note = |r: Result<Result<(), StorageError>, tokio::task::JoinError>,
-                    first: &mut Option<StorageError>| {
+                first: &mut Option<StorageError>| {
         let e = match r {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e,
@@ -302,7 +304,13 @@ mod tests {
             p.submit(Chunk { file: 0, seq, data }).await.unwrap();
         }
         let data = Bytes::from(vec![9u8; 100]);
-        p.submit(Chunk { file: 1, seq: 0, data }).await.unwrap();
+        p.submit(Chunk {
+            file: 1,
+            seq: 0,
+            data,
+        })
+        .await
+        .unwrap();
         let s = p.finish().await.unwrap();
         assert_eq!(s.refs.len(), 21);
         assert_eq!(s.new.len(), 10);
