@@ -23,6 +23,7 @@ fn config(include_wal: bool) -> BackupConfig {
         label: "pitr-test".into(),
         fast_checkpoint: true,
         include_wal,
+        max_rate_kb: None,
         chunk_size: backup::DEFAULT_CHUNK_SIZE,
         pipeline: PipelineConfig {
             threads: 2,

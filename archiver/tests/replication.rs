@@ -126,6 +126,7 @@ async fn base_backup_in_either_syntax_yields_each_archive_and_the_manifest() {
         fast_checkpoint: true,
         manifest: true,
         wal: false,
+        max_rate_kb: None,
     };
     let mut backup = BaseBackup::start(&mut conn, &options).await.unwrap();
     let (mut start, mut end) = (None, None);

@@ -34,6 +34,10 @@ pub struct Args {
     /// archived: the backup can be restored without any archived WAL
     #[arg(long)]
     wal: bool,
+    /// Have the server send at most this rate, to spare its disks: kB/s, or with a suffix
+    /// k or M (32k to 1024M), as pg_basebackup's --max-rate
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    max_rate: Option<u32>,
     /// Seconds to wait for the backup's WAL to be archived into the repository
     #[arg(
         long,
@@ -51,6 +55,24 @@ pub struct Args {
     /// Print the result as one JSON object
     #[arg(long)]
     json: bool,
+}
+
+/// `--max-rate` in kB/s: a number of kB/s, or with a suffix `k` or `M`.
+fn parse_rate(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    let (digits, factor) = match t.strip_suffix(['M', 'm']) {
+        Some(d) => (d, 1024),
+        None => (t.strip_suffix(['k', 'K']).unwrap_or(t), 1),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid rate {text:?}: a number of kB/s, or with k or M"))?;
+    let kb = n * factor;
+    if !(32..=1_048_576).contains(&kb) {
+        return Err(format!("rate {text:?} is out of range (32k to 1024M)"));
+    }
+    Ok(kb as u32)
 }
 
 fn failure(e: BackupError) -> Failure {
@@ -149,6 +171,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         label: args.label.clone(),
         fast_checkpoint: args.fast,
         include_wal: args.wal,
+        max_rate_kb: args.max_rate,
         chunk_size: backup::DEFAULT_CHUNK_SIZE,
         pipeline: PipelineConfig {
             threads,
@@ -213,4 +236,19 @@ pub fn run(args: Args) -> Result<(), Failure> {
         println!("{}", summary(&manifest, seconds));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_as_pg_basebackup_takes_them() {
+        assert_eq!(parse_rate("100"), Ok(100));
+        assert_eq!(parse_rate("100k"), Ok(100));
+        assert_eq!(parse_rate("10M"), Ok(10240));
+        assert!(parse_rate("10").is_err());
+        assert!(parse_rate("2000M").is_err());
+        assert!(parse_rate("fast").is_err());
+    }
 }

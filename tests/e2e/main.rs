@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `pitr` binary against real PostgreSQL clusters and a real S3
 //! server from the test bed. One test binary; one module per command.
 
+mod backup;
 mod bench;
 mod check;
 mod cli;

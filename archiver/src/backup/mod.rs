@@ -45,6 +45,8 @@ pub struct BackupConfig {
     /// Store the WAL from start to stop in the backup itself instead of waiting for it
     /// to be archived.
     pub include_wal: bool,
+    /// Server-side throttling in kB/s (BASE_BACKUP's MAX_RATE).
+    pub max_rate_kb: Option<u32>,
     /// Bytes per chunk.
     pub chunk_size: usize,
     /// The data path.
@@ -187,6 +189,7 @@ pub async fn take(
         fast_checkpoint: config.fast_checkpoint,
         manifest: true,
         wal: config.include_wal,
+        max_rate_kb: config.max_rate_kb,
     };
     let mut report = Progress {
         phase: Phase::Checkpoint,

@@ -20,6 +20,8 @@ pub struct BackupOptions {
     pub manifest: bool,
     /// Include the WAL from start to stop in the data directory's archive (`pg_wal/`).
     pub wal: bool,
+    /// Have the server send at most this many kB/s (32..=1048576), to spare its disks.
+    pub max_rate_kb: Option<u32>,
 }
 
 /// A tablespace the server will send, from its list.
@@ -77,18 +79,22 @@ fn quote(s: &str) -> String {
 pub fn command(major: u32, o: &BackupOptions) -> String {
     if major >= 15 {
         format!(
-            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT '{}', WAIT false, MANIFEST '{}'{})",
+            "BASE_BACKUP (LABEL {}, PROGRESS, CHECKPOINT '{}', WAIT false, MANIFEST '{}'{}{})",
             quote(&o.label),
             if o.fast_checkpoint { "fast" } else { "spread" },
             if o.manifest { "yes" } else { "no" },
             if o.wal { ", WAL true" } else { "" },
+            o.max_rate_kb
+                .map_or(String::new(), |r| format!(", MAX_RATE {r}")),
         )
     } else {
         format!(
-            "BASE_BACKUP LABEL {} PROGRESS{}{} NOWAIT MANIFEST '{}'",
+            "BASE_BACKUP LABEL {} PROGRESS{}{} NOWAIT{} MANIFEST '{}'",
             quote(&o.label),
             if o.fast_checkpoint { " FAST" } else { "" },
             if o.wal { " WAL" } else { "" },
+            o.max_rate_kb
+                .map_or(String::new(), |r| format!(" MAX_RATE {r}")),
             if o.manifest { "yes" } else { "no" },
         )
     }
@@ -256,6 +262,7 @@ mod tests {
             fast_checkpoint: true,
             manifest: true,
             wal: false,
+            max_rate_kb: None,
         };
         assert_eq!(
             command(15, &o),
@@ -265,11 +272,15 @@ mod tests {
             command(13, &o),
             "BASE_BACKUP LABEL 'it''s' PROGRESS FAST NOWAIT MANIFEST 'yes'"
         );
-        let with_wal = BackupOptions { wal: true, ..o };
-        assert!(command(16, &with_wal).ends_with("MANIFEST 'yes', WAL true)"));
+        let with_wal = BackupOptions {
+            wal: true,
+            max_rate_kb: Some(1024),
+            ..o
+        };
+        assert!(command(16, &with_wal).ends_with("MANIFEST 'yes', WAL true, MAX_RATE 1024)"));
         assert_eq!(
             command(14, &with_wal),
-            "BASE_BACKUP LABEL 'it''s' PROGRESS FAST WAL NOWAIT MANIFEST 'yes'"
+            "BASE_BACKUP LABEL 'it''s' PROGRESS FAST WAL NOWAIT MAX_RATE 1024 MANIFEST 'yes'"
         );
     }
 }

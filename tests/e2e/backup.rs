@@ -1,0 +1,221 @@
+//! `pitr backup` and `pitr list` from the command line: a pgbench database with a
+//! tablespace backed up to the bed's S3 server while `pitr wal-push` archives, the backup
+//! waiting for its WAL; `--wal` without archiving; a backup killed midway; the exit codes.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use repo::codec::Codec;
+use repo::envelope::EncodeOptions;
+use repo::manifest::BackupManifest;
+use repo::objects::ObjectStore;
+use repo::storage::{FsStorage, Storage};
+use testbed::{Cluster, ClusterOptions, S3Server, SUPERUSER};
+
+use crate::{pitr, succeeds};
+
+fn socket(pg: &Cluster) -> String {
+    format!(
+        "host={} port={} user={SUPERUSER}",
+        pg.socket_dir().display(),
+        pg.port()
+    )
+}
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Every backup in the repository reads back whole and as PostgreSQL listed it.
+fn check_all(storage: Arc<dyn Storage>) -> Vec<BackupManifest> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let objects = ObjectStore::new(
+            storage.clone(),
+            Arc::new(Codec::new(2, 4)),
+            EncodeOptions::default(),
+        );
+        let mut out = Vec::new();
+        for id in repo::manifest::list_backups(storage.as_ref())
+            .await
+            .unwrap()
+        {
+            let m = BackupManifest::load(&objects, &id).await.unwrap();
+            let report = restore::backup_files::check_backup(&objects, &m)
+                .await
+                .unwrap_or_else(|e| panic!("backup {id}: {e}"));
+            assert!(report.matched_pg_manifest > 100, "{report:?}");
+            out.push(m);
+        }
+        out
+    })
+}
+
+#[test]
+fn backup_to_s3_waits_for_archived_wal_and_is_listed() {
+    let s3 = S3Server::start().unwrap();
+    let prefix = format!("{}/backup", s3.prefix());
+    let url = format!("s3://{}/{prefix}", s3.bucket());
+    let mut options = ClusterOptions::default()
+        .archive_command("true")
+        .env("PITR_REPO", &url);
+    for (k, v) in s3.env() {
+        options = options.env(k, v);
+    }
+    let mut pg = Cluster::init(options).unwrap();
+    let bin = pg
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    pg.start().unwrap();
+    let space = pg.server_dir("space").unwrap();
+    pg.sql(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        space.display()
+    ))
+    .unwrap();
+    pg.sql("CREATE TABLE t TABLESPACE extra AS SELECT g, md5(g::text) FROM generate_series(1, 50000) g")
+        .unwrap();
+    pg.pgbench(&["-i", "-s", "16", "-q"]).unwrap();
+    // From here on pitr archives (the load's WAL went to `true`).
+    pg.set_config(
+        "archive_command",
+        &format!("'{}' wal-push %p", bin.display()),
+    )
+    .unwrap();
+    pg.sql("SELECT pg_reload_conf()").unwrap();
+
+    let backup = |label: &str| {
+        let out = succeeds(
+            pitr()
+                .args(["backup", "--fast", "--json", "--label", label])
+                .args(["--repo", &url, "--pg", &socket(&pg)])
+                .envs(s3.env()),
+        );
+        json(&out)
+    };
+    let started = Instant::now();
+    let first = backup("first");
+    eprintln!("first backup: {first} in {:?}", started.elapsed());
+    assert!(first["size"].as_u64().unwrap() > 250_000_000, "{first}");
+    assert_eq!(first["wal"], "archive");
+    assert_eq!(first["timeline"], 1);
+
+    pg.sql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 50000 = 0")
+        .unwrap();
+    let second = backup("second");
+    let (size, new) = (
+        second["size"].as_u64().unwrap(),
+        second["stored_new"].as_u64().unwrap(),
+    );
+    eprintln!("second backup: {new} new bytes of {size}");
+    assert!(new * 100 < size, "{second}");
+
+    // Both listed, with the WAL that makes them consistent.
+    let out = succeeds(
+        pitr()
+            .args(["list", "--json", "--repo", &url])
+            .envs(s3.env()),
+    );
+    let list = json(&out);
+    let backups = list["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 2, "{list}");
+    assert_eq!(backups[0]["id"], first["id"]);
+    assert_eq!(backups[0]["label"], "first");
+    assert_eq!(backups[1]["id"], second["id"]);
+    assert_eq!(backups[1]["stored_new"], second["stored_new"]);
+    let lsn = |v: &serde_json::Value| v.as_str().unwrap().parse::<walfmt::Lsn>().unwrap();
+    let wal = list["wal"].as_array().unwrap();
+    assert!(
+        wal.iter().any(|r| r["timeline"] == 1
+            && lsn(&r["start_lsn"]) <= lsn(&first["start_lsn"])
+            && lsn(&r["end_lsn"]) >= lsn(&second["stop_lsn"])),
+        "{list}"
+    );
+    let out = succeeds(pitr().args(["list", "--repo", &url]).envs(s3.env()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(first["id"].as_str().unwrap()), "{text}");
+    assert!(text.contains("WAL timeline 1:"), "{text}");
+
+    let manifests = check_all(crate::bed_s3_storage(&s3, &prefix));
+    assert_eq!(manifests.len(), 2);
+    assert!(manifests[0].tablespaces.len() == 1);
+}
+
+#[test]
+fn a_killed_backup_leaves_nothing_listed_and_the_next_one_works() {
+    let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    pg.pgbench(&["-i", "-s", "12", "-q"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("r");
+    let url = format!("file://{}", root.display());
+
+    let mut child = pitr()
+        .args(["backup", "--wal", "--fast", "--max-rate", "20M"])
+        .args(["--repo", &url, "--pg", &socket(&pg)])
+        // Uncompressed, so that packs fill while the server sends 20 MB/s.
+        .env("PITR_COMPRESS_LEVEL", "0")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let packs = root.join("pack");
+    while std::fs::read_dir(&packs).map_or(0, |d| d.count()) == 0 {
+        assert!(Instant::now() < deadline, "no pack was stored");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup ended too soon"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let out = succeeds(pitr().args(["list", "--json", "--repo", &url]));
+    assert_eq!(json(&out)["backups"], serde_json::json!([]));
+
+    let out = succeeds(pitr().args(["backup", "--wal", "--fast", "--json"]).args([
+        "--repo",
+        &url,
+        "--pg",
+        &socket(&pg),
+    ]));
+    let v = json(&out);
+    assert_eq!(v["wal"], "included");
+    let out = succeeds(pitr().args(["list", "--json", "--repo", &url]));
+    assert_eq!(json(&out)["backups"][0]["id"], v["id"]);
+    let storage: Arc<dyn Storage> = Arc::new(FsStorage::new(root.clone()).unwrap());
+    assert_eq!(check_all(storage).len(), 1);
+}
+
+#[test]
+fn without_archived_wal_the_backup_fails_with_exit_8_and_no_manifest() {
+    // The bed's cluster has archive_mode on and no archive_command: nothing is archived.
+    let pg = Cluster::start_new(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/r", dir.path().display());
+    let out = pitr()
+        .args(["backup", "--fast", "--wal-timeout", "2"])
+        .args(["--repo", &url, "--pg", &socket(&pg)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("was not archived within"), "{stderr}");
+    assert!(
+        stderr.contains("HINT:") && stderr.contains("--wal"),
+        "{stderr}"
+    );
+    let out = succeeds(pitr().args(["list", "--json", "--repo", &url]));
+    assert_eq!(json(&out)["backups"], serde_json::json!([]));
+
+    // No server there: exit 7 with a HINT, as for every command that connects.
+    let out = pitr()
+        .args(["backup", "--repo", &url, "--pg"])
+        .arg(format!("host={} port=1 user=x", pg.socket_dir().display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert!(stderr.contains("HINT:"), "{stderr}");
+}
