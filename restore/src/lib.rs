@@ -2,5 +2,6 @@
 //! (`backup_files`), and later restore, verify and drill.
 
 pub mod backup_files;
+pub mod files;
 pub mod spool;
 pub mod wal_fetch;
