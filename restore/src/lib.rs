@@ -3,5 +3,8 @@
 
 pub mod backup_files;
 pub mod files;
+pub mod plan;
+pub mod recovery;
 pub mod spool;
+pub mod target;
 pub mod wal_fetch;

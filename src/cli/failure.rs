@@ -22,6 +22,8 @@ pub enum Exit {
     Database = 7,
     /// 8: `backup`: the WAL the backup needs did not reach the repository in time.
     WalMissing = 8,
+    /// 9: `restore`: no backup and continuous WAL reach the target (nothing was written).
+    Unreachable = 9,
     /// 200: `wal-fetch` could not deliver a file the repository may hold (unreachable,
     /// damaged, misconfigured). Above 125, so PostgreSQL stops recovery.
     FetchFailed = 200,

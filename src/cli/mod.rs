@@ -9,6 +9,7 @@ mod info;
 mod list;
 mod pg_args;
 mod repo_args;
+mod restore;
 mod wal_fetch;
 mod wal_inspect;
 mod wal_push;
@@ -39,6 +40,8 @@ enum Command {
     Info(info::Args),
     /// List the backups in the repository and the WAL it holds
     List(list::Args),
+    /// Restore a backup into a new data directory, set to recover to a target
+    Restore(restore::Args),
     /// Restore one WAL file from the repository (restore_command = 'pitr wal-fetch %f %p')
     WalFetch(wal_fetch::Args),
     /// The background worker wal-fetch starts to fill its spool
@@ -86,6 +89,7 @@ pub fn run() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Info(args) => info::run(args),
         Command::List(args) => list::run(args),
+        Command::Restore(args) => restore::run(args),
         Command::WalFetch(args) => wal_fetch::run(args),
         Command::WalPrefetch(args) => wal_fetch::run_worker(args),
         Command::WalInspect(args) => wal_inspect::run(args),

@@ -6,6 +6,7 @@ mod bench;
 mod check;
 mod cli;
 mod info;
+mod restore;
 mod wal_fetch;
 mod wal_inspect;
 mod wal_push;

@@ -39,6 +39,50 @@ impl fmt::Display for PgTimestamp {
     }
 }
 
+impl PgTimestamp {
+    /// A UTC date and time (month 1..=12, day 1..=31, hour 0..=23, ...), None if out of range.
+    pub fn from_utc(
+        (year, month, day): (i64, u32, u32),
+        (hour, minute, second): (u32, u32, u32),
+        micros: u32,
+    ) -> Option<PgTimestamp> {
+        if !(1..=12).contains(&month)
+            || !(1..=31).contains(&day)
+            || hour > 23
+            || minute > 59
+            || second > 60
+            || micros > 999_999
+        {
+            return None;
+        }
+        let days = days_from_civil(year, month, day);
+        if civil_from_days(days) != (year, month, day) {
+            return None; // 31 April, 29 February of a common year
+        }
+        let secs = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second);
+        Some(PgTimestamp::from_unix_micros(
+            secs.checked_mul(1_000_000)? + i64::from(micros),
+        ))
+    }
+
+    /// As PostgreSQL reads a timestamptz in UTC: `2026-05-14 03:00:00.123456+00`.
+    pub fn to_pg_utc(self) -> String {
+        let s = self.to_string();
+        format!("{} {}+00", &s[..10], &s[11..26])
+    }
+}
+
+/// Day count from 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Proleptic Gregorian date of a day count from 1970-01-01 (Howard Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -68,5 +112,19 @@ mod tests {
             PgTimestamp::from_unix_micros(951_782_400_000_000).to_string(),
             "2000-02-29T00:00:00.000000Z"
         );
+    }
+
+    #[test]
+    fn civil_times_round_trip() {
+        let t = PgTimestamp::from_utc((2026, 5, 14), (3, 0, 0), 123_456).unwrap();
+        assert_eq!(t.unix_micros(), 1_778_727_600_123_456);
+        assert_eq!(t.to_pg_utc(), "2026-05-14 03:00:00.123456+00");
+        for days in [-800_000i64, -1, 0, 59, 10_956, 20_000, 2_000_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        assert!(PgTimestamp::from_utc((2026, 2, 29), (0, 0, 0), 0).is_none());
+        assert!(PgTimestamp::from_utc((2024, 2, 29), (0, 0, 0), 0).is_some());
+        assert!(PgTimestamp::from_utc((2026, 13, 1), (0, 0, 0), 0).is_none());
     }
 }

@@ -96,6 +96,11 @@ impl Chunker {
             EntryKind::Symlink(t) => (FileType::Symlink, Some(t)),
         };
         let file = self.files.len() as u32;
+        // PostgreSQL names some entries "./pg_wal/..."; the manifest keeps clean paths.
+        let mut path = path;
+        while let Some(rest) = path.strip_prefix("./") {
+            path = rest.to_owned();
+        }
         self.files.push(ManifestFile {
             path,
             tablespace: self.tablespace,
@@ -182,7 +187,11 @@ mod tests {
     fn files_come_out_as_chunks_at_any_split() {
         let a: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let b = vec![7u8; 3];
-        let archive = tar(&[("a", a.clone()), ("empty", vec![]), ("b", b.clone())]);
+        let archive = tar(&[
+            ("a", a.clone()),
+            ("empty", vec![]),
+            ("./pg_wal/b", b.clone()),
+        ]);
         for split in [1usize, 7, 512, 1000, 4096, archive.len()] {
             let mut c = Chunker::new(4096);
             c.start_archive(None).unwrap();
@@ -193,6 +202,7 @@ mod tests {
             let files = c.finish().unwrap();
             assert_eq!(files.len(), 3);
             assert_eq!(files[0].size, 10_000);
+            assert_eq!(files[2].path, "pg_wal/b");
             let of = |f: u32| -> Vec<u8> {
                 chunks
                     .iter()

@@ -1,0 +1,422 @@
+//! Before a restore writes anything: which backup to restore, and proof that the repository
+//! holds continuous WAL from that backup to the target, on the target's timeline. Segment
+//! summaries (computed from the segment where one is missing) tell where transactions and
+//! restore points are, so an unreachable target is refused with what is reachable instead.
+
+use std::collections::{BTreeSet, HashMap};
+
+use futures::{StreamExt, TryStreamExt};
+use repo::keys::{summary_key, wal_key};
+use repo::manifest::{list_backups, BackupManifest, ManifestError};
+use repo::objects::ObjectError;
+use repo::repository::Repository;
+use repo::storage::{list_all, StorageError};
+use serde::Deserialize;
+use walfmt::{Lsn, SegmentName, TimelineHistory, TimelineId, WalSegmentSize};
+
+use crate::target::Target;
+
+/// Which timeline to recover along.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimelineChoice {
+    /// The newest timeline in the repository (PostgreSQL's default).
+    Latest,
+    /// The backup's own timeline.
+    Current,
+    /// This one.
+    Id(u32),
+}
+
+/// What the restore will do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The backup to restore.
+    pub backup: BackupManifest,
+    /// The timeline recovery ends on.
+    pub timeline: u32,
+    /// The first and last segment recovery needs.
+    pub first_segment: String,
+    /// See `first_segment`.
+    pub last_segment: String,
+    /// Segments from first to last.
+    pub segments: u64,
+    /// The latest transaction time in that WAL, if any.
+    pub last_xact_time: Option<String>,
+}
+
+/// Why no restore can reach the target; nothing has been written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// Listing or reading failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// An object could not be read or is damaged.
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    /// A manifest could not be read.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// No backup fits.
+    #[error("{0}")]
+    NoBackup(String),
+    /// The target is out of reach.
+    #[error("{message}")]
+    Unreachable {
+        /// What is wrong.
+        message: String,
+        /// What is reachable.
+        hint: String,
+    },
+    /// Something stored does not parse.
+    #[error("{0}")]
+    Bad(String),
+}
+
+impl PlanError {
+    /// What the operator can do about it.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            PlanError::Unreachable { hint, .. } => Some(hint.clone()),
+            PlanError::NoBackup(_) => {
+                Some("pitr list shows the backups and the WAL the repository holds".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The parts of a segment summary a restore needs (docs/FORMAT.md, "Segment summaries").
+#[derive(Debug, Clone, Deserialize)]
+struct Summary {
+    end_lsn: String,
+    #[serde(default)]
+    last_xact_time: Option<String>,
+    #[serde(default)]
+    restore_points: Vec<RestorePointJson>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct RestorePointJson {
+    name: String,
+    lsn: String,
+}
+
+fn bad(what: impl std::fmt::Display) -> PlanError {
+    PlanError::Bad(what.to_string())
+}
+
+async fn summary_of(repo: &Repository, name: &SegmentName) -> Result<Summary, PlanError> {
+    let file = name.to_string();
+    let key = summary_key(&file).unwrap_or_default();
+    match repo.objects().get(&key).await {
+        Ok((_, plain)) => serde_json::from_slice(&plain).map_err(|e| bad(format!("{key}: {e}"))),
+        Err(e) if e.is_not_found() => {
+            // Archived, but its summary was never written: read the segment itself.
+            let seg_key = wal_key(&file).unwrap_or_default();
+            let (_, bytes) = repo.objects().get(&seg_key).await?;
+            let s = walfmt::summarize(&bytes).map_err(|e| bad(format!("{seg_key}: {e}")))?;
+            Ok(Summary {
+                end_lsn: s.end_lsn.to_string(),
+                last_xact_time: s.last_xact_time.map(|t| t.to_string()),
+                restore_points: s
+                    .restore_points
+                    .iter()
+                    .map(|r| RestorePointJson {
+                        name: r.name.clone(),
+                        lsn: r.lsn.to_string(),
+                    })
+                    .collect(),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn lsn(text: &str) -> Result<Lsn, PlanError> {
+    text.parse()
+        .map_err(|_| bad(format!("invalid LSN {text:?} in the repository")))
+}
+
+/// What the repository holds of the WAL.
+struct Inventory {
+    segments: BTreeSet<(u32, u64)>,
+    histories: BTreeSet<u32>,
+}
+
+async fn inventory(repo: &Repository, seg: WalSegmentSize) -> Result<Inventory, PlanError> {
+    let mut inv = Inventory {
+        segments: BTreeSet::new(),
+        histories: BTreeSet::new(),
+    };
+    for o in list_all(repo.objects().storage().as_ref(), "wal/").await? {
+        let name = o.key.rsplit('/').next().unwrap_or("");
+        if let Ok(s) = SegmentName::parse(name, seg) {
+            inv.segments.insert((s.timeline.0, s.segno));
+        } else if let Some(t) = name.strip_suffix(".history") {
+            if let Ok(t) = u32::from_str_radix(t, 16) {
+                inv.histories.insert(t);
+            }
+        }
+    }
+    Ok(inv)
+}
+
+async fn history(repo: &Repository, tli: u32) -> Result<TimelineHistory, PlanError> {
+    if tli == 1 {
+        return Ok(TimelineHistory::root(TimelineId(1)));
+    }
+    let name = TimelineId(tli).history_file_name();
+    let key = wal_key(&name).unwrap_or_default();
+    match repo.objects().get(&key).await {
+        Ok((_, text)) => TimelineHistory::parse(TimelineId(tli), &text).map_err(bad),
+        Err(e) if e.is_not_found() => Err(PlanError::Unreachable {
+            message: format!("timeline {tli} has no history file ({name}) in the repository"),
+            hint: "choose a timeline the repository holds (--target-timeline), see pitr list"
+                .into(),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Chooses the backup and checks the WAL for a restore to `target`.
+pub async fn plan(
+    repo: &Repository,
+    target: &Target,
+    exclusive: bool,
+    timeline: &TimelineChoice,
+    backup: Option<&str>,
+) -> Result<Plan, PlanError> {
+    let seg = WalSegmentSize::new(repo.config().wal_segment_size).map_err(bad)?;
+    let ids = list_backups(repo.objects().storage().as_ref()).await?;
+    if ids.is_empty() {
+        return Err(PlanError::NoBackup("the repository holds no backup".into()));
+    }
+    let chosen_ids: Vec<String> = match backup {
+        None | Some("latest") => ids.clone(),
+        Some(id) if ids.iter().any(|i| i == id) => vec![id.to_owned()],
+        Some(id) => {
+            return Err(PlanError::NoBackup(format!(
+                "backup {id} is not in the repository"
+            )))
+        }
+    };
+    let backups: Vec<BackupManifest> = futures::stream::iter(chosen_ids)
+        .map(|id| async move { BackupManifest::load(repo.objects(), &id).await })
+        .buffered(8)
+        .try_collect()
+        .await?;
+    let inv = inventory(repo, seg).await?;
+    let tli = match timeline {
+        TimelineChoice::Id(n) => *n,
+        TimelineChoice::Current => backups.last().map_or(1, |b| b.timeline),
+        TimelineChoice::Latest => inv
+            .histories
+            .iter()
+            .copied()
+            .chain(inv.segments.iter().map(|s| s.0))
+            .max()
+            .unwrap_or(1),
+    };
+    let hist = history(repo, tli).await?;
+    let tli_for = |segno: u64| hist.timeline_at(Lsn((segno + 1) * seg.bytes() - 1)).0;
+    let present = |segno: u64| inv.segments.contains(&(tli_for(segno), segno));
+
+    // Summaries are needed to place time and name targets.
+    let summaries = |from: u64, to: u64| {
+        let names: Vec<SegmentName> = (from..=to)
+            .map(|s| SegmentName {
+                timeline: TimelineId(tli_for(s)),
+                ..SegmentName::of(TimelineId(1), Lsn(s * seg.bytes()), seg)
+            })
+            .collect();
+        async move {
+            futures::stream::iter(names)
+                .map(|n| async move { summary_of(repo, &n).await.map(|s| (n.segno, s)) })
+                .buffered(16)
+                .try_collect::<HashMap<u64, Summary>>()
+                .await
+        }
+    };
+
+    // Backups on the target timeline's path, oldest first.
+    let on_path: Vec<&BackupManifest> = backups
+        .iter()
+        .filter(|b| {
+            b.stop_lsn
+                .parse()
+                .is_ok_and(|l| hist.descends_from(TimelineId(b.stop_timeline), l))
+        })
+        .collect();
+    let Some(newest) = on_path.last() else {
+        return Err(PlanError::NoBackup(format!(
+            "no backup is on timeline {tli} or its ancestors"
+        )));
+    };
+
+    // The newest backup before the target, given the newest backup's WAL run.
+    let run_from = |b: &BackupManifest| -> Result<(u64, u64), PlanError> {
+        let first = lsn(&b.start_lsn)?.segment_number(seg);
+        let mut last = first;
+        if !present(first) {
+            return Ok((first, first.wrapping_sub(1)));
+        }
+        while present(last + 1) {
+            last += 1;
+        }
+        Ok((first, last))
+    };
+    let stop_segment = |b: &BackupManifest| -> Result<u64, PlanError> {
+        Ok(Lsn(lsn(&b.stop_lsn)?.0.saturating_sub(1)).segment_number(seg))
+    };
+    let pick = |ok: &dyn Fn(&BackupManifest) -> Result<bool, PlanError>| -> Result<&BackupManifest, PlanError> {
+        for b in on_path.iter().rev() {
+            if ok(b)? {
+                return Ok(b);
+            }
+        }
+        let first = on_path[0];
+        Err(PlanError::NoBackup(format!(
+            "the target is before the end of the first backup on its timeline ({} ended at {}, WAL {})",
+            first.id, first.stop_time, first.stop_lsn
+        )))
+    };
+    let chosen = match target {
+        Target::Time(t) => {
+            let t = t.to_string();
+            pick(&|b| Ok(b.stop_time <= t))?
+        }
+        Target::Lsn(l) => pick(&|b| Ok(lsn(&b.stop_lsn)? <= *l))?,
+        _ => newest,
+    };
+    let (first, run_end) = run_from(chosen)?;
+    let stop = stop_segment(chosen)?;
+    let name_of = |s: u64| SegmentName {
+        timeline: TimelineId(tli_for(s)),
+        ..SegmentName::of(TimelineId(1), Lsn(s * seg.bytes()), seg)
+    };
+    let uses_archive = chosen.wal == "archive";
+    if uses_archive && (run_end == first.wrapping_sub(1) || run_end < stop) {
+        let missing = if run_end == first.wrapping_sub(1) {
+            first
+        } else {
+            run_end + 1
+        };
+        return Err(PlanError::Unreachable {
+            message: format!(
+                "WAL segment {} needed to make backup {} consistent is not in the repository",
+                name_of(missing),
+                chosen.id
+            ),
+            hint: "is archive_command = 'pitr wal-push %p' archiving into this repository?".into(),
+        });
+    }
+    let have_wal = run_end != first.wrapping_sub(1);
+    let last_time = |sums: &HashMap<u64, Summary>| -> Option<String> {
+        sums.values().filter_map(|s| s.last_xact_time.clone()).max()
+    };
+    let end = match target {
+        Target::Immediate => stop,
+        Target::End | Target::Xid(_) => run_end.max(stop),
+        Target::Lsn(l) => {
+            let want = l.segment_number(seg);
+            let reached = have_wal && want <= run_end && {
+                let s = summary_of(repo, &name_of(want)).await?;
+                lsn(&s.end_lsn)? > *l
+            };
+            if !reached {
+                let end_lsn = if have_wal {
+                    summary_of(repo, &name_of(run_end)).await?.end_lsn
+                } else {
+                    chosen.stop_lsn.clone()
+                };
+                return Err(PlanError::Unreachable {
+                    message: format!("recovery target LSN {l} is beyond the archived WAL"),
+                    hint: format!(
+                        "the WAL from backup {} is continuous to {end_lsn} (segment {})",
+                        chosen.id,
+                        name_of(run_end.max(stop))
+                    ),
+                });
+            }
+            want
+        }
+        Target::Time(t) => {
+            let sums = if have_wal {
+                summaries(first, run_end).await?
+            } else {
+                HashMap::new()
+            };
+            let past = |s: &Summary| {
+                s.last_xact_time.as_deref().is_some_and(|x| {
+                    let t = t.to_string();
+                    if exclusive {
+                        x >= t.as_str()
+                    } else {
+                        x > t.as_str()
+                    }
+                })
+            };
+            match (first..=run_end).find(|s| sums.get(s).is_some_and(past)) {
+                Some(s) => s.max(stop),
+                None => {
+                    let latest = last_time(&sums);
+                    return Err(PlanError::Unreachable {
+                        message: format!(
+                            "recovery target time {t} is after the latest archived transaction{}",
+                            latest.as_ref().map_or(String::new(), |l| format!(" ({l})"))
+                        ),
+                        hint: match latest {
+                            Some(l) => format!("the latest archived commit is {l}: choose a time before it, or restore without a target to replay all archived WAL"),
+                            None => "no transaction is archived after the backup: restore without a target, or archive more WAL first".into(),
+                        },
+                    });
+                }
+            }
+        }
+        Target::Name(n) => {
+            let sums = if have_wal {
+                summaries(first, run_end).await?
+            } else {
+                HashMap::new()
+            };
+            let mut found = None;
+            for s in first..=run_end {
+                if let Some(sum) = sums.get(&s) {
+                    if sum.restore_points.iter().any(|r| {
+                        &r.name == n
+                            && lsn(&r.lsn)
+                                .is_ok_and(|l| l >= lsn(&chosen.stop_lsn).unwrap_or(Lsn(0)))
+                    }) {
+                        found = Some(s);
+                        break;
+                    }
+                }
+            }
+            match found {
+                Some(s) => s,
+                None => {
+                    return Err(PlanError::Unreachable {
+                        message: format!("restore point \"{n}\" is not in the archived WAL after backup {}", chosen.id),
+                        hint: "restore points are made with SELECT pg_create_restore_point('name'); choose a backup before it with --backup".into(),
+                    })
+                }
+            }
+        }
+    };
+    let last_xact_time = if have_wal && matches!(target, Target::End | Target::Xid(_)) {
+        summary_of(repo, &name_of(run_end))
+            .await
+            .ok()
+            .and_then(|s| s.last_xact_time)
+    } else {
+        None
+    };
+    Ok(Plan {
+        backup: chosen.clone(),
+        timeline: tli,
+        first_segment: name_of(first).to_string(),
+        last_segment: name_of(end).to_string(),
+        segments: end.saturating_sub(first) + 1,
+        last_xact_time,
+    })
+}

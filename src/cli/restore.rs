@@ -1,0 +1,340 @@
+//! `pitr restore`: a backup written into a new data directory, with the recovery settings
+//! that bring it to the target. Everything that can be checked is checked before the first
+//! byte is written: the target, the backup that reaches it, and continuous WAL between.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use repo::codec::Codec;
+use repo::objects::ObjectError;
+use repo::repository::Repository;
+use restore::files::{restore_files, FilesError, FilesOptions, INCOMPLETE_MARKER};
+use restore::plan::{plan, PlanError, TimelineChoice};
+use restore::recovery::{self, shell_quote, Action, RecoveryConfig};
+use restore::target::{parse_time, Target};
+use serde_json::json;
+
+use super::repo_args::{open_failure, RepoArgs};
+use super::{Exit, Failure};
+
+#[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("target").multiple(false))]
+pub struct Args {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The new data directory (must not exist, or be empty)
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// The backup to restore: an id from pitr list, or latest [default: the newest that
+    /// ends before the target]
+    #[arg(long, value_name = "ID")]
+    backup: Option<String>,
+    /// Recover to this time: "2026-05-14 03:00:00+00", RFC 3339, or "15m ago"
+    #[arg(long, group = "target", value_name = "TIME")]
+    target_time: Option<String>,
+    /// Recover to this WAL position (16/B374D848)
+    #[arg(long, group = "target", value_name = "LSN")]
+    target_lsn: Option<String>,
+    /// Recover to the commit of this transaction
+    #[arg(long, group = "target", value_name = "XID")]
+    target_xid: Option<String>,
+    /// Recover to this restore point (pg_create_restore_point)
+    #[arg(long, group = "target", value_name = "NAME")]
+    target_name: Option<String>,
+    /// Stop as soon as the backup is consistent
+    #[arg(long, group = "target")]
+    target_immediate: bool,
+    /// Stop just before the target instead of just after it
+    #[arg(long)]
+    target_exclusive: bool,
+    /// What the server does at the target [default: PostgreSQL's, pause]
+    #[arg(long, value_name = "ACTION", value_parser = ["promote", "pause", "shutdown"])]
+    target_action: Option<String>,
+    /// The timeline to recover along: latest, current (the backup's) or a number
+    #[arg(long, value_name = "TIMELINE", default_value = "latest")]
+    target_timeline: String,
+    /// Put tablespace OID at PATH instead of where it was (repeatable)
+    #[arg(long, value_name = "OID=PATH")]
+    tablespace_map: Vec<String>,
+    /// Ranged reads from the repository at once
+    #[arg(
+        long,
+        default_value_t = 8,
+        value_name = "N",
+        env = "PITR_RESTORE_PARALLEL"
+    )]
+    parallel: usize,
+    /// Print the result as one JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+fn target(args: &Args) -> Result<Target, Failure> {
+    let bad = |m: String, h: &str| Failure::new(Exit::BadInput, m).hint(h);
+    Ok(if let Some(t) = &args.target_time {
+        Target::Time(parse_time(t).map_err(|e| bad(e.to_string(), e.hint()))?)
+    } else if let Some(l) = &args.target_lsn {
+        Target::Lsn(l.parse().map_err(|_| {
+            bad(
+                format!("invalid target LSN \"{l}\""),
+                "an LSN looks like 16/B374D848",
+            )
+        })?)
+    } else if let Some(x) = &args.target_xid {
+        if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad(
+                format!("invalid target xid \"{x}\""),
+                "a transaction id is a number",
+            ));
+        }
+        Target::Xid(x.clone())
+    } else if let Some(n) = &args.target_name {
+        Target::Name(n.clone())
+    } else if args.target_immediate {
+        Target::Immediate
+    } else {
+        Target::End
+    })
+}
+
+fn timeline(text: &str) -> Result<TimelineChoice, Failure> {
+    match text {
+        "latest" => Ok(TimelineChoice::Latest),
+        "current" => Ok(TimelineChoice::Current),
+        n => n
+            .parse()
+            .ok()
+            .filter(|&n: &u32| n > 0)
+            .map(TimelineChoice::Id)
+            .ok_or_else(|| {
+                Failure::new(Exit::BadInput, format!("invalid target timeline \"{n}\""))
+                    .hint("latest, current, or a timeline number")
+            }),
+    }
+}
+
+fn plan_failure(e: PlanError) -> Failure {
+    let exit = match &e {
+        PlanError::Unreachable { .. } | PlanError::NoBackup(_) => Exit::Unreachable,
+        PlanError::Object(ObjectError::Corrupt { .. }) | PlanError::Bad(_) => Exit::Corrupt,
+        _ => Exit::Repository,
+    };
+    let hint = e.hint();
+    let f = Failure::new(exit, e.to_string());
+    match hint {
+        Some(h) => f.hint(h),
+        None => f,
+    }
+}
+
+fn files_failure(e: FilesError, to: &std::path::Path) -> Failure {
+    let exit = match &e {
+        FilesError::NotEmpty(_) => Exit::BadInput,
+        FilesError::Object {
+            source: ObjectError::Corrupt { .. },
+            ..
+        }
+        | FilesError::Manifest(_) => Exit::Corrupt,
+        FilesError::Io { .. } => Exit::BadInput,
+        _ => Exit::Repository,
+    };
+    let f = Failure::new(exit, format!("restore failed: {e}"));
+    if matches!(e, FilesError::NotEmpty(_)) {
+        f.hint("restore into a new or empty directory")
+    } else {
+        f.hint(format!(
+            "{} is incomplete and PostgreSQL will not start on it (no global/pg_control, {INCOMPLETE_MARKER} present); remove it and restore again",
+            to.display()
+        ))
+    }
+}
+
+/// The restore_command: this binary by absolute path, with the repository and the
+/// non-secret S3 settings of this environment (credentials stay in the server's own).
+fn restore_command(repo: &str) -> String {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "pitr".into());
+    let mut words = Vec::new();
+    for var in [
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "PITR_S3_PATH_STYLE",
+        "PITR_S3_CONDITIONAL_PUT",
+        "PITR_S3_CHECKSUMS",
+        "AWS_CA_BUNDLE",
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            words.push(format!("{var}={}", shell_quote(&v)));
+        }
+    }
+    words.push(shell_quote(&exe));
+    words.push("wal-fetch".into());
+    words.push("--repo".into());
+    words.push(shell_quote(repo));
+    words.push("%f".into());
+    words.push("%p".into());
+    words.join(" ")
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    let url = args.repo.url()?;
+    let target = target(&args)?;
+    let timeline_choice = timeline(&args.target_timeline)?;
+    let mut map = HashMap::new();
+    for m in &args.tablespace_map {
+        let parsed = m.split_once('=').and_then(|(oid, path)| {
+            let p = PathBuf::from(path);
+            (p.is_absolute()).then_some((oid.parse::<u32>().ok()?, p))
+        });
+        let (oid, path) = parsed.ok_or_else(|| {
+            Failure::new(Exit::BadInput, format!("invalid --tablespace-map \"{m}\""))
+                .hint("OID=/absolute/path, the OID as pitr list --json or pg_tablespace shows it")
+        })?;
+        map.insert(oid, path);
+    }
+    if !args.to.is_absolute() {
+        return Err(Failure::new(
+            Exit::BadInput,
+            format!("--to \"{}\" is not an absolute path", args.to.display()),
+        ));
+    }
+    if std::fs::read_dir(&args.to).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(Failure::new(
+            Exit::BadInput,
+            format!(
+                "directory \"{}\" exists and is not empty",
+                args.to.display()
+            ),
+        )
+        .hint("restore into a new or empty directory"));
+    }
+    let runtime = super::runtime(Exit::Repository)?;
+    let started = Instant::now();
+    let (plan, report) = runtime.block_on(async {
+        let repo = Repository::open(&url, None, Arc::new(Codec::with_default_threads()))
+            .await
+            .map_err(open_failure)?;
+        let plan = plan(
+            &repo,
+            &target,
+            args.target_exclusive,
+            &timeline_choice,
+            args.backup.as_deref(),
+        )
+        .await
+        .map_err(plan_failure)?;
+        let m = &plan.backup;
+        if !args.json {
+            eprintln!(
+                "pitr: restore: backup {} ({}, ended {}), WAL {} .. {} ({} segments) on timeline {}",
+                m.id,
+                mb(m.size),
+                m.stop_time,
+                plan.first_segment,
+                plan.last_segment,
+                plan.segments,
+                plan.timeline
+            );
+        }
+        let mut options = FilesOptions::new(args.to.clone());
+        options.tablespace_map = map.clone();
+        options.fetches = args.parallel.max(1);
+        let written = Arc::new(AtomicU64::new(0));
+        let tty = std::io::stderr().is_terminal() && !args.json;
+        let total = m.size;
+        let ticker = {
+            let written = written.clone();
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                loop {
+                    tokio::time::sleep(Duration::from_millis(if tty { 200 } else { 10_000 })).await;
+                    let w = written.load(Ordering::Relaxed);
+                    let rate = w as f64 / t0.elapsed().as_secs_f64().max(0.001);
+                    let line = format!(
+                        "{} of {} at {}/s",
+                        mb(w),
+                        mb(total),
+                        mb(rate as u64)
+                    );
+                    if tty {
+                        eprint!("\r\x1b[2Kpitr: restore: {line}");
+                    } else {
+                        eprintln!("pitr: restore: {line}");
+                    }
+                }
+            })
+        };
+        let result = restore_files(repo.objects(), m, &options, written).await;
+        ticker.abort();
+        if tty {
+            eprintln!();
+        }
+        let report = result.map_err(|e| files_failure(e, &args.to))?;
+        Ok::<_, Failure>((plan, report))
+    })?;
+    let action = args.target_action.as_deref().map(|a| match a {
+        "promote" => Action::Promote,
+        "shutdown" => Action::Shutdown,
+        _ => Action::Pause,
+    });
+    let config = RecoveryConfig {
+        restore_command: restore_command(&args.repo.repo),
+        target: target.clone(),
+        exclusive: args.target_exclusive,
+        timeline: Some(args.target_timeline.clone()),
+        action,
+    };
+    recovery::write(&args.to, &config).map_err(|e| {
+        Failure::new(
+            Exit::BadInput,
+            format!(
+                "could not write the recovery settings in \"{}\": {e}",
+                args.to.display()
+            ),
+        )
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let m = &plan.backup;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "backup": m.id,
+                "to": args.to.display().to_string(),
+                "files": report.files,
+                "bytes": report.bytes,
+                "fetched": report.fetched,
+                "requests": report.requests,
+                "seconds": seconds,
+                "timeline": plan.timeline,
+                "first_segment": plan.first_segment,
+                "last_segment": plan.last_segment,
+                "segments": plan.segments,
+            })
+        );
+    } else {
+        println!(
+            "restored backup {} into {}: {} files, {} in {seconds:.1} s ({}/s); recovery replays WAL {} .. {}{}; start PostgreSQL on it to recover",
+            m.id,
+            args.to.display(),
+            report.files,
+            mb(report.bytes),
+            mb((report.bytes as f64 / seconds.max(0.001)) as u64),
+            plan.first_segment,
+            plan.last_segment,
+            plan.last_xact_time
+                .as_ref()
+                .map_or(String::new(), |t| format!(" (latest archived transaction {t})")),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,382 @@
+//! `pitr restore` end to end, the "host is gone" story: a cluster archives into the bed's
+//! S3 server with `pitr wal-push` and is backed up with `pitr backup`; rows are committed in
+//! batches; the cluster is stopped; each restore into a new directory, started by the real
+//! server, comes back with exactly the batches its target says. Unreachable targets and
+//! damaged chunks are refused with their exit codes, leaving nothing PostgreSQL would start.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use testbed::{Cluster, ClusterOptions, S3Server, StopMode, SUPERUSER};
+
+use crate::succeeds;
+
+/// A cluster archiving into a repository with pitr wal-push, and pitr where its server can
+/// run it (the restore_command names the binary that wrote it).
+struct Source {
+    s3: S3Server,
+    url: String,
+    pg: Cluster,
+    bin: PathBuf,
+}
+
+impl Source {
+    fn new(name: &str) -> Source {
+        let s3 = S3Server::start().unwrap();
+        let url = s3.repo_url(name);
+        let mut options = ClusterOptions::default()
+            .wal_segment_size_mb(1)
+            .setting("track_commit_timestamp", "on")
+            .env("PITR_REPO", &url);
+        for (k, v) in s3.env() {
+            options = options.env(k, v);
+        }
+        let mut pg = Cluster::init(options).unwrap();
+        let bin = pg
+            .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+            .unwrap();
+        pg.set_config(
+            "archive_command",
+            &format!("'{}' wal-push %p", bin.display()),
+        )
+        .unwrap();
+        pg.start().unwrap();
+        Source { s3, url, pg, bin }
+    }
+
+    fn pitr(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(&self.bin);
+        c.envs(self.s3.env());
+        c
+    }
+
+    fn socket(&self) -> String {
+        format!(
+            "host={} port={} user={SUPERUSER}",
+            self.pg.socket_dir().display(),
+            self.pg.port()
+        )
+    }
+
+    fn backup(&self) -> serde_json::Value {
+        let out = succeeds(self.pitr().args([
+            "backup",
+            "--fast",
+            "--json",
+            "--repo",
+            &self.url,
+            "--pg",
+            &self.socket(),
+        ]));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Switches to a new segment and waits until everything so far is archived.
+    fn archive_all(&self) {
+        let seg = self.pg.switch_wal().unwrap();
+        self.pg
+            .wait_archived(&seg, Duration::from_secs(60))
+            .unwrap();
+    }
+
+    fn restore(&self, to: &Path, args: &[&str]) -> Output {
+        self.pitr()
+            .args(["restore", "--repo", &self.url, "--to"])
+            .arg(to)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+/// Starts a restored directory and waits until recovery is over (the target reached and
+/// the server promoted).
+fn start_restored(src: &Source, dir: &Path, archive: bool) -> Cluster {
+    let mut options =
+        ClusterOptions::default().setting("archive_mode", if archive { "on" } else { "off" });
+    for (k, v) in src.s3.env() {
+        options = options.env(k, v);
+    }
+    options = options.env("PITR_REPO", &src.url);
+    let mut pg = Cluster::adopt(dir, options).unwrap();
+    pg.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pg.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
+        assert!(
+            Instant::now() < deadline,
+            "still in recovery:\n{}",
+            pg.server_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    pg
+}
+
+fn batches(pg: &Cluster) -> Vec<String> {
+    pg.sql("SELECT coalesce(string_agg(DISTINCT batch::text, ',' ORDER BY batch::text), '') FROM t")
+        .unwrap()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Commits batch `k` (100 rows) and returns its commit time and the WAL position after it.
+fn commit_batch(pg: &Cluster, k: u32) -> (String, String) {
+    pg.sql(&format!(
+        "INSERT INTO t SELECT {k}, g FROM generate_series(1, 100) g"
+    ))
+    .unwrap();
+    let time = pg
+        .sql(&format!(
+            "SELECT to_char(pg_xact_commit_timestamp(xmin) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00' FROM t WHERE batch = {k} LIMIT 1"
+        ))
+        .unwrap();
+    let lsn = pg.current_lsn().unwrap();
+    (time, lsn)
+}
+
+fn code(out: &Output) -> Option<i32> {
+    out.status.code()
+}
+
+#[test]
+fn each_target_brings_back_exactly_the_batches_before_it() {
+    let src = Source::new("targets");
+    src.pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    src.backup();
+    let mut commits = Vec::new();
+    for k in 1..=4 {
+        std::thread::sleep(Duration::from_millis(300));
+        commits.push(commit_batch(&src.pg, k));
+        if k == 2 {
+            src.pg
+                .sql("SELECT pg_create_restore_point('after-2')")
+                .unwrap();
+        }
+    }
+    src.archive_all();
+    // The host is gone.
+    let mut pg = src.pg;
+    pg.stop(StopMode::Immediate).unwrap();
+    let src = Source { pg, ..src };
+
+    let dirs = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    let mut restore_and_count = |args: &[&str]| -> Vec<String> {
+        n += 1;
+        let to = dirs.path().join(format!("r{n}"));
+        let mut all = vec!["--target-action", "promote"];
+        all.extend_from_slice(args);
+        let out = src.restore(&to, &all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pg = start_restored(&src, &to, false);
+        batches(&pg)
+    };
+    // Between the commit of batch 2 and that of batch 3.
+    let t2: walfmt::PgTimestamp = restore::target::parse_time(&commits[1].0).unwrap();
+    let between = walfmt::PgTimestamp::from_unix_micros(t2.unix_micros() + 100_000).to_pg_utc();
+    assert_eq!(restore_and_count(&["--target-time", &between]), ["1", "2"]);
+    // At batch 3's exact commit time: inclusive keeps it, exclusive stops just before.
+    assert_eq!(
+        restore_and_count(&["--target-time", &commits[2].0]),
+        ["1", "2", "3"]
+    );
+    assert_eq!(
+        restore_and_count(&["--target-time", &commits[2].0, "--target-exclusive"]),
+        ["1", "2"]
+    );
+    assert_eq!(
+        restore_and_count(&["--target-lsn", &commits[2].1]),
+        ["1", "2", "3"]
+    );
+    assert_eq!(restore_and_count(&["--target-name", "after-2"]), ["1", "2"]);
+    assert!(restore_and_count(&["--target-immediate"]).is_empty());
+    // No target: everything archived.
+    assert_eq!(restore_and_count(&[]), ["1", "2", "3", "4"]);
+}
+
+#[test]
+fn unreachable_targets_and_bad_input_are_refused_before_anything_is_written() {
+    let src = Source::new("refusals");
+    src.pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    let before_backup = src.pg.sql("SELECT now()").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    src.backup();
+    let (last_commit, _) = commit_batch(&src.pg, 1);
+    src.archive_all();
+    let dirs = tempfile::tempdir().unwrap();
+    let to = dirs.path().join("r");
+
+    let out = src.restore(&to, &["--target-time", &before_backup]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(9), "{err}");
+    assert!(err.contains("before the end of the first backup"), "{err}");
+    assert!(!to.exists(), "nothing written");
+
+    let out = src.restore(&to, &["--target-time", "2099-01-01 00:00:00+00"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(9), "{err}");
+    assert!(
+        err.contains("after the latest archived transaction"),
+        "{err}"
+    );
+    let shown = last_commit
+        .replace(' ', "T")
+        .trim_end_matches("+00")
+        .to_owned();
+    assert!(
+        err.contains("HINT: the latest archived commit is") && err.contains(&shown[..19]),
+        "{err}"
+    );
+    assert!(!to.exists());
+
+    let out = src.restore(&to, &["--target-lsn", "FF/0"]);
+    assert_eq!(
+        code(&out),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = src.restore(&to, &["--target-time", "2026-05-14 03:00:00"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(3), "{err}");
+    assert!(
+        err.contains("has no time zone") && err.contains("HINT:"),
+        "{err}"
+    );
+
+    let out = src.restore(&to, &["--target-name", "never-made"]);
+    assert_eq!(
+        code(&out),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    std::fs::create_dir_all(&to).unwrap();
+    std::fs::write(to.join("something"), b"x").unwrap();
+    let out = src.restore(&to, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(3), "{err}");
+    assert!(err.contains("is not empty"), "{err}");
+    assert!(!to.join("PG_VERSION").exists());
+}
+
+#[test]
+fn a_flipped_byte_in_a_chunk_fails_the_restore_naming_the_file_and_leaves_it_unstartable() {
+    let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/r", repo.path().display());
+    let socket = format!(
+        "host={} port={} user={SUPERUSER}",
+        pg.socket_dir().display(),
+        pg.port()
+    );
+    succeeds(crate::pitr().args(["backup", "--fast", "--wal", "--repo", &url, "--pg", &socket]));
+    // Damage the middle of the largest pack.
+    let mut packs: Vec<PathBuf> = walk(&repo.path().join("r/pack"));
+    packs.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let pack = packs.last().unwrap();
+    let mut bytes = std::fs::read(pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(pack, &bytes).unwrap();
+
+    let dirs = tempfile::tempdir().unwrap();
+    let to = dirs.path().join("r");
+    let out = crate::pitr()
+        .args(["restore", "--repo", &url, "--to"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(5), "{err}");
+    assert!(err.contains("restore failed: file \""), "{err}");
+    assert!(err.contains("is corrupt"), "{err}");
+    assert!(err.contains("PostgreSQL will not start on it"), "{err}");
+    assert!(to.join(restore::files::INCOMPLETE_MARKER).exists());
+    assert!(!to.join("global/pg_control").exists());
+    let mut broken = Cluster::adopt(&to, ClusterOptions::default()).unwrap();
+    assert!(
+        broken.start().is_err(),
+        "PostgreSQL started on a damaged restore"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn after_a_promote_a_restore_to_a_time_on_the_new_timeline_gets_its_writes() {
+    let src = Source::new("timelines");
+    src.pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    src.backup();
+    commit_batch(&src.pg, 1);
+    src.archive_all();
+    let mut old = src.pg;
+    old.stop(StopMode::Immediate).unwrap();
+    let src = Source { pg: old, ..src };
+
+    // Restored and promoted: timeline 2, archiving into the same repository.
+    let dirs = tempfile::tempdir().unwrap();
+    let first = dirs.path().join("first");
+    let out = src.restore(&first, &["--target-action", "promote"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let promoted = start_restored(&src, &first, true);
+    promoted
+        .sql(&format!(
+            "ALTER SYSTEM SET archive_command = '''{}'' wal-push %p'",
+            src.bin.display()
+        ))
+        .unwrap();
+    promoted.sql("SELECT pg_reload_conf()").unwrap();
+    assert_eq!(
+        promoted
+            .sql("SELECT timeline_id FROM pg_control_checkpoint()")
+            .unwrap(),
+        "2"
+    );
+    let (t2, _) = commit_batch(&promoted, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    commit_batch(&promoted, 3);
+    let seg = promoted.switch_wal().unwrap();
+    promoted
+        .wait_archived(&seg, Duration::from_secs(60))
+        .unwrap();
+    drop(promoted);
+
+    let t2: walfmt::PgTimestamp = restore::target::parse_time(&t2).unwrap();
+    let between = walfmt::PgTimestamp::from_unix_micros(t2.unix_micros() + 100_000).to_pg_utc();
+    let second = dirs.path().join("second");
+    let out = src.restore(
+        &second,
+        &["--target-time", &between, "--target-action", "promote"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("on timeline 2"), "{err}");
+    let pg = start_restored(&src, &second, false);
+    assert_eq!(batches(&pg), ["1", "2"]);
+}
