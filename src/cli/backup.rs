@@ -142,6 +142,13 @@ impl Reporter {
     }
 }
 
+fn regular_files(m: &BackupManifest) -> usize {
+    m.files
+        .iter()
+        .filter(|f| f.kind == repo::manifest::FileType::File)
+        .count()
+}
+
 fn summary(m: &BackupManifest, seconds: f64) -> String {
     let share = if m.size > 0 {
         m.stored_new as f64 / m.size as f64 * 100.0
@@ -153,7 +160,7 @@ fn summary(m: &BackupManifest, seconds: f64) -> String {
         m.id,
         mb(m.size),
         mb((m.size as f64 / seconds.max(0.001)) as u64),
-        m.files.len(),
+        regular_files(m),
         mb(m.stored_new),
         m.start_lsn,
         m.stop_lsn,
@@ -223,7 +230,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             "start_time": manifest.start_time,
             "stop_time": manifest.stop_time,
             "size": manifest.size,
-            "files": manifest.files.len(),
+            "files": regular_files(&manifest),
             "stored_new": manifest.stored_new,
             "stored_total": manifest.stored_total,
             "chunks": manifest.chunks.len(),

@@ -121,7 +121,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     "size": m.size,
                     "stored_new": m.stored_new,
                     "stored_total": m.stored_total,
-                    "files": m.files.len(),
+                    "files": m.files.iter().filter(|f| f.kind == repo::manifest::FileType::File).count(),
                     "wal": m.wal,
                     "pg_version": m.pg_version,
                 })).collect::<Vec<_>>(),
