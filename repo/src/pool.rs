@@ -47,6 +47,11 @@ impl Pool {
         }
     }
 
+    /// Job slots not taken now.
+    pub fn free_slots(&self) -> usize {
+        self.slots.available_permits()
+    }
+
     /// Runs `f` on a pool thread and returns what it returns.
     pub async fn run<T: Send + 'static>(
         &self,
@@ -97,6 +102,6 @@ mod tests {
             assert_eq!(v, i as u64 * 2);
             assert!(name.unwrap().starts_with("test-pool-"));
         }
-        assert_eq!(pool.slots.available_permits(), 3);
+        assert_eq!(pool.free_slots(), 3);
     }
 }

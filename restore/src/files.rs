@@ -335,6 +335,13 @@ fn sync_fs(dir: &Path) -> Result<(), FilesError> {
     rustix::fs::syncfs(&d).map_err(|e| io_err(dir)(e.into()))
 }
 
+/// The directories, links and (empty) files of a restore, made by [`lay_out_files`].
+#[derive(Debug)]
+pub struct LaidOut {
+    layout: Layout,
+    paths: Vec<PathBuf>,
+}
+
 /// Writes every file of backup `m` as `options` say. `written` counts plaintext bytes
 /// written so far (for progress).
 pub async fn restore_files(
@@ -343,14 +350,34 @@ pub async fn restore_files(
     options: &FilesOptions,
     written: Arc<AtomicU64>,
 ) -> Result<FilesReport, FilesError> {
+    let laid_out = lay_out_files(m, options).await?;
+    write_files(objects, m, options, laid_out, written).await
+}
+
+/// Checks the targets are empty and makes the directories, links and files (empty, at
+/// their sizes) of backup `m`, with the marker that a restore is in progress.
+pub async fn lay_out_files(
+    m: &BackupManifest,
+    options: &FilesOptions,
+) -> Result<LaidOut, FilesError> {
     m.check().map_err(FilesError::Manifest)?;
     let layout = Layout::new(m, options);
-    let (layout, paths) = {
-        let m = m.clone();
-        tokio::task::spawn_blocking(move || lay_out(&m, &layout).map(|p| (layout, p)))
-            .await
-            .map_err(|_| PoolGone)??
-    };
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || lay_out(&m, &layout).map(|paths| LaidOut { layout, paths }))
+        .await
+        .map_err(|_| PoolGone)?
+}
+
+/// Fills the files [`lay_out_files`] made, flushes everything, then puts pg_control in
+/// place and removes the marker.
+pub async fn write_files(
+    objects: &ObjectStore,
+    m: &BackupManifest,
+    options: &FilesOptions,
+    laid_out: LaidOut,
+    written: Arc<AtomicU64>,
+) -> Result<FilesReport, FilesError> {
+    let LaidOut { layout, paths } = laid_out;
     let (uses, ranges) = plan(m, options.range_size);
     let requests = ranges.len() as u64;
     let fetched: u64 = ranges.iter().map(|r| r.end - r.start).sum();

@@ -40,6 +40,9 @@ pub struct Plan {
     pub last_segment: String,
     /// Segments from first to last.
     pub segments: u64,
+    /// Their names, in replay order, as the repository holds them (when recovery reads
+    /// them from the archive).
+    pub wal: Vec<String>,
     /// The latest transaction time in that WAL, if any.
     pub last_xact_time: Option<String>,
 }
@@ -417,6 +420,13 @@ pub async fn plan(
         first_segment: name_of(first).to_string(),
         last_segment: name_of(end).to_string(),
         segments: end.saturating_sub(first) + 1,
+        wal: if have_wal {
+            (first..=end.min(run_end))
+                .map(|s| name_of(s).to_string())
+                .collect()
+        } else {
+            Vec::new()
+        },
         last_xact_time,
     })
 }

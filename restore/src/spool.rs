@@ -144,11 +144,15 @@ impl Spool {
         repo::worker::wanted(&self.dir).filter(|n| is_segment_name(n))
     }
 
-    /// Removes spooled segments outside `keep` (consumed, skipped or off the timeline).
-    pub fn prune(&self, keep: &[String]) -> std::io::Result<()> {
-        for name in self.segments()? {
-            if !keep.contains(&name) {
-                let _ = std::fs::remove_file(self.dir.join(name));
+    /// Removes spooled segments behind `name` (on any timeline): recovery has passed them.
+    /// Segments ahead stay, however far (a restore may have staged them all).
+    pub fn prune_behind(&self, name: &str, seg_size: WalSegmentSize) -> std::io::Result<()> {
+        let Ok(wanted) = SegmentName::parse(name, seg_size) else {
+            return Ok(());
+        };
+        for n in self.segments()? {
+            if SegmentName::parse(&n, seg_size).is_ok_and(|s| s.segno < wanted.segno) {
+                let _ = std::fs::remove_file(self.dir.join(n));
             }
         }
         Ok(())
@@ -226,7 +230,9 @@ mod tests {
         spool.put(B, b"two").unwrap();
         spool.set_wanted(A).unwrap();
         assert_eq!(spool.wanted().as_deref(), Some(A));
-        spool.prune(&[B.to_owned()]).unwrap();
-        assert_eq!(spool.segments().unwrap(), [B]);
+        let seg = WalSegmentSize::new(16 << 20).unwrap();
+        spool.put("000000020000000000000009", b"ahead").unwrap();
+        spool.prune_behind(B, seg).unwrap();
+        assert_eq!(spool.segments().unwrap(), [B, "000000020000000000000009"]);
     }
 }

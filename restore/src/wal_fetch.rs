@@ -190,7 +190,7 @@ pub async fn prefetch(
         }
         let want = wanted.unwrap_or_default();
         let window = window(&want, options.depth, seg_size);
-        let _ = spool.prune(&window);
+        let _ = spool.prune_behind(&want, seg_size);
         let missing: Vec<String> = window.into_iter().filter(|n| !spool.has(n)).collect();
         let mut fetches = futures::stream::iter(missing)
             .map(|name| {
@@ -225,4 +225,38 @@ pub async fn prefetch(
         filled_for = Some(want);
         idle_since = Instant::now();
     }
+}
+
+/// Stages the WAL segments `names` into the spool at `dir` before recovery starts (a
+/// restore does this while it writes the data files), `parallel` at once, each verified;
+/// wal-fetch then serves them by a rename. Stops quietly at the first that cannot be
+/// fetched: staging only saves time, wal-fetch fetches whatever is not there. Returns how
+/// many were staged.
+pub async fn stage(
+    repo: &Repository,
+    dir: &Path,
+    names: &[String],
+    parallel: usize,
+) -> Result<usize, FetchError> {
+    let io = |source: std::io::Error| FetchError::Write {
+        path: dir.display().to_string(),
+        source,
+    };
+    let spool = Spool::open(dir, &repo.url().to_string()).map_err(io)?;
+    let mut fetches = futures::stream::iter(names.iter().cloned())
+        .map(|name| async move {
+            let key = wal_key(&name).unwrap_or_default();
+            (name, repo.objects().get(&key).await)
+        })
+        .buffered(parallel.max(1));
+    let mut staged = 0;
+    while let Some((name, got)) = fetches.next().await {
+        let Ok((_, plain)) = got else { break };
+        let s = spool.clone();
+        match tokio::task::spawn_blocking(move || s.put(&name, &plain)).await {
+            Ok(Ok(())) => staged += 1,
+            _ => break,
+        }
+    }
+    Ok(staged)
 }

@@ -7,14 +7,13 @@ use std::time::{Duration, Instant};
 
 use archiver::backup::pipeline::{PipelineConfig, PipelineError};
 use archiver::backup::{self, BackupConfig, BackupError, Phase, Progress};
-use archiver::pg::ReplicationConn;
 use repo::codec::Codec;
 use repo::manifest::{BackupManifest, ManifestError};
 use repo::objects::ObjectError;
 use repo::repository::{ClusterIdentity, Repository};
 use serde_json::json;
 
-use super::pg_args::{connect_failure, PgArgs};
+use super::pg_args::{connect, PgArgs};
 use super::repo_args::{open_failure, CompressArgs, RepoArgs};
 use super::{Exit, Failure};
 
@@ -101,14 +100,21 @@ fn mb(bytes: u64) -> String {
 /// otherwise.
 struct Reporter {
     tty: bool,
-    started: Instant,
+    /// When the data began to arrive (the rate counts from then).
+    data_started: Option<Instant>,
     last: Option<Instant>,
     phase: Option<Phase>,
 }
 
 impl Reporter {
     fn report(&mut self, p: &Progress) {
-        let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
+        if p.phase == Phase::Data && self.data_started.is_none() {
+            self.data_started = Some(Instant::now());
+        }
+        let elapsed = self
+            .data_started
+            .map_or(0.0, |t| t.elapsed().as_secs_f64())
+            .max(0.001);
         let rate = p.bytes as f64 / elapsed;
         let phase_changed = self.phase.as_ref() != Some(&p.phase);
         let line = match &p.phase {
@@ -117,8 +123,11 @@ impl Reporter {
                 let mut l = format!("{} at {}/s", mb(p.bytes), mb(rate as u64));
                 if let Some(total) = p.total.filter(|&t| t > 0) {
                     let pct = (p.bytes as f64 / total as f64 * 100.0).min(100.0);
-                    let eta = (total.saturating_sub(p.bytes) as f64 / rate.max(1.0)) as u64;
-                    l = format!("{l}, {pct:.0}% of {}, {eta} s left", mb(total));
+                    l = format!("{l}, {pct:.0}% of {}", mb(total));
+                    if p.bytes > 0 && elapsed >= 0.5 {
+                        let eta = (total.saturating_sub(p.bytes) as f64 / rate) as u64;
+                        l = format!("{l}, {eta} s left");
+                    }
                 }
                 l
             }
@@ -190,13 +199,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     };
     let started = Instant::now();
     let manifest = runtime.block_on(async {
-        let mut conn = ReplicationConn::connect(&settings)
-            .await
-            .map_err(|e| connect_failure(&settings, e))?;
-        let system = conn
-            .identify_system()
-            .await
-            .map_err(|e| connect_failure(&settings, e))?;
+        let (mut conn, system) = connect(&settings).await?;
         let identity = ClusterIdentity {
             system_identifier: system.system_identifier,
             pg_version: conn.server_major(),
@@ -208,7 +211,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             .with_encode_options(args.compress.options());
         let mut reporter = Reporter {
             tty: std::io::stderr().is_terminal() && !args.json,
-            started: Instant::now(),
+            data_started: None,
             last: None,
             phase: None,
         };

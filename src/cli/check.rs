@@ -4,13 +4,12 @@
 
 use std::sync::Arc;
 
-use archiver::pg::ReplicationConn;
 use repo::codec::Codec;
 use repo::repository::{ClusterIdentity, OpenError, Repository};
 use repo::url::RepoUrl;
 use serde_json::json;
 
-use super::pg_args::{connect_failure, PgArgs};
+use super::pg_args::{connect, PgArgs};
 use super::repo_args::open_failure;
 use super::{Exit, Failure};
 
@@ -34,13 +33,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     };
     let runtime = super::runtime(Exit::Database)?;
     runtime.block_on(async {
-        let mut conn = ReplicationConn::connect(&settings)
-            .await
-            .map_err(|e| connect_failure(&settings, e))?;
-        let system = conn
-            .identify_system()
-            .await
-            .map_err(|e| connect_failure(&settings, e))?;
+        let (mut conn, system) = connect(&settings).await?;
         let segment = conn.wal_segment_size().await;
         // How WAL leaves the server.
         let archive_mode = conn.show("archive_mode").await;

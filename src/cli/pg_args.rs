@@ -1,7 +1,7 @@
 //! The server option shared by every command that connects to PostgreSQL, and how
 //! connection failures become messages, HINTs and exit code 7.
 
-use archiver::pg::{ConnError, PgSettings};
+use archiver::pg::{ConnError, PgSettings, ReplicationConn, SystemInfo};
 
 use super::{Exit, Failure};
 
@@ -52,4 +52,17 @@ pub fn connect_failure(settings: &PgSettings, e: ConnError) -> Failure {
         Some(h) => failure.hint(h),
         None => failure,
     }
+}
+
+/// A replication connection to the server and what IDENTIFY_SYSTEM says of it; failures
+/// exit 7 with a HINT.
+pub async fn connect(settings: &PgSettings) -> Result<(ReplicationConn, SystemInfo), Failure> {
+    let mut conn = ReplicationConn::connect(settings)
+        .await
+        .map_err(|e| connect_failure(settings, e))?;
+    let system = conn
+        .identify_system()
+        .await
+        .map_err(|e| connect_failure(settings, e))?;
+    Ok((conn, system))
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use repo::codec::Codec;
 use repo::objects::ObjectError;
 use repo::repository::Repository;
-use restore::files::{restore_files, FilesError, FilesOptions, INCOMPLETE_MARKER};
+use restore::files::{lay_out_files, write_files, FilesError, FilesOptions, INCOMPLETE_MARKER};
 use restore::plan::{plan, PlanError, TimelineChoice};
 use restore::recovery::{self, shell_quote, Action, RecoveryConfig};
 use restore::target::{parse_time, Target};
@@ -60,6 +60,10 @@ pub struct Args {
     /// Put tablespace OID at PATH instead of where it was (repeatable)
     #[arg(long, value_name = "OID=PATH")]
     tablespace_map: Vec<String>,
+    /// Stage the WAL recovery needs into wal-fetch's spool (pg_wal/.pitr/fetch) while the
+    /// files are written, so replay starts without waiting on the repository
+    #[arg(long)]
+    prefetch_wal: bool,
     /// Ranged reads from the repository at once
     #[arg(
         long,
@@ -273,7 +277,24 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 }
             })
         };
-        let result = restore_files(repo.objects(), m, &options, written).await;
+        let result = async {
+            let laid_out = lay_out_files(m, &options).await?;
+            if !args.prefetch_wal {
+                return write_files(repo.objects(), m, &options, laid_out, written).await;
+            }
+            let spool = restore::spool::default_dir(&args.to.join("pg_wal").join("RECOVERYXLOG"));
+            let (files, staged) = tokio::join!(
+                write_files(repo.objects(), m, &options, laid_out, written),
+                restore::wal_fetch::stage(&repo, &spool, &plan.wal, 4),
+            );
+            match staged {
+                Ok(n) if !args.json => eprintln!("pitr: restore: staged {n} of {} WAL segments for recovery", plan.wal.len()),
+                Ok(_) => {}
+                Err(e) => eprintln!("pitr: warning: could not stage WAL for recovery: {e}"),
+            }
+            files
+        }
+        .await;
         ticker.abort();
         if tty {
             eprintln!();

@@ -58,13 +58,8 @@ fn backup_to_s3_waits_for_archived_wal_and_is_listed() {
     let s3 = S3Server::start().unwrap();
     let prefix = format!("{}/backup", s3.prefix());
     let url = format!("s3://{}/{prefix}", s3.bucket());
-    let mut options = ClusterOptions::default()
-        .archive_command("true")
-        .env("PITR_REPO", &url);
-    for (k, v) in s3.env() {
-        options = options.env(k, v);
-    }
-    let mut pg = Cluster::init(options).unwrap();
+    let options = ClusterOptions::default().archive_command("true");
+    let mut pg = Cluster::init(crate::s3_server_env(options, &s3, &url)).unwrap();
     let bin = pg
         .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
         .unwrap();

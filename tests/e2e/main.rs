@@ -32,6 +32,20 @@ pub fn succeeds(cmd: &mut Command) -> Output {
     out
 }
 
+/// `options` with the environment a server needs to archive into (and restore from)
+/// repository `url` on the bed's S3 server: `PITR_REPO` and the S3 settings.
+pub fn s3_server_env(
+    mut options: testbed::ClusterOptions,
+    s3: &testbed::S3Server,
+    url: &str,
+) -> testbed::ClusterOptions {
+    options = options.env("PITR_REPO", url);
+    for (k, v) in s3.env() {
+        options = options.env(k, v);
+    }
+    options
+}
+
 /// Storage on the test bed's S3 server at `prefix`, for checking what the binary stored.
 pub fn bed_s3_storage(s3: &testbed::S3Server, prefix: &str) -> Arc<dyn Storage> {
     let rt = tokio::runtime::Runtime::new().unwrap();

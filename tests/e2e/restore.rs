@@ -25,14 +25,10 @@ impl Source {
     fn new(name: &str) -> Source {
         let s3 = S3Server::start().unwrap();
         let url = s3.repo_url(name);
-        let mut options = ClusterOptions::default()
+        let options = ClusterOptions::default()
             .wal_segment_size_mb(1)
-            .setting("track_commit_timestamp", "on")
-            .env("PITR_REPO", &url);
-        for (k, v) in s3.env() {
-            options = options.env(k, v);
-        }
-        let mut pg = Cluster::init(options).unwrap();
+            .setting("track_commit_timestamp", "on");
+        let mut pg = Cluster::init(crate::s3_server_env(options, &s3, &url)).unwrap();
         let bin = pg
             .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
             .unwrap();
@@ -93,13 +89,9 @@ impl Source {
 /// Starts a restored directory and waits until recovery is over (the target reached and
 /// the server promoted).
 fn start_restored(src: &Source, dir: &Path, archive: bool) -> Cluster {
-    let mut options =
+    let options =
         ClusterOptions::default().setting("archive_mode", if archive { "on" } else { "off" });
-    for (k, v) in src.s3.env() {
-        options = options.env(k, v);
-    }
-    options = options.env("PITR_REPO", &src.url);
-    let mut pg = Cluster::adopt(dir, options).unwrap();
+    let mut pg = Cluster::adopt(dir, crate::s3_server_env(options, &src.s3, &src.url)).unwrap();
     pg.start().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while pg.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
@@ -170,11 +162,19 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
         let mut all = vec!["--target-action", "promote"];
         all.extend_from_slice(args);
         let out = src.restore(&to, &all);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{args:?}: {err}");
+        if args.contains(&"--prefetch-wal") {
+            // Every segment recovery needs is in the spool before the server starts.
+            let staged = err
+                .lines()
+                .find_map(|l| l.strip_prefix("pitr: restore: staged "))
+                .unwrap_or_else(|| panic!("{err}"));
+            let (n, of) = staged.split_once(" of ").unwrap();
+            assert!(of.starts_with(n) && n != "0", "{staged}");
+            let spool = to.join("pg_wal/.pitr/fetch");
+            assert!(std::fs::read_dir(&spool).unwrap().count() > n.parse::<usize>().unwrap());
+        }
         let pg = start_restored(&src, &to, false);
         batches(&pg)
     };
@@ -197,8 +197,8 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
     );
     assert_eq!(restore_and_count(&["--target-name", "after-2"]), ["1", "2"]);
     assert!(restore_and_count(&["--target-immediate"]).is_empty());
-    // No target: everything archived.
-    assert_eq!(restore_and_count(&[]), ["1", "2", "3", "4"]);
+    // No target: everything archived; with the WAL staged while the files were written.
+    assert_eq!(restore_and_count(&["--prefetch-wal"]), ["1", "2", "3", "4"]);
 }
 
 #[test]

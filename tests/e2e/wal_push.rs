@@ -16,13 +16,8 @@ use crate::pitr;
 
 /// A cluster archiving with `cp` into a dir (for comparison) and `pitr wal-push` to S3.
 fn archiving_to(s3: &S3Server, repo_url: &str) -> (Cluster, PathBuf, PathBuf) {
-    let mut options = ClusterOptions::default()
-        .wal_segment_size_mb(1)
-        .env("PITR_REPO", repo_url);
-    for (k, v) in s3.env() {
-        options = options.env(k, v);
-    }
-    let mut pg = Cluster::init(options).unwrap();
+    let options = ClusterOptions::default().wal_segment_size_mb(1);
+    let mut pg = Cluster::init(crate::s3_server_env(options, s3, repo_url)).unwrap();
     let pitr_bin = pg
         .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
         .unwrap();
