@@ -4,6 +4,7 @@
 //! server, comes back with exactly the batches its target says. Unreachable targets and
 //! damaged chunks are refused with their exit codes, leaving nothing PostgreSQL would start.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -148,6 +149,10 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
                 .unwrap();
         }
     }
+    let xid3 = src
+        .pg
+        .sql("SELECT xmin FROM t WHERE batch = 3 LIMIT 1")
+        .unwrap();
     src.archive_all();
     // The host is gone.
     let mut pg = src.pg;
@@ -196,6 +201,7 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
         ["1", "2", "3"]
     );
     assert_eq!(restore_and_count(&["--target-name", "after-2"]), ["1", "2"]);
+    assert_eq!(restore_and_count(&["--target-xid", &xid3]), ["1", "2", "3"]);
     assert!(restore_and_count(&["--target-immediate"]).is_empty());
     // No target: everything archived; with the WAL staged while the files were written.
     assert_eq!(restore_and_count(&["--prefetch-wal"]), ["1", "2", "3", "4"]);
@@ -308,6 +314,74 @@ fn a_flipped_byte_in_a_chunk_fails_the_restore_naming_the_file_and_leaves_it_uns
     assert!(
         broken.start().is_err(),
         "PostgreSQL started on a damaged restore"
+    );
+}
+
+#[test]
+fn a_tablespace_comes_back_where_the_map_puts_it() {
+    let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    let space = pg.server_dir("space").unwrap();
+    pg.sql(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        space.display()
+    ))
+    .unwrap();
+    pg.sql("CREATE TABLE far TABLESPACE extra AS SELECT g FROM generate_series(1, 5000) g")
+        .unwrap();
+    let oid = pg
+        .sql("SELECT oid FROM pg_tablespace WHERE spcname = 'extra'")
+        .unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/r", repo.path().display());
+    let socket = format!(
+        "host={} port={} user={SUPERUSER}",
+        pg.socket_dir().display(),
+        pg.port()
+    );
+    succeeds(crate::pitr().args(["backup", "--fast", "--wal", "--repo", &url, "--pg", &socket]));
+
+    let dirs = tempfile::tempdir().unwrap();
+    let (to, moved) = (dirs.path().join("data"), dirs.path().join("moved-space"));
+    // The restore_command names the pitr that wrote it: one the server's user can run.
+    let bin = pg
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    let out = succeeds(
+        std::process::Command::new(&bin)
+            .args([
+                "restore",
+                "--target-immediate",
+                "--target-action",
+                "promote",
+                "--repo",
+                &url,
+            ])
+            .arg("--to")
+            .arg(&to)
+            .arg("--tablespace-map")
+            .arg(format!("{oid}={}", moved.display())),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("restored backup"));
+    let link = std::fs::read_link(to.join("pg_tblspc").join(&oid)).unwrap();
+    assert_eq!(link, moved);
+    assert_eq!(
+        std::fs::metadata(&moved).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let mut restored = Cluster::adopt(&to, ClusterOptions::default()).unwrap();
+    restored.os_user().give_tree(&moved).unwrap();
+    restored.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while restored.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
+        assert!(Instant::now() < deadline, "{}", restored.server_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(restored.sql("SELECT count(*) FROM far").unwrap(), "5000");
+    assert_eq!(
+        restored
+            .sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'extra'")
+            .unwrap(),
+        moved.display().to_string()
     );
 }
 
