@@ -4,6 +4,7 @@
 pub mod ahead;
 pub mod backup;
 pub mod pg;
+pub mod stream;
 pub mod summary_json;
 pub mod tar;
 pub mod wal_push;

@@ -305,6 +305,38 @@ async fn store(repo: &Repository, file: WalFile) -> Result<(Pushed, [u8; 32]), P
     }
 }
 
+/// Stores WAL file `name` from memory (what `pitr stream` received) exactly as `wal-push`
+/// stores a file: a segment is checked first (on a blocking thread), then put-if-absent,
+/// the checksum read back, and its summary written. The same bytes already stored (by
+/// archive_command, say) are success; different bytes are refused.
+pub async fn store_bytes(repo: &Repository, name: &str, bytes: Bytes) -> Result<Pushed, PushError> {
+    let key = wal_key(name).ok_or_else(|| PushError::NotWal {
+        path: name.to_owned(),
+        reason: "not a WAL file name".into(),
+    })?;
+    let kind = ArchiveFileKind::of(name);
+    let (n, b) = (name.to_owned(), bytes.clone());
+    let summary = match kind {
+        ArchiveFileKind::Segment | ArchiveFileKind::Partial => Some(
+            tokio::task::spawn_blocking(move || check_segment(&n, &n, &kind, &b))
+                .await
+                .map_err(|e| PushError::NotWal {
+                    path: name.to_owned(),
+                    reason: e.to_string(),
+                })??,
+        ),
+        _ => None,
+    };
+    let file = WalFile {
+        name: name.to_owned(),
+        key,
+        bytes,
+        hash: None,
+        summary,
+    };
+    Ok(store(repo, file).await?.0)
+}
+
 /// The cheap check for a file the worker stored ahead: the record is for this repository,
 /// the file is the one it hashed (same identity, or else the same hash now), and the stored
 /// object's header carries that hash (one ranged read). Any doubt (`false`) means a normal

@@ -11,6 +11,7 @@ pub mod keys;
 pub mod manifest;
 pub mod objects;
 pub mod pack;
+pub mod pieces;
 pub mod pool;
 pub mod repository;
 pub mod storage;

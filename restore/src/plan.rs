@@ -116,7 +116,21 @@ async fn summary_of(repo: &Repository, name: &SegmentName) -> Result<Summary, Pl
         Err(e) if e.is_not_found() => {
             // Archived, but its summary was never written: read the segment itself.
             let seg_key = wal_key(&file).unwrap_or_default();
-            let (_, bytes) = repo.objects().get(&seg_key).await?;
+            let bytes = match repo.objects().get(&seg_key).await {
+                Ok((_, b)) => b,
+                // Not whole yet: the segment `pitr stream` is writing.
+                Err(e) if e.is_not_found() => {
+                    match crate::wal_fetch::streamed_segment(repo, &file).await {
+                        Ok(Some(b)) => b,
+                        Ok(None) => {
+                            return Err(bad(format!("WAL segment {file} is not in the repository")))
+                        }
+                        Err(crate::wal_fetch::FetchError::Object(o)) => return Err(o.into()),
+                        Err(e) => return Err(bad(e)),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            };
             let s = walfmt::summarize(&bytes).map_err(|e| bad(format!("{seg_key}: {e}")))?;
             Ok(Summary {
                 end_lsn: s.end_lsn.to_string(),
@@ -151,6 +165,14 @@ async fn inventory(repo: &Repository, seg: WalSegmentSize) -> Result<Inventory, 
         segments: BTreeSet::new(),
         histories: BTreeSet::new(),
     };
+    // Segments `pitr stream` is still writing count from their first piece at offset 0.
+    for o in list_all(repo.objects().storage().as_ref(), "stream/").await? {
+        if let Some((name, 0, _)) = repo::keys::parse_piece_key(&o.key) {
+            if let Ok(s) = SegmentName::parse(&name, seg) {
+                inv.segments.insert((s.timeline.0, s.segno));
+            }
+        }
+    }
     for o in list_all(repo.objects().storage().as_ref(), "wal/").await? {
         let name = o.key.rsplit('/').next().unwrap_or("");
         if let Ok(s) = SegmentName::parse(name, seg) {

@@ -122,12 +122,17 @@ pub async fn fetch_with(
         get_bytes(storage.as_ref(), &key)
     );
     let repo = repo?;
-    let stored = match stored {
-        Ok(bytes) => bytes,
-        Err(e) if e.is_not_found() => return Err(FetchError::NotFound(name.to_owned())),
+    let plain = match stored {
+        Ok(bytes) => repo.objects().decode(&key, bytes).await?.1,
+        Err(e) if e.is_not_found() => {
+            // Not archived whole: the segment `pitr stream` is still writing, if any.
+            match streamed_segment(&repo, name).await? {
+                Some(bytes) => bytes,
+                None => return Err(FetchError::NotFound(name.to_owned())),
+            }
+        }
         Err(e) => return Err(FetchError::Object(e.into())),
     };
-    let (_, plain) = repo.objects().decode(&key, stored).await?;
     let dest = dest.to_owned();
     let shown = dest.display().to_string();
     tokio::task::spawn_blocking(move || write_atomically(&dest, &plain))
@@ -141,6 +146,24 @@ pub async fn fetch_with(
             source,
         })?;
     Ok(Delivered::Repository)
+}
+
+/// The segment `name` as `pitr stream` has made it durable so far: its pieces from offset 0,
+/// then zeros to the segment's size (PostgreSQL reads a restored segment only at its full
+/// size, and stops at the first byte that is not valid WAL). None when there are no pieces.
+pub async fn streamed_segment(
+    repo: &Repository,
+    name: &str,
+) -> Result<Option<bytes::Bytes>, FetchError> {
+    if ArchiveFileKind::of(name) != ArchiveFileKind::Segment {
+        return Ok(None);
+    }
+    let Some(prefix) = repo::pieces::read_streamed(repo.objects(), name).await? else {
+        return Ok(None);
+    };
+    let mut full = prefix.to_vec();
+    full.resize(repo.config().wal_segment_size as usize, 0);
+    Ok(Some(full.into()))
 }
 
 /// How the prefetch worker runs.

@@ -14,6 +14,7 @@ pub mod decoder;
 pub mod lsn;
 pub mod page;
 pub mod record;
+pub mod replication;
 pub mod segment;
 pub mod summary;
 pub mod time;

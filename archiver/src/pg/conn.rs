@@ -465,6 +465,18 @@ impl ReplicationConn {
         })
     }
 
+    /// Sends one CopyData message (in CopyBoth: a standby status update).
+    pub async fn send_copy_data(&mut self, data: &[u8]) -> Result<(), ConnError> {
+        frontend::CopyData::new(data)?.write(&mut self.write);
+        self.send().await
+    }
+
+    /// Ends our side of a COPY.
+    pub async fn send_copy_done(&mut self) -> Result<(), ConnError> {
+        frontend::copy_done(&mut self.write);
+        self.send().await
+    }
+
     /// A setting's value as SHOW prints it (walsenders answer SHOW for any setting); empty
     /// if it cannot be read.
     pub async fn show(&mut self, name: &str) -> String {

@@ -1,0 +1,456 @@
+//! `pitr stream`: WAL from a replication slot into the repository, durable within a flush
+//! interval (at once with `sync`), the slot advanced only past WAL the repository holds.
+//!
+//! A session connects, checks (or creates) the slot, stores the timeline's history, and
+//! starts replication where the repository's WAL ends (complete segments under `wal/`, then
+//! the pieces of the segment being written under `stream/`), or for an empty repository at
+//! the start of the segment holding the slot's restart point. Standby status updates report
+//! as flushed only what is durable, so the server keeps (and with synchronous replication,
+//! commits wait for) everything that is not. A broken connection is retried with backoff;
+//! a stop request flushes what is held and ends cleanly.
+
+pub mod metrics;
+pub mod writer;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use repo::codec::Codec;
+use repo::keys::parse_piece_key;
+use repo::objects::ObjectError;
+use repo::pieces::contiguous;
+use repo::repository::{ClusterIdentity, OpenError, Repository};
+use repo::storage::{list_all, StorageError};
+use repo::url::RepoUrl;
+use tokio::sync::watch;
+use walfmt::replication::{parse_server_message, standby_status, ServerMessage};
+use walfmt::{Lsn, PgTimestamp, SegmentName, TimelineId, WalSegmentSize};
+
+use crate::pg::{ConnError, PgSettings, ReplicationConn, Reply};
+use crate::wal_push::{store_bytes, PushError};
+use metrics::Metrics;
+use writer::SegmentWriter;
+
+/// How the service runs.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// The physical replication slot.
+    pub slot: String,
+    /// Create the slot if it does not exist.
+    pub create_slot: bool,
+    /// How often new WAL is made durable (ignored with `sync`).
+    pub flush_interval: Duration,
+    /// Make WAL durable as soon as it arrives and say so at once.
+    pub sync: bool,
+    /// Status updates at least this often.
+    pub status_interval: Duration,
+}
+
+/// Why streaming stopped or a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The connection failed or the server refused a command.
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    /// The repository cannot be used.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// Storing failed.
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    /// Listing failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Storing a segment failed (a different segment under its name, say).
+    #[error(transparent)]
+    Push(#[from] PushError),
+    /// The slot does not exist.
+    #[error("replication slot \"{0}\" does not exist")]
+    SlotMissing(String),
+    /// The slot is not a physical one.
+    #[error("replication slot \"{0}\" is not a physical slot")]
+    SlotNotPhysical(String),
+    /// The server no longer has WAL the repository needs.
+    #[error("the server no longer has the WAL at {lsn} that the repository needs next: {message}")]
+    WalLost {
+        /// Where streaming had to start.
+        lsn: Lsn,
+        /// The server's words.
+        message: String,
+    },
+    /// The server said something unexpected.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl StreamError {
+    /// Retrying will not help: stop the service.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            StreamError::SlotMissing(_)
+            | StreamError::SlotNotPhysical(_)
+            | StreamError::WalLost { .. } => true,
+            StreamError::Open(OpenError::Mismatch { .. } | OpenError::UnknownFormat { .. }) => true,
+            StreamError::Push(PushError::Conflict { .. } | PushError::Open(_)) => true,
+            StreamError::Conn(e) => e
+                .server()
+                .is_some_and(|s| matches!(s.code.as_str(), "28P01" | "28000" | "42501" | "42704")),
+            _ => false,
+        }
+    }
+
+    /// What the operator can do about it.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            StreamError::SlotMissing(_) => Some("create it with --create-slot, or name an existing physical slot with --slot"),
+            StreamError::WalLost { .. } => Some("the repository has a gap the server cannot fill: take a new backup (pitr backup) and stream from a new slot"),
+            _ => None,
+        }
+    }
+}
+
+fn pg_now() -> i64 {
+    let micros = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    PgTimestamp::from_unix_micros(micros).0
+}
+
+/// Runs until `stop` says true: sessions, reconnecting with backoff after failures that a
+/// retry can mend; a fatal one ends it with the error.
+pub async fn run(
+    settings: &PgSettings,
+    url: &RepoUrl,
+    config: &StreamConfig,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), StreamError> {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let result = session(settings, url, config, &metrics, &mut stop, &mut backoff).await;
+        metrics.connected.store(0, Ordering::Relaxed);
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) => {
+                metrics.errors.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "pitr: stream: {e}; connecting again in {:.1} s",
+                    backoff.as_secs_f64()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+        if *stop.borrow() {
+            return Ok(());
+        }
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Checks or creates the slot; its restart point if the server says.
+async fn ensure_slot(
+    conn: &mut ReplicationConn,
+    config: &StreamConfig,
+) -> Result<Option<Lsn>, StreamError> {
+    let slot = &config.slot;
+    let create_sql = format!(
+        "CREATE_REPLICATION_SLOT {} PHYSICAL RESERVE_WAL",
+        quote_ident(slot)
+    );
+    if conn.server_major() >= 15 {
+        let sets = conn
+            .simple_query(&format!("READ_REPLICATION_SLOT {}", quote_ident(slot)))
+            .await?;
+        let set = sets.first();
+        let kind = set.and_then(|s| s.text(0, "slot_type"));
+        match kind.as_deref() {
+            None if config.create_slot => {
+                conn.simple_query(&create_sql).await?;
+                // A physical slot's consistent point is 0/0: read its restart point.
+                let sets = conn
+                    .simple_query(&format!("READ_REPLICATION_SLOT {}", quote_ident(slot)))
+                    .await?;
+                return Ok(restart_lsn(sets.first()));
+            }
+            None => return Err(StreamError::SlotMissing(slot.clone())),
+            Some("physical") => {}
+            Some(_) => return Err(StreamError::SlotNotPhysical(slot.clone())),
+        }
+        return Ok(restart_lsn(set));
+    }
+    if config.create_slot {
+        match conn.simple_query(&create_sql).await {
+            Ok(_) => {}
+            Err(e) if e.server().is_some_and(|s| s.code == "42710") => {} // exists
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+fn restart_lsn(set: Option<&crate::pg::ResultSet>) -> Option<Lsn> {
+    set.and_then(|s| s.text(0, "restart_lsn"))
+        .and_then(|l| l.parse::<Lsn>().ok())
+        .filter(|l| l.0 != 0)
+}
+
+/// Stores timeline `tli`'s history file from the server if the repository lacks it.
+async fn store_history(
+    conn: &mut ReplicationConn,
+    repo: &Repository,
+    tli: u32,
+) -> Result<(), StreamError> {
+    if tli <= 1 {
+        return Ok(());
+    }
+    let sets = conn
+        .simple_query(&format!("TIMELINE_HISTORY {tli}"))
+        .await?;
+    let set = sets
+        .first()
+        .ok_or_else(|| StreamError::Protocol("TIMELINE_HISTORY returned nothing".into()))?;
+    let name = set
+        .text(0, "filename")
+        .unwrap_or_else(|| TimelineId(tli).history_file_name());
+    let content = set
+        .rows
+        .first()
+        .and_then(|r| r.get(1).cloned().flatten())
+        .unwrap_or_default();
+    store_bytes(repo, &name, content).await?;
+    Ok(())
+}
+
+/// Where the repository's WAL on `tli` ends: after its newest whole segment, or after
+/// the pieces of a newer segment that start at its first byte. None: it holds none.
+pub async fn durable_end(
+    repo: &Repository,
+    tli: u32,
+    seg: WalSegmentSize,
+) -> Result<Option<Lsn>, StreamError> {
+    let storage = repo.objects().storage();
+    let tli_hex = format!("{tli:08X}");
+    let mut end: Option<Lsn> = None;
+    for o in list_all(storage.as_ref(), &format!("wal/{tli_hex}")).await? {
+        let name = o.key.rsplit('/').next().unwrap_or("");
+        if let Ok(s) = SegmentName::parse(name, seg) {
+            end = end.max(Some(s.end_lsn()));
+        }
+    }
+    let mut pieces: std::collections::BTreeMap<String, Vec<repo::pieces::Piece>> =
+        Default::default();
+    for o in list_all(storage.as_ref(), &format!("stream/{tli_hex}")).await? {
+        if let Some((name, start, stop)) = parse_piece_key(&o.key) {
+            pieces.entry(name).or_default().push(repo::pieces::Piece {
+                key: o.key,
+                start,
+                end: stop,
+            });
+        }
+    }
+    for (name, mut list) in pieces {
+        let Ok(s) = SegmentName::parse(&name, seg) else {
+            continue;
+        };
+        list.sort_by_key(|p| (p.start, p.end));
+        let (_, off) = contiguous(&list);
+        if off > 0 && end.is_none_or(|e| s.start_lsn() >= e) {
+            end = end.max(Some(Lsn(s.start_lsn().0 + u64::from(off))));
+        }
+    }
+    Ok(end)
+}
+
+async fn session(
+    settings: &PgSettings,
+    url: &RepoUrl,
+    config: &StreamConfig,
+    metrics: &Arc<Metrics>,
+    stop: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> Result<(), StreamError> {
+    let mut conn = ReplicationConn::connect(settings).await?;
+    let system = conn.identify_system().await?;
+    let seg_bytes = conn.wal_segment_size().await;
+    let seg = WalSegmentSize::new(seg_bytes).map_err(|e| StreamError::Protocol(e.to_string()))?;
+    let identity = ClusterIdentity {
+        system_identifier: system.system_identifier,
+        pg_version: conn.server_major(),
+        wal_segment_size: seg_bytes,
+    };
+    let repo = Repository::open(url, Some(&identity), Arc::new(Codec::new(2, 4)))
+        .await?
+        .with_encode_options(repo::envelope::EncodeOptions {
+            zstd_level: Some(1),
+        });
+    let restart = ensure_slot(&mut conn, config).await?;
+    store_history(&mut conn, &repo, system.timeline).await?;
+    let mut tli = system.timeline;
+    let mut start = match durable_end(&repo, tli, seg).await? {
+        Some(end) => end,
+        // Nothing yet: from the start of the segment holding the slot's restart point (or
+        // the server's position), so the first segment is stored from its first byte.
+        None => restart.unwrap_or(system.xlogpos).segment_start(seg),
+    };
+    metrics.durable(start.0);
+    metrics.received_lsn.store(start.0, Ordering::Relaxed);
+    loop {
+        metrics.timeline.store(u64::from(tli), Ordering::Relaxed);
+        let sql = format!(
+            "START_REPLICATION SLOT {} PHYSICAL {start} TIMELINE {tli}",
+            quote_ident(&config.slot)
+        );
+        conn.start_query(&sql).await?;
+        match conn.next_reply().await {
+            Ok(Some(Reply::CopyBoth)) => {}
+            Ok(other) => {
+                return Err(StreamError::Protocol(format!(
+                    "START_REPLICATION answered {other:?}"
+                )))
+            }
+            Err(e) => {
+                if let Some(s) = e
+                    .server()
+                    .filter(|s| s.code == "58P01" || s.message.contains("has already been removed"))
+                {
+                    return Err(StreamError::WalLost {
+                        lsn: start,
+                        message: s.message.clone(),
+                    });
+                }
+                return Err(e.into());
+            }
+        }
+        metrics.connected.store(1, Ordering::Relaxed);
+        let writer = SegmentWriter::new(repo.clone(), tli, start, seg, metrics.clone());
+        match stream_timeline(&mut conn, writer, config, metrics, stop, backoff).await? {
+            None => return Ok(()),
+            Some((next_tli, next_start)) => {
+                store_history(&mut conn, &repo, next_tli).await?;
+                tli = next_tli;
+                start = next_start;
+            }
+        }
+    }
+}
+
+/// Streams one timeline. None: stopped on request; Some: the server ended the timeline
+/// and the next one starts there.
+async fn stream_timeline(
+    conn: &mut ReplicationConn,
+    mut writer: SegmentWriter,
+    config: &StreamConfig,
+    metrics: &Arc<Metrics>,
+    stop: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> Result<Option<(u32, Lsn)>, StreamError> {
+    let mut flush_tick = tokio::time::interval(config.flush_interval);
+    let mut status_tick = tokio::time::interval(config.status_interval);
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let status = |w: &SegmentWriter, reply: bool| {
+        standby_status(w.received(), w.durable(), Lsn(0), pg_now(), reply)
+    };
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => {
+                writer.flush().await?;
+                conn.send_copy_data(&status(&writer, false)).await?;
+                conn.send_copy_done().await?;
+                return Ok(None);
+            }
+            reply = conn.next_reply() => {
+                let reply = match reply {
+                    Err(e) if e.server().is_some_and(|s| s.code == "58P01") => {
+                        let message = e.server().map(|s| s.message.clone()).unwrap_or_default();
+                        return Err(StreamError::WalLost { lsn: writer.received(), message });
+                    }
+                    other => other?,
+                };
+                let Some(reply) = reply else {
+                    return Err(StreamError::Protocol("the server ended replication".into()));
+                };
+                match reply {
+                    Reply::CopyData(d) => {
+                        let mut report = false;
+                        let mut msg = d;
+                        loop {
+                            match parse_server_message(&msg).map_err(|e| StreamError::Protocol(e.to_string()))? {
+                                ServerMessage::XLogData { start, wal_end, data, .. } => {
+                                    metrics.server_lsn.store(wal_end.0, Ordering::Relaxed);
+                                    writer.append(start, &msg[data]).await?;
+                                    *backoff = Duration::from_millis(500);
+                                }
+                                ServerMessage::Keepalive { wal_end, reply_requested, .. } => {
+                                    metrics.server_lsn.store(wal_end.0, Ordering::Relaxed);
+                                    report |= reply_requested;
+                                }
+                            }
+                            if !config.sync {
+                                break;
+                            }
+                            // Sync: take what has already arrived, then flush it all at once.
+                            match tokio::time::timeout(Duration::ZERO, conn.next_reply()).await {
+                                Ok(Ok(Some(Reply::CopyData(next)))) => msg = next,
+                                Ok(Ok(Some(Reply::CopyDone))) => {
+                                    writer.flush().await?;
+                                    return end_of_timeline(conn).await.map(Some);
+                                }
+                                Ok(Ok(Some(_))) => break,
+                                Ok(Ok(None)) => return Err(StreamError::Protocol("the server ended replication".into())),
+                                Ok(Err(e)) => return Err(e.into()),
+                                Err(_) => break,
+                            }
+                        }
+                        if config.sync && writer.pending() > 0 {
+                            writer.flush().await?;
+                            report = true;
+                        }
+                        if report {
+                            conn.send_copy_data(&status(&writer, false)).await?;
+                        }
+                    }
+                    Reply::CopyDone => {
+                        writer.flush().await?;
+                        return end_of_timeline(conn).await.map(Some);
+                    }
+                    _ => {}
+                }
+            }
+            _ = flush_tick.tick() => {
+                if writer.flush().await? {
+                    conn.send_copy_data(&status(&writer, false)).await?;
+                }
+            }
+            _ = status_tick.tick() => {
+                conn.send_copy_data(&status(&writer, false)).await?;
+            }
+        }
+    }
+}
+
+/// After the server's CopyDone at the end of a timeline: ours, then the next timeline and
+/// where it starts.
+async fn end_of_timeline(conn: &mut ReplicationConn) -> Result<(u32, Lsn), StreamError> {
+    conn.send_copy_done().await?;
+    let mut next = None;
+    while let Some(reply) = conn.next_reply().await? {
+        if let Reply::Rows(set) = reply {
+            if let (Some(t), Some(l)) = (set.text(0, "next_tli"), set.text(0, "next_tli_startpos"))
+            {
+                next = t.parse::<u32>().ok().zip(l.parse::<Lsn>().ok());
+            }
+        }
+    }
+    next.ok_or_else(|| StreamError::Protocol("the timeline ended without naming the next".into()))
+}

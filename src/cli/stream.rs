@@ -1,0 +1,130 @@
+//! `pitr stream`: the streaming service, until SIGTERM or SIGINT (then it makes what it
+//! holds durable and exits 0). Prometheus metrics on `--metrics-addr`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use archiver::stream::metrics::{serve, Metrics};
+use archiver::stream::{run as stream, StreamConfig, StreamError};
+use archiver::wal_push::PushError;
+use tokio::sync::watch;
+
+use super::pg_args::{connect_failure, PgArgs};
+use super::repo_args::{open_failure, RepoArgs};
+use super::{Exit, Failure};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    repo: RepoArgs,
+    #[command(flatten)]
+    pg: PgArgs,
+    /// The physical replication slot to stream from
+    #[arg(
+        long,
+        env = "PITR_STREAM_SLOT",
+        value_name = "NAME",
+        default_value = "pitr"
+    )]
+    slot: String,
+    /// Create the slot if it does not exist (RESERVE_WAL)
+    #[arg(long)]
+    create_slot: bool,
+    /// How often received WAL is made durable in the repository
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    flush_interval: Duration,
+    /// Make WAL durable as soon as it arrives and tell the server at once: with this
+    /// connection's application_name in synchronous_standby_names, commits wait for it
+    #[arg(long)]
+    sync: bool,
+    /// Serve Prometheus metrics on this address (host:port)
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+fn failure(e: StreamError, settings: &archiver::pg::PgSettings) -> Failure {
+    let hint = e.hint();
+    let exit = match &e {
+        StreamError::Conn(_) | StreamError::SlotMissing(_) | StreamError::SlotNotPhysical(_) => {
+            return match e {
+                StreamError::Conn(c) => connect_failure(settings, c),
+                other => Failure::new(Exit::Database, other.to_string())
+                    .hint(other.hint().unwrap_or_default()),
+            }
+        }
+        StreamError::Open(_) => {
+            if let StreamError::Open(o) = e {
+                return open_failure(o);
+            }
+            Exit::Repository
+        }
+        StreamError::Push(PushError::Conflict { .. }) => Exit::Conflict,
+        StreamError::WalLost { .. } => Exit::Database,
+        _ => Exit::Repository,
+    };
+    let f = Failure::new(exit, format!("stream: {e}"));
+    match hint {
+        Some(h) => f.hint(h),
+        None => f,
+    }
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    let url = args.repo.url()?;
+    let settings = args.pg.settings()?;
+    if args.slot.is_empty()
+        || args.slot.len() > 63
+        || !args
+            .slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(Failure::new(
+            Exit::BadInput,
+            format!("invalid slot name \"{}\"", args.slot),
+        )
+        .hint("slot names are lower-case letters, digits and underscores, at most 63"));
+    }
+    let config = StreamConfig {
+        slot: args.slot.clone(),
+        create_slot: args.create_slot,
+        flush_interval: args.flush_interval.max(Duration::from_millis(10)),
+        sync: args.sync,
+        status_interval: Duration::from_secs(10)
+            .min(args.flush_interval.max(Duration::from_millis(100)) * 10),
+    };
+    let runtime = super::runtime(Exit::Database)?;
+    runtime.block_on(async {
+        let metrics = Arc::new(Metrics::default());
+        if let Some(addr) = args.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Failure::new(Exit::BadInput, format!("could not listen on {addr}: {e}"))
+            })?;
+            tokio::spawn(serve(listener, metrics.clone()));
+        }
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            let _ = tx.send(true);
+        });
+        eprintln!(
+            "pitr: stream: from {} (slot \"{}\") into {url}{}",
+            settings.describe(),
+            args.slot,
+            if args.sync { ", synchronous" } else { "" }
+        );
+        stream(&settings, &url, &config, metrics, rx)
+            .await
+            .map_err(|e| failure(e, &settings))
+    })
+}

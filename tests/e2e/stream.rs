@@ -1,0 +1,311 @@
+//! `pitr stream` against a real server under pgbench load and the bed's S3 server: the
+//! host is lost (immediate stop, data directory deleted), the latest state is restored from
+//! the repository, and the transactions that came back are counted against pgbench's own
+//! log of those it saw committed. With `--sync` none may be missing. A stream killed
+//! midway and started again leaves no gap.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use repo::codec::Codec;
+use repo::repository::Repository;
+use testbed::{Cluster, ClusterOptions, S3Server, StopMode, SUPERUSER};
+use walfmt::{Lsn, WalSegmentSize};
+
+use crate::succeeds;
+
+struct Bed {
+    s3: S3Server,
+    url: String,
+    pg: Cluster,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Bed {
+    fn new(name: &str) -> Bed {
+        let s3 = S3Server::start().unwrap();
+        let url = s3.repo_url(name);
+        let options = ClusterOptions::default()
+            .wal_segment_size_mb(1)
+            .setting("archive_mode", "off");
+        let mut pg = Cluster::init(crate::s3_server_env(options, &s3, &url)).unwrap();
+        let bin = pg
+            .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+            .unwrap();
+        pg.start().unwrap();
+        pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
+        Bed {
+            s3,
+            url,
+            pg,
+            bin,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn pitr(&self) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.envs(self.s3.env());
+        c
+    }
+
+    fn socket(&self) -> String {
+        format!(
+            "host={} port={} user={SUPERUSER}",
+            self.pg.socket_dir().display(),
+            self.pg.port()
+        )
+    }
+
+    fn stream(&self, sync: bool) -> Streamer {
+        let mut c = self.pitr();
+        c.args([
+            "stream",
+            "--slot",
+            "pitr",
+            "--create-slot",
+            "--repo",
+            &self.url,
+            "--pg",
+            &self.socket(),
+        ]);
+        if sync {
+            c.arg("--sync");
+        }
+        Streamer(Some(c.spawn().unwrap()))
+    }
+
+    /// pgbench for `seconds`, logging each transaction it saw committed.
+    fn load(&self, seconds: u32) -> usize {
+        let prefix = self
+            .dir
+            .path()
+            .join(format!("pgbench-{}", Instant::now().elapsed().as_nanos()));
+        let prefix = prefix.display().to_string();
+        let secs = seconds.to_string();
+        self.pg
+            .pgbench(&[
+                "-n",
+                "-T",
+                &secs,
+                "-c",
+                "4",
+                "-j",
+                "2",
+                "-l",
+                "--log-prefix",
+                &prefix,
+            ])
+            .unwrap();
+        let mut committed = 0;
+        for e in std::fs::read_dir(self.dir.path()).unwrap() {
+            let p = e.unwrap().path();
+            if p.display().to_string().starts_with(&prefix) {
+                committed += std::fs::read_to_string(&p).unwrap().lines().count();
+            }
+        }
+        committed
+    }
+
+    /// Waits until the repository's WAL reaches the server's flush position.
+    fn caught_up(&self) {
+        let target: Lsn = self
+            .pg
+            .sql("SELECT pg_current_wal_flush_lsn()")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let url = self.url.parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        rt.block_on(async {
+            for (k, v) in self.s3.env() {
+                std::env::set_var(k, v);
+            }
+            let repo = Repository::open(&url, None, Arc::new(Codec::new(1, 2)))
+                .await
+                .unwrap();
+            let seg = WalSegmentSize::new(repo.config().wal_segment_size).unwrap();
+            loop {
+                let end = archiver::stream::durable_end(&repo, 1, seg).await.unwrap();
+                if end.is_some_and(|e| e >= target) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "stream at {end:?}, server at {target}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
+    /// The host is gone; the latest state restored elsewhere: pgbench_history's rows.
+    fn lose_and_restore(mut self) -> usize {
+        if self.pg.is_running() {
+            self.pg.stop(StopMode::Immediate).unwrap();
+        }
+        std::fs::remove_dir_all(self.pg.data_dir()).unwrap();
+        let to = self.dir.path().join("restored");
+        let out = succeeds(
+            self.pitr()
+                .args(["restore", "--target-action", "promote", "--repo", &self.url])
+                .arg("--to")
+                .arg(&to),
+        );
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        let options = crate::s3_server_env(
+            ClusterOptions::default()
+                .setting("archive_mode", "off")
+                .setting("synchronous_standby_names", ""),
+            &self.s3,
+            &self.url,
+        );
+        let mut restored = Cluster::adopt(&to, options).unwrap();
+        restored.start().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while restored.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
+            assert!(Instant::now() < deadline, "{}", restored.server_log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        restored
+            .sql("SELECT count(*) FROM pgbench_history")
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+/// A running `pitr stream`, killed if the test ends without stopping it.
+struct Streamer(Option<Child>);
+
+impl Streamer {
+    /// SIGTERM: it flushes what it holds and must exit 0.
+    fn stop(mut self) {
+        let mut child = self.0.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "pitr stream exited {status}");
+    }
+
+    /// SIGKILL, as when its host dies.
+    fn kill(mut self) {
+        let mut child = self.0.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn with_sync_no_committed_transaction_is_lost_when_the_host_is() {
+    let bed = Bed::new("sync");
+    let stream = bed.stream(true);
+    // Commits wait for the stream from now on.
+    bed.pg
+        .sql("ALTER SYSTEM SET synchronous_standby_names = 'pitr'")
+        .unwrap();
+    bed.pg.sql("SELECT pg_reload_conf()").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bed
+        .pg
+        .sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pitr' AND sync_state = 'sync'")
+        .unwrap()
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "the stream never became the synchronous standby");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    succeeds(bed.pitr().args([
+        "backup",
+        "--fast",
+        "--repo",
+        &bed.url,
+        "--pg",
+        &bed.socket(),
+    ]));
+    let committed = bed.load(30);
+    assert!(committed > 1000, "{committed}");
+    // The stream outlives the host (it runs elsewhere); it is stopped after the crash.
+    let mut pg = bed.pg;
+    pg.stop(StopMode::Immediate).unwrap();
+    stream.stop();
+    let bed = Bed { pg, ..bed };
+    let restored = bed.lose_and_restore();
+    eprintln!("sync: {committed} committed, {restored} restored");
+    assert!(
+        restored >= committed,
+        "{} committed transactions lost",
+        committed - restored
+    );
+}
+
+#[test]
+fn without_sync_the_loss_is_what_was_not_yet_durable() {
+    let bed = Bed::new("async");
+    let stream = bed.stream(false);
+    succeeds(bed.pitr().args([
+        "backup",
+        "--fast",
+        "--repo",
+        &bed.url,
+        "--pg",
+        &bed.socket(),
+    ]));
+    let committed = bed.load(30);
+    // The host dies at once, the stream with it: nothing is flushed after.
+    stream.kill();
+    let restored = bed.lose_and_restore();
+    eprintln!(
+        "async: {committed} committed, {restored} restored, {} lost",
+        committed.saturating_sub(restored)
+    );
+    assert!(
+        restored > 0 && restored <= committed + 4,
+        "{restored} of {committed}"
+    );
+}
+
+#[test]
+fn a_stream_killed_midway_and_started_again_leaves_no_gap() {
+    let bed = Bed::new("restart");
+    let first = bed.stream(false);
+    succeeds(bed.pitr().args([
+        "backup",
+        "--fast",
+        "--repo",
+        &bed.url,
+        "--pg",
+        &bed.socket(),
+    ]));
+    let loader = std::thread::scope(|s| {
+        let h = s.spawn(|| bed.load(12));
+        std::thread::sleep(Duration::from_secs(4));
+        first.kill();
+        std::thread::sleep(Duration::from_secs(2));
+        let second = bed.stream(false);
+        let committed = h.join().unwrap();
+        (committed, second)
+    });
+    let (committed, second) = loader;
+    bed.caught_up();
+    second.stop();
+    let restored = bed.lose_and_restore();
+    assert_eq!(
+        restored, committed,
+        "the slot kept what the first stream had not stored"
+    );
+}
