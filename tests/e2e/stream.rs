@@ -112,35 +112,7 @@ impl Bed {
 
     /// Waits until the repository's WAL reaches the server's flush position.
     fn caught_up(&self) {
-        let target: Lsn = self
-            .pg
-            .sql("SELECT pg_current_wal_flush_lsn()")
-            .unwrap()
-            .parse()
-            .unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let url = self.url.parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        rt.block_on(async {
-            for (k, v) in self.s3.env() {
-                std::env::set_var(k, v);
-            }
-            let repo = Repository::open(&url, None, Arc::new(Codec::new(1, 2)))
-                .await
-                .unwrap();
-            let seg = WalSegmentSize::new(repo.config().wal_segment_size).unwrap();
-            loop {
-                let end = archiver::stream::durable_end(&repo, 1, seg).await.unwrap();
-                if end.is_some_and(|e| e >= target) {
-                    return;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "stream at {end:?}, server at {target}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
+        caught_up(&self.s3, &self.url, &self.pg, 1);
     }
 
     /// The host is gone; the latest state restored elsewhere: pgbench_history's rows.
@@ -307,5 +279,153 @@ fn a_stream_killed_midway_and_started_again_leaves_no_gap() {
     assert_eq!(
         restored, committed,
         "the slot kept what the first stream had not stored"
+    );
+}
+
+/// Waits until the repository's WAL on `tli` reaches `pg`'s WAL position (its replay
+/// position on a standby).
+fn caught_up(s3: &S3Server, url: &str, pg: &Cluster, tli: u32) {
+    let target: Lsn = pg
+        .sql("SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_flush_lsn() END")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = url.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    rt.block_on(async {
+        for (k, v) in s3.env() {
+            std::env::set_var(k, v);
+        }
+        let repo = Repository::open(&url, None, Arc::new(Codec::new(1, 2)))
+            .await
+            .unwrap();
+        let seg = WalSegmentSize::new(repo.config().wal_segment_size).unwrap();
+        loop {
+            let end = archiver::stream::durable_end(&repo, tli, seg)
+                .await
+                .unwrap();
+            if end.is_some_and(|e| e >= target) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stream at {end:?}, server at {target}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+#[test]
+fn a_promote_while_streaming_is_followed_onto_the_new_timeline_and_restorable() {
+    let s3 = S3Server::start().unwrap();
+    let url = s3.repo_url("promote");
+    let off = || ClusterOptions::default().setting("archive_mode", "off");
+    let primary = Cluster::start_new(off().wal_segment_size_mb(1)).unwrap();
+    primary.sql("CREATE TABLE t (phase text, n int)").unwrap();
+    // A standby of it, which the stream follows.
+    let dirs = tempfile::tempdir().unwrap();
+    let sdir = dirs.path().join("standby");
+    let out = Command::new(primary.bin().client("pg_basebackup"))
+        .args([
+            "-d",
+            &primary.conninfo(),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "-D",
+        ])
+        .arg(&sdir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut standby = Cluster::adopt(&sdir, crate::s3_server_env(off(), &s3, &url)).unwrap();
+    standby.start().unwrap();
+    let bin = standby
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    let socket = |pg: &Cluster| {
+        format!(
+            "host={} port={} user={SUPERUSER}",
+            pg.socket_dir().display(),
+            pg.port()
+        )
+    };
+    let mut c = Command::new(&bin);
+    c.envs(s3.env()).args([
+        "stream",
+        "--create-slot",
+        "--flush-interval",
+        "200ms",
+        "--repo",
+        &url,
+        "--pg",
+        &socket(&standby),
+    ]);
+    let stream = Streamer(Some(c.spawn().unwrap()));
+    // A backup of the primary, with its WAL, once the stream is running.
+    std::thread::sleep(Duration::from_secs(1));
+    succeeds(Command::new(&bin).envs(s3.env()).args([
+        "backup",
+        "--fast",
+        "--wal",
+        "--repo",
+        &url,
+        "--pg",
+        &socket(&primary),
+    ]));
+    primary
+        .sql("INSERT INTO t SELECT 'before', g FROM generate_series(1, 100) g")
+        .unwrap();
+    let lsn = primary.current_lsn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while standby
+        .sql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'"))
+        .unwrap()
+        != "t"
+    {
+        assert!(Instant::now() < deadline, "the standby did not catch up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    caught_up(&s3, &url, &standby, 1);
+
+    // The standby becomes the primary: timeline 2.
+    assert_eq!(standby.sql("SELECT pg_promote()").unwrap(), "t");
+    standby
+        .sql("INSERT INTO t SELECT 'after', g FROM generate_series(1, 50) g")
+        .unwrap();
+    caught_up(&s3, &url, &standby, 2);
+    stream.stop();
+    drop(primary);
+    let mut standby = standby;
+    standby.stop(StopMode::Immediate).unwrap();
+
+    let to = dirs.path().join("restored");
+    let out = succeeds(
+        Command::new(&bin)
+            .envs(s3.env())
+            .args(["restore", "--target-action", "promote", "--repo", &url])
+            .arg("--to")
+            .arg(&to),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("on timeline 2"), "{err}");
+    let mut restored = Cluster::adopt(&to, crate::s3_server_env(off(), &s3, &url)).unwrap();
+    restored.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while restored.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
+        assert!(Instant::now() < deadline, "{}", restored.server_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        restored.sql("SELECT string_agg(phase || '=' || c, ',' ORDER BY phase) FROM (SELECT phase, count(*) c FROM t GROUP BY phase) x").unwrap(),
+        "after=50,before=100"
     );
 }

@@ -303,6 +303,7 @@ async fn session(
     };
     metrics.durable(start.0);
     metrics.received_lsn.store(start.0, Ordering::Relaxed);
+    let mut writer = SegmentWriter::new(repo.clone(), tli, start, seg, metrics.clone());
     loop {
         metrics.timeline.store(u64::from(tli), Ordering::Relaxed);
         let sql = format!(
@@ -331,11 +332,12 @@ async fn session(
             }
         }
         metrics.connected.store(1, Ordering::Relaxed);
-        let writer = SegmentWriter::new(repo.clone(), tli, start, seg, metrics.clone());
-        match stream_timeline(&mut conn, writer, config, metrics, stop, backoff).await? {
+        match stream_timeline(&mut conn, &mut writer, config, metrics, stop, backoff).await? {
             None => return Ok(()),
             Some((next_tli, next_start)) => {
+                eprintln!("pitr: stream: timeline {tli} ends at {next_start}; following timeline {next_tli}");
                 store_history(&mut conn, &repo, next_tli).await?;
+                writer = writer.next_timeline(next_tli, next_start).await?;
                 tli = next_tli;
                 start = next_start;
             }
@@ -347,7 +349,7 @@ async fn session(
 /// and the next one starts there.
 async fn stream_timeline(
     conn: &mut ReplicationConn,
-    mut writer: SegmentWriter,
+    writer: &mut SegmentWriter,
     config: &StreamConfig,
     metrics: &Arc<Metrics>,
     stop: &mut watch::Receiver<bool>,
@@ -365,7 +367,7 @@ async fn stream_timeline(
             biased;
             _ = stop.changed() => {
                 writer.flush().await?;
-                conn.send_copy_data(&status(&writer, false)).await?;
+                conn.send_copy_data(&status(writer, false)).await?;
                 conn.send_copy_done().await?;
                 return Ok(None);
             }
@@ -417,7 +419,7 @@ async fn stream_timeline(
                             report = true;
                         }
                         if report {
-                            conn.send_copy_data(&status(&writer, false)).await?;
+                            conn.send_copy_data(&status(writer, false)).await?;
                         }
                     }
                     Reply::CopyDone => {
@@ -429,11 +431,11 @@ async fn stream_timeline(
             }
             _ = flush_tick.tick() => {
                 if writer.flush().await? {
-                    conn.send_copy_data(&status(&writer, false)).await?;
+                    conn.send_copy_data(&status(writer, false)).await?;
                 }
             }
             _ = status_tick.tick() => {
-                conn.send_copy_data(&status(&writer, false)).await?;
+                conn.send_copy_data(&status(writer, false)).await?;
             }
         }
     }

@@ -145,6 +145,55 @@ impl SegmentWriter {
         Ok(true)
     }
 
+    /// The writer for the next timeline, which starts at `start` (the switch point, where
+    /// this one's WAL ends). PostgreSQL begins a new timeline's first segment with the old
+    /// timeline's WAL up to the switch point: that prefix is stored at once as the first
+    /// piece of the new timeline's segment, so the segment can be rebuilt from its pieces.
+    pub async fn next_timeline(
+        mut self,
+        timeline: u32,
+        start: Lsn,
+    ) -> Result<SegmentWriter, StreamError> {
+        self.flush().await?;
+        if start != self.received() {
+            return Err(StreamError::Protocol(format!(
+                "timeline {timeline} starts at {start}, but WAL was received up to {}",
+                self.received()
+            )));
+        }
+        let mut next = SegmentWriter::new(
+            self.repo.clone(),
+            timeline,
+            start,
+            self.seg,
+            self.metrics.clone(),
+        );
+        let off = next.durable_off as usize;
+        if off == 0 {
+            return Ok(next);
+        }
+        let prefix = if self.buf_start == 0 {
+            self.buf[..off].to_vec()
+        } else {
+            let head = read_streamed(self.repo.objects(), &self.name())
+                .await?
+                .unwrap_or_default();
+            if head.len() < off {
+                return Err(StreamError::Protocol(format!(
+                    "the pieces of {} end at {}, before the switch to timeline {timeline} at {start}",
+                    self.name(),
+                    head.len()
+                )));
+            }
+            head[..off].to_vec()
+        };
+        next.buf_start = 0;
+        next.buf = prefix;
+        next.durable_off = 0;
+        next.flush().await?;
+        Ok(next)
+    }
+
     /// The segment is full: store it whole (checked, as wal-push does), drop its pieces,
     /// move on to the next.
     async fn complete(&mut self) -> Result<(), StreamError> {
