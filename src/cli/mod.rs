@@ -10,6 +10,7 @@ mod list;
 mod pg_args;
 mod repo_args;
 mod restore;
+mod status;
 mod stream;
 mod wal_fetch;
 mod wal_inspect;
@@ -43,6 +44,8 @@ enum Command {
     List(list::Args),
     /// Restore a backup into a new data directory, set to recover to a target
     Restore(restore::Args),
+    /// Show what a running pitr stream is doing (from its metrics)
+    Status(status::Args),
     /// Stream WAL from a replication slot into the repository, until stopped
     Stream(stream::Args),
     /// Restore one WAL file from the repository (restore_command = 'pitr wal-fetch %f %p')
@@ -93,6 +96,7 @@ pub fn run() -> ExitCode {
         Command::Info(args) => info::run(args),
         Command::List(args) => list::run(args),
         Command::Restore(args) => restore::run(args),
+        Command::Status(args) => status::run(args),
         Command::Stream(args) => stream::run(args),
         Command::WalFetch(args) => wal_fetch::run(args),
         Command::WalPrefetch(args) => wal_fetch::run_worker(args),
