@@ -26,15 +26,27 @@ struct Bed {
 
 impl Bed {
     fn new(name: &str) -> Bed {
+        Bed::with(name, false)
+    }
+
+    /// With `archive`, `pitr wal-push` archives into the same repository as the stream.
+    fn with(name: &str, archive: bool) -> Bed {
         let s3 = S3Server::start().unwrap();
         let url = s3.repo_url(name);
         let options = ClusterOptions::default()
             .wal_segment_size_mb(1)
-            .setting("archive_mode", "off");
+            .setting("archive_mode", if archive { "on" } else { "off" });
         let mut pg = Cluster::init(crate::s3_server_env(options, &s3, &url)).unwrap();
         let bin = pg
             .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
             .unwrap();
+        if archive {
+            pg.set_config(
+                "archive_command",
+                &format!("'{}' wal-push %p", bin.display()),
+            )
+            .unwrap();
+        }
         pg.start().unwrap();
         pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
         Bed {
@@ -276,7 +288,8 @@ fn without_sync_the_loss_is_what_was_not_yet_durable() {
 
 #[test]
 fn a_stream_killed_midway_and_started_again_leaves_no_gap() {
-    let bed = Bed::new("restart");
+    // Beside archive_command into the same repository: the same segments from both.
+    let bed = Bed::with("restart", true);
     let metrics = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().to_string()
