@@ -510,3 +510,49 @@ fn a_promote_while_streaming_is_followed_onto_the_new_timeline_and_restorable() 
         "after=50,before=100"
     );
 }
+
+#[test]
+fn a_missing_slot_is_refused_with_a_hint_and_a_bad_name_is_bad_input() {
+    let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/r", repo.path().display());
+    let socket = format!(
+        "host={} port={} user={SUPERUSER}",
+        pg.socket_dir().display(),
+        pg.port()
+    );
+    let out = crate::pitr()
+        .args([
+            "stream",
+            "--slot",
+            "nosuchslot",
+            "--repo",
+            &url,
+            "--pg",
+            &socket,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(
+        err.contains("replication slot \"nosuchslot\" does not exist"),
+        "{err}"
+    );
+    assert!(
+        err.contains("HINT:") && err.contains("--create-slot"),
+        "{err}"
+    );
+    let out = crate::pitr()
+        .args([
+            "stream", "--slot", "Bad-Name", "--repo", &url, "--pg", &socket,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
