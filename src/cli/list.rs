@@ -106,7 +106,22 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let wal = list_all(storage.as_ref(), "wal/")
             .await
             .map_err(|e| failure(e.into()))?;
-        let ranges = wal_ranges(wal.iter().filter_map(|o| o.key.rsplit('/').next()), seg);
+        // Segments pitr stream is still writing count from their first piece.
+        let streaming: Vec<String> = list_all(storage.as_ref(), "stream/")
+            .await
+            .map_err(|e| failure(e.into()))?
+            .iter()
+            .filter_map(|o| match repo::keys::parse_piece_key(&o.key) {
+                Some((name, 0, _)) => Some(name),
+                _ => None,
+            })
+            .collect();
+        let ranges = wal_ranges(
+            wal.iter()
+                .filter_map(|o| o.key.rsplit('/').next())
+                .chain(streaming.iter().map(String::as_str)),
+            seg,
+        );
         if args.json {
             let v = json!({
                 "repository": url.to_string(),
@@ -132,6 +147,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     "segments": r.segments(),
                     "start_lsn": r.first.start_lsn().to_string(),
                     "end_lsn": r.last.end_lsn().to_string(),
+                    "streaming": streaming.contains(&r.last.to_string()),
                 })).collect::<Vec<_>>(),
             });
             println!("{v}");
@@ -170,13 +186,18 @@ pub fn run(args: Args) -> Result<(), Failure> {
         }
         for r in &ranges {
             println!(
-                "  WAL timeline {}: {} .. {} ({} segments, {} .. {})",
+                "  WAL timeline {}: {} .. {} ({} segments, {} .. {}){}",
                 r.timeline,
                 r.first,
                 r.last,
                 r.segments(),
                 r.first.start_lsn(),
-                r.last.end_lsn()
+                r.last.end_lsn(),
+                if streaming.contains(&r.last.to_string()) {
+                    ", the last one still being streamed"
+                } else {
+                    ""
+                }
             );
         }
         Ok(())

@@ -251,6 +251,11 @@ fn with_sync_no_committed_transaction_is_lost_when_the_host_is() {
     pg.stop(StopMode::Immediate).unwrap();
     stream.stop();
     let bed = Bed { pg, ..bed };
+    // The segment the crash cut short is held as pieces, and listed as being streamed.
+    let out = succeeds(bed.pitr().args(["list", "--json", "--repo", &bed.url]));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = list["wal"].as_array().unwrap().last().cloned().unwrap();
+    assert_eq!(last["streaming"], true, "{list}");
     let restored = bed.lose_and_restore();
     eprintln!("sync: {committed} committed, {restored} restored");
     assert!(
