@@ -47,6 +47,19 @@ pub fn s3_server_env(
     options
 }
 
+/// Waits until `pg` (a restored cluster) has finished recovery and promoted.
+pub fn wait_promoted(pg: &testbed::Cluster) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while pg.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still in recovery:\n{}",
+            pg.server_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Storage on the test bed's S3 server at `prefix`, for checking what the binary stored.
 pub fn bed_s3_storage(s3: &testbed::S3Server, prefix: &str) -> Arc<dyn Storage> {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -7,7 +7,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use testbed::{Cluster, ClusterOptions, S3Server, StopMode, SUPERUSER};
 
@@ -94,15 +94,7 @@ fn start_restored(src: &Source, dir: &Path, archive: bool) -> Cluster {
         ClusterOptions::default().setting("archive_mode", if archive { "on" } else { "off" });
     let mut pg = Cluster::adopt(dir, crate::s3_server_env(options, &src.s3, &src.url)).unwrap();
     pg.start().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while pg.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
-        assert!(
-            Instant::now() < deadline,
-            "still in recovery:\n{}",
-            pg.server_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::wait_promoted(&pg);
     pg
 }
 
@@ -371,11 +363,7 @@ fn a_tablespace_comes_back_where_the_map_puts_it() {
     let mut restored = Cluster::adopt(&to, ClusterOptions::default()).unwrap();
     restored.os_user().give_tree(&moved).unwrap();
     restored.start().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while restored.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
-        assert!(Instant::now() < deadline, "{}", restored.server_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::wait_promoted(&restored);
     assert_eq!(restored.sql("SELECT count(*) FROM far").unwrap(), "5000");
     assert_eq!(
         restored

@@ -58,6 +58,18 @@ impl Bed {
         }
     }
 
+    /// A base backup, which waits for its WAL in the repository (stored by the stream).
+    fn backup(&self) {
+        succeeds(self.pitr().args([
+            "backup",
+            "--fast",
+            "--repo",
+            &self.url,
+            "--pg",
+            &self.socket(),
+        ]));
+    }
+
     fn pitr(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.envs(self.s3.env());
@@ -173,11 +185,7 @@ impl Bed {
         );
         let mut restored = Cluster::adopt(&to, options).unwrap();
         restored.start().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while restored.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
-            assert!(Instant::now() < deadline, "{}", restored.server_log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::wait_promoted(&restored);
         restored
             .sql("SELECT count(*) FROM pgbench_history")
             .unwrap()
@@ -236,14 +244,7 @@ fn with_sync_no_committed_transaction_is_lost_when_the_host_is() {
         assert!(Instant::now() < deadline, "the stream never became the synchronous standby");
         std::thread::sleep(Duration::from_millis(100));
     }
-    succeeds(bed.pitr().args([
-        "backup",
-        "--fast",
-        "--repo",
-        &bed.url,
-        "--pg",
-        &bed.socket(),
-    ]));
+    bed.backup();
     let committed = bed.load(30);
     assert!(committed > 100, "{committed}");
     // The stream outlives the host (it runs elsewhere); it is stopped after the crash.
@@ -269,14 +270,7 @@ fn with_sync_no_committed_transaction_is_lost_when_the_host_is() {
 fn without_sync_the_loss_is_what_was_not_yet_durable() {
     let bed = Bed::new("async");
     let stream = bed.stream(false);
-    succeeds(bed.pitr().args([
-        "backup",
-        "--fast",
-        "--repo",
-        &bed.url,
-        "--pg",
-        &bed.socket(),
-    ]));
+    bed.backup();
     let committed = bed.load(30);
     // The host dies at once, the stream with it: nothing is flushed after.
     stream.kill();
@@ -300,14 +294,7 @@ fn a_stream_killed_midway_and_started_again_leaves_no_gap() {
         l.local_addr().unwrap().to_string()
     };
     let first = bed.stream(false);
-    succeeds(bed.pitr().args([
-        "backup",
-        "--fast",
-        "--repo",
-        &bed.url,
-        "--pg",
-        &bed.socket(),
-    ]));
+    bed.backup();
     let loader = std::thread::scope(|s| {
         let h = s.spawn(|| bed.load(12));
         std::thread::sleep(Duration::from_secs(4));
@@ -505,11 +492,7 @@ fn a_promote_while_streaming_is_followed_onto_the_new_timeline_and_restorable() 
     assert!(err.contains("on timeline 2"), "{err}");
     let mut restored = Cluster::adopt(&to, crate::s3_server_env(off(), &s3, &url)).unwrap();
     restored.start().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while restored.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
-        assert!(Instant::now() < deadline, "{}", restored.server_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::wait_promoted(&restored);
     assert_eq!(
         restored.sql("SELECT string_agg(phase || '=' || c, ',' ORDER BY phase) FROM (SELECT phase, count(*) c FROM t GROUP BY phase) x").unwrap(),
         "after=50,before=100"
