@@ -544,3 +544,21 @@ fn a_missing_slot_is_refused_with_a_hint_and_a_bad_name_is_bad_input() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_server_restart_is_ridden_out_and_nothing_is_missing() {
+    let mut bed = Bed::new("server-restart");
+    let stream = bed.stream(false);
+    bed.backup();
+    let before = bed.load(3);
+    bed.pg.restart().unwrap();
+    let after = bed.load(3);
+    bed.caught_up();
+    stream.stop();
+    let restored = bed.lose_and_restore();
+    assert_eq!(
+        restored,
+        before + after,
+        "committed on either side of the restart"
+    );
+}
