@@ -562,3 +562,41 @@ fn a_server_restart_is_ridden_out_and_nothing_is_missing() {
         "committed on either side of the restart"
     );
 }
+
+#[test]
+fn wal_the_server_no_longer_has_is_refused_with_a_hint() {
+    let bed = Bed::new("lost");
+    let first = bed.stream(false);
+    bed.pg.sql("CREATE TABLE w (n int)").unwrap();
+    bed.caught_up();
+    first.stop();
+    // Without the slot the server recycles that WAL.
+    bed.pg
+        .sql("SELECT pg_drop_replication_slot('pitr')")
+        .unwrap();
+    bed.pg.generate_wal_segments(8).unwrap();
+    bed.pg.sql("CHECKPOINT").unwrap();
+    bed.pg.generate_wal_segments(4).unwrap();
+    bed.pg.sql("CHECKPOINT").unwrap();
+    let out = bed
+        .pitr()
+        .args([
+            "stream",
+            "--slot",
+            "pitr",
+            "--create-slot",
+            "--repo",
+            &bed.url,
+            "--pg",
+            &bed.socket(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("no longer has the WAL"), "{err}");
+    assert!(
+        err.contains("HINT:") && err.contains("pitr backup"),
+        "{err}"
+    );
+}
