@@ -319,6 +319,10 @@ async fn session(
                 )))
             }
             Err(e) => {
+                // Before 15 there is no READ_REPLICATION_SLOT: a missing slot shows here.
+                if e.server().is_some_and(|s| s.code == "42704") {
+                    return Err(StreamError::SlotMissing(config.slot.clone()));
+                }
                 if let Some(s) = e
                     .server()
                     .filter(|s| s.code == "58P01" || s.message.contains("has already been removed"))
