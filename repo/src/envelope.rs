@@ -203,29 +203,45 @@ pub fn header(bytes: &[u8]) -> Result<Header, EnvelopeError> {
     })
 }
 
+/// Objects up to this size are decompressed in one pass into a buffer of their declared
+/// size (backup chunks, WAL segments); larger ones are streamed.
+const BULK_DECODE_MAX: u64 = 64 << 20;
+
+/// Decompresses a frame by streaming: memory grows with what the frame really holds and
+/// stops one byte past the declared length, so a lying header can neither make us allocate
+/// its number nor hide extra output. (A one-shot buffer bounded by a ratio would refuse
+/// legitimate objects: a zero-filled WAL tail compresses far beyond 1000:1.)
+fn stream_decode(body: &[u8], plain_len: u64) -> Result<Bytes, EnvelopeError> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(plain_len.min(body.len() as u64 * 4 + 4096) as usize);
+    let decoder = zstd::stream::read::Decoder::with_buffer(body)
+        .map_err(|e| EnvelopeError::Decompress(e.to_string()))?;
+    decoder
+        .take(plain_len.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| EnvelopeError::Decompress(e.to_string()))?;
+    Ok(Bytes::from(out))
+}
+
 /// Unwraps an envelope, checking the plaintext's length and hash.
 pub fn decode(bytes: &[u8]) -> Result<(Header, Bytes), EnvelopeError> {
     let h = header(bytes)?;
     let body = &bytes[h.len..];
     let plain = match h.compression {
         Compression::None => Bytes::copy_from_slice(body),
-        Compression::Zstd => {
-            // Stream the decompression: memory grows with what the frame really holds and
-            // stops one byte past the declared length, so a lying header can neither make
-            // us allocate its number nor hide extra output. (A one-shot buffer bounded by a
-            // ratio would refuse legitimate objects: a zero-filled WAL tail compresses far
-            // beyond 1000:1.)
-            use std::io::Read;
-            let mut out =
-                Vec::with_capacity(h.plain_len.min(body.len() as u64 * 4 + 4096) as usize);
-            let decoder = zstd::stream::read::Decoder::with_buffer(body)
-                .map_err(|e| EnvelopeError::Decompress(e.to_string()))?;
-            decoder
-                .take(h.plain_len.saturating_add(1))
-                .read_to_end(&mut out)
-                .map_err(|e| EnvelopeError::Decompress(e.to_string()))?;
-            Bytes::from(out)
+        Compression::Zstd if h.plain_len <= BULK_DECODE_MAX => {
+            // One pass into a buffer of the declared size (bounded, so a lying header
+            // cannot make it large); a frame that does not fit is read again below to say
+            // exactly what it holds.
+            let mut out = Vec::with_capacity(h.plain_len as usize);
+            match zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(body, &mut out))
+            {
+                Ok(_) => Bytes::from(out),
+                Err(_) => stream_decode(body, h.plain_len)?,
+            }
         }
+        Compression::Zstd => stream_decode(body, h.plain_len)?,
     };
     if plain.len() as u64 != h.plain_len {
         return Err(EnvelopeError::Length {
