@@ -82,16 +82,7 @@ impl ChunkRef {
     }
     /// blake3 of the plaintext.
     pub fn hash(&self) -> Option<[u8; 32]> {
-        let mut out = [0u8; 32];
-        let hex = self.4.as_bytes();
-        if hex.len() != 64 {
-            return None;
-        }
-        for (i, pair) in hex.chunks_exact(2).enumerate() {
-            let s = std::str::from_utf8(pair).ok()?;
-            out[i] = u8::from_str_radix(s, 16).ok()?;
-        }
-        Some(out)
+        blake3::Hash::from_hex(&self.4).ok().map(|h| *h.as_bytes())
     }
 }
 

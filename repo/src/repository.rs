@@ -139,10 +139,7 @@ pub async fn storage_for(url: &RepoUrl) -> Result<Arc<dyn Storage>, StorageError
 }
 
 fn now_rfc3339() -> String {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    walfmt::PgTimestamp::from_unix_micros(micros).to_string()
+    walfmt::PgTimestamp::now().to_string()
 }
 
 impl Repository {

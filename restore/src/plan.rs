@@ -249,10 +249,7 @@ pub async fn plan(
     // Summaries are needed to place time and name targets.
     let summaries = |from: u64, to: u64| {
         let names: Vec<SegmentName> = (from..=to)
-            .map(|s| SegmentName {
-                timeline: TimelineId(tli_for(s)),
-                ..SegmentName::of(TimelineId(1), Lsn(s * seg.bytes()), seg)
-            })
+            .map(|s| SegmentName::new(TimelineId(tli_for(s)), s, seg))
             .collect();
         async move {
             futures::stream::iter(names)
@@ -315,10 +312,7 @@ pub async fn plan(
     };
     let (first, run_end) = run_from(chosen)?;
     let stop = stop_segment(chosen)?;
-    let name_of = |s: u64| SegmentName {
-        timeline: TimelineId(tli_for(s)),
-        ..SegmentName::of(TimelineId(1), Lsn(s * seg.bytes()), seg)
-    };
+    let name_of = |s: u64| SegmentName::new(TimelineId(tli_for(s)), s, seg);
     let uses_archive = chosen.wal == "archive";
     if uses_archive && (run_end == first.wrapping_sub(1) || run_end < stop) {
         let missing = if run_end == first.wrapping_sub(1) {

@@ -1,6 +1,6 @@
 //! Recovery targets as people type them, and as PostgreSQL's recovery settings spell them.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use walfmt::{Lsn, PgTimestamp};
 
@@ -46,25 +46,18 @@ impl TimeError {
     }
 }
 
-fn now() -> PgTimestamp {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    PgTimestamp::from_unix_micros(micros)
-}
-
 /// Parses `2026-05-14 03:00:00+00`, RFC 3339 (`2026-05-14T03:00:00.5Z`), `... UTC`, `now`,
 /// and relative times (`15m ago`, `1h 30m ago`).
 pub fn parse_time(text: &str) -> Result<PgTimestamp, TimeError> {
     let t = text.trim();
     let invalid = || TimeError::Invalid(text.to_owned());
     if t.eq_ignore_ascii_case("now") {
-        return Ok(now());
+        return Ok(PgTimestamp::now());
     }
     if let Some(ago) = t.strip_suffix("ago") {
         let d: Duration = humantime::parse_duration(ago.trim()).map_err(|_| invalid())?;
         return Ok(PgTimestamp::from_unix_micros(
-            now().unix_micros() - d.as_micros() as i64,
+            PgTimestamp::now().unix_micros() - d.as_micros() as i64,
         ));
     }
     let b = t.as_bytes();
@@ -171,7 +164,7 @@ mod tests {
             "2026-05-14T03:00:00.123456Z"
         );
         let ago = parse_time("15m ago").unwrap();
-        let expect = now().unix_micros() - 15 * 60 * 1_000_000;
+        let expect = PgTimestamp::now().unix_micros() - 15 * 60 * 1_000_000;
         assert!((ago.unix_micros() - expect).abs() < 5_000_000);
     }
 

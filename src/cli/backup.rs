@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use archiver::backup::pipeline::{PipelineConfig, PipelineError};
+use archiver::backup::pipeline::PipelineConfig;
 use archiver::backup::{self, BackupConfig, BackupError, Phase, Progress};
 use repo::codec::Codec;
 use repo::manifest::{BackupManifest, ManifestError};
@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::pg_args::{connect, PgArgs};
 use super::repo_args::{open_failure, CompressArgs, RepoArgs};
-use super::{Exit, Failure};
+use super::{mb, Exit, Failure};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -82,7 +82,6 @@ fn failure(e: BackupError) -> Failure {
         BackupError::Object(ObjectError::Corrupt { .. })
         | BackupError::Manifest(ManifestError::Object(ObjectError::Corrupt { .. }))
         | BackupError::Manifest(ManifestError::Bad { .. }) => Exit::Corrupt,
-        BackupError::Pipeline(PipelineError::Gone) => Exit::Repository,
         _ => Exit::Repository,
     };
     let f = Failure::new(exit, format!("backup failed: {e}"));
@@ -90,10 +89,6 @@ fn failure(e: BackupError) -> Failure {
         Some(h) => f.hint(h),
         None => f,
     }
-}
-
-fn mb(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 /// Reports progress: a line rewritten in place on a terminal, a line every ten seconds

@@ -13,7 +13,7 @@ use serde_json::json;
 use walfmt::{SegmentName, WalSegmentSize};
 
 use super::repo_args::{open_failure, RepoArgs};
-use super::{Exit, Failure};
+use super::{mb, Exit, Failure};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -76,10 +76,6 @@ fn failure(e: ManifestError) -> Failure {
         _ => Exit::Repository,
     };
     Failure::new(exit, e.to_string())
-}
-
-fn mb(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {

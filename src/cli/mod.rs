@@ -69,6 +69,11 @@ fn runtime(exit: Exit) -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::new(exit, format!("could not start the runtime: {e}")))
 }
 
+/// Bytes as people read them in progress lines and summaries: `12.3 MB`.
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
 /// Starts this binary again with `args` as a detached background worker (own process
 /// group, no stdio: PostgreSQL's signals and pipes are not its own). A worker is a helper:
 /// failing to start one is never the command's failure, so this only says if it started.

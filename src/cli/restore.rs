@@ -19,7 +19,7 @@ use restore::target::{parse_time, Target};
 use serde_json::json;
 
 use super::repo_args::{open_failure, RepoArgs};
-use super::{Exit, Failure};
+use super::{mb, Exit, Failure};
 
 #[derive(Debug, clap::Args)]
 #[command(group = clap::ArgGroup::new("target").multiple(false))]
@@ -183,10 +183,6 @@ fn restore_command(repo: &str) -> String {
     words.push("%f".into());
     words.push("%p".into());
     words.join(" ")
-}
-
-fn mb(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {

@@ -43,27 +43,17 @@ pub struct Args {
 }
 
 fn failure(e: StreamError, settings: &archiver::pg::PgSettings) -> Failure {
-    let hint = e.hint();
-    let exit = match &e {
-        StreamError::Conn(_) | StreamError::SlotMissing(_) | StreamError::SlotNotPhysical(_) => {
-            return match e {
-                StreamError::Conn(c) => connect_failure(settings, c),
-                other => Failure::new(Exit::Database, other.to_string())
-                    .hint(other.hint().unwrap_or_default()),
-            }
-        }
-        StreamError::Open(_) => {
-            if let StreamError::Open(o) = e {
-                return open_failure(o);
-            }
-            Exit::Repository
-        }
+    let exit = match e {
+        StreamError::Conn(c) => return connect_failure(settings, c),
+        StreamError::Open(o) => return open_failure(o),
+        StreamError::SlotMissing(_)
+        | StreamError::SlotNotPhysical(_)
+        | StreamError::WalLost { .. } => Exit::Database,
         StreamError::Push(PushError::Conflict { .. }) => Exit::Conflict,
-        StreamError::WalLost { .. } => Exit::Database,
         _ => Exit::Repository,
     };
     let f = Failure::new(exit, format!("stream: {e}"));
-    match hint {
+    match e.hint() {
         Some(h) => f.hint(h),
         None => f,
     }

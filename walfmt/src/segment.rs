@@ -61,6 +61,15 @@ impl From<WalSegmentSize> for WalSegmentSizeOrd {
 }
 
 impl SegmentName {
+    /// Segment number `segno` of `timeline`.
+    pub fn new(timeline: TimelineId, segno: u64, seg_size: WalSegmentSize) -> SegmentName {
+        SegmentName {
+            timeline,
+            segno,
+            seg_size: seg_size.into(),
+        }
+    }
+
     /// The segment of `timeline` holding `lsn`.
     pub fn of(timeline: TimelineId, lsn: Lsn, seg_size: WalSegmentSize) -> SegmentName {
         SegmentName {

@@ -15,6 +15,14 @@ impl PgTimestamp {
         self.0.saturating_add(PG_EPOCH_UNIX_MICROS)
     }
 
+    /// The current time (the system clock).
+    pub fn now() -> PgTimestamp {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        PgTimestamp::from_unix_micros(micros)
+    }
+
     /// From microseconds since the Unix epoch.
     pub fn from_unix_micros(micros: i64) -> PgTimestamp {
         PgTimestamp(micros.saturating_sub(PG_EPOCH_UNIX_MICROS))

@@ -125,13 +125,6 @@ impl BackupError {
     }
 }
 
-fn now() -> PgTimestamp {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    PgTimestamp::from_unix_micros(micros)
-}
-
 /// `20261201T104312Z` from a time.
 fn id_of(t: PgTimestamp) -> String {
     let s = t.to_string(); // 2026-12-01T10:43:12.123456Z
@@ -170,7 +163,7 @@ pub async fn take(
 ) -> Result<BackupManifest, BackupError> {
     let storage = repo.objects().storage().clone();
     let server_version = conn.server_version().unwrap_or("").to_owned();
-    let start_time = now();
+    let start_time = PgTimestamp::now();
     let mut id = id_of(start_time);
     let mut n = 2;
     while id_taken(storage.as_ref(), &id).await? {
@@ -238,7 +231,7 @@ pub async fn take(
     progress(&report);
     let stored = pipeline.finish().await?;
     let mut files = chunker.finish()?;
-    let stop_time = now();
+    let stop_time = PgTimestamp::now();
     let ((start_lsn, timeline), (stop_lsn, stop_timeline)) = match (start, stop) {
         (Some(a), Some(b)) => (a, b),
         _ => {

@@ -2,7 +2,6 @@
 //! endpoint (`--metrics-addr`) and `pitr status` read.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The service's figures. Cheap to update from the streaming loop.
 #[derive(Debug, Default)]
@@ -30,9 +29,7 @@ pub struct Metrics {
 }
 
 fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
+    walfmt::PgTimestamp::now().unix_micros()
 }
 
 impl Metrics {

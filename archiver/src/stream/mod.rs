@@ -14,7 +14,7 @@ pub mod writer;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use repo::codec::Codec;
 use repo::keys::parse_piece_key;
@@ -108,13 +108,6 @@ impl StreamError {
             _ => None,
         }
     }
-}
-
-fn pg_now() -> i64 {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    PgTimestamp::from_unix_micros(micros).0
 }
 
 /// Runs until `stop` says true: sessions, reconnecting with backoff after failures that a
@@ -364,7 +357,13 @@ async fn stream_timeline(
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let status = |w: &SegmentWriter, reply: bool| {
-        standby_status(w.received(), w.durable(), Lsn(0), pg_now(), reply)
+        standby_status(
+            w.received(),
+            w.durable(),
+            Lsn(0),
+            PgTimestamp::now().0,
+            reply,
+        )
     };
     loop {
         tokio::select! {

@@ -57,11 +57,7 @@ impl SegmentWriter {
     }
 
     fn name(&self) -> String {
-        SegmentName {
-            timeline: TimelineId(self.timeline),
-            ..SegmentName::of(TimelineId(1), Lsn(self.segno * self.seg.bytes()), self.seg)
-        }
-        .to_string()
+        SegmentName::new(TimelineId(self.timeline), self.segno, self.seg).to_string()
     }
 
     fn seg_start(&self) -> u64 {
