@@ -32,6 +32,14 @@ impl Codec {
         Codec::new(n, 2 * n)
     }
 
+    /// Runs other envelope work (a chunk's check, say) on a worker thread.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, CodecGone> {
+        self.pool.run(f).await.map_err(|_| CodecGone)
+    }
+
     /// Wraps `plain` in an envelope on a worker thread.
     pub async fn encode(&self, plain: Bytes, options: EncodeOptions) -> Result<Bytes, CodecGone> {
         self.pool

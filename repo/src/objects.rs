@@ -64,6 +64,11 @@ impl ObjectStore {
         self
     }
 
+    /// The codec's worker threads.
+    pub fn codec(&self) -> &Arc<Codec> {
+        &self.codec
+    }
+
     /// The storage underneath.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage

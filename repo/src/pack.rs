@@ -155,8 +155,21 @@ pub fn read_index(pack: &[u8]) -> Result<Vec<PackEntry>, PackError> {
     Ok(out)
 }
 
-/// Reads one chunk from its pack (a ranged read), verifies its envelope and that it is the
-/// chunk with `hash`; damage is a corruption error naming the pack and the offset.
+/// Unwraps one chunk's envelope (CPU work: call it off the async runtime) and checks that
+/// it is the chunk with `hash`, not only an intact envelope.
+pub fn decode_chunk(envelope: &[u8], hash: &[u8; 32]) -> Result<Bytes, EnvelopeError> {
+    let (header, plain) = envelope::decode(envelope)?;
+    if &header.hash != hash {
+        return Err(EnvelopeError::Hash {
+            expected: blake3::Hash::from_bytes(*hash).to_hex().to_string(),
+            found: blake3::Hash::from_bytes(header.hash).to_hex().to_string(),
+        });
+    }
+    Ok(plain)
+}
+
+/// Reads one chunk from its pack (a ranged read), verifies it on a codec thread
+/// ([`decode_chunk`]); damage is a corruption error naming the pack and the offset.
 pub async fn fetch_chunk(
     objects: &ObjectStore,
     pack: &str,
@@ -173,17 +186,15 @@ pub async fn fetch_chunk(
             source: EnvelopeError::Truncated(bytes.len()),
         });
     }
-    let (header, plain) = objects.decode(&name(), bytes).await?;
-    if &header.hash != hash {
-        return Err(ObjectError::Corrupt {
+    let hash = *hash;
+    objects
+        .codec()
+        .run(move || decode_chunk(&bytes, &hash))
+        .await?
+        .map_err(|source| ObjectError::Corrupt {
             key: name(),
-            source: EnvelopeError::Hash {
-                expected: blake3::Hash::from_bytes(*hash).to_hex().to_string(),
-                found: blake3::Hash::from_bytes(header.hash).to_hex().to_string(),
-            },
-        });
-    }
-    Ok(plain)
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -40,6 +40,32 @@ pub async fn list_pieces(storage: &dyn Storage, name: &str) -> Result<Vec<Piece>
     Ok(pieces)
 }
 
+/// Every segment under `prefix` (`stream/`, or `stream/<timeline>` for one timeline) with a
+/// durable prefix, and where that prefix ends, from one listing.
+pub async fn streamed_segments(
+    storage: &dyn Storage,
+    prefix: &str,
+) -> Result<std::collections::BTreeMap<String, u32>, StorageError> {
+    let mut by_segment: std::collections::BTreeMap<String, Vec<Piece>> = Default::default();
+    for o in list_all(storage, prefix).await? {
+        if let Some((name, start, end)) = parse_piece_key(&o.key) {
+            by_segment.entry(name).or_default().push(Piece {
+                key: o.key,
+                start,
+                end,
+            });
+        }
+    }
+    Ok(by_segment
+        .into_iter()
+        .filter_map(|(name, mut pieces)| {
+            pieces.sort_by_key(|p| (p.start, p.end));
+            let (_, end) = contiguous(&pieces);
+            (end > 0).then_some((name, end))
+        })
+        .collect())
+}
+
 /// The pieces that make the contiguous run from offset 0, and where it ends (0: none).
 pub fn contiguous(pieces: &[Piece]) -> (Vec<Piece>, u32) {
     let mut run = Vec::new();

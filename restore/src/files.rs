@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
-use repo::envelope::{self, EnvelopeError};
+use repo::envelope::EnvelopeError;
 use repo::manifest::{BackupManifest, FileType, ManifestFile};
 use repo::objects::{ObjectError, ObjectStore};
 use repo::pool::{Pool, PoolGone};
@@ -310,13 +310,10 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
         let env = bytes
             .get(rel)
             .ok_or_else(|| corrupt(EnvelopeError::Truncated(bytes.len())))?;
-        let (header, plain) = envelope::decode(env).map_err(corrupt)?;
-        if Some(header.hash) != c.hash() {
-            return Err(corrupt(EnvelopeError::Hash {
-                expected: c.4.clone(),
-                found: blake3::Hash::from_bytes(header.hash).to_hex().to_string(),
-            }));
-        }
+        let hash = c
+            .hash()
+            .ok_or_else(|| FilesError::Manifest(format!("chunk hash {:?}", c.4)))?;
+        let plain = repo::pack::decode_chunk(env, &hash).map_err(corrupt)?;
         for &(fi, offset) in dests {
             let path = &s.paths[fi as usize];
             let file = OpenOptions::new()

@@ -131,7 +131,11 @@ async fn summary_of(repo: &Repository, name: &SegmentName) -> Result<Summary, Pl
                 }
                 Err(e) => return Err(e.into()),
             };
-            let s = walfmt::summarize(&bytes).map_err(|e| bad(format!("{seg_key}: {e}")))?;
+            // Decoding a whole segment is CPU work: off the async runtime.
+            let s = tokio::task::spawn_blocking(move || walfmt::summarize(&bytes))
+                .await
+                .map_err(bad)?
+                .map_err(|e| bad(format!("{seg_key}: {e}")))?;
             Ok(Summary {
                 end_lsn: s.end_lsn.to_string(),
                 last_xact_time: s.last_xact_time.map(|t| t.to_string()),
@@ -166,11 +170,12 @@ async fn inventory(repo: &Repository, seg: WalSegmentSize) -> Result<Inventory, 
         histories: BTreeSet::new(),
     };
     // Segments `pitr stream` is still writing count from their first piece at offset 0.
-    for o in list_all(repo.objects().storage().as_ref(), "stream/").await? {
-        if let Some((name, 0, _)) = repo::keys::parse_piece_key(&o.key) {
-            if let Ok(s) = SegmentName::parse(&name, seg) {
-                inv.segments.insert((s.timeline.0, s.segno));
-            }
+    for name in repo::pieces::streamed_segments(repo.objects().storage().as_ref(), "stream/")
+        .await?
+        .into_keys()
+    {
+        if let Ok(s) = SegmentName::parse(&name, seg) {
+            inv.segments.insert((s.timeline.0, s.segno));
         }
     }
     for o in list_all(repo.objects().storage().as_ref(), "wal/").await? {

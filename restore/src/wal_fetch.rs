@@ -215,32 +215,8 @@ pub async fn prefetch(
         let window = window(&want, options.depth, seg_size);
         let _ = spool.prune_behind(&want, seg_size);
         let missing: Vec<String> = window.into_iter().filter(|n| !spool.has(n)).collect();
-        let mut fetches = futures::stream::iter(missing)
-            .map(|name| {
-                let objects = repo.objects();
-                async move {
-                    let got = match wal_key(&name) {
-                        Some(key) => objects.get(&key).await.map(|(_, plain)| plain),
-                        None => Err(ObjectError::Storage(StorageError::not_found("get", &name))),
-                    };
-                    (name, got)
-                }
-            })
-            .buffered(options.parallel.max(1));
-        let mut complete = true;
-        while let Some((name, got)) = fetches.next().await {
-            let Ok(plain) = got else {
-                complete = false;
-                break;
-            };
-            let (spool_, name_) = (spool.clone(), name.clone());
-            let stored = tokio::task::spawn_blocking(move || spool_.put(&name_, &plain)).await;
-            if !matches!(stored, Ok(Ok(()))) {
-                complete = false;
-                break;
-            }
-        }
-        drop(fetches);
+        let wanted = missing.len();
+        let complete = fill(&repo, &spool, missing, options.parallel).await == wanted;
         if !complete {
             // The end of the archive, or a failure the foreground fetch will report.
             return Ok(());
@@ -266,20 +242,30 @@ pub async fn stage(
         source,
     };
     let spool = Spool::open(dir, &repo.url().to_string()).map_err(io)?;
-    let mut fetches = futures::stream::iter(names.iter().cloned())
+    Ok(fill(repo, &spool, names.to_vec(), parallel).await)
+}
+
+/// Fetches the segments `names` into `spool`, `parallel` at once, each verified; stops at
+/// the first that cannot be fetched or kept (absent: the end of the archive, or a failure
+/// the foreground fetch will report). Returns how many are now in the spool.
+async fn fill(repo: &Repository, spool: &Spool, names: Vec<String>, parallel: usize) -> usize {
+    let mut fetches = futures::stream::iter(names)
         .map(|name| async move {
-            let key = wal_key(&name).unwrap_or_default();
-            (name, repo.objects().get(&key).await)
+            let got = match wal_key(&name) {
+                Some(key) => repo.objects().get(&key).await.map(|(_, plain)| plain),
+                None => Err(ObjectError::Storage(StorageError::not_found("get", &name))),
+            };
+            (name, got)
         })
         .buffered(parallel.max(1));
-    let mut staged = 0;
+    let mut filled = 0;
     while let Some((name, got)) = fetches.next().await {
-        let Ok((_, plain)) = got else { break };
+        let Ok(plain) = got else { break };
         let s = spool.clone();
         match tokio::task::spawn_blocking(move || s.put(&name, &plain)).await {
-            Ok(Ok(())) => staged += 1,
+            Ok(Ok(())) => filled += 1,
             _ => break,
         }
     }
-    Ok(staged)
+    filled
 }

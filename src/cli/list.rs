@@ -103,14 +103,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
             .await
             .map_err(|e| failure(e.into()))?;
         // Segments pitr stream is still writing count from their first piece.
-        let streaming: Vec<String> = list_all(storage.as_ref(), "stream/")
+        let streaming: Vec<String> = repo::pieces::streamed_segments(storage.as_ref(), "stream/")
             .await
             .map_err(|e| failure(e.into()))?
-            .iter()
-            .filter_map(|o| match repo::keys::parse_piece_key(&o.key) {
-                Some((name, 0, _)) => Some(name),
-                _ => None,
-            })
+            .into_keys()
             .collect();
         let ranges = wal_ranges(
             wal.iter()

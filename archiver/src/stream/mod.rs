@@ -17,9 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use repo::codec::Codec;
-use repo::keys::parse_piece_key;
 use repo::objects::ObjectError;
-use repo::pieces::contiguous;
 use repo::repository::{ClusterIdentity, OpenError, Repository};
 use repo::storage::{list_all, StorageError};
 use repo::url::RepoUrl;
@@ -239,24 +237,13 @@ pub async fn durable_end(
             end = end.max(Some(s.end_lsn()));
         }
     }
-    let mut pieces: std::collections::BTreeMap<String, Vec<repo::pieces::Piece>> =
-        Default::default();
-    for o in list_all(storage.as_ref(), &format!("stream/{tli_hex}")).await? {
-        if let Some((name, start, stop)) = parse_piece_key(&o.key) {
-            pieces.entry(name).or_default().push(repo::pieces::Piece {
-                key: o.key,
-                start,
-                end: stop,
-            });
-        }
-    }
-    for (name, mut list) in pieces {
+    let streamed =
+        repo::pieces::streamed_segments(storage.as_ref(), &format!("stream/{tli_hex}")).await?;
+    for (name, off) in streamed {
         let Ok(s) = SegmentName::parse(&name, seg) else {
             continue;
         };
-        list.sort_by_key(|p| (p.start, p.end));
-        let (_, off) = contiguous(&list);
-        if off > 0 && end.is_none_or(|e| s.start_lsn() >= e) {
+        if end.is_none_or(|e| s.start_lsn() >= e) {
             end = end.max(Some(Lsn(s.start_lsn().0 + u64::from(off))));
         }
     }
