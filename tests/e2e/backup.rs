@@ -11,17 +11,9 @@ use repo::envelope::EncodeOptions;
 use repo::manifest::BackupManifest;
 use repo::objects::ObjectStore;
 use repo::storage::{FsStorage, Storage};
-use testbed::{Cluster, ClusterOptions, S3Server, SUPERUSER};
+use testbed::{Cluster, ClusterOptions, S3Server};
 
-use crate::{pitr, succeeds};
-
-fn socket(pg: &Cluster) -> String {
-    format!(
-        "host={} port={} user={SUPERUSER}",
-        pg.socket_dir().display(),
-        pg.port()
-    )
-}
+use crate::{pitr, socket, succeeds};
 
 fn json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)

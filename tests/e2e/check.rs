@@ -1,17 +1,9 @@
 //! `pitr check`: the replication connection from the command line, with the libpq
 //! settings, exit codes and HINTs, and the repository's cluster compared with the server's.
 
-use testbed::{Cluster, ClusterOptions, PASSWORD_ROLES, SUPERUSER};
+use testbed::{Cluster, ClusterOptions, PASSWORD_ROLES};
 
-use crate::{pitr, succeeds};
-
-fn socket(pg: &Cluster) -> String {
-    format!(
-        "host={} port={} user={SUPERUSER}",
-        pg.socket_dir().display(),
-        pg.port()
-    )
-}
+use crate::{pitr, socket, succeeds};
 
 #[test]
 fn check_reports_the_server_and_compares_the_repository() {

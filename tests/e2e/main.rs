@@ -22,6 +22,16 @@ pub fn pitr() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pitr"))
 }
 
+/// A libpq connection string for `pg`'s socket as the bed's superuser.
+pub fn socket(pg: &testbed::Cluster) -> String {
+    format!(
+        "host={} port={} user={}",
+        pg.socket_dir().display(),
+        pg.port(),
+        testbed::SUPERUSER
+    )
+}
+
 /// Runs a command that must succeed, showing its stderr if it does not.
 pub fn succeeds(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("run the command");

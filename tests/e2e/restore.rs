@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use testbed::{Cluster, ClusterOptions, S3Server, StopMode, SUPERUSER};
+use testbed::{Cluster, ClusterOptions, S3Server, StopMode};
 
 use crate::succeeds;
 
@@ -49,11 +49,7 @@ impl Source {
     }
 
     fn socket(&self) -> String {
-        format!(
-            "host={} port={} user={SUPERUSER}",
-            self.pg.socket_dir().display(),
-            self.pg.port()
-        )
+        crate::socket(&self.pg)
     }
 
     fn backup(&self) -> serde_json::Value {
@@ -280,11 +276,7 @@ fn a_flipped_byte_in_a_chunk_fails_the_restore_naming_the_file_and_leaves_it_uns
     pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
     let repo = tempfile::tempdir().unwrap();
     let url = format!("file://{}/r", repo.path().display());
-    let socket = format!(
-        "host={} port={} user={SUPERUSER}",
-        pg.socket_dir().display(),
-        pg.port()
-    );
+    let socket = crate::socket(&pg);
     succeeds(crate::pitr().args(["backup", "--fast", "--wal", "--repo", &url, "--pg", &socket]));
     // Damage the middle of the largest pack.
     let mut packs: Vec<PathBuf> = walk(&repo.path().join("r/pack"));
@@ -332,11 +324,7 @@ fn a_tablespace_comes_back_where_the_map_puts_it() {
         .unwrap();
     let repo = tempfile::tempdir().unwrap();
     let url = format!("file://{}/r", repo.path().display());
-    let socket = format!(
-        "host={} port={} user={SUPERUSER}",
-        pg.socket_dir().display(),
-        pg.port()
-    );
+    let socket = crate::socket(&pg);
     succeeds(crate::pitr().args(["backup", "--fast", "--wal", "--repo", &url, "--pg", &socket]));
 
     let dirs = tempfile::tempdir().unwrap();

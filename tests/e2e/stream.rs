@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use repo::codec::Codec;
 use repo::repository::Repository;
-use testbed::{Cluster, ClusterOptions, S3Server, StopMode, SUPERUSER};
+use testbed::{Cluster, ClusterOptions, S3Server, StopMode};
 use walfmt::{Lsn, WalSegmentSize};
 
 use crate::succeeds;
@@ -77,11 +77,7 @@ impl Bed {
     }
 
     fn socket(&self) -> String {
-        format!(
-            "host={} port={} user={SUPERUSER}",
-            self.pg.socket_dir().display(),
-            self.pg.port()
-        )
+        crate::socket(&self.pg)
     }
 
     fn stream(&self, sync: bool) -> Streamer {
@@ -424,13 +420,7 @@ fn a_promote_while_streaming_is_followed_onto_the_new_timeline_and_restorable() 
     let bin = standby
         .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
         .unwrap();
-    let socket = |pg: &Cluster| {
-        format!(
-            "host={} port={} user={SUPERUSER}",
-            pg.socket_dir().display(),
-            pg.port()
-        )
-    };
+    let socket = |pg: &Cluster| crate::socket(pg);
     let mut c = Command::new(&bin);
     c.envs(s3.env()).args([
         "stream",
@@ -504,11 +494,7 @@ fn a_missing_slot_is_refused_with_a_hint_and_a_bad_name_is_bad_input() {
     let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
     let repo = tempfile::tempdir().unwrap();
     let url = format!("file://{}/r", repo.path().display());
-    let socket = format!(
-        "host={} port={} user={SUPERUSER}",
-        pg.socket_dir().display(),
-        pg.port()
-    );
+    let socket = crate::socket(&pg);
     let out = crate::pitr()
         .args([
             "stream",
