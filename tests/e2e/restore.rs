@@ -261,6 +261,14 @@ fn unreachable_targets_and_bad_input_are_refused_before_anything_is_written() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    let out = src.restore(&to, &["--backup", "20000101T000000Z"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(9), "{err}");
+    assert!(
+        err.contains("backup 20000101T000000Z is not in the repository"),
+        "{err}"
+    );
+
     std::fs::create_dir_all(&to).unwrap();
     std::fs::write(to.join("something"), b"x").unwrap();
     let out = src.restore(&to, &[]);
@@ -385,7 +393,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn after_a_promote_a_restore_to_a_time_on_the_new_timeline_gets_its_writes() {
     let src = Source::new("timelines");
     src.pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
-    src.backup();
+    let id = src.backup()["id"].as_str().unwrap().to_owned();
     commit_batch(&src.pg, 1);
     src.archive_all();
     let mut old = src.pg;
@@ -436,4 +444,24 @@ fn after_a_promote_a_restore_to_a_time_on_the_new_timeline_gets_its_writes() {
     assert!(err.contains("on timeline 2"), "{err}");
     let pg = start_restored(&src, &second, false);
     assert_eq!(batches(&pg), ["1", "2"]);
+    drop(pg);
+
+    // Along timeline 1 instead, the backup named: only what it held before the promote.
+    let third = dirs.path().join("third");
+    let out = src.restore(
+        &third,
+        &[
+            "--target-timeline",
+            "1",
+            "--backup",
+            &id,
+            "--target-action",
+            "promote",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("on timeline 1") && err.contains(&id), "{err}");
+    let pg = start_restored(&src, &third, false);
+    assert_eq!(batches(&pg), ["1"]);
 }
