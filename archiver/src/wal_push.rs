@@ -155,6 +155,9 @@ pub struct PushOptions {
     pub encode: EncodeOptions,
     /// How long the worker waits for more `.ready` files before it exits.
     pub linger: Duration,
+    /// A call answered from the worker's record also reads the stored object's header
+    /// back (the worker already did, before recording it).
+    pub recheck: bool,
 }
 
 impl Default for PushOptions {
@@ -165,6 +168,7 @@ impl Default for PushOptions {
             state_dir: None,
             encode: EncodeOptions::default(),
             linger: Duration::from_secs(5),
+            recheck: false,
         }
     }
 }
@@ -337,33 +341,100 @@ pub async fn store_bytes(repo: &Repository, name: &str, bytes: Bytes) -> Result<
     Ok(store(repo, file).await?.0)
 }
 
-/// The cheap check for a file the worker stored ahead: the record is for this repository,
-/// the file is the one it hashed (same identity, or else the same hash now), and the stored
-/// object's header carries that hash (one ranged read). Any doubt (`false`) means a normal
-/// push.
-async fn stored_earlier(url: &RepoUrl, path: &Path, record: &Record) -> bool {
-    if record.repo != url.to_string() {
+/// The cheap check for a file the worker stored ahead: the record is for this repository
+/// and the file is the one it hashed (same identity, or else the same hash now). The worker
+/// wrote the record only after the stored object read back with that hash. With
+/// `options.recheck`, the stored object's header must also carry that hash now (one ranged
+/// read). Any doubt (`false`) means a normal push.
+async fn stored_earlier(
+    url: &RepoUrl,
+    path: &Path,
+    record: &Record,
+    options: &PushOptions,
+) -> bool {
+    if !record_matches(url, path, record) {
         return false;
     }
-    let name = file_name(path);
-    let Some(key) = wal_key(&name) else {
-        return false;
-    };
-    // Records keep the hash as hex: compare in hex.
-    let unchanged = match record.file {
-        Some(id) => ahead::FileIdentity::of(path).is_ok_and(|now| now == id),
-        None => matches!(
+    if record.file.is_none() {
+        let same = matches!(
             load(path, false).await,
             Ok(WalFile { hash: Some(h), .. }) if hex(&h) == record.blake3
-        ),
-    };
-    if !unchanged {
-        return false;
+        );
+        if !same {
+            return false;
+        }
     }
+    if !options.recheck {
+        return true;
+    }
+    let Some(key) = wal_key(&file_name(path)) else {
+        return false;
+    };
     let Ok(storage) = repo::repository::storage_for(url).await else {
         return false;
     };
     matches!(stored_hash(storage.as_ref(), &key).await, Ok(h) if hex(&h) == record.blake3)
+}
+
+/// The record is for this repository and, when it carries the file's identity, the file
+/// still has it (a record without one needs the file hashed again).
+fn record_matches(url: &RepoUrl, path: &Path, record: &Record) -> bool {
+    record.repo == url.to_string()
+        && wal_key(&file_name(path)).is_some()
+        && record
+            .file
+            .is_none_or(|id| ahead::FileIdentity::of(path).is_ok_and(|now| now == id))
+}
+
+/// What a call learns from the push-ahead worker's state for the file at `path`, waiting
+/// while the worker is busy with it. Blocking (it polls the state directory): the CLI asks
+/// before it starts a runtime, [`push`] on a blocking thread.
+#[derive(Debug)]
+pub enum Ahead {
+    /// No worker state to use (pushing ahead is off, no record, or the worker gave up on
+    /// the file): push the file here.
+    PushHere,
+    /// The worker stored it; this record says with which hash.
+    Recorded(Record),
+}
+
+/// See [`Ahead`]. The record found is taken out of the state directory (the call answers
+/// for it now).
+pub fn await_worker(path: &Path, options: &PushOptions) -> Ahead {
+    let Some(state) = options.state(&pg_wal_of(path)) else {
+        return Ahead::PushHere;
+    };
+    let name = file_name(path);
+    let mut asked = false;
+    loop {
+        if let Some(record) = state.lookup(&name) {
+            state.forget(&name);
+            if asked {
+                state.unwant(&name);
+            }
+            return Ahead::Recorded(record);
+        }
+        // The worker could not store it (or is gone): push it here, which reports why.
+        if state.take_failure(&name).is_some() || !state.worker_running() {
+            return Ahead::PushHere;
+        }
+        if !asked {
+            state.want(&name);
+            asked = true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Answers the call for `path` from the worker's record without the repository, when the
+/// record is enough (see [`stored_earlier`]): `true` means stored. Blocking.
+pub fn answered_locally(
+    url: &RepoUrl,
+    path: &Path,
+    record: &Record,
+    options: &PushOptions,
+) -> bool {
+    !options.recheck && record.file.is_some() && record_matches(url, path, record)
 }
 
 /// Pushes the WAL file at `path` into the repository at `url`. With `options.ahead`, a file
@@ -377,29 +448,24 @@ pub async fn push(
     codec: Arc<Codec>,
     options: &PushOptions,
 ) -> Result<Pushed, PushError> {
-    let name = file_name(path);
-    if let Some(state) = options.state(&pg_wal_of(path)) {
-        let mut asked = false;
-        loop {
-            if let Some(record) = state.lookup(&name) {
-                state.forget(&name);
-                if asked {
-                    state.unwant(&name);
-                }
-                if stored_earlier(url, path, &record).await {
-                    return Ok(Pushed::StoredEarlier);
-                }
-                break;
-            }
-            // The worker could not store it (or is gone): push it here, which reports why.
-            if state.take_failure(&name).is_some() || !state.worker_running() {
-                break;
-            }
-            if !asked {
-                state.want(&name);
-                asked = true;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    let (p, o) = (path.to_owned(), options.clone());
+    let ahead = tokio::task::spawn_blocking(move || await_worker(&p, &o))
+        .await
+        .unwrap_or(Ahead::PushHere);
+    push_after(url, path, codec, options, ahead).await
+}
+
+/// [`push`] once [`await_worker`] has answered.
+pub async fn push_after(
+    url: &RepoUrl,
+    path: &Path,
+    codec: Arc<Codec>,
+    options: &PushOptions,
+    ahead: Ahead,
+) -> Result<Pushed, PushError> {
+    if let Ahead::Recorded(record) = ahead {
+        if stored_earlier(url, path, &record, options).await {
+            return Ok(Pushed::StoredEarlier);
         }
     }
     let file = load(path, true).await?;

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use archiver::wal_push::{pg_wal_of, push, push_ahead, worker_needed, PushError, PushOptions};
+use archiver::wal_push::{
+    answered_locally, await_worker, pg_wal_of, push_after, push_ahead, worker_needed, Ahead,
+    PushError, PushOptions,
+};
 use repo::codec::Codec;
 use repo::objects::ObjectError;
 
@@ -49,6 +52,10 @@ pub struct AheadArgs {
     /// Where records of files archived ahead are kept [default: pg_wal/.pitr/push]
     #[arg(long, env = "PITR_WAL_PUSH_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// A call answered from the worker's record also reads the stored object's header
+    /// back from the repository (the worker did before recording it; off: a local check)
+    #[arg(long, env = "PITR_WAL_PUSH_RECHECK")]
+    recheck: bool,
     #[command(flatten)]
     compress: CompressArgs,
 }
@@ -61,6 +68,7 @@ impl AheadArgs {
             parallel: self.parallel.unwrap_or(2 * cores),
             state_dir: self.state_dir.clone(),
             encode: self.compress.options(),
+            recheck: self.recheck,
             ..PushOptions::default()
         }
     }
@@ -137,10 +145,18 @@ pub fn run(args: Args) -> Result<(), Failure> {
     if worker_needed(&args.file, &options) {
         start_worker(&url.to_string(), &pg_wal, &args.ahead, &options);
     }
+    // A file the worker stored is most often answered here, with no runtime, no threads
+    // and no connection.
+    let ahead = await_worker(&args.file, &options);
+    if let Ahead::Recorded(record) = &ahead {
+        if answered_locally(&url, &args.file, record, &options) {
+            return Ok(());
+        }
+    }
     let runtime = super::runtime(Exit::Repository)?;
     let codec = Arc::new(Codec::with_default_threads());
     let pushed = runtime.block_on(async {
-        tokio::time::timeout(limit, push(&url, &args.file, codec, &options)).await
+        tokio::time::timeout(limit, push_after(&url, &args.file, codec, &options, ahead)).await
     });
     match pushed {
         Ok(Ok(_)) => Ok(()),

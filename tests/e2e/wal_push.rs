@@ -273,12 +273,12 @@ fn segments_stored_ahead_arrive_and_their_records_stay_bounded() {
     }
 }
 
-/// A pg_wal directory of its own (in the returned temp dir) holding two real segments, both
+/// A pg_wal directory of its own (in the returned temp dir) holding `n` real segments, all
 /// marked ready, as PostgreSQL leaves them for an archiver that is behind.
-fn two_ready_segments() -> (tempfile::TempDir, Vec<String>) {
+fn ready_segments(n: u64) -> (tempfile::TempDir, Vec<String>) {
     let (pg, archive) =
         Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
-    let segments = pg.generate_wal_segments(2).unwrap();
+    let segments = pg.generate_wal_segments(n).unwrap();
     for seg in &segments {
         pg.wait_archived(seg, Duration::from_secs(60)).unwrap();
     }
@@ -293,44 +293,87 @@ fn two_ready_segments() -> (tempfile::TempDir, Vec<String>) {
 }
 
 #[test]
-fn a_record_is_trusted_only_when_the_repository_holds_the_bytes() {
+fn a_call_for_a_file_stored_ahead_is_answered_locally_and_rechecked_on_request() {
     let repo_dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", repo_dir.path().display());
-    // A pg_wal of our own, with two segments ready.
-    let (work, segments) = two_ready_segments();
+    // A pg_wal of our own, with three segments ready.
+    let (work, segments) = ready_segments(3);
     let pg_wal = work.path().join("pg_wal");
-    let push = |seg: &str| {
+    let push = |seg: &str, extra: &[&str]| {
         crate::succeeds(
             pitr()
                 .args(["wal-push", "--repo", &url, "--ahead", "4"])
+                .args(extra)
                 .arg(pg_wal.join(seg)),
         )
     };
-    push(&segments[0]);
-    let record = pg_wal.join(format!(".pitr/push/{}.ok", segments[1]));
+    push(&segments[0], &[]);
+    let record = |seg: &str| pg_wal.join(format!(".pitr/push/{seg}.ok"));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !record.exists() {
+    while !(record(&segments[1]).exists() && record(&segments[2]).exists()) {
         assert!(
             std::time::Instant::now() < deadline,
-            "the second segment was not pushed ahead"
+            "the next segments were not pushed ahead"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let stored = repo_dir.path().join(key(&segments[1]));
-    assert!(stored.exists());
+    for seg in &segments[1..] {
+        assert!(repo_dir.path().join(key(seg)).exists());
+    }
 
-    // The object disappears behind the record's back: the call uploads it again.
+    // The worker read each object back before recording it: the call itself needs no
+    // round trip (the repository is out of reach for it here).
+    let away = repo_dir.path().with_extension("away");
+    std::fs::rename(repo_dir.path(), &away).unwrap();
+    push(&segments[1], &[]);
+    std::fs::rename(&away, repo_dir.path()).unwrap();
+    assert!(!record(&segments[1]).exists());
+
+    // With --recheck, an object that disappeared behind the record's back is uploaded again.
+    let stored = repo_dir.path().join(key(&segments[2]));
     std::fs::remove_file(&stored).unwrap();
-    push(&segments[1]);
+    push(&segments[2], &["--recheck"]);
     assert!(stored.exists(), "a record without its object was trusted");
-    assert!(!record.exists());
+    assert!(!record(&segments[2]).exists());
+}
+
+#[test]
+fn a_record_is_not_trusted_for_a_file_that_changed() {
+    let repo_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", repo_dir.path().display());
+    let (work, segments) = ready_segments(2);
+    let pg_wal = work.path().join("pg_wal");
+    let push = |seg: &str| {
+        pitr()
+            .args(["wal-push", "--repo", &url, "--ahead", "4"])
+            .arg(pg_wal.join(seg))
+            .output()
+            .unwrap()
+    };
+    assert!(push(&segments[0]).status.success());
+    let record = pg_wal.join(format!(".pitr/push/{}.ok", segments[1]));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !record.exists() {
+        assert!(std::time::Instant::now() < deadline, "not pushed ahead");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another file under the same name (other bytes, so another identity): the record is
+    // not the answer, the file is pushed and refused as a conflict.
+    let file = pg_wal.join(&segments[1]);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xFF;
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, &bytes).unwrap();
+    let out = push(&segments[1]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
 }
 
 #[test]
 fn a_file_the_worker_cannot_store_is_refused_by_its_own_call() {
     let repo_dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", repo_dir.path().display());
-    let (work, segments) = two_ready_segments();
+    let (work, segments) = ready_segments(2);
     let pg_wal = work.path().join("pg_wal");
     // The second segment is damaged in pg_wal: its page headers no longer say which
     // segment it is.
