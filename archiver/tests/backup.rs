@@ -71,7 +71,10 @@ async fn open(s3: &S3Server, pg: &Cluster, conn: &mut ReplicationConn) -> Reposi
 
 /// Reads every file back and compares it with the server's backup_manifest.
 async fn matches_pg_manifest(repo: &Repository, m: &BackupManifest) {
-    let report = restore::backup_files::check_backup(repo.objects(), m)
+    // What take() returns has no chunk table in memory: read the backup as a restore would.
+    let m = BackupManifest::load(repo.objects(), &m.id).await.unwrap();
+    assert_eq!(m.chunks.len() as u64, m.chunk_table.count);
+    let report = restore::backup_files::check_backup(repo.objects(), &m)
         .await
         .unwrap();
     assert!(report.matched_pg_manifest > 100, "{report:?}");

@@ -2,7 +2,15 @@
 //! that make up each file and the packs those lie in), where in the WAL it starts and
 //! stops, and how much it stored. A backup exists only once its manifest is stored; the
 //! manifest is written last and never changed. Format: docs/FORMAT.md, "Backups".
+//!
+//! The chunk table is not in the manifest's JSON but in binary pieces beside it (52 bytes
+//! a chunk, in file order), written while the backup runs: neither writer nor reader has to
+//! hold a whole database's worth of chunk entries as text.
 
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes};
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::objects::{ObjectError, ObjectStore};
@@ -10,7 +18,13 @@ use crate::pack::pack_key;
 use crate::storage::{self, PutMode, PutOutcome, Storage, StorageError};
 
 /// The manifest format this build writes and reads.
-pub const MANIFEST_FORMAT: u32 = 1;
+pub const MANIFEST_FORMAT: u32 = 2;
+
+/// Chunk entries per piece of the chunk table (a piece is then about 3.4 MB).
+pub const CHUNKS_PER_PIECE: u32 = 65536;
+
+/// Bytes of one chunk table entry.
+pub const CHUNK_ENTRY_LEN: usize = 52;
 
 /// Where backups live.
 pub const BACKUP_PREFIX: &str = "backup/";
@@ -18,6 +32,11 @@ pub const BACKUP_PREFIX: &str = "backup/";
 /// The key of a backup's manifest.
 pub fn manifest_key(id: &str) -> String {
     format!("{BACKUP_PREFIX}{id}/manifest")
+}
+
+/// The key of piece `n` of a backup's chunk table.
+pub fn chunk_table_key(id: &str, n: usize) -> String {
+    format!("{BACKUP_PREFIX}{id}/chunks/{n:06}")
 }
 
 /// The key of the copy of PostgreSQL's own backup_manifest.
@@ -58,32 +77,116 @@ pub struct ManifestFile {
     /// A symlink's target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
-    /// Indexes into the manifest's chunk table, in file order.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub chunks: Vec<u32>,
+    /// The file's chunks: entries `first..first + count` of the chunk table, in order.
+    #[serde(default, skip_serializing_if = "ChunkSpan::is_empty")]
+    pub chunks: ChunkSpan,
 }
 
-/// A chunk: `[pack index, offset, stored length, plain length, blake3 hex]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChunkRef(pub u32, pub u64, pub u32, pub u32, pub String);
+/// A file's run of chunk table entries, `[first, count]` in JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "[u64; 2]", into = "[u64; 2]")]
+pub struct ChunkSpan {
+    /// Index of the file's first chunk.
+    pub first: u64,
+    /// How many chunks.
+    pub count: u64,
+}
+
+impl From<[u64; 2]> for ChunkSpan {
+    fn from([first, count]: [u64; 2]) -> ChunkSpan {
+        ChunkSpan { first, count }
+    }
+}
+
+impl From<ChunkSpan> for [u64; 2] {
+    fn from(s: ChunkSpan) -> [u64; 2] {
+        [s.first, s.count]
+    }
+}
+
+impl ChunkSpan {
+    /// No chunks.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    /// The table indexes, in file order.
+    pub fn indexes(&self) -> std::ops::Range<usize> {
+        self.first as usize..(self.first + self.count) as usize
+    }
+}
+
+/// A chunk table entry: where a chunk's envelope lies and what it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// Index into the manifest's `packs`.
+    pub pack: u32,
+    /// Offset of the envelope in the pack.
+    pub offset: u64,
+    /// Bytes of the envelope.
+    pub stored_len: u32,
+    /// Bytes of the plaintext.
+    pub plain_len: u32,
+    /// blake3 of the plaintext.
+    pub hash: [u8; 32],
+}
 
 impl ChunkRef {
     /// Index into the manifest's `packs`.
     pub fn pack(&self) -> usize {
-        self.0 as usize
+        self.pack as usize
     }
     /// Byte range of the chunk's envelope in its pack.
     pub fn range(&self) -> std::ops::Range<u64> {
-        self.1..self.1 + u64::from(self.2)
+        self.offset..self.offset + u64::from(self.stored_len)
     }
     /// Plaintext length.
     pub fn plain_len(&self) -> u32 {
-        self.3
+        self.plain_len
     }
     /// blake3 of the plaintext.
-    pub fn hash(&self) -> Option<[u8; 32]> {
-        blake3::Hash::from_hex(&self.4).ok().map(|h| *h.as_bytes())
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
     }
+    /// The entry's 52 bytes: pack, offset, stored length, plain length (little-endian),
+    /// then the hash.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.put_u32_le(self.pack);
+        out.put_u64_le(self.offset);
+        out.put_u32_le(self.stored_len);
+        out.put_u32_le(self.plain_len);
+        out.put_slice(&self.hash);
+    }
+    /// Reads one entry; `None` if fewer than 52 bytes are given.
+    pub fn decode(mut b: &[u8]) -> Option<ChunkRef> {
+        if b.len() < CHUNK_ENTRY_LEN {
+            return None;
+        }
+        let pack = b.get_u32_le();
+        let offset = b.get_u64_le();
+        let stored_len = b.get_u32_le();
+        let plain_len = b.get_u32_le();
+        let mut hash = [0u8; 32];
+        b.copy_to_slice(&mut hash);
+        Some(ChunkRef {
+            pack,
+            offset,
+            stored_len,
+            plain_len,
+            hash,
+        })
+    }
+}
+
+/// Where a backup's chunk table is: `pieces` objects ([`chunk_table_key`]) of
+/// [`CHUNKS_PER_PIECE`] entries each (the last one fewer), `count` in all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkTable {
+    /// Entries in all.
+    pub count: u64,
+    /// Entries per piece.
+    pub per_piece: u32,
+    /// blake3 of each piece's plaintext, hex, in order.
+    pub pieces: Vec<String>,
 }
 
 /// A tablespace of the backup.
@@ -145,8 +248,11 @@ pub struct BackupManifest {
     pub tablespaces: Vec<TablespaceEntry>,
     /// Ids of the packs its chunks lie in.
     pub packs: Vec<String>,
-    /// The chunk table.
-    pub chunks: Vec<ChunkRef>,
+    /// Where the chunk table is.
+    pub chunk_table: ChunkTable,
+    /// The chunk table, once read ([`BackupManifest::load`]); not part of the JSON.
+    #[serde(skip)]
+    pub chunks: Arc<Vec<ChunkRef>>,
     /// Every entry.
     pub files: Vec<ManifestFile>,
     /// `pitr <version>`.
@@ -190,32 +296,37 @@ impl BackupManifest {
     }
 
     /// Checks that every index points inside its table.
+    /// Checks that every index points inside its table (the chunk table as read).
     pub fn check(&self) -> Result<(), String> {
-        for c in &self.chunks {
+        if self.chunks.len() as u64 != self.chunk_table.count {
+            return Err(format!(
+                "its chunk table holds {} entries, not {}",
+                self.chunks.len(),
+                self.chunk_table.count
+            ));
+        }
+        for (i, c) in self.chunks.iter().enumerate() {
             if c.pack() >= self.packs.len() {
                 return Err(format!(
-                    "chunk {} names pack {} of {}",
-                    c.4,
-                    c.0,
+                    "chunk {i} names pack {} of {}",
+                    c.pack,
                     self.packs.len()
                 ));
             }
-            if c.hash().is_none() {
-                return Err(format!("chunk hash {:?} is not 64 hex digits", c.4));
-            }
         }
         for f in &self.files {
-            if let Some(&bad) = f.chunks.iter().find(|&&i| i as usize >= self.chunks.len()) {
+            if f.chunks.first + f.chunks.count > self.chunks.len() as u64 {
                 return Err(format!(
-                    "file {} names chunk {bad} of {}",
+                    "file {} names chunks {}..{} of {}",
                     f.path,
+                    f.chunks.first,
+                    f.chunks.first + f.chunks.count,
                     self.chunks.len()
                 ));
             }
-            let sum: u64 = f
-                .chunks
+            let sum: u64 = self.chunks[f.chunks.indexes()]
                 .iter()
-                .map(|&i| u64::from(self.chunks[i as usize].plain_len()))
+                .map(|c| u64::from(c.plain_len()))
                 .sum();
             if f.kind == FileType::File && sum != f.size {
                 return Err(format!(
@@ -242,8 +353,39 @@ impl BackupManifest {
         }
     }
 
-    /// Reads and checks the manifest of backup `id`.
+    /// Reads and checks the manifest of backup `id` and its whole chunk table.
     pub async fn load(objects: &ObjectStore, id: &str) -> Result<BackupManifest, ManifestError> {
+        let mut m = BackupManifest::load_header(objects, id).await?;
+        let key = manifest_key(id);
+        let bad = |reason: String| ManifestError::Bad {
+            key: key.clone(),
+            reason,
+        };
+        let table = m.chunk_table.clone();
+        let pieces: Vec<Bytes> = futures::stream::iter(0..table.pieces.len())
+            .map(|n| read_piece(objects, &m.id, &table, n))
+            .buffered(4)
+            .try_collect()
+            .await?;
+        let mut chunks = Vec::with_capacity(table.count as usize);
+        for piece in &pieces {
+            chunks.extend(
+                piece
+                    .chunks_exact(CHUNK_ENTRY_LEN)
+                    .filter_map(ChunkRef::decode),
+            );
+        }
+        m.chunks = Arc::new(chunks);
+        m.check().map_err(bad)?;
+        Ok(m)
+    }
+
+    /// Reads the manifest of backup `id` without its chunk table (`chunks` stays empty):
+    /// what a reader needs that goes through the table a piece at a time ([`TableReader`]).
+    pub async fn load_header(
+        objects: &ObjectStore,
+        id: &str,
+    ) -> Result<BackupManifest, ManifestError> {
         let key = manifest_key(id);
         let (_, plain) = objects.get(&key).await?;
         let bad = |reason: String| ManifestError::Bad {
@@ -260,8 +402,145 @@ impl BackupManifest {
             return Err(ManifestError::UnknownFormat { key, found: format });
         }
         let m: BackupManifest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-        m.check().map_err(bad)?;
+        let t = &m.chunk_table;
+        let per = u64::from(t.per_piece);
+        if per == 0 || t.pieces.len() as u64 != t.count.div_ceil(per) {
+            return Err(bad(format!(
+                "its chunk table of {} entries, {} a piece, cannot be in {} pieces",
+                t.count,
+                t.per_piece,
+                t.pieces.len()
+            )));
+        }
         Ok(m)
+    }
+}
+
+/// Piece `n` of the chunk table of backup `id`, checked: the hash the manifest names, and
+/// whole entries, as many as the piece must hold.
+async fn read_piece(
+    objects: &ObjectStore,
+    id: &str,
+    table: &ChunkTable,
+    n: usize,
+) -> Result<Bytes, ManifestError> {
+    let key = chunk_table_key(id, n);
+    let (header, plain) = objects.get(&key).await?;
+    let per = u64::from(table.per_piece);
+    let want = per.min(table.count - n as u64 * per) as usize * CHUNK_ENTRY_LEN;
+    let named = table.pieces.get(n).map(String::as_str).unwrap_or("");
+    if blake3::Hash::from_bytes(header.hash).to_hex().as_str() != named || plain.len() != want {
+        return Err(ManifestError::Bad {
+            key,
+            reason: format!(
+                "it holds {} bytes with blake3 {}, the manifest says {want} bytes with {named}",
+                plain.len(),
+                blake3::Hash::from_bytes(header.hash).to_hex()
+            ),
+        });
+    }
+    Ok(plain)
+}
+
+/// Random access to a backup's chunk table a piece at a time, keeping the last few pieces
+/// read: memory stays bounded whatever the table's size.
+#[derive(Debug)]
+pub struct TableReader {
+    objects: ObjectStore,
+    id: String,
+    table: ChunkTable,
+    cache: Vec<(usize, Bytes)>,
+}
+
+impl TableReader {
+    /// Pieces kept.
+    const KEEP: usize = 4;
+
+    /// A reader of `m`'s chunk table.
+    pub fn new(objects: ObjectStore, m: &BackupManifest) -> TableReader {
+        TableReader {
+            objects,
+            id: m.id.clone(),
+            table: m.chunk_table.clone(),
+            cache: Vec::new(),
+        }
+    }
+
+    /// Entry `i`, or `None` past the end.
+    pub async fn get(&mut self, i: u64) -> Result<Option<ChunkRef>, ManifestError> {
+        if i >= self.table.count {
+            return Ok(None);
+        }
+        let per = u64::from(self.table.per_piece);
+        let n = (i / per) as usize;
+        let at = (i % per) as usize * CHUNK_ENTRY_LEN;
+        if let Some(pos) = self.cache.iter().position(|(k, _)| *k == n) {
+            let hit = self.cache.remove(pos);
+            self.cache.push(hit);
+        } else {
+            let piece = read_piece(&self.objects, &self.id, &self.table, n).await?;
+            if self.cache.len() >= Self::KEEP {
+                self.cache.remove(0);
+            }
+            self.cache.push((n, piece));
+        }
+        let piece = &self
+            .cache
+            .last()
+            .map(|(_, b)| b.clone())
+            .unwrap_or_default();
+        Ok(piece.get(at..).and_then(ChunkRef::decode))
+    }
+}
+
+/// Builds a chunk table's pieces as entries come, in order: each full piece is handed
+/// out to be stored at once, so only one piece is ever in memory.
+#[derive(Debug, Default)]
+pub struct TableWriter {
+    piece: Vec<u8>,
+    table: ChunkTable,
+}
+
+impl TableWriter {
+    /// An empty table.
+    pub fn new() -> TableWriter {
+        TableWriter {
+            piece: Vec::new(),
+            table: ChunkTable {
+                count: 0,
+                per_piece: CHUNKS_PER_PIECE,
+                pieces: Vec::new(),
+            },
+        }
+    }
+
+    /// Appends an entry; a piece that is now full is returned, with its number, to store.
+    pub fn push(&mut self, c: &ChunkRef) -> Option<(usize, Bytes)> {
+        c.encode_into(&mut self.piece);
+        self.table.count += 1;
+        self.table
+            .count
+            .is_multiple_of(u64::from(CHUNKS_PER_PIECE))
+            .then(|| self.cut())
+    }
+
+    fn cut(&mut self) -> (usize, Bytes) {
+        let piece = Bytes::from(std::mem::take(&mut self.piece));
+        self.table
+            .pieces
+            .push(blake3::hash(&piece).to_hex().to_string());
+        (self.table.pieces.len() - 1, piece)
+    }
+
+    /// Entries so far.
+    pub fn count(&self) -> u64 {
+        self.table.count
+    }
+
+    /// The last piece (if it holds entries) and the table's description.
+    pub fn finish(mut self) -> (Option<(usize, Bytes)>, ChunkTable) {
+        let last = (!self.piece.is_empty()).then(|| self.cut());
+        (last, self.table)
     }
 }
 
@@ -318,7 +597,18 @@ mod tests {
             pg_manifest: None,
             tablespaces: vec![],
             packs: vec!["ab".repeat(32)],
-            chunks: vec![ChunkRef(0, 0, 60, 5, "cd".repeat(32))],
+            chunk_table: ChunkTable {
+                count: 1,
+                per_piece: CHUNKS_PER_PIECE,
+                pieces: vec![],
+            },
+            chunks: Arc::new(vec![ChunkRef {
+                pack: 0,
+                offset: 0,
+                stored_len: 60,
+                plain_len: 5,
+                hash: [0xcd; 32],
+            }]),
             files: vec![ManifestFile {
                 path: "PG_VERSION".into(),
                 tablespace: None,
@@ -327,7 +617,7 @@ mod tests {
                 size: 5,
                 mtime: 1,
                 target: None,
-                chunks: vec![0],
+                chunks: ChunkSpan { first: 0, count: 1 },
             }],
             created_by: "pitr test".into(),
         }
@@ -337,17 +627,112 @@ mod tests {
     fn checks_what_it_points_at() {
         let m = sample();
         m.check().unwrap();
-        assert_eq!(m.chunks[0].hash(), Some([0xcd; 32]));
         let json = serde_json::to_string(&m).unwrap();
-        assert!(json.contains(r#""chunks":[[0,0,60,5,"cdcd"#), "{json}");
+        assert!(json.contains(r#""chunks":[0,1]"#), "{json}");
+        assert!(
+            !json.contains("cdcd"),
+            "the table is not in the JSON: {json}"
+        );
         let mut bad = m.clone();
-        bad.files[0].chunks = vec![3];
+        bad.files[0].chunks = ChunkSpan { first: 1, count: 1 };
         assert!(bad.check().is_err());
         let mut bad = m.clone();
         bad.files[0].size = 6;
         assert!(bad.check().is_err());
         let mut bad = m;
-        bad.chunks[0].0 = 1;
+        Arc::make_mut(&mut bad.chunks)[0].pack = 1;
         assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn table_entries_round_trip_and_pieces_are_cut_when_full() {
+        let entry = |i: u64| ChunkRef {
+            pack: i as u32 % 7,
+            offset: i * 1000,
+            stored_len: 70_000,
+            plain_len: 65_536,
+            hash: *blake3::hash(&i.to_le_bytes()).as_bytes(),
+        };
+        let mut bytes = Vec::new();
+        entry(3).encode_into(&mut bytes);
+        assert_eq!(bytes.len(), CHUNK_ENTRY_LEN);
+        assert_eq!(ChunkRef::decode(&bytes), Some(entry(3)));
+        assert_eq!(ChunkRef::decode(&bytes[1..]), None);
+
+        let mut w = TableWriter::new();
+        let n = u64::from(CHUNKS_PER_PIECE) + 5;
+        let mut pieces = Vec::new();
+        for i in 0..n {
+            pieces.extend(w.push(&entry(i)));
+        }
+        assert_eq!(pieces.len(), 1);
+        let (last, table) = w.finish();
+        pieces.extend(last);
+        assert_eq!(table.count, n);
+        assert_eq!(table.pieces.len(), 2);
+        assert_eq!(pieces[1].1.len(), 5 * CHUNK_ENTRY_LEN);
+        assert_eq!(
+            ChunkRef::decode(&pieces[1].1[CHUNK_ENTRY_LEN..]),
+            Some(entry(n - 4))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stored_table_reads_back_whole_or_a_piece_at_a_time_and_damage_is_named() {
+        use crate::codec::Codec;
+        use crate::envelope::EncodeOptions;
+        use crate::storage::MemStorage;
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let objects = ObjectStore::new(
+            storage.clone(),
+            Arc::new(Codec::new(1, 4)),
+            EncodeOptions::default(),
+        );
+        let n = u64::from(CHUNKS_PER_PIECE) * 2 + 10;
+        let entry = |i: u64| ChunkRef {
+            pack: 0,
+            offset: i * 100,
+            stored_len: 100,
+            plain_len: 1,
+            hash: *blake3::hash(&i.to_le_bytes()).as_bytes(),
+        };
+        let mut m = sample();
+        let mut w = TableWriter::new();
+        let mut pieces = Vec::new();
+        for i in 0..n {
+            pieces.extend(w.push(&entry(i)));
+        }
+        let (last, table) = w.finish();
+        pieces.extend(last);
+        for (k, piece) in pieces {
+            objects
+                .put(&chunk_table_key(&m.id, k), piece, PutMode::IfAbsent)
+                .await
+                .unwrap();
+        }
+        m.chunk_table = table;
+        m.size = n;
+        m.files[0].size = n;
+        m.files[0].chunks = ChunkSpan { first: 0, count: n };
+        m.chunks = Arc::new(Vec::new());
+        m.store(&objects).await.unwrap();
+
+        let whole = BackupManifest::load(&objects, &m.id).await.unwrap();
+        assert_eq!(whole.chunks.len() as u64, n);
+        assert_eq!(whole.chunks[70_000], entry(70_000));
+        let header = BackupManifest::load_header(&objects, &m.id).await.unwrap();
+        assert!(header.chunks.is_empty());
+        let mut reader = TableReader::new(objects.clone(), &header);
+        for i in [5, n - 1, 65_536, 3, n - 2] {
+            assert_eq!(reader.get(i).await.unwrap(), Some(entry(i)), "entry {i}");
+        }
+        assert_eq!(reader.get(n).await.unwrap(), None);
+
+        // A piece replaced by another valid envelope: refused, by key.
+        let key = chunk_table_key(&m.id, 1);
+        let other = crate::envelope::encode(&[0u8; 52], EncodeOptions::default());
+        storage.put(&key, other, PutMode::Overwrite).await.unwrap();
+        let e = BackupManifest::load(&objects, &m.id).await.unwrap_err();
+        assert!(e.to_string().contains(&key), "{e}");
     }
 }

@@ -57,6 +57,17 @@ impl PackBuilder {
         PackBuilder::default()
     }
 
+    /// An empty pack written into `body` (cleared; its memory reused: a writer that
+    /// recycles the buffers of packs it has uploaded allocates no large blocks after the
+    /// first few, which keeps the allocator from fragmenting).
+    pub fn with_body(mut body: BytesMut) -> PackBuilder {
+        body.clear();
+        PackBuilder {
+            body,
+            entries: Vec::new(),
+        }
+    }
+
     /// Bytes of chunk envelopes so far.
     pub fn len(&self) -> usize {
         self.body.len()

@@ -34,13 +34,12 @@ pub fn file_chunks<'a>(
     m: &'a BackupManifest,
     file: &'a ManifestFile,
 ) -> impl futures::Stream<Item = Result<Bytes, ReadError>> + 'a {
-    futures::stream::iter(file.chunks.iter().copied())
+    futures::stream::iter(file.chunks.indexes())
         .map(move |i| async move {
             let bad = || ReadError::Manifest(file.path.clone());
-            let c = m.chunks.get(i as usize).ok_or_else(bad)?;
+            let c = m.chunks.get(i).ok_or_else(bad)?;
             let pack = m.pack_key(c.pack()).ok_or_else(bad)?;
-            let hash = c.hash().ok_or_else(bad)?;
-            fetch_chunk(objects, &pack, c.range(), &hash)
+            fetch_chunk(objects, &pack, c.range(), &c.hash)
                 .await
                 .map_err(|source| ReadError::Object {
                     path: file.path.clone(),

@@ -237,16 +237,21 @@ struct Range {
     chunks: Vec<u32>,
 }
 
-/// Where a chunk's plaintext goes: (file index, offset in the file).
+/// Where a chunk's plaintext goes: (file index, offset in the file), by the chunk table
+/// entry read for it (the first of those naming the same envelope: a chunk several files
+/// or places hold is fetched once).
 type Uses = HashMap<u32, Vec<(u32, u64)>>;
 
 fn plan(m: &BackupManifest, range_size: u64) -> (Uses, Vec<Range>) {
     let mut uses: Uses = HashMap::new();
+    let mut by_place: HashMap<(u32, u64), u32> = HashMap::new();
     for (fi, f) in m.files.iter().enumerate() {
         let mut offset = 0u64;
-        for &ci in &f.chunks {
-            uses.entry(ci).or_default().push((fi as u32, offset));
-            offset += u64::from(m.chunks[ci as usize].plain_len());
+        for ci in f.chunks.indexes() {
+            let c = &m.chunks[ci];
+            let read = *by_place.entry((c.pack, c.offset)).or_insert(ci as u32);
+            uses.entry(read).or_default().push((fi as u32, offset));
+            offset += u64::from(c.plain_len());
         }
     }
     let mut order: Vec<u32> = uses.keys().copied().collect();
@@ -300,7 +305,7 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
                 key: format!(
                     "{}@{}",
                     s.manifest.pack_key(r.pack).unwrap_or_default(),
-                    c.1
+                    c.offset
                 ),
                 source,
             },
@@ -310,10 +315,7 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
         let env = bytes
             .get(rel)
             .ok_or_else(|| corrupt(EnvelopeError::Truncated(bytes.len())))?;
-        let hash = c
-            .hash()
-            .ok_or_else(|| FilesError::Manifest(format!("chunk hash {:?}", c.4)))?;
-        let plain = repo::pack::decode_chunk(env, &hash).map_err(corrupt)?;
+        let plain = repo::pack::decode_chunk(env, &c.hash).map_err(corrupt)?;
         for &(fi, offset) in dests {
             let path = &s.paths[fi as usize];
             let file = OpenOptions::new()

@@ -231,7 +231,7 @@ pub async fn plan(
         }
     };
     let backups: Vec<BackupManifest> = futures::stream::iter(chosen_ids)
-        .map(|id| async move { BackupManifest::load(repo.objects(), &id).await })
+        .map(|id| async move { BackupManifest::load_header(repo.objects(), &id).await })
         .buffered(8)
         .try_collect()
         .await?;
@@ -435,8 +435,10 @@ pub async fn plan(
     } else {
         None
     };
+    // Only the backup chosen is read whole (its chunk table): the others' headers sufficed.
+    let backup = BackupManifest::load(repo.objects(), &chosen.id).await?;
     Ok(Plan {
-        backup: chosen.clone(),
+        backup,
         timeline: tli,
         first_segment: name_of(first).to_string(),
         last_segment: name_of(end).to_string(),

@@ -231,7 +231,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             "files": regular_files(&manifest),
             "stored_new": manifest.stored_new,
             "stored_total": manifest.stored_total,
-            "chunks": manifest.chunks.len(),
+            "chunks": manifest.chunk_table.count,
             "packs": manifest.packs.len(),
             "wal": manifest.wal,
             "seconds": seconds,

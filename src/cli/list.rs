@@ -92,7 +92,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let mut backups = Vec::new();
         for id in &ids {
             backups.push(
-                BackupManifest::load(repo.objects(), id)
+                BackupManifest::load_header(repo.objects(), id)
                     .await
                     .map_err(failure)?,
             );

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use repo::codec::Codec;
+use repo::manifest::ManifestError;
 use repo::objects::ObjectError;
 use repo::repository::Repository;
 use restore::files::{lay_out_files, write_files, FilesError, FilesOptions, INCOMPLETE_MARKER};
@@ -124,7 +125,13 @@ fn timeline(text: &str) -> Result<TimelineChoice, Failure> {
 fn plan_failure(e: PlanError) -> Failure {
     let exit = match &e {
         PlanError::Unreachable { .. } | PlanError::NoBackup(_) => Exit::Unreachable,
-        PlanError::Object(ObjectError::Corrupt { .. }) | PlanError::Bad(_) => Exit::Corrupt,
+        PlanError::Object(ObjectError::Corrupt { .. })
+        | PlanError::Bad(_)
+        | PlanError::Manifest(
+            ManifestError::Bad { .. }
+            | ManifestError::UnknownFormat { .. }
+            | ManifestError::Object(ObjectError::Corrupt { .. }),
+        ) => Exit::Corrupt,
         _ => Exit::Repository,
     };
     let hint = e.hint();

@@ -317,6 +317,39 @@ fn a_flipped_byte_in_a_chunk_fails_the_restore_naming_the_file_and_leaves_it_uns
 }
 
 #[test]
+fn a_damaged_piece_of_the_chunk_table_is_named_and_nothing_is_written() {
+    let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/r", repo.path().display());
+    let socket = crate::socket(&pg);
+    succeeds(crate::pitr().args(["backup", "--fast", "--wal", "--repo", &url, "--pg", &socket]));
+    let pieces: Vec<PathBuf> = walk(&repo.path().join("r/backup"))
+        .into_iter()
+        .filter(|p| p.parent().is_some_and(|d| d.ends_with("chunks")))
+        .collect();
+    assert_eq!(pieces.len(), 1, "{pieces:?}");
+    let mut bytes = std::fs::read(&pieces[0]).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&pieces[0], &bytes).unwrap();
+
+    let dirs = tempfile::tempdir().unwrap();
+    let to = dirs.path().join("r");
+    let out = crate::pitr()
+        .args(["restore", "--repo", &url, "--to"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(5), "{err}");
+    assert!(err.contains("/chunks/000000"), "the piece is named: {err}");
+    assert!(
+        !to.exists(),
+        "nothing is written before the backup is read whole"
+    );
+}
+
+#[test]
 fn a_tablespace_comes_back_where_the_map_puts_it() {
     let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
     let space = pg.server_dir("space").unwrap();

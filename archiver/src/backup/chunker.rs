@@ -109,7 +109,7 @@ impl Chunker {
             size,
             mtime,
             target,
-            chunks: Vec::new(),
+            chunks: Default::default(),
         });
         self.current = (kind == FileType::File && size > 0).then(|| Current {
             file,

@@ -11,13 +11,14 @@
 pub mod chunker;
 pub mod pipeline;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use repo::keys::wal_key;
 use repo::manifest::{
-    id_taken, list_backups, pg_manifest_key, BackupManifest, ChunkRef, ManifestError,
-    TablespaceEntry, MANIFEST_FORMAT,
+    id_taken, list_backups, pg_manifest_key, BackupManifest, ChunkSpan, FileType, ManifestError,
+    TableReader, TablespaceEntry, MANIFEST_FORMAT,
 };
 use repo::objects::ObjectError;
 use repo::repository::Repository;
@@ -28,7 +29,7 @@ use crate::pg::base_backup::{BackupEvent, BackupOptions, BaseBackup};
 use crate::pg::{ConnError, ReplicationConn};
 use crate::tar::TarError;
 use chunker::Chunker;
-use pipeline::{Pipeline, PipelineConfig, PipelineError};
+use pipeline::{Known, Pipeline, PipelineConfig, PipelineError};
 
 /// The chunk size: 64 KiB, eight pages (docs/FORMAT.md says why).
 pub const DEFAULT_CHUNK_SIZE: usize = 64 << 10;
@@ -132,25 +133,51 @@ fn id_of(t: PgTimestamp) -> String {
     format!("{}T{}Z", &digits[..8], &digits[8..])
 }
 
-/// What an earlier backup holds, to reference instead of storing again.
+/// What the newest earlier backup holds, to reference instead of storing again: its
+/// files' places in its chunk table, read a piece at a time. PostgreSQL rewrites pages in
+/// place, so a chunk is compared with the one at the same place of the same file.
 struct Previous {
-    manifest: BackupManifest,
-    by_hash: HashMap<[u8; 32], u32>,
+    files: HashMap<(Option<u32>, String), ChunkSpan>,
+    packs: Vec<Arc<str>>,
+    table: TableReader,
 }
 
-async fn previous(repo: &Repository) -> Result<Option<Previous>, BackupError> {
-    let ids = list_backups(repo.objects().storage().as_ref()).await?;
-    let Some(last) = ids.last() else {
-        return Ok(None);
-    };
-    let manifest = BackupManifest::load(repo.objects(), last).await?;
-    let by_hash = manifest
-        .chunks
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| Some((c.hash()?, i as u32)))
-        .collect();
-    Ok(Some(Previous { manifest, by_hash }))
+impl Previous {
+    async fn load(repo: &Repository) -> Result<Option<Previous>, BackupError> {
+        let ids = list_backups(repo.objects().storage().as_ref()).await?;
+        let Some(last) = ids.last() else {
+            return Ok(None);
+        };
+        let m = BackupManifest::load_header(repo.objects(), last).await?;
+        Ok(Some(Previous {
+            files: m
+                .files
+                .iter()
+                .filter(|f| !f.chunks.is_empty())
+                .map(|f| ((f.tablespace, f.path.clone()), f.chunks))
+                .collect(),
+            packs: m.packs.iter().map(|p| Arc::from(p.as_str())).collect(),
+            table: TableReader::new(repo.objects().clone(), &m),
+        }))
+    }
+
+    /// What the earlier backup held at chunk `seq` of `file` (the span found for it).
+    async fn at(
+        &mut self,
+        span: Option<ChunkSpan>,
+        seq: u32,
+    ) -> Result<Option<Known>, BackupError> {
+        let Some(span) = span.filter(|s| u64::from(seq) < s.count) else {
+            return Ok(None);
+        };
+        let Some(entry) = self.table.get(span.first + u64::from(seq)).await? else {
+            return Ok(None);
+        };
+        let pack = self.packs.get(entry.pack()).cloned().ok_or_else(|| {
+            BackupError::Protocol("the earlier manifest names a pack it does not list".into())
+        })?;
+        Ok(Some(Known { pack, entry }))
+    }
 }
 
 /// Takes a base backup of the server on `conn` into `repo` and returns its manifest, once
@@ -170,13 +197,10 @@ pub async fn take(
         id = format!("{}-{n}", id_of(start_time));
         n += 1;
     }
-    let prev = previous(repo).await?;
-    let known: HashSet<[u8; 32]> = prev
-        .as_ref()
-        .map(|p| p.by_hash.keys().copied().collect())
-        .unwrap_or_default();
-
-    let pipeline = Pipeline::start(storage.clone(), known, config.pipeline);
+    let mut prev = Previous::load(repo).await?;
+    let mut pipeline = Pipeline::start(repo.objects().clone(), &id, config.pipeline);
+    // The earlier backup's span for the file being chunked.
+    let mut span: Option<(u32, Option<ChunkSpan>)> = None;
     let options = BackupOptions {
         label: config.label.clone(),
         fast_checkpoint: config.fast_checkpoint,
@@ -210,7 +234,18 @@ pub async fn take(
             BackupEvent::Data(d) => {
                 chunker.feed(&d, &mut chunks)?;
                 for c in chunks.drain(..) {
-                    pipeline.submit(c).await?;
+                    let expect = match prev.as_mut() {
+                        Some(p) => {
+                            if span.is_none_or(|(f, _)| f != c.file) {
+                                let f = &chunker.files()[c.file as usize];
+                                let key = (f.tablespace, f.path.clone());
+                                span = Some((c.file, p.files.get(&key).copied()));
+                            }
+                            p.at(span.and_then(|(_, s)| s), c.seq).await?
+                        }
+                        None => None,
+                    };
+                    pipeline.submit(c, expect).await?;
                 }
                 if pipeline.failed() {
                     break;
@@ -270,63 +305,19 @@ pub async fn take(
         Some(key)
     };
 
-    // The chunk table: each distinct chunk once, files pointing at it in order.
-    let mut refs = stored.refs;
-    refs.sort_unstable_by_key(|r| (r.0, r.1));
-    let mut packs: Vec<String> = Vec::new();
-    let mut pack_index: HashMap<String, u32> = HashMap::new();
-    let mut table: Vec<ChunkRef> = Vec::new();
-    let mut chunk_index: HashMap<[u8; 32], u32> = HashMap::new();
-    for (file, seq, hash) in refs {
-        let index = match chunk_index.get(&hash) {
-            Some(&i) => i,
-            None => {
-                let (pack, offset, stored_len, plain_len) =
-                    if let Some((p, e)) = stored.new.get(&hash) {
-                        (
-                            stored.new_packs[*p as usize].clone(),
-                            e.offset,
-                            e.stored_len,
-                            e.plain_len,
-                        )
-                    } else if let Some(c) = prev
-                        .as_ref()
-                        .and_then(|p| Some(&p.manifest.chunks[*p.by_hash.get(&hash)? as usize]))
-                    {
-                        let p = &prev.as_ref().map(|p| &p.manifest.packs);
-                        let pack = p.and_then(|p| p.get(c.pack()).cloned());
-                        let pack = pack.ok_or_else(|| {
-                            BackupError::Protocol("earlier manifest names a missing pack".into())
-                        })?;
-                        (pack, c.1, c.2, c.3)
-                    } else {
-                        return Err(BackupError::Protocol(format!(
-                            "chunk {} was neither stored nor found in an earlier backup",
-                            blake3::Hash::from_bytes(hash).to_hex()
-                        )));
-                    };
-                let p = *pack_index.entry(pack.clone()).or_insert_with(|| {
-                    packs.push(pack);
-                    packs.len() as u32 - 1
-                });
-                table.push(ChunkRef(
-                    p,
-                    offset,
-                    stored_len,
-                    plain_len,
-                    blake3::Hash::from_bytes(hash).to_hex().to_string(),
-                ));
-                chunk_index.insert(hash, table.len() as u32 - 1);
-                table.len() as u32 - 1
-            }
-        };
-        let f = files
-            .get_mut(file as usize)
-            .filter(|f| f.chunks.len() == seq as usize)
-            .ok_or_else(|| {
-                BackupError::Protocol(format!("chunk {seq} of file {file} out of place"))
-            })?;
-        f.chunks.push(index);
+    // The chunk table holds every file's chunks in file order: each file's run follows
+    // the one before.
+    let mut first = 0u64;
+    for f in files.iter_mut().filter(|f| f.kind == FileType::File) {
+        let count = f.size.div_ceil(config.chunk_size as u64);
+        f.chunks = ChunkSpan { first, count };
+        first += count;
+    }
+    if first != stored.table.count {
+        return Err(BackupError::Protocol(format!(
+            "the chunk table holds {} entries for {first} chunks of files",
+            stored.table.count
+        )));
     }
 
     let manifest = BackupManifest {
@@ -361,7 +352,7 @@ pub async fn take(
         },
         size: files.iter().map(|f| f.size).sum(),
         stored_new: stored.stored_new,
-        stored_total: table.iter().map(|c| u64::from(c.2)).sum(),
+        stored_total: stored.stored_total,
         pg_manifest: pg_manifest_key,
         tablespaces: tablespaces
             .into_iter()
@@ -372,14 +363,12 @@ pub async fn take(
                 })
             })
             .collect(),
-        packs,
-        chunks: table,
+        packs: stored.packs,
+        chunk_table: stored.table,
+        chunks: Default::default(),
         files,
         created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
     };
-    manifest
-        .check()
-        .map_err(|e| BackupError::Protocol(format!("the new manifest is inconsistent: {e}")))?;
     manifest.store(repo.objects()).await?;
     Ok(manifest)
 }
