@@ -194,11 +194,25 @@ pub fn pg_wal_of(path: &Path) -> PathBuf {
         .to_owned()
 }
 
+/// A file's bytes, shared by the `Bytes` handed to storage: once those are gone, the
+/// buffer comes back whole for the next file (`Bytes` would give it back only by copying it
+/// onto itself, 16 MiB a segment).
+#[derive(Debug)]
+struct Buffer(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for Buffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// A WAL file read and checked, ready to store.
 struct WalFile {
     name: String,
     key: String,
     bytes: Bytes,
+    /// The memory behind `bytes`, when read from a file.
+    buffer: Option<Arc<Vec<u8>>>,
     /// Only when loaded for comparison: a file loaded to store is hashed while encoding.
     hash: Option<[u8; 32]>,
     summary: Option<SegmentSummary>,
@@ -228,7 +242,7 @@ async fn load_into(path: &Path, check: bool, mut buf: Vec<u8>) -> Result<WalFile
     })?;
     // Reading, checking and hashing, on one trip to a blocking thread.
     let (p, n, file) = (shown.clone(), name.clone(), path.to_owned());
-    let (bytes, hash, summary) = tokio::task::spawn_blocking(move || {
+    let (buffer, hash, summary) = tokio::task::spawn_blocking(move || {
         use std::io::Read;
         buf.clear();
         std::fs::File::open(&file)
@@ -244,7 +258,7 @@ async fn load_into(path: &Path, check: bool, mut buf: Vec<u8>) -> Result<WalFile
             }
             _ => None,
         };
-        Ok::<_, PushError>((Bytes::from(buf), hash, summary))
+        Ok::<_, PushError>((Arc::new(buf), hash, summary))
     })
     .await
     .map_err(|e| PushError::NotWal {
@@ -254,7 +268,8 @@ async fn load_into(path: &Path, check: bool, mut buf: Vec<u8>) -> Result<WalFile
     Ok(WalFile {
         name,
         key,
-        bytes,
+        bytes: Bytes::from_owner(Buffer(buffer.clone())),
+        buffer: Some(buffer),
         hash,
         summary,
     })
@@ -335,6 +350,7 @@ pub async fn store_bytes(repo: &Repository, name: &str, bytes: Bytes) -> Result<
         name: name.to_owned(),
         key,
         bytes,
+        buffer: None,
         hash: None,
         summary,
     };
@@ -653,7 +669,7 @@ async fn push_one(
             .and_then(|mut b| b.pop())
             .unwrap_or_default();
         let f = load_into(&path, true, buf).await?;
-        let kept = f.bytes.clone();
+        let kept = f.buffer.clone();
         let identity = f.summary.as_ref().map(identity);
         let repo = repo
             .get_or_try_init(|| async {
@@ -664,9 +680,9 @@ async fn push_one(
             .await?;
         let stored = store(repo, f).await;
         // The last holder of the file's bytes gives the buffer back.
-        if let Ok(buf) = kept.try_into_mut() {
+        if let Some(Ok(buf)) = kept.map(Arc::try_unwrap) {
             if let Ok(mut b) = buffers.lock() {
-                b.push(buf.into());
+                b.push(buf);
             }
         }
         let (_, hash) = stored?;
