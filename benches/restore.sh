@@ -84,13 +84,13 @@ results=()
 mkdir -p "$work/restores"; [ "$(id -u)" -eq 0 ] && chown postgres "$work/restores"
 
 t0=$(now)
-as_pg "$work/pitr" restore --repo s3://pitr-test/pitr-r --to "$work/restores/pitr" --target-time "$target" --target-action promote >/dev/null
+as_pg "$work/pitr" restore --repo s3://pitr-test/pitr-r --to "$work/restores/pitr" --target-time "$target" --target-action promote --json >"$work/pitr-restore.json"
 t_pitr=$(echo "$(now) - $t0" | bc)
 r_pitr=$(recover pitr-run "$work/restores/pitr")
 as_pg "$PGBIN/pg_ctl" -D "$work/restores/pitr" -m immediate stop >/dev/null
 
 t0=$(now)
-as_pg "$work/pitr" restore --repo s3://pitr-test/pitr-r --to "$work/restores/pitr-staged" --target-time "$target" --target-action promote --prefetch-wal >/dev/null 2>&1
+as_pg "$work/pitr" restore --repo s3://pitr-test/pitr-r --to "$work/restores/pitr-staged" --target-time "$target" --target-action promote --prefetch-wal --json >"$work/pitr-staged-restore.json" 2>/dev/null
 t_staged=$(echo "$(now) - $t0" | bc)
 r_staged=$(recover pitr-staged-run "$work/restores/pitr-staged")
 as_pg "$PGBIN/pg_ctl" -D "$work/restores/pitr-staged" -m immediate stop >/dev/null
@@ -108,3 +108,12 @@ printf '%-12s %9.2fs %9.2fs %9.2fs  (--prefetch-wal)\n' pitr "$t_staged" "$r_sta
 printf '%-12s %9.2fs %9.2fs %9.2fs\n' pgbackrest "$t_pgb" "$r_pgb" "$(echo "$t_pgb + $r_pgb" | bc)"
 printf '\npgbackrest / pitr total: %.2fx, with --prefetch-wal %.2fx\n' \
   "$(echo "($t_pgb + $r_pgb) / ($t_pitr + $r_pitr)" | bc -l)" "$(echo "($t_pgb + $r_pgb) / ($t_staged + $r_staged)" | bc -l)"
+# Where the time went: pitr's phases, and each server's own account of its recovery (redo,
+# then the end-of-recovery checkpoint PostgreSQL waits for before it accepts writes).
+echo
+for run in pitr pitr-staged; do
+  python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("%-12s plan %.2fs, fetch+write %.2fs, flush %.2fs" % (sys.argv[2], j["plan_seconds"], j["write_seconds"], j["flush_seconds"]))' "$work/$run-restore.json" "$run"
+done
+for run in pitr-run pitr-staged-run pgbackrest-run; do
+  echo "$run: $(grep -o 'redo done at .*' "$work/$run/server.log" | grep -o 'elapsed: [0-9.]* s' | head -1 | sed 's/elapsed/redo/'); $(grep -o 'checkpoint complete: .*' "$work/$run/server.log" | head -1 | grep -o 'total=[0-9.]* s' | sed 's/total/end-of-recovery checkpoint/')"
+done

@@ -57,7 +57,7 @@ impl FilesOptions {
 }
 
 /// What was written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct FilesReport {
     /// Regular files.
     pub files: u64,
@@ -67,6 +67,11 @@ pub struct FilesReport {
     pub fetched: u64,
     /// Ranged reads made.
     pub requests: u64,
+    /// Seconds spent fetching, checking and writing the chunks.
+    pub write_seconds: f64,
+    /// Seconds spent flushing everything to disk at the end (and putting pg_control in
+    /// place).
+    pub flush_seconds: f64,
 }
 
 /// Why files could not be written. The directory is then left without `global/pg_control`
@@ -376,6 +381,7 @@ pub async fn write_files(
     laid_out: LaidOut,
     written: Arc<AtomicU64>,
 ) -> Result<FilesReport, FilesError> {
+    let started = std::time::Instant::now();
     let LaidOut { layout, paths } = laid_out;
     let (uses, ranges) = plan(m, options.range_size);
     let requests = ranges.len() as u64;
@@ -421,6 +427,7 @@ pub async fn write_files(
         .try_collect::<()>()
         .await?;
 
+    let write_seconds = started.elapsed().as_secs_f64();
     // Everything on disk, then pg_control, then the marker gone.
     let to = layout.to.clone();
     let spaces: Vec<PathBuf> = layout.spaces.values().cloned().collect();
@@ -450,5 +457,7 @@ pub async fn write_files(
         bytes: files.iter().map(|f| f.size).sum(),
         fetched,
         requests,
+        write_seconds,
+        flush_seconds: started.elapsed().as_secs_f64() - write_seconds,
     })
 }

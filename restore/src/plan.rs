@@ -45,6 +45,10 @@ pub struct Plan {
     pub wal: Vec<String>,
     /// The latest transaction time in that WAL, if any.
     pub last_xact_time: Option<String>,
+    /// When recovery replays to the end of the WAL and the repository holds WAL of the
+    /// timeline beyond a missing segment: (the missing segment, the newest one after it).
+    /// That WAL cannot be replayed; recovery stops before the missing segment.
+    pub stranded: Option<(String, String)>,
 }
 
 /// Why no restore can reach the target; nothing has been written.
@@ -435,6 +439,21 @@ pub async fn plan(
     } else {
         None
     };
+    let stranded = (matches!(target, Target::End | Target::Xid(_)) && have_wal)
+        .then(|| {
+            inv.segments
+                .iter()
+                .filter(|&&(t, s)| s > run_end + 1 && t == tli_for(s))
+                .map(|&(_, s)| s)
+                .max()
+        })
+        .flatten()
+        .map(|newest| {
+            (
+                name_of(run_end + 1).to_string(),
+                name_of(newest).to_string(),
+            )
+        });
     // Only the backup chosen is read whole (its chunk table): the others' headers sufficed.
     let backup = BackupManifest::load(repo.objects(), &chosen.id).await?;
     Ok(Plan {
@@ -451,5 +470,6 @@ pub async fn plan(
             Vec::new()
         },
         last_xact_time,
+        stranded,
     })
 }

@@ -226,7 +226,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     }
     let runtime = super::runtime(Exit::Repository)?;
     let started = Instant::now();
-    let (plan, report) = runtime.block_on(async {
+    let (plan, report, plan_seconds) = runtime.block_on(async {
         let repo = Repository::open(&url, None, Arc::new(Codec::with_default_threads()))
             .await
             .map_err(open_failure)?;
@@ -239,7 +239,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
         )
         .await
         .map_err(plan_failure)?;
+        let plan_seconds = started.elapsed().as_secs_f64();
         let m = &plan.backup;
+        if let Some((missing, newest)) = &plan.stranded {
+            eprintln!(
+                "pitr: warning: WAL segment {missing} is not in the repository, but later WAL (up to {newest}) is: recovery will stop before {missing}\nHINT:  if {missing} can still be archived (pg_wal of the old server, another copy), archive it and restore again"
+            );
+        }
         if !args.json {
             eprintln!(
                 "pitr: restore: backup {} ({}, ended {}), WAL {} .. {} ({} segments) on timeline {}",
@@ -303,7 +309,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             eprintln!();
         }
         let report = result.map_err(|e| files_failure(e, &args.to))?;
-        Ok::<_, Failure>((plan, report))
+        Ok::<_, Failure>((plan, report, plan_seconds))
     })?;
     let action = args.target_action.as_deref().map(|a| match a {
         "promote" => Action::Promote,
@@ -339,6 +345,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 "fetched": report.fetched,
                 "requests": report.requests,
                 "seconds": seconds,
+                "plan_seconds": plan_seconds,
+                "write_seconds": report.write_seconds,
+                "flush_seconds": report.flush_seconds,
                 "timeline": plan.timeline,
                 "first_segment": plan.first_segment,
                 "last_segment": plan.last_segment,

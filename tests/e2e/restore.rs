@@ -279,6 +279,54 @@ fn unreachable_targets_and_bad_input_are_refused_before_anything_is_written() {
 }
 
 #[test]
+fn wal_stranded_behind_a_missing_segment_is_warned_of() {
+    let src = Source::new("stranded");
+    src.pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    src.backup();
+    commit_batch(&src.pg, 1);
+    src.archive_all();
+    commit_batch(&src.pg, 2);
+    // The segment batch 2 is in (past its first byte, so this names it, not the one before).
+    let lost = src
+        .pg
+        .sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        .unwrap();
+    src.archive_all();
+    commit_batch(&src.pg, 3);
+    src.archive_all();
+    // The segment holding batch 2 disappears from the repository; later WAL stays.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for (k, v) in src.s3.env() {
+            std::env::set_var(k, v);
+        }
+        let storage = repo::repository::storage_for(&src.url.parse().unwrap())
+            .await
+            .unwrap();
+        let key = repo::keys::wal_key(&lost).unwrap();
+        storage.delete(&[key]).await.unwrap();
+    });
+    let dirs = tempfile::tempdir().unwrap();
+    let to = dirs.path().join("r");
+    let out = src.restore(&to, &["--target-action", "promote"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "warning: WAL segment {lost} is not in the repository, but later WAL"
+        )),
+        "{err}"
+    );
+    let restored = start_restored(&src, &to, false);
+    assert_eq!(
+        batches(&restored),
+        ["1"],
+        "recovery stops before the gap: {err}\n{}",
+        restored.server_log()
+    );
+}
+
+#[test]
 fn a_flipped_byte_in_a_chunk_fails_the_restore_naming_the_file_and_leaves_it_unstartable() {
     let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
     pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
