@@ -292,14 +292,45 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 return write_files(repo.objects(), m, &options, laid_out, written).await;
             }
             let spool = restore::spool::default_dir(&args.to.join("pg_wal").join("RECOVERYXLOG"));
-            let (files, staged) = tokio::join!(
-                write_files(repo.objects(), m, &options, laid_out, written),
-                restore::wal_fetch::stage(&repo, &spool, &plan.wal, 4),
-            );
-            match staged {
-                Ok(n) if !args.json => eprintln!("pitr: restore: staged {n} of {} WAL segments for recovery", plan.wal.len()),
-                Ok(_) => {}
-                Err(e) => eprintln!("pitr: warning: could not stage WAL for recovery: {e}"),
+            // WAL is staged while the files are written, no longer: then the prefetch
+            // worker wal-fetch uses carries on from where staging got to, so the restore
+            // ends with its files and recovery starts on a filling spool.
+            let staging = {
+                let (repo, spool, wal) = (repo.clone(), spool.clone(), plan.wal.clone());
+                tokio::spawn(async move { restore::wal_fetch::stage(&repo, &spool, &wal, 4).await })
+            };
+            let files = write_files(repo.objects(), m, &options, laid_out, written).await;
+            staging.abort();
+            let staged = match staging.await {
+                Ok(Ok(n)) => Some(n),
+                Ok(Err(e)) => {
+                    eprintln!("pitr: warning: could not stage WAL for recovery: {e}");
+                    None
+                }
+                Err(_) => None, // stopped while still staging
+            };
+            if files.is_ok() {
+                let held = restore::spool::Spool::open(&spool, &repo.url().to_string())
+                    .and_then(|s| s.segments())
+                    .unwrap_or_default();
+                let done = plan.wal.iter().filter(|n| held.contains(n)).count();
+                if !args.json {
+                    eprintln!("pitr: restore: staged {done} of {} WAL segments for recovery", plan.wal.len());
+                }
+                // The worker keeps the segments after the one last asked for: "asking" for
+                // the one before the first, it starts from the beginning, skips what is
+                // staged, and follows PostgreSQL's calls from there.
+                let seg = walfmt::WalSegmentSize::new(repo.config().wal_segment_size).ok();
+                let before_first = plan.wal.first().zip(seg).and_then(|(n, seg)| {
+                    let s = walfmt::SegmentName::parse(n, seg).ok()?;
+                    let prev = s.segno.checked_sub(1)?;
+                    Some(walfmt::SegmentName::new(s.timeline, prev, seg).to_string())
+                });
+                if let (None, true, Some(asked)) = (staged, done < plan.wal.len(), before_first) {
+                    let _ = restore::spool::Spool::open(&spool, &repo.url().to_string())
+                        .and_then(|s| s.set_wanted(&asked));
+                    super::wal_fetch::start_prefetch(&args.repo.repo, &spool, 16, 4);
+                }
             }
             files
         }

@@ -112,10 +112,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
 /// Starts the prefetch worker for `dir` in the background unless one is running. The
 /// worker is a cache filler: failing to start it is not the fetch's failure.
 fn start_worker(repo: &str, dir: &std::path::Path, prefetch: &PrefetchArgs) {
+    start_prefetch(repo, dir, prefetch.depth, prefetch.parallel);
+}
+
+/// [`start_worker`] with its settings spelled out: `pitr restore --prefetch-wal` hands the
+/// staging of WAL over to it once the files are written.
+pub(super) fn start_prefetch(repo: &str, dir: &std::path::Path, depth: usize, parallel: usize) {
     if repo::worker::running(dir) {
         return;
     }
-    let (depth, parallel) = (prefetch.depth.to_string(), prefetch.parallel.to_string());
+    let (depth, parallel) = (depth.to_string(), parallel.to_string());
     let _ = super::spawn_worker(&[
         "wal-prefetch".as_ref(),
         "--repo".as_ref(),
