@@ -334,6 +334,9 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
     Ok(())
 }
 
+/// Bytes written between early flushes.
+const EARLY_FLUSH_BYTES: u64 = 64 << 20;
+
 fn sync_fs(dir: &Path) -> Result<(), FilesError> {
     let d = fs::File::open(dir).map_err(io_err(dir))?;
     rustix::fs::syncfs(&d).map_err(|e| io_err(dir)(e.into()))
@@ -397,7 +400,38 @@ pub async fn write_files(
         options.threads,
         options.threads * 2,
     ));
-    futures::stream::iter(ranges)
+    // Written pages are flushed while the rest is still arriving, so that the final flush
+    // finds little left to write: the disk works alongside the network and the codecs
+    // instead of after them. A flush that fails here is only early; the final one counts.
+    let flusher = {
+        let dirs: Vec<PathBuf> = layout
+            .spaces
+            .values()
+            .cloned()
+            .chain([layout.to.clone()])
+            .collect();
+        let written = shared.written.clone();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = done.clone();
+        let handle = std::thread::Builder::new()
+            .name("pitr-flusher".into())
+            .spawn(move || {
+                let mut flushed = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    let now = written.load(Ordering::Relaxed);
+                    if now - flushed >= EARLY_FLUSH_BYTES {
+                        for d in &dirs {
+                            let _ = sync_fs(d);
+                        }
+                        flushed = now;
+                    }
+                }
+            })
+            .ok();
+        (done, handle)
+    };
+    let fetched_all = futures::stream::iter(ranges)
         .map(|r| {
             let shared = shared.clone();
             let pool = pool.clone();
@@ -425,7 +459,12 @@ pub async fn write_files(
         })
         .buffer_unordered(options.fetches.max(1))
         .try_collect::<()>()
-        .await?;
+        .await;
+    flusher.0.store(true, Ordering::Relaxed);
+    if let Some(h) = flusher.1 {
+        let _ = tokio::task::spawn_blocking(move || h.join()).await;
+    }
+    fetched_all?;
 
     let write_seconds = started.elapsed().as_secs_f64();
     // Everything on disk, then pg_control, then the marker gone.

@@ -118,6 +118,18 @@ fn commit_batch(pg: &Cluster, k: u32) -> (String, String) {
     (time, lsn)
 }
 
+/// `pitr restore` of the latest state of the repository at `url` into a new directory.
+fn restore_latest(url: &str) -> (tempfile::TempDir, PathBuf, Output) {
+    let dirs = tempfile::tempdir().unwrap();
+    let to = dirs.path().join("r");
+    let out = crate::pitr()
+        .args(["restore", "--repo", url, "--to"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    (dirs, to, out)
+}
+
 fn code(out: &Output) -> Option<i32> {
     out.status.code()
 }
@@ -343,13 +355,7 @@ fn a_flipped_byte_in_a_chunk_fails_the_restore_naming_the_file_and_leaves_it_uns
     bytes[mid] ^= 0x55;
     std::fs::write(pack, &bytes).unwrap();
 
-    let dirs = tempfile::tempdir().unwrap();
-    let to = dirs.path().join("r");
-    let out = crate::pitr()
-        .args(["restore", "--repo", &url, "--to"])
-        .arg(&to)
-        .output()
-        .unwrap();
+    let (_dirs, to, out) = restore_latest(&url);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(code(&out), Some(5), "{err}");
     assert!(err.contains("restore failed: file \""), "{err}");
@@ -381,13 +387,7 @@ fn a_damaged_piece_of_the_chunk_table_is_named_and_nothing_is_written() {
     bytes[last] ^= 0x01;
     std::fs::write(&pieces[0], &bytes).unwrap();
 
-    let dirs = tempfile::tempdir().unwrap();
-    let to = dirs.path().join("r");
-    let out = crate::pitr()
-        .args(["restore", "--repo", &url, "--to"])
-        .arg(&to)
-        .output()
-        .unwrap();
+    let (_dirs, to, out) = restore_latest(&url);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(code(&out), Some(5), "{err}");
     assert!(err.contains("/chunks/000000"), "the piece is named: {err}");

@@ -273,6 +273,21 @@ fn segments_stored_ahead_arrive_and_their_records_stay_bounded() {
     }
 }
 
+/// Waits until the push-ahead worker has recorded each of `segments` as stored.
+fn wait_for_records(pg_wal: &std::path::Path, segments: &[String]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !segments
+        .iter()
+        .all(|s| pg_wal.join(format!(".pitr/push/{s}.ok")).exists())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{segments:?} were not pushed ahead"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A pg_wal directory of its own (in the returned temp dir) holding `n` real segments, all
 /// marked ready, as PostgreSQL leaves them for an archiver that is behind.
 fn ready_segments(n: u64) -> (tempfile::TempDir, Vec<String>) {
@@ -309,14 +324,7 @@ fn a_call_for_a_file_stored_ahead_is_answered_locally_and_rechecked_on_request()
     };
     push(&segments[0], &[]);
     let record = |seg: &str| pg_wal.join(format!(".pitr/push/{seg}.ok"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !(record(&segments[1]).exists() && record(&segments[2]).exists()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the next segments were not pushed ahead"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_records(&pg_wal, &segments[1..]);
     for seg in &segments[1..] {
         assert!(repo_dir.path().join(key(seg)).exists());
     }
@@ -351,12 +359,7 @@ fn a_record_is_not_trusted_for_a_file_that_changed() {
             .unwrap()
     };
     assert!(push(&segments[0]).status.success());
-    let record = pg_wal.join(format!(".pitr/push/{}.ok", segments[1]));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !record.exists() {
-        assert!(std::time::Instant::now() < deadline, "not pushed ahead");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_records(&pg_wal, &segments[1..]);
     // Another file under the same name (other bytes, so another identity): the record is
     // not the answer, the file is pushed and refused as a conflict.
     let file = pg_wal.join(&segments[1]);
