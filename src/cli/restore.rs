@@ -122,6 +122,9 @@ fn timeline(text: &str) -> Result<TimelineChoice, Failure> {
     }
 }
 
+/// WAL segments `--prefetch-wal` stages at most while the files are written.
+const STAGE_MAX: usize = 64;
+
 fn plan_failure(e: PlanError) -> Failure {
     let exit = match &e {
         PlanError::Unreachable { .. } | PlanError::NoBackup(_) => Exit::Unreachable,
@@ -295,8 +298,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
             // WAL is staged while the files are written, no longer: then the prefetch
             // worker wal-fetch uses carries on from where staging got to, so the restore
             // ends with its files and recovery starts on a filling spool.
+            // At most STAGE_MAX segments: pg_wal's disk is not for all the WAL of a long
+            // restore; the worker keeps a window of 16 ahead of replay after that.
+            let stage_list: Vec<String> = plan.wal.iter().take(STAGE_MAX).cloned().collect();
             let staging = {
-                let (repo, spool, wal) = (repo.clone(), spool.clone(), plan.wal.clone());
+                let (repo, spool, wal) = (repo.clone(), spool.clone(), stage_list.clone());
                 tokio::spawn(async move { restore::wal_fetch::stage(&repo, &spool, &wal, 4).await })
             };
             let files = write_files(repo.objects(), m, &options, laid_out, written).await;
@@ -326,7 +332,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     let prev = s.segno.checked_sub(1)?;
                     Some(walfmt::SegmentName::new(s.timeline, prev, seg).to_string())
                 });
-                if let (None, true, Some(asked)) = (staged, done < plan.wal.len(), before_first) {
+                // Staging was cut short by the files being done, or reached its cap: the
+                // worker carries on (a segment staging could not fetch, wal-fetch reports).
+                let cut = staged.is_none_or(|n| n == stage_list.len());
+                if let (true, true, Some(asked)) = (cut, done < plan.wal.len(), before_first) {
                     let _ = restore::spool::Spool::open(&spool, &repo.url().to_string())
                         .and_then(|s| s.set_wanted(&asked));
                     super::wal_fetch::start_prefetch(&args.repo.repo, &spool, 16, 4);
