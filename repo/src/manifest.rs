@@ -143,10 +143,6 @@ impl ChunkRef {
     pub fn plain_len(&self) -> u32 {
         self.plain_len
     }
-    /// blake3 of the plaintext.
-    pub fn hash(&self) -> [u8; 32] {
-        self.hash
-    }
     /// The entry's 52 bytes: pack, offset, stored length, plain length (little-endian),
     /// then the hash.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
@@ -530,11 +526,6 @@ impl TableWriter {
             .pieces
             .push(blake3::hash(&piece).to_hex().to_string());
         (self.table.pieces.len() - 1, piece)
-    }
-
-    /// Entries so far.
-    pub fn count(&self) -> u64 {
-        self.table.count
     }
 
     /// The last piece (if it holds entries) and the table's description.
