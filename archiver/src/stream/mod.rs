@@ -367,10 +367,25 @@ async fn stream_timeline(
                         let message = e.server().map(|s| s.message.clone()).unwrap_or_default();
                         return Err(StreamError::WalLost { lsn: writer.received(), message });
                     }
-                    other => other?,
+                    Err(e) => {
+                        // The server (or its host) is gone: what it sent is still WAL it had
+                        // flushed, so keep it before reconnecting rather than lose up to a
+                        // flush interval of it.
+                        let _ = writer.flush().await;
+                        return Err(e.into());
+                    }
+                    Ok(r) => r,
                 };
-                let Some(reply) = reply else {
-                    return Err(StreamError::Protocol("the server ended replication".into()));
+                let reply = match reply {
+                    Some(Reply::Rows(_)) | None => {
+                        // CommandComplete without CopyDone: the walsender is done (a server
+                        // shutting down, once everything sent was confirmed durable).
+                        writer.flush().await?;
+                        return Err(StreamError::Protocol(
+                            "the server ended streaming (shutting down?)".into(),
+                        ));
+                    }
+                    Some(r) => r,
                 };
                 match reply {
                     Reply::CopyData(d) => {
