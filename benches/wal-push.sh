@@ -71,6 +71,10 @@ CONF
     # named after the base64 of the whole key, and a long key passes the 255-byte name limit
     # (a 500 on CreateMultipartUpload, which pgBackRest uses for objects over 5 MiB).
     pgbackrest_conf "$dir/pgbackrest-$mode.conf" "/pgb-${kind:0:1}${mode:0:1}" "$dir/data" "$dir" "$port"
+    # A spool of its own: pgBackRest's asynchronous archive-push answers a call from the
+    # `.ok` a spool holds for that segment name, and every kind's cluster has the same
+    # segment names (a shared spool made the second kind's calls return at once).
+    sed -i "s|^spool-path=.*|spool-path=$dir/pgbackrest-spool-$mode|" "$dir/pgbackrest-$mode.conf"
     pgbackrest --config="$dir/pgbackrest-$mode.conf" --stanza=bench stanza-create >/dev/null
     flag=--no-archive-async
     [ "$mode" = async ] && flag=--archive-async
