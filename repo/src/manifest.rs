@@ -351,29 +351,37 @@ impl BackupManifest {
 
     /// Reads and checks the manifest of backup `id` and its whole chunk table.
     pub async fn load(objects: &ObjectStore, id: &str) -> Result<BackupManifest, ManifestError> {
-        let mut m = BackupManifest::load_header(objects, id).await?;
-        let key = manifest_key(id);
-        let bad = |reason: String| ManifestError::Bad {
-            key: key.clone(),
-            reason,
-        };
-        let table = m.chunk_table.clone();
-        let pieces: Vec<Bytes> = futures::stream::iter(0..table.pieces.len())
-            .map(|n| read_piece(objects, &m.id, &table, n))
-            .buffered(4)
-            .try_collect()
-            .await?;
+        BackupManifest::load_header(objects, id)
+            .await?
+            .with_table(objects)
+            .await
+    }
+
+    /// This manifest (as [`BackupManifest::load_header`] read it) with its whole chunk
+    /// table read and checked; each piece is decoded as it arrives.
+    pub async fn with_table(
+        mut self,
+        objects: &ObjectStore,
+    ) -> Result<BackupManifest, ManifestError> {
+        let table = self.chunk_table.clone();
+        let mut pieces = futures::stream::iter(0..table.pieces.len())
+            .map(|n| read_piece(objects, &self.id, &table, n))
+            .buffered(4);
         let mut chunks = Vec::with_capacity(table.count as usize);
-        for piece in &pieces {
+        while let Some(piece) = pieces.try_next().await? {
             chunks.extend(
                 piece
                     .chunks_exact(CHUNK_ENTRY_LEN)
                     .filter_map(ChunkRef::decode),
             );
         }
-        m.chunks = Arc::new(chunks);
-        m.check().map_err(bad)?;
-        Ok(m)
+        drop(pieces);
+        self.chunks = Arc::new(chunks);
+        self.check().map_err(|reason| ManifestError::Bad {
+            key: manifest_key(&self.id),
+            reason,
+        })?;
+        Ok(self)
     }
 
     /// Reads the manifest of backup `id` without its chunk table (`chunks` stays empty):

@@ -455,7 +455,7 @@ pub async fn plan(
             )
         });
     // Only the backup chosen is read whole (its chunk table): the others' headers sufficed.
-    let backup = BackupManifest::load(repo.objects(), &chosen.id).await?;
+    let backup = chosen.clone().with_table(repo.objects()).await?;
     Ok(Plan {
         backup,
         timeline: tli,
