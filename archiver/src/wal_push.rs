@@ -368,6 +368,9 @@ async fn stored_earlier(
     record: &Record,
     options: &PushOptions,
 ) -> bool {
+    if answered_locally(url, path, record, options) {
+        return true;
+    }
     if !record_matches(url, path, record) {
         return false;
     }
@@ -404,7 +407,7 @@ fn record_matches(url: &RepoUrl, path: &Path, record: &Record) -> bool {
 
 /// What a call learns from the push-ahead worker's state for the file at `path`, waiting
 /// while the worker is busy with it. Blocking (it polls the state directory): the CLI asks
-/// before it starts a runtime, [`push`] on a blocking thread.
+/// before it starts a runtime.
 #[derive(Debug)]
 pub enum Ahead {
     /// No worker state to use (pushing ahead is off, no record, or the worker gave up on
@@ -453,25 +456,11 @@ pub fn answered_locally(
     !options.recheck && record.file.is_some() && record_matches(url, path, record)
 }
 
-/// Pushes the WAL file at `path` into the repository at `url`. With `options.ahead`, a file
-/// the background worker ([`push_ahead`]) stored is answered from its record after a cheap
-/// check, and while the worker is running this call waits for its record rather than
-/// uploading the same file twice; the file is pushed here when the worker could not. The
-/// caller starts the worker first when [`worker_needed`] says so.
-pub async fn push(
-    url: &RepoUrl,
-    path: &Path,
-    codec: Arc<Codec>,
-    options: &PushOptions,
-) -> Result<Pushed, PushError> {
-    let (p, o) = (path.to_owned(), options.clone());
-    let ahead = tokio::task::spawn_blocking(move || await_worker(&p, &o))
-        .await
-        .unwrap_or(Ahead::PushHere);
-    push_after(url, path, codec, options, ahead).await
-}
-
-/// [`push`] once [`await_worker`] has answered.
+/// Pushes the WAL file at `path` into the repository at `url`, once [`await_worker`] has
+/// answered for it (`ahead`): a file the background worker ([`push_ahead`]) stored is
+/// answered from its record after a cheap check; the file is pushed here when there is no
+/// record or it will not do. The caller starts the worker first when [`worker_needed`]
+/// says so.
 pub async fn push_after(
     url: &RepoUrl,
     path: &Path,
