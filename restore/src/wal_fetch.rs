@@ -15,7 +15,7 @@ use repo::objects::ObjectError;
 use repo::repository::{storage_for, OpenError, Repository};
 use repo::storage::{get_bytes, StorageError};
 use repo::url::RepoUrl;
-use walfmt::{ArchiveFileKind, WalSegmentSize};
+use walfmt::{ArchiveFileKind, SegmentName, WalSegmentSize};
 
 use crate::spool::{window, Spool};
 
@@ -243,6 +243,33 @@ pub async fn stage(
     };
     let spool = Spool::open(dir, &repo.url().to_string()).map_err(io)?;
     Ok(fill(repo, &spool, names.to_vec(), parallel).await)
+}
+
+/// After [`stage`] of `names` was cut short (or staged only the first of them): how many
+/// of `names` the spool at `dir` holds, and when not all, the spool is set so that the
+/// prefetch worker, started next, fills it from the first segment on (it keeps the
+/// segments after the one last asked for: this asks for the one before the first),
+/// skipping what is there and following PostgreSQL's calls from then. Blocking.
+pub fn hand_over(
+    dir: &Path,
+    repo_url: &str,
+    names: &[String],
+    seg: WalSegmentSize,
+) -> std::io::Result<(usize, bool)> {
+    let spool = Spool::open(dir, repo_url)?;
+    let held = spool.segments()?;
+    let done = names.iter().filter(|n| held.contains(n)).count();
+    let before_first = names.first().and_then(|n| {
+        let s = SegmentName::parse(n, seg).ok()?;
+        Some(SegmentName::new(s.timeline, s.segno.checked_sub(1)?, seg).to_string())
+    });
+    match before_first {
+        Some(asked) if done < names.len() => {
+            spool.set_wanted(&asked)?;
+            Ok((done, true))
+        }
+        _ => Ok((done, false)),
+    }
 }
 
 /// Fetches the segments `names` into `spool`, `parallel` at once, each verified; stops at

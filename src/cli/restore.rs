@@ -315,30 +315,23 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 }
                 Err(_) => None, // stopped while still staging
             };
-            if files.is_ok() {
-                let held = restore::spool::Spool::open(&spool, &repo.url().to_string())
-                    .and_then(|s| s.segments())
-                    .unwrap_or_default();
-                let done = plan.wal.iter().filter(|n| held.contains(n)).count();
-                if !args.json {
-                    eprintln!("pitr: restore: staged {done} of {} WAL segments for recovery", plan.wal.len());
-                }
-                // The worker keeps the segments after the one last asked for: "asking" for
-                // the one before the first, it starts from the beginning, skips what is
-                // staged, and follows PostgreSQL's calls from there.
-                let seg = walfmt::WalSegmentSize::new(repo.config().wal_segment_size).ok();
-                let before_first = plan.wal.first().zip(seg).and_then(|(n, seg)| {
-                    let s = walfmt::SegmentName::parse(n, seg).ok()?;
-                    let prev = s.segno.checked_sub(1)?;
-                    Some(walfmt::SegmentName::new(s.timeline, prev, seg).to_string())
-                });
-                // Staging was cut short by the files being done, or reached its cap: the
-                // worker carries on (a segment staging could not fetch, wal-fetch reports).
-                let cut = staged.is_none_or(|n| n == stage_list.len());
-                if let (true, true, Some(asked)) = (cut, done < plan.wal.len(), before_first) {
-                    let _ = restore::spool::Spool::open(&spool, &repo.url().to_string())
-                        .and_then(|s| s.set_wanted(&asked));
-                    super::wal_fetch::start_prefetch(&args.repo.repo, &spool, 16, 4);
+            // Staging was cut short by the files being done, or reached its cap: the
+            // prefetch worker carries on from there.
+            let cut = staged.is_none_or(|n| n == stage_list.len());
+            let seg = walfmt::WalSegmentSize::new(repo.config().wal_segment_size).ok();
+            if let (Ok(_), Some(seg)) = (&files, seg) {
+                let (dir, url, wal) = (spool.clone(), repo.url().to_string(), plan.wal.clone());
+                let handed = tokio::task::spawn_blocking(move || {
+                    restore::wal_fetch::hand_over(&dir, &url, &wal, seg)
+                })
+                .await;
+                if let Ok(Ok((done, carry_on))) = handed {
+                    if !args.json {
+                        eprintln!("pitr: restore: staged {done} of {} WAL segments for recovery", plan.wal.len());
+                    }
+                    if cut && carry_on {
+                        super::wal_fetch::start_prefetch(&args.repo.repo, &spool, 16, 4);
+                    }
                 }
             }
             files
