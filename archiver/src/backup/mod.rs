@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use repo::keys::wal_key;
 use repo::manifest::{
     id_taken, list_backups, pg_manifest_key, BackupManifest, ChunkSpan, FileType, ManifestError,
-    TableReader, TablespaceEntry, MANIFEST_FORMAT,
+    ManifestFile, TableReader, TablespaceEntry, MANIFEST_FORMAT,
 };
 use repo::objects::ObjectError;
 use repo::repository::Repository;
@@ -28,7 +28,7 @@ use walfmt::{Lsn, PgTimestamp, SegmentName, TimelineId, WalSegmentSize};
 use crate::pg::base_backup::{BackupEvent, BackupOptions, BaseBackup};
 use crate::pg::{ConnError, ReplicationConn};
 use crate::tar::TarError;
-use chunker::Chunker;
+use chunker::{Chunk, Chunker};
 use pipeline::{Known, Pipeline, PipelineConfig, PipelineError};
 
 /// The chunk size: 64 KiB, eight pages (docs/FORMAT.md says why).
@@ -140,6 +140,8 @@ struct Previous {
     files: HashMap<(Option<u32>, String), ChunkSpan>,
     packs: Vec<Arc<str>>,
     table: TableReader,
+    /// The new backup's file being chunked (its index) and its span in the earlier one.
+    current: Option<(u32, Option<ChunkSpan>)>,
 }
 
 impl Previous {
@@ -158,15 +160,25 @@ impl Previous {
                 .collect(),
             packs: m.packs.iter().map(|p| Arc::from(p.as_str())).collect(),
             table: TableReader::new(repo.objects().clone(), &m),
+            current: None,
         }))
     }
 
-    /// What the earlier backup held at chunk `seq` of `file` (the span found for it).
+    /// What the earlier backup held where chunk `c` of the new one is (`files`: the new
+    /// backup's files so far, which `c.file` indexes).
     async fn at(
         &mut self,
-        span: Option<ChunkSpan>,
-        seq: u32,
+        files: &[ManifestFile],
+        c: &Chunk,
     ) -> Result<Option<Known>, BackupError> {
+        if self.current.is_none_or(|(f, _)| f != c.file) {
+            let span = files
+                .get(c.file as usize)
+                .and_then(|f| self.files.get(&(f.tablespace, f.path.clone())).copied());
+            self.current = Some((c.file, span));
+        }
+        let seq = c.seq;
+        let span = self.current.and_then(|(_, s)| s);
         let Some(span) = span.filter(|s| u64::from(seq) < s.count) else {
             return Ok(None);
         };
@@ -199,8 +211,6 @@ pub async fn take(
     }
     let mut prev = Previous::load(repo).await?;
     let mut pipeline = Pipeline::start(repo.objects().clone(), &id, config.pipeline);
-    // The earlier backup's span for the file being chunked.
-    let mut span: Option<(u32, Option<ChunkSpan>)> = None;
     let options = BackupOptions {
         label: config.label.clone(),
         fast_checkpoint: config.fast_checkpoint,
@@ -235,14 +245,7 @@ pub async fn take(
                 chunker.feed(&d, &mut chunks)?;
                 for c in chunks.drain(..) {
                     let expect = match prev.as_mut() {
-                        Some(p) => {
-                            if span.is_none_or(|(f, _)| f != c.file) {
-                                let f = &chunker.files()[c.file as usize];
-                                let key = (f.tablespace, f.path.clone());
-                                span = Some((c.file, p.files.get(&key).copied()));
-                            }
-                            p.at(span.and_then(|(_, s)| s), c.seq).await?
-                        }
+                        Some(p) => p.at(chunker.files(), &c).await?,
                         None => None,
                     };
                     pipeline.submit(c, expect).await?;
