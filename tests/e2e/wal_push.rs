@@ -273,6 +273,16 @@ fn segments_stored_ahead_arrive_and_their_records_stay_bounded() {
     }
 }
 
+/// `pitr wal-push` of `file` into `url` with the push-ahead worker on (up to 4 ahead).
+fn push_with_worker(url: &str, file: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    pitr()
+        .args(["wal-push", "--repo", url, "--ahead", "4"])
+        .args(extra)
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 /// Waits until the push-ahead worker has recorded each of `segments` as stored.
 fn wait_for_records(pg_wal: &std::path::Path, segments: &[String]) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -315,12 +325,8 @@ fn a_call_for_a_file_stored_ahead_is_answered_locally_and_rechecked_on_request()
     let (work, segments) = ready_segments(3);
     let pg_wal = work.path().join("pg_wal");
     let push = |seg: &str, extra: &[&str]| {
-        crate::succeeds(
-            pitr()
-                .args(["wal-push", "--repo", &url, "--ahead", "4"])
-                .args(extra)
-                .arg(pg_wal.join(seg)),
-        )
+        let out = push_with_worker(&url, &pg_wal.join(seg), extra);
+        assert!(out.status.success(), "{out:?}");
     };
     push(&segments[0], &[]);
     let record = |seg: &str| pg_wal.join(format!(".pitr/push/{seg}.ok"));
@@ -351,13 +357,7 @@ fn a_record_is_not_trusted_for_a_file_that_changed() {
     let url = format!("file://{}", repo_dir.path().display());
     let (work, segments) = ready_segments(2);
     let pg_wal = work.path().join("pg_wal");
-    let push = |seg: &str| {
-        pitr()
-            .args(["wal-push", "--repo", &url, "--ahead", "4"])
-            .arg(pg_wal.join(seg))
-            .output()
-            .unwrap()
-    };
+    let push = |seg: &str| push_with_worker(&url, &pg_wal.join(seg), &[]);
     assert!(push(&segments[0]).status.success());
     wait_for_records(&pg_wal, &segments[1..]);
     // Another file under the same name (other bytes, so another identity): the record is
@@ -385,13 +385,7 @@ fn a_file_the_worker_cannot_store_is_refused_by_its_own_call() {
     bytes[8..16].copy_from_slice(&[0xFF; 8]);
     std::fs::write(&damaged, &bytes).unwrap();
 
-    let push = |seg: &str| {
-        pitr()
-            .args(["wal-push", "--repo", &url, "--ahead", "4"])
-            .arg(pg_wal.join(seg))
-            .output()
-            .unwrap()
-    };
+    let push = |seg: &str| push_with_worker(&url, &pg_wal.join(seg), &[]);
     assert!(push(&segments[0]).status.success());
     // The worker could not store it; the call for it says why, with the bad-input code.
     let out = push(&segments[1]);
