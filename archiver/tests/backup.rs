@@ -83,12 +83,7 @@ async fn matches_pg_manifest(repo: &Repository, m: &BackupManifest) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_file_comes_back_as_postgres_listed_it_and_a_second_backup_stores_little() {
     let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
-    let space = pg.server_dir("space").unwrap();
-    pg.sql(&format!(
-        "CREATE TABLESPACE extra LOCATION '{}'",
-        space.display()
-    ))
-    .unwrap();
+    pg.create_tablespace("extra").unwrap();
     pg.sql("CREATE TABLE t TABLESPACE extra AS SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
         .unwrap();
     pg.pgbench(&["-i", "-s", "4", "-q"]).unwrap();

@@ -102,12 +102,7 @@ async fn base_backup_in_either_syntax_yields_each_archive_and_the_manifest() {
     use archiver::tar::{EntryKind, TarEvent, TarReader};
     use std::collections::BTreeMap;
     let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
-    let space = pg.server_dir("space").unwrap();
-    pg.sql(&format!(
-        "CREATE TABLESPACE extra LOCATION '{}'",
-        space.display()
-    ))
-    .unwrap();
+    pg.create_tablespace("extra").unwrap();
     pg.sql("CREATE TABLE t TABLESPACE extra AS SELECT g FROM generate_series(1, 10000) g")
         .unwrap();
     let oid: u32 = pg

@@ -56,12 +56,7 @@ fn backup_to_s3_waits_for_archived_wal_and_is_listed() {
         .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
         .unwrap();
     pg.start().unwrap();
-    let space = pg.server_dir("space").unwrap();
-    pg.sql(&format!(
-        "CREATE TABLESPACE extra LOCATION '{}'",
-        space.display()
-    ))
-    .unwrap();
+    pg.create_tablespace("extra").unwrap();
     pg.sql("CREATE TABLE t TABLESPACE extra AS SELECT g, md5(g::text) FROM generate_series(1, 50000) g")
         .unwrap();
     pg.pgbench(&["-i", "-s", "16", "-q"]).unwrap();

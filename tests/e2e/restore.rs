@@ -400,12 +400,7 @@ fn a_damaged_piece_of_the_chunk_table_is_named_and_nothing_is_written() {
 #[test]
 fn a_tablespace_comes_back_where_the_map_puts_it() {
     let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
-    let space = pg.server_dir("space").unwrap();
-    pg.sql(&format!(
-        "CREATE TABLESPACE extra LOCATION '{}'",
-        space.display()
-    ))
-    .unwrap();
+    pg.create_tablespace("extra").unwrap();
     pg.sql("CREATE TABLE far TABLESPACE extra AS SELECT g FROM generate_series(1, 5000) g")
         .unwrap();
     let oid = pg

@@ -21,6 +21,17 @@ impl Cluster {
         run_psql(psql, sql)
     }
 
+    /// Creates tablespace `name` in a fresh directory the server owns (beside the data
+    /// directory, removed with the cluster); returns where it is.
+    pub fn create_tablespace(&self, name: &str) -> Result<std::path::PathBuf> {
+        let dir = self.server_dir(name)?;
+        self.sql(&format!(
+            "CREATE TABLESPACE {name} LOCATION '{}'",
+            dir.display()
+        ))?;
+        Ok(dir)
+    }
+
     /// Runs `pgbench` with `args` against the `postgres` database as the superuser over the
     /// socket (`-i -s 3` to initialize, `-T 10` for load, ...); returns its output.
     pub fn pgbench(&self, args: &[&str]) -> Result<String> {
