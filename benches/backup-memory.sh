@@ -16,20 +16,13 @@ SCALES="${SCALES:-10 70 280}"
 . benches/lib.sh
 
 dir="$work/db"
-mkdir -p "$dir"
-[ "$(id -u)" -eq 0 ] && chown -R postgres "$dir"
-port="$(free_port)"
-as_pg "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
+new_cluster "$dir"
 cat >>"$dir/data/postgresql.conf" <<CONF
-port = $port
-listen_addresses = ''
-unix_socket_directories = '$dir'
 max_wal_size = 8GB
 max_wal_senders = 4
 fsync = off
 CONF
-as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
-clusters+=("$dir/data")
+start_cluster "$dir"
 conn="host=$dir port=$port user=postgres"
 psql=("$PGBIN/psql" -X -q -t -A -h "$dir" -p "$port" -U postgres postgres)
 

@@ -1,7 +1,8 @@
 # Shared by the side-by-side benches (sourced, not run): installs what they need, builds
 # pitr and the test bed's S3 server in release mode, starts that server with a stunnel TLS
 # front (pgBackRest speaks only HTTPS to S3) and exports the AWS settings every tool uses.
-# Defines: as_root, as_pg, free_port, pgbackrest_conf; $PITR, $PGBIN, $work, $tlsport;
+# Defines: as_root, as_pg, free_port, new_cluster, start_cluster, pgbackrest_conf; $PITR,
+# $PGBIN, $work, $tlsport;
 # cleanup on exit stops the clusters in "${clusters[@]}" and the processes in "${pids[@]}".
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pitr/target}"
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -36,6 +37,22 @@ trap cleanup EXIT
 # PostgreSQL refuses to run as root: run it as postgres then.
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# new_cluster DIR: initdb's DIR/data (owned by the server's user), listening only on a
+# socket in DIR at a free port (set in $port); the caller appends its own settings to
+# DIR/data/postgresql.conf, then runs start_cluster DIR.
+new_cluster() {
+  local dir="$1"
+  mkdir -p "$dir"
+  [ "$(id -u)" -eq 0 ] && chown -R postgres "$dir"
+  port="$(free_port)"
+  as_pg "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
+  printf "port = %s\nlisten_addresses = ''\nunix_socket_directories = '%s'\n" "$port" "$dir" >>"$dir/data/postgresql.conf"
+}
+# start_cluster DIR: starts DIR/data (log in DIR/server.log); stopped on exit.
+start_cluster() {
+  as_pg "$PGBIN/pg_ctl" -D "$1/data" -l "$1/server.log" -w start >/dev/null
+  clusters+=("$1/data")
+}
 
 # The S3 server, and a TLS front for it.
 s3port="$(free_port)"

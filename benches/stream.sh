@@ -21,19 +21,10 @@ SECONDS_EACH="${SECONDS_EACH:-20}"
 . benches/lib.sh
 
 dir="$work/db"
-mkdir -p "$dir"
 cp "$PITR" "$work/pitr"
-[ "$(id -u)" -eq 0 ] && chown -R postgres "$dir"
-port="$(free_port)"
-as_pg "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
-cat >>"$dir/data/postgresql.conf" <<CONF
-port = $port
-listen_addresses = ''
-unix_socket_directories = '$dir'
-max_wal_size = 4GB
-CONF
-as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
-clusters+=("$dir/data")
+new_cluster "$dir"
+echo "max_wal_size = 4GB" >>"$dir/data/postgresql.conf"
+start_cluster "$dir"
 psql() { as_pg "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres -c "$1" postgres; }
 as_pg "$PGBIN/pgbench" -q -i -s 10 -h "$dir" -p "$port" -U postgres postgres >/dev/null 2>&1
 conn="host=$dir port=$port user=postgres"

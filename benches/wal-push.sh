@@ -44,20 +44,14 @@ generate() { # kind dir port
 for kind in $KINDS; do
   dir="$work/$kind"
   mkdir -p "$dir/archive" "$dir/stage/global"
-  [ "$(id -u)" -eq 0 ] && chown -R postgres "$dir"
-  port="$(free_port)"
-  as_pg "$PGBIN/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
+  new_cluster "$dir"
   cat >>"$dir/data/postgresql.conf" <<CONF
-port = $port
-listen_addresses = ''
-unix_socket_directories = '$dir'
 archive_mode = on
 archive_command = 'cp %p $dir/archive/%f'
 max_wal_size = 4GB
 fsync = off
 CONF
-  as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
-  clusters+=("$dir/data")
+  start_cluster "$dir"
   echo "generating $SEGMENTS segments of $kind WAL ..." >&2
   generate "$kind" "$dir" "$port"
   for _ in $(seq 600); do
