@@ -21,7 +21,7 @@ pub use faulty::{Fault, FaultyStorage};
 pub use fs::FsStorage;
 pub use memory::MemStorage;
 pub use retry::{RetryPolicy, RetryingStorage};
-pub use s3::{ConditionalPut, S3Settings, S3Storage};
+pub use s3::{ConditionalPut, PayloadSigning, S3Settings, S3Storage};
 
 /// An object's bytes, as a stream of chunks.
 pub type ByteStream = BoxStream<'static, Result<Bytes, StorageError>>;

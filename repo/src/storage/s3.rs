@@ -39,6 +39,10 @@ pub struct S3Settings {
     pub credentials: Option<(String, String)>,
     /// Send checksums only when an operation requires them (some servers reject others).
     pub checksums_when_required: bool,
+    /// Whether object bodies go up without a SHA-256 in the signature
+    /// (`PITR_S3_PAYLOAD_SIGNING`): by default they do over HTTPS while request checksums
+    /// are on, where TLS and the CRC the server checks already cover the body.
+    pub payload_signing: PayloadSigning,
     /// Total attempts per request for transient failures.
     pub max_attempts: u32,
     /// Per-attempt timeout.
@@ -53,6 +57,18 @@ pub struct S3Settings {
     /// one-process-per-file commands do not probe every time (`PITR_CACHE_DIR`, else
     /// `$XDG_CACHE_HOME/pitr`, else `~/.cache/pitr`; none: probe once per process).
     pub cache_dir: Option<std::path::PathBuf>,
+}
+
+/// Whether request bodies are hashed into the SigV4 signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadSigning {
+    /// Signed over plain HTTP or without request checksums; unsigned over HTTPS with them
+    /// (the default).
+    Auto,
+    /// Always signed: the body's SHA-256, computed here and again by the server.
+    On,
+    /// Never signed (`UNSIGNED-PAYLOAD`): the request checksum is the body's check.
+    Off,
 }
 
 /// How put-if-absent is done.
@@ -83,6 +99,11 @@ impl S3Settings {
             credentials: None,
             checksums_when_required: std::env::var("PITR_S3_CHECKSUMS")
                 .is_ok_and(|v| v == "when_required"),
+            payload_signing: match std::env::var("PITR_S3_PAYLOAD_SIGNING").as_deref() {
+                Ok("on") | Ok("true") => PayloadSigning::On,
+                Ok("off") | Ok("false") => PayloadSigning::Off,
+                _ => PayloadSigning::Auto,
+            },
             max_attempts: 3,
             attempt_timeout: Duration::from_secs(60),
             part_size: 16 << 20,
@@ -150,6 +171,8 @@ pub struct S3Storage {
     part_size: usize,
     part_concurrency: usize,
     conditional: ConditionalPut,
+    /// Bodies go up as `UNSIGNED-PAYLOAD` (see [`PayloadSigning`]).
+    unsigned_payload: bool,
     probed: std::sync::Arc<tokio::sync::OnceCell<bool>>,
     probe_cache: Option<std::path::PathBuf>,
 }
@@ -314,6 +337,14 @@ impl S3Storage {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
+        let tls = endpoint_url
+            .as_deref()
+            .is_none_or(|e| e.starts_with("https://"));
+        let unsigned_payload = match settings.payload_signing {
+            PayloadSigning::On => false,
+            PayloadSigning::Off => true,
+            PayloadSigning::Auto => tls && !settings.checksums_when_required,
+        };
         let endpoint = endpoint_url.unwrap_or_else(|| "aws".into());
         let probe_cache = settings
             .cache_dir
@@ -327,6 +358,7 @@ impl S3Storage {
             part_size: settings.part_size.max(5 << 20),
             part_concurrency: settings.part_concurrency.max(1),
             conditional: settings.conditional_put,
+            unsigned_payload,
             probed: Default::default(),
         }
     }
@@ -476,7 +508,12 @@ impl S3Storage {
         if mode == PutMode::IfAbsent {
             req = req.if_none_match("*");
         }
-        match req.send().await {
+        let sent = if self.unsigned_payload {
+            req.customize().disable_payload_signing().send().await
+        } else {
+            req.send().await
+        };
+        match sent {
             Ok(_) => Ok(PutOutcome::Stored),
             Err(e) if mode == PutMode::IfAbsent && status_of(&e) == Some(412) => {
                 Ok(PutOutcome::AlreadyExists)
@@ -557,7 +594,15 @@ impl S3Storage {
                     .upload_id(upload_id)
                     .part_number(number)
                     .body(AwsBody::from(part));
-                in_flight.push_back(async move { (number, req.send().await) });
+                let unsigned = self.unsigned_payload;
+                in_flight.push_back(async move {
+                    let sent = if unsigned {
+                        req.customize().disable_payload_signing().send().await
+                    } else {
+                        req.send().await
+                    };
+                    (number, sent)
+                });
                 next_part = read_part(body, self.part_size).await?;
             }
             let Some((n, result)) = in_flight.next().await else {
