@@ -73,6 +73,23 @@ pub struct FetchOptions {
     pub spool: Option<PathBuf>,
 }
 
+/// Hands segment `name` over from the spool at `dir` (of the repository at `url`) to `dest`
+/// when the prefetch worker has it, and records the request there so the worker fetches
+/// what follows. Blocking, and cheap: no runtime, threads or network, which is all a
+/// restore_command call needs when replay is not waiting on the repository. False when the
+/// spool cannot answer (not a segment, not there, or the spool unusable: it is a cache, and
+/// the repository is asked instead).
+pub fn from_spool(url: &RepoUrl, dir: &Path, name: &str, dest: &Path) -> bool {
+    if ArchiveFileKind::of(name) != ArchiveFileKind::Segment {
+        return false;
+    }
+    let Ok(spool) = Spool::open(dir, &url.to_string()) else {
+        return false;
+    };
+    let _ = spool.set_wanted(name);
+    matches!(spool.take(name, dest), Ok(true))
+}
+
 /// Fetches WAL file `name` from the repository at `url` into `dest`.
 pub async fn fetch(
     url: &RepoUrl,
@@ -95,21 +112,13 @@ pub async fn fetch_with(
     options: &FetchOptions,
 ) -> Result<Delivered, FetchError> {
     let key = wal_key(name).ok_or_else(|| FetchError::BadName(name.to_owned()))?;
-    // The spool is a cache: when it cannot be used, fetch from the repository as without it.
-    let spool = match (&options.spool, ArchiveFileKind::of(name)) {
-        (Some(dir), ArchiveFileKind::Segment) => Spool::open(dir, &url.to_string()).ok(),
-        _ => None,
-    };
-    if let Some(spool) = &spool {
-        let _ = spool.set_wanted(name);
-        let (spool, name_, dest_) = (spool.clone(), name.to_owned(), dest.to_owned());
-        let taken = tokio::task::spawn_blocking(move || spool.take(&name_, &dest_))
+    if let Some(dir) = &options.spool {
+        let (url_, dir_, name_, dest_) =
+            (url.clone(), dir.clone(), name.to_owned(), dest.to_owned());
+        let taken = tokio::task::spawn_blocking(move || from_spool(&url_, &dir_, &name_, &dest_))
             .await
-            .map_err(|e| FetchError::Write {
-                path: dest.display().to_string(),
-                source: std::io::Error::other(e),
-            })?;
-        if let Ok(true) = taken {
+            .unwrap_or(false);
+        if taken {
             return Ok(Delivered::Spool);
         }
     }

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use repo::codec::Codec;
 use restore::spool::default_dir;
-use restore::wal_fetch::{fetch_with, prefetch, FetchError, FetchOptions, PrefetchOptions};
+use restore::wal_fetch::{
+    fetch_with, from_spool, prefetch, FetchError, FetchOptions, PrefetchOptions,
+};
 use walfmt::ArchiveFileKind;
 
 use super::repo_args::RepoArgs;
@@ -68,13 +70,21 @@ pub fn run(args: Args) -> Result<(), Failure> {
         exit: Exit::FetchFailed,
         ..f
     })?;
-    let runtime = super::runtime(Exit::FetchFailed)?;
     let spool_dir = (args.prefetch.depth > 0).then(|| {
         args.prefetch
             .spool_dir
             .clone()
             .unwrap_or_else(|| default_dir(&args.dest))
     });
+    // Replay waits for this call: a segment already in the spool is handed over before any
+    // runtime, thread or connection is set up.
+    if let Some(dir) = &spool_dir {
+        if from_spool(&url, dir, &args.name, &args.dest) {
+            start_worker(&args.repo.repo, dir, &args.prefetch);
+            return Ok(());
+        }
+    }
+    let runtime = super::runtime(Exit::FetchFailed)?;
     let options = FetchOptions {
         spool: spool_dir.clone(),
     };
