@@ -225,6 +225,26 @@ fn stream_decode(body: &[u8], plain_len: u64) -> Result<Bytes, EnvelopeError> {
     Ok(Bytes::from(out))
 }
 
+thread_local! {
+    /// Each thread's decompression context, made on its first frame: a restore decodes
+    /// tens of thousands of 64 KiB chunks, and a fresh context for each cost more than a
+    /// tenth of the decompression itself.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses `body` into `out`'s spare room with this thread's context.
+fn bulk_decompress(body: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = match slot.as_mut() {
+            Some(d) => d,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress_to_buffer(body, out)
+    })
+}
+
 /// Unwraps an envelope, checking the plaintext's length and hash.
 pub fn decode(bytes: &[u8]) -> Result<(Header, Bytes), EnvelopeError> {
     let h = header(bytes)?;
@@ -236,9 +256,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Header, Bytes), EnvelopeError> {
             // cannot make it large); a frame that does not fit is read again below to say
             // exactly what it holds.
             let mut out = Vec::with_capacity(h.plain_len as usize);
-            match zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(body, &mut out))
-            {
+            match bulk_decompress(body, &mut out) {
                 Ok(_) => Bytes::from(out),
                 Err(_) => stream_decode(body, h.plain_len)?,
             }
