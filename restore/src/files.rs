@@ -8,13 +8,17 @@
 //! PostgreSQL must never start on a half-restored directory: `global/pg_control` is
 //! written under another name and renamed into place only after every other file is
 //! written and flushed to disk, and a marker file says a restore is in progress until then.
+//!
+//! Only the restore's own files are flushed (each file, then each directory), never the
+//! whole filesystem: a syncfs would also wait for whatever else the host has written and
+//! not yet flushed, which on a busy host can be more than the restore itself.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::{symlink, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
@@ -296,10 +300,45 @@ struct Shared {
     paths: Vec<PathBuf>,
     uses: Uses,
     written: Arc<AtomicU64>,
+    /// Per file: written to since the flusher last flushed it.
+    dirty: Vec<AtomicBool>,
+}
+
+/// Plaintext bytes a job checks and writes at most (unless one chunk is larger).
+const JOB_PLAIN_BYTES: u64 = 16 << 20;
+
+/// Range `r` as parts of at most [`JOB_PLAIN_BYTES`] of plaintext each, all with `r`'s
+/// start (offsets stay relative to the bytes read for `r`).
+fn split_by_plain(m: &BackupManifest, r: Range) -> Vec<Range> {
+    let mut parts = Vec::new();
+    let mut chunks = Vec::new();
+    let mut plain = 0u64;
+    for ci in r.chunks {
+        let len = u64::from(m.chunks[ci as usize].plain_len);
+        if plain + len > JOB_PLAIN_BYTES && !chunks.is_empty() {
+            parts.push(std::mem::take(&mut chunks));
+            plain = 0;
+        }
+        plain += len;
+        chunks.push(ci);
+    }
+    if !chunks.is_empty() {
+        parts.push(chunks);
+    }
+    parts
+        .into_iter()
+        .map(|chunks| Range {
+            pack: r.pack,
+            start: r.start,
+            end: r.end,
+            chunks,
+        })
+        .collect()
 }
 
 /// Checks the chunks of one range and writes them where they belong.
 fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
+    let mut open: Option<(u32, fs::File)> = None;
     for &ci in &r.chunks {
         let c = &s.manifest.chunks[ci as usize];
         let dests = &s.uses[&ci];
@@ -323,24 +362,39 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
         let plain = repo::pack::decode_chunk(env, &c.hash).map_err(corrupt)?;
         for &(fi, offset) in dests {
             let path = &s.paths[fi as usize];
-            let file = OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map_err(io_err(path))?;
+            // A range's chunks are mostly one file's, in order: opened once for them.
+            let file = match &open {
+                Some((i, f)) if *i == fi => f,
+                _ => {
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .map_err(io_err(path))?;
+                    &open.insert((fi, f)).1
+                }
+            };
             file.write_all_at(&plain, offset).map_err(io_err(path))?;
+            s.dirty[fi as usize].store(true, Ordering::Relaxed);
             s.written.fetch_add(plain.len() as u64, Ordering::Relaxed);
         }
     }
     Ok(())
 }
 
+/// Flushes file `path` (data and size) to disk.
+fn sync_file(path: &Path) -> Result<(), FilesError> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))
+}
+
+/// Flushes directory `dir` (its entries) to disk.
+fn sync_dir(dir: &Path) -> Result<(), FilesError> {
+    sync_file(dir)
+}
+
 /// Bytes written between early flushes.
 const EARLY_FLUSH_BYTES: u64 = 64 << 20;
-
-fn sync_fs(dir: &Path) -> Result<(), FilesError> {
-    let d = fs::File::open(dir).map_err(io_err(dir))?;
-    rustix::fs::syncfs(&d).map_err(|e| io_err(dir)(e.into()))
-}
 
 /// The directories, links and (empty) files of a restore, made by [`lay_out_files`].
 #[derive(Debug)]
@@ -391,6 +445,7 @@ pub async fn write_files(
     let fetched: u64 = ranges.iter().map(|r| r.end - r.start).sum();
     let shared = Arc::new(Shared {
         manifest: m.clone(),
+        dirty: paths.iter().map(|_| AtomicBool::new(false)).collect(),
         paths,
         uses,
         written,
@@ -400,18 +455,12 @@ pub async fn write_files(
         options.threads,
         options.threads * 2,
     ));
-    // Written pages are flushed while the rest is still arriving, so that the final flush
+    // Written files are flushed while the rest is still arriving, so that the final flush
     // finds little left to write: the disk works alongside the network and the codecs
     // instead of after them. A flush that fails here is only early; the final one counts.
     let flusher = {
-        let dirs: Vec<PathBuf> = layout
-            .spaces
-            .values()
-            .cloned()
-            .chain([layout.to.clone()])
-            .collect();
-        let written = shared.written.clone();
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared = shared.clone();
+        let done = Arc::new(AtomicBool::new(false));
         let stop = done.clone();
         let handle = std::thread::Builder::new()
             .name("pitr-flusher".into())
@@ -419,10 +468,13 @@ pub async fn write_files(
                 let mut flushed = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(std::time::Duration::from_millis(100));
-                    let now = written.load(Ordering::Relaxed);
+                    let now = shared.written.load(Ordering::Relaxed);
                     if now - flushed >= EARLY_FLUSH_BYTES {
-                        for d in &dirs {
-                            let _ = sync_fs(d);
+                        for (i, dirty) in shared.dirty.iter().enumerate() {
+                            if dirty.swap(false, Ordering::Relaxed) {
+                                let _ =
+                                    fs::File::open(&shared.paths[i]).and_then(|f| f.sync_data());
+                            }
                         }
                         flushed = now;
                     }
@@ -453,8 +505,17 @@ pub async fn write_files(
                         source: EnvelopeError::Truncated(bytes.len()),
                     }));
                 }
-                let s = shared.clone();
-                pool.run(move || write_range(&s, &r, &bytes)).await?
+                // A well-compressed range holds far more plaintext than its size: its
+                // chunks are checked and written in several jobs, so that the last ranges
+                // do not leave all but one thread idle.
+                let jobs = split_by_plain(&shared.manifest, r).into_iter().map(|part| {
+                    let (s, bytes) = (shared.clone(), bytes.clone());
+                    pool.run(move || write_range(&s, &part, &bytes))
+                });
+                for done in futures::future::join_all(jobs).await {
+                    done??;
+                }
+                Ok(())
             }
         })
         .buffer_unordered(options.fetches.max(1))
@@ -467,22 +528,46 @@ pub async fn write_files(
     fetched_all?;
 
     let write_seconds = started.elapsed().as_secs_f64();
-    // Everything on disk, then pg_control, then the marker gone.
+    // Everything on disk: every file (several at once: the filesystem's journal takes
+    // concurrent flushes together), then every directory; then pg_control, then the
+    // marker gone.
     let to = layout.to.clone();
-    let spaces: Vec<PathBuf> = layout.spaces.values().cloned().collect();
+    let files: Vec<PathBuf> = m
+        .files
+        .iter()
+        .zip(&shared.paths)
+        .filter(|(f, _)| f.kind == FileType::File)
+        .map(|(_, p)| p.clone())
+        .collect();
+    let mut dirs: Vec<PathBuf> = m
+        .files
+        .iter()
+        .zip(&shared.paths)
+        .filter_map(|(f, p)| match f.kind {
+            FileType::Directory => Some(p.clone()),
+            _ => p.parent().map(Path::to_owned),
+        })
+        .chain(layout.spaces.values().cloned())
+        .chain([layout.to.clone()])
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    futures::stream::iter(files.into_iter().chain(dirs))
+        .map(|path| pool.run(move || sync_file(&path)))
+        .buffer_unordered(options.threads.max(1) * 2)
+        .map(|r| r.map_err(FilesError::from).and_then(|r| r))
+        .try_collect::<()>()
+        .await?;
     tokio::task::spawn_blocking(move || -> Result<(), FilesError> {
-        for dir in spaces.iter().chain([&to]) {
-            sync_fs(dir)?;
-        }
         let pending = to.join(PG_CONTROL_PENDING);
         if pending.exists() {
             let control = to.join(PG_CONTROL);
             fs::rename(&pending, &control).map_err(io_err(&control))?;
-            sync_fs(&to)?;
+            sync_dir(&to.join("global"))?;
         }
         let marker = to.join(INCOMPLETE_MARKER);
         fs::remove_file(&marker).map_err(io_err(&marker))?;
-        sync_fs(&to)
+        sync_dir(&to)
     })
     .await
     .map_err(|_| PoolGone)??;
