@@ -9,8 +9,14 @@
 //! - `want`: the name of the segment PostgreSQL asked for last; the worker keeps the window
 //!   of segments after it filled.
 //! - `worker.pid`: held (create-new) by the one running worker, with its process id.
+//! - `staged`: present from the moment a restore staged WAL here until PostgreSQL's first
+//!   wal-fetch call: until then the segments are waiting for a server not yet started.
 //! - whole segments under their own names, each written to a temp file, fsynced and renamed,
 //!   so a name in the spool always means a complete, verified file.
+//!
+//! A worker that has had no request for a while, once PostgreSQL has called, takes the
+//! segments it left ahead with it: recovery is over (or paused), and they are not left to
+//! fill `pg_wal`'s disk. A later call fetches again.
 //!
 //! Only whole segments (`wal/` objects of complete segments) are spooled: a segment that is
 //! still being written (by `pitr stream`, later) is never delivered from here.
@@ -21,6 +27,7 @@ use std::path::{Path, PathBuf};
 use walfmt::{SegmentName, WalSegmentSize};
 
 const REPO_FILE: &str = "repo";
+const STAGED_FILE: &str = "staged";
 
 /// A spool directory.
 #[derive(Debug, Clone)]
@@ -154,6 +161,29 @@ impl Spool {
             if SegmentName::parse(&n, seg_size).is_ok_and(|s| s.segno < wanted.segno) {
                 let _ = std::fs::remove_file(self.dir.join(n));
             }
+        }
+        Ok(())
+    }
+
+    /// Says the segments here were staged by a restore for a server not yet started.
+    pub fn mark_staged(&self) -> std::io::Result<()> {
+        std::fs::write(self.dir.join(STAGED_FILE), b"")
+    }
+
+    /// PostgreSQL is recovering: the staged segments are now in its hands.
+    pub fn clear_staged(&self) {
+        let _ = std::fs::remove_file(self.dir.join(STAGED_FILE));
+    }
+
+    /// Whether a restore staged segments here for a server that has not called yet.
+    pub fn is_staged(&self) -> bool {
+        self.dir.join(STAGED_FILE).exists()
+    }
+
+    /// Removes every spooled segment.
+    pub fn drop_segments(&self) -> std::io::Result<()> {
+        for n in self.segments()? {
+            let _ = std::fs::remove_file(self.dir.join(n));
         }
         Ok(())
     }

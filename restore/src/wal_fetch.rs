@@ -86,6 +86,7 @@ pub fn from_spool(url: &RepoUrl, dir: &Path, name: &str, dest: &Path) -> bool {
     let Ok(spool) = Spool::open(dir, &url.to_string()) else {
         return false;
     };
+    spool.clear_staged();
     let _ = spool.set_wanted(name);
     matches!(spool.take(name, dest), Ok(true))
 }
@@ -215,6 +216,11 @@ pub async fn prefetch(
         let wanted = spool.wanted();
         if wanted.is_none() || wanted == filled_for {
             if idle_since.elapsed() >= options.linger {
+                // Nothing asked for a while: recovery is over or paused. What is left
+                // ahead goes, unless it waits for a server not started yet.
+                if !spool.is_staged() {
+                    let _ = spool.drop_segments();
+                }
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -266,6 +272,7 @@ pub fn hand_over(
     seg: WalSegmentSize,
 ) -> std::io::Result<(usize, bool)> {
     let spool = Spool::open(dir, repo_url)?;
+    spool.mark_staged()?;
     let held = spool.segments()?;
     let done = names.iter().filter(|n| held.contains(n)).count();
     let before_first = names.first().and_then(|n| {

@@ -169,15 +169,19 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
         let out = src.restore(&to, &all);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{args:?}: {err}");
-        if args.contains(&"--prefetch-wal") {
-            // Every segment recovery needs is in the spool before the server starts.
+        let spool = to.join("pg_wal/.pitr/fetch");
+        if args.contains(&"--no-prefetch-wal") {
+            assert!(!err.contains("pitr: restore: staged"), "{err}");
+            assert!(!spool.exists(), "{err}");
+        } else {
+            // By default every segment recovery needs is in the spool before the server
+            // starts.
             let staged = err
                 .lines()
                 .find_map(|l| l.strip_prefix("pitr: restore: staged "))
                 .unwrap_or_else(|| panic!("{err}"));
             let (n, of) = staged.split_once(" of ").unwrap();
             assert!(of.starts_with(n) && n != "0", "{staged}");
-            let spool = to.join("pg_wal/.pitr/fetch");
             assert!(std::fs::read_dir(&spool).unwrap().count() > n.parse::<usize>().unwrap());
         }
         let pg = start_restored(&src, &to, false);
@@ -187,6 +191,26 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
     let t2: walfmt::PgTimestamp = restore::target::parse_time(&commits[1].0).unwrap();
     let between = walfmt::PgTimestamp::from_unix_micros(t2.unix_micros() + 100_000).to_pg_utc();
     assert_eq!(restore_and_count(&["--target-time", &between]), ["1", "2"]);
+    // Recovery stopped at the target with staged and prefetched segments left ahead: once
+    // nothing more is asked, the prefetch worker removes them.
+    let spool = dirs.path().join("r1/pg_wal/.pitr/fetch");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: Vec<String> = std::fs::read_dir(&spool)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.len() == 24)
+            .collect();
+        if left.is_empty() && !spool.join("worker.pid").exists() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left in the spool: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // At batch 3's exact commit time: inclusive keeps it, exclusive stops just before.
     assert_eq!(
         restore_and_count(&["--target-time", &commits[2].0]),
@@ -202,9 +226,9 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
     );
     assert_eq!(restore_and_count(&["--target-name", "after-2"]), ["1", "2"]);
     assert_eq!(restore_and_count(&["--target-xid", &xid3]), ["1", "2", "3"]);
-    assert!(restore_and_count(&["--target-immediate"]).is_empty());
-    // No target: everything archived; with the WAL staged while the files were written.
-    assert_eq!(restore_and_count(&["--prefetch-wal"]), ["1", "2", "3", "4"]);
+    assert!(restore_and_count(&["--target-immediate", "--no-prefetch-wal"]).is_empty());
+    // No target: everything archived.
+    assert_eq!(restore_and_count(&[]), ["1", "2", "3", "4"]);
 }
 
 #[test]
