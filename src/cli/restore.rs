@@ -62,12 +62,9 @@ pub struct Args {
     #[arg(long, value_name = "OID=PATH")]
     tablespace_map: Vec<String>,
     /// Stage the WAL recovery needs into wal-fetch's spool (pg_wal/.pitr/fetch) while the
-    /// files are written, so replay starts without waiting on the repository (the default)
-    #[arg(long, overrides_with = "no_prefetch_wal")]
-    prefetch_wal: bool,
-    /// Leave all WAL to wal-fetch: nothing staged while the files are written
+    /// files are written, so replay starts without waiting on the repository
     #[arg(long)]
-    no_prefetch_wal: bool,
+    prefetch_wal: bool,
     /// Ranged reads from the repository at once
     #[arg(
         long,
@@ -294,7 +291,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         };
         let result = async {
             let laid_out = lay_out_files(m, &options).await?;
-            if args.no_prefetch_wal {
+            if !args.prefetch_wal {
                 return write_files(repo.objects(), m, &options, laid_out, written).await;
             }
             let spool = restore::spool::default_dir(&args.to.join("pg_wal").join("RECOVERYXLOG"));

@@ -170,12 +170,11 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{args:?}: {err}");
         let spool = to.join("pg_wal/.pitr/fetch");
-        if args.contains(&"--no-prefetch-wal") {
+        if !args.contains(&"--prefetch-wal") {
             assert!(!err.contains("pitr: restore: staged"), "{err}");
             assert!(!spool.exists(), "{err}");
         } else {
-            // By default every segment recovery needs is in the spool before the server
-            // starts.
+            // Every segment recovery needs is in the spool before the server starts.
             let staged = err
                 .lines()
                 .find_map(|l| l.strip_prefix("pitr: restore: staged "))
@@ -190,7 +189,10 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
     // Between the commit of batch 2 and that of batch 3.
     let t2: walfmt::PgTimestamp = restore::target::parse_time(&commits[1].0).unwrap();
     let between = walfmt::PgTimestamp::from_unix_micros(t2.unix_micros() + 100_000).to_pg_utc();
-    assert_eq!(restore_and_count(&["--target-time", &between]), ["1", "2"]);
+    assert_eq!(
+        restore_and_count(&["--target-time", &between, "--prefetch-wal"]),
+        ["1", "2"]
+    );
     // Recovery stopped at the target with staged and prefetched segments left ahead: once
     // nothing more is asked, the prefetch worker removes them.
     let spool = dirs.path().join("r1/pg_wal/.pitr/fetch");
@@ -226,9 +228,9 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
     );
     assert_eq!(restore_and_count(&["--target-name", "after-2"]), ["1", "2"]);
     assert_eq!(restore_and_count(&["--target-xid", &xid3]), ["1", "2", "3"]);
-    assert!(restore_and_count(&["--target-immediate", "--no-prefetch-wal"]).is_empty());
-    // No target: everything archived.
-    assert_eq!(restore_and_count(&[]), ["1", "2", "3", "4"]);
+    assert!(restore_and_count(&["--target-immediate"]).is_empty());
+    // No target: everything archived; with the WAL staged while the files were written.
+    assert_eq!(restore_and_count(&["--prefetch-wal"]), ["1", "2", "3", "4"]);
 }
 
 #[test]
