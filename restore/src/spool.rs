@@ -106,13 +106,46 @@ impl Spool {
         self.dir.join(name).is_file()
     }
 
-    /// Moves spooled `name` to `dest` (rename, or copy across filesystems) and makes it
-    /// durable there. False when the spool does not hold it.
+    /// Moves spooled `name` to `dest` (rename, or copy across filesystems or owners) and
+    /// makes it durable there. False when the spool does not hold it (or this user cannot
+    /// read it).
     pub fn take(&self, name: &str, dest: &Path) -> std::io::Result<bool> {
         if !is_segment_name(name) {
             return Ok(false);
         }
         let src = self.dir.join(name);
+        // A file another user wrote (a worker that a restore run as root started, say) is
+        // copied: renamed, it would keep that owner and mode, which the server may not be
+        // able to read. One this user cannot read is not there for it.
+        let foreign = {
+            use std::os::unix::fs::MetadataExt;
+            let dest_dir = dest
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            match (std::fs::metadata(&src), std::fs::metadata(dest_dir)) {
+                (Ok(f), Ok(d)) => f.uid() != d.uid(),
+                (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                _ => true,
+            }
+        };
+        if foreign {
+            let bytes = match std::fs::read(&src) {
+                Ok(b) => b,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                    ) =>
+                {
+                    return Ok(false)
+                }
+                Err(e) => return Err(e),
+            };
+            crate::wal_fetch::write_atomically(dest, &bytes)?;
+            let _ = std::fs::remove_file(&src);
+            return Ok(true);
+        }
         match std::fs::rename(&src, dest) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),

@@ -291,29 +291,39 @@ pub fn run(args: Args) -> Result<(), Failure> {
         };
         let result = async {
             let laid_out = lay_out_files(m, &options).await?;
-            if !args.prefetch_wal {
-                return write_files(repo.objects(), m, &options, laid_out, written).await;
-            }
             let spool = restore::spool::default_dir(&args.to.join("pg_wal").join("RECOVERYXLOG"));
             // WAL is staged while the files are written, no longer: then the prefetch
             // worker wal-fetch uses carries on from where staging got to, so the restore
             // ends with its files and recovery starts on a filling spool.
             // At most STAGE_MAX segments: pg_wal's disk is not for all the WAL of a long
             // restore; the worker keeps a window of 16 ahead of replay after that.
-            let stage_list: Vec<String> = plan.wal.iter().take(STAGE_MAX).cloned().collect();
-            let staging = {
+            // Without --prefetch-wal nothing is staged while the files are written (on a
+            // small machine that slows the files more than it speeds replay), but the
+            // worker still starts when they are done: the first segments are in the spool
+            // by the time PostgreSQL asks for them.
+            let stage_list: Vec<String> = if args.prefetch_wal {
+                plan.wal.iter().take(STAGE_MAX).cloned().collect()
+            } else {
+                Vec::new()
+            };
+            let staging = (!stage_list.is_empty()).then(|| {
                 let (repo, spool, wal) = (repo.clone(), spool.clone(), stage_list.clone());
                 tokio::spawn(async move { restore::wal_fetch::stage(&repo, &spool, &wal, 4).await })
-            };
+            });
             let files = write_files(repo.objects(), m, &options, laid_out, written).await;
-            staging.abort();
-            let staged = match staging.await {
-                Ok(Ok(n)) => Some(n),
-                Ok(Err(e)) => {
-                    eprintln!("pitr: warning: could not stage WAL for recovery: {e}");
-                    None
+            let staged = match staging {
+                None => Some(0),
+                Some(staging) => {
+                    staging.abort();
+                    match staging.await {
+                        Ok(Ok(n)) => Some(n),
+                        Ok(Err(e)) => {
+                            eprintln!("pitr: warning: could not stage WAL for recovery: {e}");
+                            None
+                        }
+                        Err(_) => None, // stopped while still staging
+                    }
                 }
-                Err(_) => None, // stopped while still staging
             };
             // Staging was cut short by the files being done, or reached its cap: the
             // prefetch worker carries on from there.
@@ -326,7 +336,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 })
                 .await;
                 if let Ok(Ok((done, carry_on))) = handed {
-                    if !args.json {
+                    if !args.json && args.prefetch_wal {
                         eprintln!("pitr: restore: staged {done} of {} WAL segments for recovery", plan.wal.len());
                     }
                     if cut && carry_on {

@@ -171,8 +171,9 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
         assert!(out.status.success(), "{args:?}: {err}");
         let spool = to.join("pg_wal/.pitr/fetch");
         if !args.contains(&"--prefetch-wal") {
+            // Nothing staged while the files were written (the prefetch worker, started
+            // once they are done, may be filling the spool already).
             assert!(!err.contains("pitr: restore: staged"), "{err}");
-            assert!(!spool.exists(), "{err}");
         } else {
             // Every segment recovery needs is in the spool before the server starts.
             let staged = err
