@@ -532,24 +532,19 @@ pub async fn write_files(
     // concurrent flushes together), then every directory; then pg_control, then the
     // marker gone.
     let to = layout.to.clone();
-    let files: Vec<PathBuf> = m
-        .files
-        .iter()
-        .zip(&shared.paths)
-        .filter(|(f, _)| f.kind == FileType::File)
-        .map(|(_, p)| p.clone())
-        .collect();
-    let mut dirs: Vec<PathBuf> = m
-        .files
-        .iter()
-        .zip(&shared.paths)
-        .filter_map(|(f, p)| match f.kind {
-            FileType::Directory => Some(p.clone()),
-            _ => p.parent().map(Path::to_owned),
-        })
-        .chain(layout.spaces.values().cloned())
-        .chain([layout.to.clone()])
-        .collect();
+    let mut files = Vec::new();
+    let mut dirs: Vec<PathBuf> = layout.spaces.values().cloned().collect();
+    dirs.push(layout.to.clone());
+    for (f, p) in m.files.iter().zip(&shared.paths) {
+        match f.kind {
+            FileType::Directory => dirs.push(p.clone()),
+            FileType::File => files.push(p.clone()),
+            FileType::Symlink => {}
+        }
+        if f.kind != FileType::Directory {
+            dirs.extend(p.parent().map(Path::to_owned));
+        }
+    }
     dirs.sort();
     dirs.dedup();
     futures::stream::iter(files.into_iter().chain(dirs))

@@ -39,11 +39,34 @@ pub struct Spool {
 /// `pg_wal/RECOVERYXLOG`): `.pitr/fetch` beside it, on the same filesystem so that handing a
 /// file over is a rename.
 pub fn default_dir(dest: &Path) -> PathBuf {
-    let dir = dest
-        .parent()
+    dir_of(dest).join(".pitr").join("fetch")
+}
+
+/// The directory holding `path` (`.` for a bare name).
+pub(crate) fn dir_of(path: &Path) -> &Path {
+    path.parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    dir.join(".pitr").join("fetch")
+        .unwrap_or(Path::new("."))
+}
+
+/// Copies `src` to `dest` (temp file beside it, fsync, rename) and removes `src`. False when
+/// `src` is gone or this user cannot read it.
+fn copy_out(src: &Path, dest: &Path) -> std::io::Result<bool> {
+    let bytes = match std::fs::read(src) {
+        Ok(b) => b,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            return Ok(false)
+        }
+        Err(e) => return Err(e),
+    };
+    crate::wal_fetch::write_atomically(dest, &bytes)?;
+    let _ = std::fs::remove_file(src);
+    Ok(true)
 }
 
 fn is_segment_name(name: &str) -> bool {
@@ -117,12 +140,9 @@ impl Spool {
         // A file another user wrote (a worker that a restore run as root started, say) is
         // copied: renamed, it would keep that owner and mode, which the server may not be
         // able to read. One this user cannot read is not there for it.
+        let dest_dir = dir_of(dest);
         let foreign = {
             use std::os::unix::fs::MetadataExt;
-            let dest_dir = dest
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
             match (std::fs::metadata(&src), std::fs::metadata(dest_dir)) {
                 (Ok(f), Ok(d)) => f.uid() != d.uid(),
                 (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -130,42 +150,15 @@ impl Spool {
             }
         };
         if foreign {
-            let bytes = match std::fs::read(&src) {
-                Ok(b) => b,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
-                    ) =>
-                {
-                    return Ok(false)
-                }
-                Err(e) => return Err(e),
-            };
-            crate::wal_fetch::write_atomically(dest, &bytes)?;
-            let _ = std::fs::remove_file(&src);
-            return Ok(true);
+            return copy_out(&src, dest);
         }
         match std::fs::rename(&src, dest) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(_) => {
-                // Another filesystem: copy through a temp file beside dest instead.
-                let bytes = match std::fs::read(&src) {
-                    Ok(b) => b,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-                    Err(e) => return Err(e),
-                };
-                crate::wal_fetch::write_atomically(dest, &bytes)?;
-                let _ = std::fs::remove_file(&src);
-                return Ok(true);
-            }
+            // Another filesystem: copy through a temp file beside dest instead.
+            Err(_) => return copy_out(&src, dest),
         }
-        let dir = dest
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::File::open(dir)?.sync_all()?;
+        std::fs::File::open(dest_dir)?.sync_all()?;
         Ok(true)
     }
 

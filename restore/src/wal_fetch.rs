@@ -46,31 +46,12 @@ pub enum FetchError {
 
 /// Writes `bytes` at `dest` atomically and durably.
 pub(crate) fn write_atomically(dest: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = crate::spool::dir_of(dest);
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     crate::spool::write_durably(dir, &name, bytes)
-}
-
-/// Where a fetched file came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivered {
-    /// The repository, now.
-    Repository,
-    /// The spool, fetched ahead by the prefetch worker.
-    Spool,
-}
-
-/// How `wal-fetch` works beside the one file asked for.
-#[derive(Debug, Clone, Default)]
-pub struct FetchOptions {
-    /// The spool to answer from and record requests in; None: no prefetch.
-    pub spool: Option<PathBuf>,
 }
 
 /// Hands segment `name` over from the spool at `dir` (of the repository at `url`) to `dest`
@@ -91,38 +72,15 @@ pub fn from_spool(url: &RepoUrl, dir: &Path, name: &str, dest: &Path) -> bool {
     matches!(spool.take(name, dest), Ok(true))
 }
 
-/// Fetches WAL file `name` from the repository at `url` into `dest`.
+/// Fetches WAL file `name` from the repository at `url` into `dest` (wal-fetch asks the
+/// spool first, with [`from_spool`]).
 pub async fn fetch(
     url: &RepoUrl,
     name: &str,
     dest: &Path,
     codec: Arc<Codec>,
 ) -> Result<(), FetchError> {
-    fetch_with(url, name, dest, codec, &FetchOptions::default())
-        .await
-        .map(|_| ())
-}
-
-/// [`fetch`], answering from the spool when it holds the file and recording the request
-/// there so the prefetch worker ([`prefetch`]) fetches what comes next.
-pub async fn fetch_with(
-    url: &RepoUrl,
-    name: &str,
-    dest: &Path,
-    codec: Arc<Codec>,
-    options: &FetchOptions,
-) -> Result<Delivered, FetchError> {
     let key = wal_key(name).ok_or_else(|| FetchError::BadName(name.to_owned()))?;
-    if let Some(dir) = &options.spool {
-        let (url_, dir_, name_, dest_) =
-            (url.clone(), dir.clone(), name.to_owned(), dest.to_owned());
-        let taken = tokio::task::spawn_blocking(move || from_spool(&url_, &dir_, &name_, &dest_))
-            .await
-            .unwrap_or(false);
-        if taken {
-            return Ok(Delivered::Spool);
-        }
-    }
     // One round trip: the repository's config and the object are read at once.
     let storage = storage_for(url)
         .await
@@ -155,7 +113,7 @@ pub async fn fetch_with(
             path: shown,
             source,
         })?;
-    Ok(Delivered::Repository)
+    Ok(())
 }
 
 /// The segment `name` as `pitr stream` has made it durable so far: its pieces from offset 0,

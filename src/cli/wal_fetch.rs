@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use repo::codec::Codec;
 use restore::spool::default_dir;
-use restore::wal_fetch::{
-    fetch_with, from_spool, prefetch, FetchError, FetchOptions, PrefetchOptions,
-};
+use restore::wal_fetch::{fetch, from_spool, prefetch, FetchError, PrefetchOptions};
 use walfmt::ArchiveFileKind;
 
 use super::repo_args::RepoArgs;
@@ -85,15 +83,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
         }
     }
     let runtime = super::runtime(Exit::FetchFailed)?;
-    let options = FetchOptions {
-        spool: spool_dir.clone(),
-    };
-    let fetched = runtime.block_on(fetch_with(
+    let fetched = runtime.block_on(fetch(
         &url,
         &args.name,
         &args.dest,
         Arc::new(Codec::with_default_threads()),
-        &options,
     ));
     match fetched {
         Ok(_) => {
