@@ -99,22 +99,32 @@ impl S3Settings {
             credentials: None,
             checksums_when_required: std::env::var("PITR_S3_CHECKSUMS")
                 .is_ok_and(|v| v == "when_required"),
-            payload_signing: match std::env::var("PITR_S3_PAYLOAD_SIGNING").as_deref() {
-                Ok("on") | Ok("true") => PayloadSigning::On,
-                Ok("off") | Ok("false") => PayloadSigning::Off,
-                _ => PayloadSigning::Auto,
+            payload_signing: match on_off("PITR_S3_PAYLOAD_SIGNING") {
+                Some(true) => PayloadSigning::On,
+                Some(false) => PayloadSigning::Off,
+                None => PayloadSigning::Auto,
             },
             max_attempts: 3,
             attempt_timeout: Duration::from_secs(60),
             part_size: 16 << 20,
             part_concurrency: 4,
-            conditional_put: match std::env::var("PITR_S3_CONDITIONAL_PUT").as_deref() {
-                Ok("on") | Ok("true") => ConditionalPut::On,
-                Ok("off") | Ok("false") => ConditionalPut::Off,
-                _ => ConditionalPut::Auto,
+            conditional_put: match on_off("PITR_S3_CONDITIONAL_PUT") {
+                Some(true) => ConditionalPut::On,
+                Some(false) => ConditionalPut::Off,
+                None => ConditionalPut::Auto,
             },
             cache_dir: default_cache_dir(),
         }
+    }
+}
+
+/// An `auto|on|off` setting from the environment: on (`on`, `true`), off (`off`,
+/// `false`), or None for auto and anything else.
+fn on_off(name: &str) -> Option<bool> {
+    match std::env::var(name).as_deref() {
+        Ok("on") | Ok("true") => Some(true),
+        Ok("off") | Ok("false") => Some(false),
+        _ => None,
     }
 }
 
