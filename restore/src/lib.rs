@@ -6,5 +6,6 @@ pub mod files;
 pub mod plan;
 pub mod recovery;
 pub mod spool;
+pub mod start;
 pub mod target;
 pub mod wal_fetch;

@@ -32,6 +32,9 @@ pub struct RecoveryConfig {
     pub timeline: Option<String>,
     /// None leaves PostgreSQL's default (pause).
     pub action: Option<Action>,
+    /// Write `standby.signal` instead of `recovery.signal`: the server recovers as a
+    /// standby until promoted (what `pitr restore --start` does without a target).
+    pub standby: bool,
 }
 
 /// A postgresql.conf string literal.
@@ -97,7 +100,8 @@ pub fn settings_lines(c: &RecoveryConfig) -> Vec<String> {
     out
 }
 
-/// Writes `recovery.signal` and the settings into `data_dir`, replacing stale ones.
+/// Writes `recovery.signal` (or `standby.signal`) and the settings into `data_dir`,
+/// replacing stale ones.
 pub fn write(data_dir: &Path, c: &RecoveryConfig) -> io::Result<()> {
     let auto = data_dir.join("postgresql.auto.conf");
     let old = match std::fs::read_to_string(&auto) {
@@ -115,7 +119,18 @@ pub fn write(data_dir: &Path, c: &RecoveryConfig) -> io::Result<()> {
         text.push('\n');
     }
     crate::spool::write_durably(data_dir, "postgresql.auto.conf", text.as_bytes())?;
-    crate::spool::write_durably(data_dir, "recovery.signal", b"")?;
+    let (signal, other) = if c.standby {
+        ("standby.signal", "recovery.signal")
+    } else {
+        ("recovery.signal", "standby.signal")
+    };
+    // A backup of a standby may carry its standby.signal: with both, PostgreSQL would be
+    // a standby whatever was asked.
+    match std::fs::remove_file(data_dir.join(other)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    crate::spool::write_durably(data_dir, signal, b"")?;
     Ok(())
 }
 
@@ -138,6 +153,7 @@ mod tests {
             exclusive: true,
             timeline: Some("latest".into()),
             action: Some(Action::Promote),
+            standby: false,
         };
         write(dir.path(), &c).unwrap();
         write(dir.path(), &c).unwrap(); // twice: still one set of lines
@@ -153,6 +169,10 @@ mod tests {
              recovery_target_action = 'promote'\n"
         );
         assert!(dir.path().join("recovery.signal").exists());
+        // A standby restore swaps the signal files, whichever the backup carried.
+        write(dir.path(), &RecoveryConfig { standby: true, ..c }).unwrap();
+        assert!(dir.path().join("standby.signal").exists());
+        assert!(!dir.path().join("recovery.signal").exists());
     }
 
     #[test]

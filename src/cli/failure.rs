@@ -24,6 +24,9 @@ pub enum Exit {
     WalMissing = 8,
     /// 9: `restore`: no backup and continuous WAL reach the target (nothing was written).
     Unreachable = 9,
+    /// 10: `restore --start`: the files are restored, but the server did not come up on
+    /// them (its log says why).
+    StartFailed = 10,
     /// 200: `wal-fetch` could not deliver a file the repository may hold (unreachable,
     /// damaged, misconfigured). Above 125, so PostgreSQL stops recovery.
     FetchFailed = 200,

@@ -65,6 +65,18 @@ pub struct Args {
     /// files are written, so replay starts without waiting on the repository
     #[arg(long)]
     prefetch_wal: bool,
+    /// Then start PostgreSQL on the directory and return once it has reached the target
+    /// and accepts writes; it is promoted as a standby is, without waiting for the
+    /// end-of-recovery checkpoint
+    #[arg(long)]
+    start: bool,
+    /// With --start: the directory of pg_ctl [default: the backup's major version under
+    /// /usr/lib/postgresql/N/bin or /usr/pgsql-N/bin, or pg_ctl on PATH]
+    #[arg(long, value_name = "DIR", env = "PITR_PG_BIN", requires = "start")]
+    pg_bin: Option<PathBuf>,
+    /// With --start: a server setting for this start (port=5433, say; repeatable)
+    #[arg(long, value_name = "NAME=VALUE", requires = "start")]
+    server_option: Vec<String>,
     /// Ranged reads from the repository at once
     #[arg(
         long,
@@ -195,9 +207,58 @@ fn restore_command(repo: &str) -> String {
     words.join(" ")
 }
 
+/// `--server-option NAME=VALUE`s, checked.
+fn server_options(args: &Args) -> Result<Vec<(String, String)>, Failure> {
+    args.server_option
+        .iter()
+        .map(|o| match o.split_once('=') {
+            Some((k, v))
+                if !k.is_empty()
+                    && k.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.') =>
+            {
+                Ok((k.to_owned(), v.to_owned()))
+            }
+            _ => Err(
+                Failure::new(Exit::BadInput, format!("invalid --server-option \"{o}\""))
+                    .hint("NAME=VALUE, as in postgresql.conf: port=5433"),
+            ),
+        })
+        .collect()
+}
+
+/// `--start` runs pg_ctl, which PostgreSQL does not let root run.
+fn check_can_start(args: &Args) -> Result<(), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    if !args.start {
+        return Ok(());
+    }
+    if args
+        .target_action
+        .as_deref()
+        .is_some_and(|a| a != "promote")
+    {
+        return Err(Failure::new(
+            Exit::BadInput,
+            "--start promotes the restored server: it cannot be combined with --target-action pause or shutdown",
+        )
+        .hint("leave out --start and start the server yourself"));
+    }
+    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        return Err(Failure::new(
+            Exit::BadInput,
+            "--start cannot start PostgreSQL as root",
+        )
+        .hint("run pitr restore --start as the OS user the server runs as (postgres, say), or restore without --start and start the server as that user"));
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
     let target = target(&args)?;
+    check_can_start(&args)?;
+    let start_settings = server_options(&args)?;
     let timeline_choice = timeline(&args.target_timeline)?;
     let mut map = HashMap::new();
     for m in &args.tablespace_map {
@@ -229,7 +290,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     }
     let runtime = super::runtime(Exit::Repository)?;
     let started = Instant::now();
-    let (plan, report, plan_seconds) = runtime.block_on(async {
+    let (plan, report, plan_seconds, pg_bin) = runtime.block_on(async {
         let repo = Repository::open(&url, None, Arc::new(Codec::with_default_threads()))
             .await
             .map_err(open_failure)?;
@@ -244,6 +305,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .map_err(plan_failure)?;
         let plan_seconds = started.elapsed().as_secs_f64();
         let m = &plan.backup;
+        let pg_bin = if args.start {
+            Some(restore::start::find_bin(m.pg_version, args.pg_bin.as_deref()).map_err(|e| {
+                Failure::new(Exit::BadInput, format!("cannot start the restored server: {e}"))
+                    .hint("name the directory of the server binaries with --pg-bin or PITR_PG_BIN")
+            })?)
+        } else {
+            None
+        };
         if let Some((missing, newest)) = &plan.stranded {
             eprintln!(
                 "pitr: warning: WAL segment {missing} is not in the repository, but later WAL (up to {newest}) is: recovery will stop before {missing}\nHINT:  if {missing} can still be archived (pg_wal of the old server, another copy), archive it and restore again"
@@ -352,7 +421,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             eprintln!();
         }
         let report = result.map_err(|e| files_failure(e, &args.to))?;
-        Ok::<_, Failure>((plan, report, plan_seconds))
+        Ok::<_, Failure>((plan, report, plan_seconds, pg_bin))
     })?;
     let action = args.target_action.as_deref().map(|a| match a {
         "promote" => Action::Promote,
@@ -364,7 +433,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
         target: target.clone(),
         exclusive: args.target_exclusive,
         timeline: Some(args.target_timeline.clone()),
-        action,
+        action: if args.start {
+            Some(Action::Promote)
+        } else {
+            action
+        },
+        // Without a target, --start recovers as a standby: promoted when the archive has
+        // no next segment (see restore::start).
+        standby: args.start && matches!(target, Target::End),
     };
     recovery::write(&args.to, &config).map_err(|e| {
         Failure::new(
@@ -377,6 +453,19 @@ pub fn run(args: Args) -> Result<(), Failure> {
     })?;
     let seconds = started.elapsed().as_secs_f64();
     let m = &plan.backup;
+    let server = match &pg_bin {
+        None => None,
+        Some(bin) => {
+            if !args.json {
+                eprintln!(
+                    "pitr: restore: restored in {seconds:.1} s; starting PostgreSQL on {} to recover",
+                    args.to.display()
+                );
+            }
+            Some(start(&args, bin, start_settings, &target)?)
+        }
+    };
+    let rto = started.elapsed().as_secs_f64();
     if args.json {
         println!(
             "{}",
@@ -395,11 +484,18 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 "first_segment": plan.first_segment,
                 "last_segment": plan.last_segment,
                 "segments": plan.segments,
+                "server": server.as_ref().map(|(s, log)| json!({
+                    "pid": s.pid,
+                    "log": log.display().to_string(),
+                    "recovery_seconds": s.seconds,
+                    "promoted_without_checkpoint_wait": s.signalled_after.is_some(),
+                })),
+                "rto_seconds": server.as_ref().map(|_| rto),
             })
         );
     } else {
         println!(
-            "restored backup {} into {}: {} files, {} in {seconds:.1} s ({}/s); recovery replays WAL {} .. {}{}; start PostgreSQL on it to recover",
+            "restored backup {} into {}: {} files, {} in {seconds:.1} s ({}/s); recovery replays WAL {} .. {}{}{}",
             m.id,
             args.to.display(),
             report.files,
@@ -410,7 +506,50 @@ pub fn run(args: Args) -> Result<(), Failure> {
             plan.last_xact_time
                 .as_ref()
                 .map_or(String::new(), |t| format!(" (latest archived transaction {t})")),
+            match &server {
+                None => "; start PostgreSQL on it to recover".to_owned(),
+                Some((s, log)) => format!(
+                    "; PostgreSQL (pid {}, log {}) recovered and accepts writes after {:.1} s more: {rto:.1} s in all",
+                    s.pid,
+                    log.display(),
+                    s.seconds
+                ),
+            }
         );
     }
     Ok(())
+}
+
+/// `--start`: the server started on the restored directory and promoted at the target.
+fn start(
+    args: &Args,
+    bin: &std::path::Path,
+    settings: Vec<(String, String)>,
+    target: &Target,
+) -> Result<(restore::start::Started, PathBuf), Failure> {
+    use restore::start::{start_and_promote, Promotion, StartOptions};
+    let log_dir = args.to.join("log");
+    let log = log_dir.join("pitr-start.log");
+    let failed = |e: String| {
+        Failure::new(Exit::StartFailed, e).hint(format!(
+            "the files are restored; see {} and start the server on {} yourself once fixed",
+            log.display(),
+            args.to.display()
+        ))
+    };
+    std::fs::create_dir_all(&log_dir)
+        .map_err(|e| failed(format!("could not create \"{}\": {e}", log_dir.display())))?;
+    let options = StartOptions {
+        bin: bin.to_owned(),
+        data_dir: args.to.clone(),
+        log: log.clone(),
+        settings,
+        promotion: if matches!(target, Target::End) {
+            Promotion::AtEndOfArchive
+        } else {
+            Promotion::AtTarget
+        },
+    };
+    let started = start_and_promote(&options).map_err(|e| failed(e.to_string()))?;
+    Ok((started, log))
 }

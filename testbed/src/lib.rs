@@ -17,6 +17,7 @@ mod s3;
 pub use cluster::{Cluster, ClusterOptions, StopMode, PASSWORD, PASSWORD_ROLES, SUPERUSER};
 pub use os_user::OsUser;
 pub use pg_bin::PgBin;
+pub use port::free_port;
 pub use s3::{serve as serve_s3, S3Server};
 
 /// A fresh, unique name for objects, prefixes and dirs made by one test.

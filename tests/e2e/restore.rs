@@ -568,3 +568,82 @@ fn after_a_promote_a_restore_to_a_time_on_the_new_timeline_gets_its_writes() {
     let pg = start_restored(&src, &third, false);
     assert_eq!(batches(&pg), ["1"]);
 }
+
+/// `pitr restore --start`, run as the server's OS user: the restore starts PostgreSQL on
+/// its directory and returns once the server has recovered and accepts writes, promoted
+/// as a standby is (no waited end-of-recovery checkpoint), to a target and to the end of
+/// the archive alike.
+#[test]
+fn restore_start_brings_the_server_up_at_the_target_without_the_waited_checkpoint() {
+    let src = Source::new("start");
+    src.pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    src.backup();
+    commit_batch(&src.pg, 1);
+    let (t2, _) = commit_batch(&src.pg, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    commit_batch(&src.pg, 3);
+    src.archive_all();
+    let t2: walfmt::PgTimestamp = restore::target::parse_time(&t2).unwrap();
+    let between = walfmt::PgTimestamp::from_unix_micros(t2.unix_micros() + 100_000).to_pg_utc();
+
+    let user = src.pg.os_user().clone();
+    let home = src.pg.server_dir("start-home").unwrap();
+    let sock = src.pg.server_dir("start-sock").unwrap();
+    let run = |name: &str, target: &[&str]| {
+        let to = home.join(name);
+        let port = testbed::free_port().unwrap().to_string(); // names the socket only
+        let mut cmd = src.pitr();
+        cmd.env("HOME", &home)
+            .args(["restore", "--json", "--start", "--repo", &src.url, "--to"])
+            .arg(&to)
+            .args(target);
+        for o in [
+            format!("port={port}"),
+            "listen_addresses=".to_owned(),
+            format!("unix_socket_directories={}", sock.display()),
+            "archive_mode=off".to_owned(),
+            "log_checkpoints=on".to_owned(),
+        ] {
+            cmd.args(["--server-option", &o]);
+        }
+        user.apply(&mut cmd);
+        let out = cmd.output().unwrap();
+        let log = std::fs::read_to_string(to.join("log/pitr-start.log")).unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "{}\nserver log:\n{log}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            report["server"]["promoted_without_checkpoint_wait"], true,
+            "{report}"
+        );
+        assert!(report["rto_seconds"].as_f64().unwrap() > 0.0, "{report}");
+        // Up and writable the moment pitr returns; promoted, not paused or a standby.
+        let pg = Cluster::attach(&to, ClusterOptions::default()).unwrap();
+        assert_eq!(pg.sql("SELECT pg_is_in_recovery()").unwrap(), "f");
+        pg.sql("CREATE TABLE written_after (x int); INSERT INTO written_after VALUES (1)")
+            .unwrap();
+        assert!(log.contains("received promote request"), "{log}");
+        assert!(!log.contains("end-of-recovery"), "{log}");
+        assert!(!to.join("standby.signal").exists() && !to.join("recovery.signal").exists());
+        pg
+    };
+
+    let pg = run("at-target", &["--target-time", &between]);
+    assert_eq!(batches(&pg), ["1", "2"]);
+    drop(pg);
+    let pg = run("at-end", &[]);
+    assert_eq!(batches(&pg), ["1", "2", "3"]);
+    drop(pg);
+
+    // PostgreSQL will not run as root: refused before anything is written.
+    if user.switches() {
+        let to = home.join("as-root");
+        let out = src.restore(&to, &["--start"]);
+        assert_eq!(code(&out), Some(3));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("as root"));
+        assert!(!to.exists());
+    }
+}

@@ -100,6 +100,8 @@ pub struct Cluster {
     running: bool,
     needs_roles: bool,
     watchdog: Option<Watchdog>,
+    /// The socket dir of a server the bed did not start ([`Cluster::attach`]).
+    socket: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -173,6 +175,7 @@ impl Cluster {
             running: false,
             needs_roles: true,
             watchdog: Some(watchdog),
+            socket: None,
         })
     }
 
@@ -220,7 +223,26 @@ impl Cluster {
             running: false,
             needs_roles: false,
             watchdog: Some(watchdog),
+            socket: None,
         })
+    }
+
+    /// Takes charge of a server something else started on `data_dir` (`pitr restore
+    /// --start`, say): port and socket dir come from its `postmaster.pid`. The bed stops it
+    /// on drop like its own.
+    pub fn attach(data_dir: &Path, options: ClusterOptions) -> Result<Cluster> {
+        let text = std::fs::read_to_string(data_dir.join("postmaster.pid"))
+            .with_context(|| format!("no running server on {}", data_dir.display()))?;
+        let lines: Vec<&str> = text.lines().collect();
+        let (Some(port), Some(socket)) = (lines.get(3), lines.get(4)) else {
+            bail!("postmaster.pid of {} is too short", data_dir.display());
+        };
+        let port = port.trim().parse().context("port in postmaster.pid")?;
+        let mut cluster = Cluster::adopt(data_dir, options)?;
+        cluster.port = port;
+        cluster.socket = Some(PathBuf::from(socket.trim()));
+        cluster.running = true;
+        Ok(cluster)
     }
 
     /// The bed's own dir for this cluster: socket, log, exposed binaries, server dirs.
@@ -368,7 +390,9 @@ impl Cluster {
 
     /// The private Unix socket dir.
     pub fn socket_dir(&self) -> PathBuf {
-        self.root.path().join("sock")
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.root.path().join("sock"))
     }
 
     /// The TCP port on 127.0.0.1.
