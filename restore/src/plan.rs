@@ -49,6 +49,8 @@ pub struct Plan {
     /// timeline beyond a missing segment: (the missing segment, the newest one after it).
     /// That WAL cannot be replayed; recovery stops before the missing segment.
     pub stranded: Option<(String, String)>,
+    /// The timelines with a history file in the repository, ascending.
+    pub histories: Vec<u32>,
 }
 
 /// Why no restore can reach the target; nothing has been written.
@@ -471,5 +473,6 @@ pub async fn plan(
         },
         last_xact_time,
         stranded,
+        histories: inv.histories.iter().copied().collect(),
     })
 }

@@ -11,6 +11,16 @@
 //! - `worker.pid`: held (create-new) by the one running worker, with its process id.
 //! - `staged`: present from the moment a restore staged WAL here until PostgreSQL's first
 //!   wal-fetch call: until then the segments are waiting for a server not yet started.
+//! - `delivered`: the segment wal-fetch handed over from here last, with the identity
+//!   (device, inode, size, mtime) of the file it became; PostgreSQL renames a restored
+//!   segment into pg_wal under its own name, keeping the inode.
+//! - timeline history files a restore found in the repository (`00000002.history`), under
+//!   their own names: recovery asks for them as it starts. History files never change once
+//!   archived, so they are copied out, as often as asked.
+//! - `absent`: the name of the one history file a restore found absent where PostgreSQL's
+//!   search for the newest timeline ends, as recovery starts. Answered "not there" once,
+//!   and only before the first segment is handed over: the same probe when recovery ends
+//!   picks the new timeline's number, and that must see the repository as it is then.
 //! - whole segments under their own names, each written to a temp file, fsynced and renamed,
 //!   so a name in the spool always means a complete, verified file.
 //!
@@ -28,6 +38,41 @@ use walfmt::{SegmentName, WalSegmentSize};
 
 const REPO_FILE: &str = "repo";
 const STAGED_FILE: &str = "staged";
+const DELIVERED_FILE: &str = "delivered";
+const ABSENT_FILE: &str = "absent";
+
+/// What the spool can say about a history file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryAnswer {
+    /// Delivered (a copy of the one the restore found).
+    Delivered,
+    /// Not in the repository, as the restore found it, for the probe as recovery starts.
+    Absent,
+    /// Unknown here: ask the repository.
+    Unknown,
+}
+
+fn is_history_name(name: &str) -> bool {
+    name.len() == 16
+        && name.ends_with(".history")
+        && name[..8]
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F'))
+}
+
+/// What tells a file apart from any other: device, inode, size, mtime (ns).
+fn identity(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "{} {} {} {}.{:09}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    ))
+}
 
 /// A spool directory.
 #[derive(Debug, Clone)]
@@ -52,6 +97,16 @@ pub(crate) fn dir_of(path: &Path) -> &Path {
 /// Copies `src` to `dest` (temp file beside it, fsync, rename) and removes `src`. False when
 /// `src` is gone or this user cannot read it.
 fn copy_out(src: &Path, dest: &Path) -> std::io::Result<bool> {
+    let copied = copy(src, dest)?;
+    if copied {
+        let _ = std::fs::remove_file(src);
+    }
+    Ok(copied)
+}
+
+/// Copies `src` to `dest` (temp file beside it, fsync, rename). False when `src` is gone or
+/// this user cannot read it.
+fn copy(src: &Path, dest: &Path) -> std::io::Result<bool> {
     let bytes = match std::fs::read(src) {
         Ok(b) => b,
         Err(e)
@@ -65,7 +120,6 @@ fn copy_out(src: &Path, dest: &Path) -> std::io::Result<bool> {
         Err(e) => return Err(e),
     };
     crate::wal_fetch::write_atomically(dest, &bytes)?;
-    let _ = std::fs::remove_file(src);
     Ok(true)
 }
 
@@ -99,10 +153,10 @@ impl Spool {
         };
         let marker = std::fs::read_to_string(dir.join(REPO_FILE)).ok();
         if marker.as_deref() != Some(repo_url) {
-            for name in spool.segments()? {
+            spool.drop_segments()?;
+            for name in [repo::worker::WANT_FILE, ABSENT_FILE, DELIVERED_FILE] {
                 let _ = std::fs::remove_file(dir.join(name));
             }
-            let _ = std::fs::remove_file(dir.join(repo::worker::WANT_FILE));
             write_durably(dir, REPO_FILE, repo_url.as_bytes())?;
         }
         Ok(spool)
@@ -133,9 +187,79 @@ impl Spool {
     /// makes it durable there. False when the spool does not hold it (or this user cannot
     /// read it).
     pub fn take(&self, name: &str, dest: &Path) -> std::io::Result<bool> {
-        if !is_segment_name(name) {
+        if !is_segment_name(name) || !self.move_out(name, dest)? {
             return Ok(false);
         }
+        if let Some(id) = identity(dest) {
+            let _ = std::fs::write(self.dir.join(DELIVERED_FILE), format!("{name} {id}"));
+        }
+        // Replay has begun: a history probe from now on is not the one at the start.
+        let _ = std::fs::remove_file(self.dir.join(ABSENT_FILE));
+        Ok(true)
+    }
+
+    /// Keeps history file `name` (found in the repository) for recovery's first calls, and
+    /// notes that `absent` was not there (see the module notes).
+    pub fn stage_history(
+        &self,
+        files: &[(String, Vec<u8>)],
+        absent: Option<&str>,
+    ) -> std::io::Result<()> {
+        for (name, bytes) in files {
+            if is_history_name(name) {
+                write_durably(&self.dir, name, bytes)?;
+            }
+        }
+        match absent {
+            Some(name) if is_history_name(name) => {
+                write_durably(&self.dir, ABSENT_FILE, name.as_bytes())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Answers a request for history file `name` from what a restore staged.
+    pub fn history(&self, name: &str, dest: &Path) -> std::io::Result<HistoryAnswer> {
+        if !is_history_name(name) {
+            return Ok(HistoryAnswer::Unknown);
+        }
+        if copy(&self.dir.join(name), dest)? {
+            return Ok(HistoryAnswer::Delivered);
+        }
+        let marker = self.dir.join(ABSENT_FILE);
+        if std::fs::read_to_string(&marker).is_ok_and(|n| n == name)
+            && std::fs::remove_file(&marker).is_ok()
+        {
+            return Ok(HistoryAnswer::Absent);
+        }
+        Ok(HistoryAnswer::Unknown)
+    }
+
+    /// Hands `name` over again when PostgreSQL asks for the segment this spool delivered
+    /// last (it re-reads the last one when recovery ends) and still holds it unchanged in
+    /// pg_wal under its own name, where it renamed it: copied from there instead of
+    /// fetched again. Only whole archived segments pass through the spool, and an archived
+    /// segment never changes, so the file is what the repository would send.
+    pub fn again(&self, name: &str, dest: &Path) -> std::io::Result<bool> {
+        let kept = dir_of(dest).join(name);
+        let Ok(record) = std::fs::read_to_string(self.dir.join(DELIVERED_FILE)) else {
+            return Ok(false);
+        };
+        match identity(&kept) {
+            // A second name for the same file, no copy: PostgreSQL's rename of dest over
+            // `kept` is then a no-op, and it removes RECOVERYXLOG when recovery ends.
+            Some(id) if is_segment_name(name) && record == format!("{name} {id}") => {
+                let _ = std::fs::remove_file(dest);
+                match std::fs::hard_link(&kept, dest) {
+                    Ok(()) => Ok(true),
+                    Err(_) => copy(&kept, dest),
+                }
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn move_out(&self, name: &str, dest: &Path) -> std::io::Result<bool> {
         let src = self.dir.join(name);
         // A file another user wrote (a worker that a restore run as root started, say) is
         // copied: renamed, it would keep that owner and mode, which the server may not be
@@ -206,10 +330,13 @@ impl Spool {
         self.dir.join(STAGED_FILE).exists()
     }
 
-    /// Removes every spooled segment.
+    /// Removes every spooled segment and history file.
     pub fn drop_segments(&self) -> std::io::Result<()> {
-        for n in self.segments()? {
-            let _ = std::fs::remove_file(self.dir.join(n));
+        for e in std::fs::read_dir(&self.dir)?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_segment_name(&name) || is_history_name(&name) {
+                let _ = std::fs::remove_file(self.dir.join(name));
+            }
         }
         Ok(())
     }
@@ -264,6 +391,77 @@ mod tests {
         assert_eq!(std::fs::read(&dest).unwrap(), b"one");
         assert!(!spool.take(A, &dest).unwrap());
         assert!(!spool.take(B, &dest).unwrap());
+    }
+
+    #[test]
+    fn the_last_delivered_segment_is_handed_over_again_from_pg_wal_while_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), "file:///r").unwrap();
+        spool.put(A, b"one").unwrap();
+        let dest = dir.path().join("RECOVERYXLOG");
+        assert!(!spool.again(A, &dest).unwrap(), "nothing delivered yet");
+        assert!(spool.take(A, &dest).unwrap());
+        // PostgreSQL keeps what it restored under the segment's own name.
+        std::fs::rename(&dest, dir.path().join(A)).unwrap();
+        assert!(!spool.again(B, &dest).unwrap(), "not the one delivered");
+        assert!(spool.again(A, &dest).unwrap());
+        assert_eq!(std::fs::read(&dest).unwrap(), b"one");
+        assert!(dir.path().join(A).exists(), "pg_wal's copy stays");
+        // Another file under that name (removed and written again): fetched, not copied.
+        std::fs::remove_file(dir.path().join(A)).unwrap();
+        std::fs::write(dir.path().join(A), b"other").unwrap();
+        std::fs::remove_file(&dest).unwrap();
+        assert!(!spool.again(A, &dest).unwrap());
+        assert!(!dest.exists());
+    }
+
+    #[test]
+    fn staged_history_answers_the_start_of_recovery_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("spool"), "file:///r").unwrap();
+        let dest = dir.path().join("RECOVERYHISTORY");
+        assert_eq!(
+            spool.history("00000002.history", &dest).unwrap(),
+            HistoryAnswer::Unknown
+        );
+        spool
+            .stage_history(
+                &[(
+                    "00000002.history".into(),
+                    b"1\t0/3000000\tno recovery target\n".to_vec(),
+                )],
+                Some("00000003.history"),
+            )
+            .unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                spool.history("00000002.history", &dest).unwrap(),
+                HistoryAnswer::Delivered
+            );
+            assert!(std::fs::read(&dest).unwrap().starts_with(b"1\t0/3000000"));
+        }
+        assert_eq!(
+            spool.history("00000003.history", &dest).unwrap(),
+            HistoryAnswer::Absent
+        );
+        // Once: the probe when recovery ends (the new timeline's number) asks the repository.
+        assert_eq!(
+            spool.history("00000003.history", &dest).unwrap(),
+            HistoryAnswer::Unknown
+        );
+        // And never once replay has begun.
+        spool.stage_history(&[], Some("00000003.history")).unwrap();
+        spool.put(A, b"one").unwrap();
+        assert!(spool.take(A, &dir.path().join("RECOVERYXLOG")).unwrap());
+        assert_eq!(
+            spool.history("00000003.history", &dest).unwrap(),
+            HistoryAnswer::Unknown
+        );
+        spool.drop_segments().unwrap();
+        assert_eq!(
+            spool.history("00000002.history", &dest).unwrap(),
+            HistoryAnswer::Unknown
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use repo::storage::{get_bytes, StorageError};
 use repo::url::RepoUrl;
 use walfmt::{ArchiveFileKind, SegmentName, WalSegmentSize};
 
-use crate::spool::{window, Spool};
+use crate::spool::{window, HistoryAnswer, Spool};
 
 /// Why a fetch did not deliver the file.
 #[derive(Debug, thiserror::Error)]
@@ -54,22 +54,51 @@ pub(crate) fn write_atomically(dest: &Path, bytes: &[u8]) -> std::io::Result<()>
     crate::spool::write_durably(dir, &name, bytes)
 }
 
-/// Hands segment `name` over from the spool at `dir` (of the repository at `url`) to `dest`
-/// when the prefetch worker has it, and records the request there so the worker fetches
-/// what follows. Blocking, and cheap: no runtime, threads or network, which is all a
-/// restore_command call needs when replay is not waiting on the repository. False when the
-/// spool cannot answer (not a segment, not there, or the spool unusable: it is a cache, and
-/// the repository is asked instead).
-pub fn from_spool(url: &RepoUrl, dir: &Path, name: &str, dest: &Path) -> bool {
-    if ArchiveFileKind::of(name) != ArchiveFileKind::Segment {
-        return false;
+/// What the spool (or what is known without the repository) says of a requested file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The file is at its destination.
+    Delivered,
+    /// It is not in the repository: `00000001.history` (timeline 1 has no history file;
+    /// PostgreSQL asks for one when it promotes off it), or the history probe a restore
+    /// answered ahead as recovery starts.
+    Absent,
+    /// Ask the repository.
+    Ask,
+}
+
+/// Answers a request from the spool at `dir` (of the repository at `url`) when it can: a
+/// segment the prefetch worker has (the request is recorded there so the worker fetches
+/// what follows), the last segment handed over asked again, a history file a restore staged.
+/// Blocking, and cheap: no runtime, threads or network, which is all a restore_command
+/// call needs when replay is not waiting on the repository. The spool is a cache: when it
+/// cannot answer, or is unusable, the repository is asked.
+pub fn from_spool(url: &RepoUrl, dir: &Path, name: &str, dest: &Path) -> Answer {
+    if name == "00000001.history" {
+        return Answer::Absent;
+    }
+    let kind = ArchiveFileKind::of(name);
+    let history = matches!(kind, ArchiveFileKind::History(_));
+    if !history && kind != ArchiveFileKind::Segment {
+        return Answer::Ask;
     }
     let Ok(spool) = Spool::open(dir, &url.to_string()) else {
-        return false;
+        return Answer::Ask;
     };
+    if history {
+        return match spool.history(name, dest) {
+            Ok(HistoryAnswer::Delivered) => Answer::Delivered,
+            Ok(HistoryAnswer::Absent) => Answer::Absent,
+            _ => Answer::Ask,
+        };
+    }
     spool.clear_staged();
     let _ = spool.set_wanted(name);
-    matches!(spool.take(name, dest), Ok(true))
+    if matches!(spool.take(name, dest), Ok(true)) || matches!(spool.again(name, dest), Ok(true)) {
+        Answer::Delivered
+    } else {
+        Answer::Ask
+    }
 }
 
 /// Fetches WAL file `name` from the repository at `url` into `dest` (wal-fetch asks the
@@ -244,6 +273,43 @@ pub fn hand_over(
         }
         _ => Ok((done, false)),
     }
+}
+
+/// The history files recovery asks for first, as a restore found them, for
+/// [`Spool::stage_history`]: those of the timelines after `start` (pg_control's, the
+/// backup's) up to `timeline` (recovery's), which PostgreSQL's search for the newest
+/// timeline and its reading of `timeline`'s history fetch; and, with `latest` (that search
+/// happens), the absent one where the search ends.
+pub async fn history_answers(
+    repo: &Repository,
+    start: u32,
+    timeline: u32,
+    histories: &[u32],
+    latest: bool,
+) -> Result<(Vec<(String, Vec<u8>)>, Option<String>), ObjectError> {
+    let wanted: Vec<u32> = histories
+        .iter()
+        .copied()
+        .filter(|&t| t > 1 && t <= timeline && (t > start || t == timeline))
+        .collect();
+    let files = futures::stream::iter(wanted)
+        .map(|t| async move {
+            let name = walfmt::TimelineId(t).history_file_name();
+            let key = wal_key(&name).unwrap_or_default();
+            repo.objects()
+                .get(&key)
+                .await
+                .map(|(_, b)| (name, b.to_vec()))
+        })
+        .buffered(4)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = timeline + 1;
+    let absent = (latest && !histories.contains(&next))
+        .then(|| walfmt::TimelineId(next).history_file_name());
+    Ok((files, absent))
 }
 
 /// Fetches the segments `names` into `spool`, `parallel` at once, each verified; stops at

@@ -400,8 +400,24 @@ pub fn run(args: Args) -> Result<(), Failure> {
             let seg = walfmt::WalSegmentSize::new(repo.config().wal_segment_size).ok();
             if let (Ok(_), Some(seg)) = (&files, seg) {
                 let (dir, url, wal) = (spool.clone(), repo.url().to_string(), plan.wal.clone());
+                // Recovery's first calls are history probes: answered from the spool, they
+                // do not wait on a repository the prefetch worker is busy with.
+                let history = restore::wal_fetch::history_answers(
+                    &repo,
+                    m.timeline,
+                    plan.timeline,
+                    &plan.histories,
+                    matches!(timeline_choice, TimelineChoice::Latest),
+                )
+                .await
+                .ok();
                 let handed = tokio::task::spawn_blocking(move || {
-                    restore::wal_fetch::hand_over(&dir, &url, &wal, seg)
+                    let handed = restore::wal_fetch::hand_over(&dir, &url, &wal, seg);
+                    if let Some((files, absent)) = history {
+                        let _ = restore::spool::Spool::open(&dir, &url)
+                            .and_then(|s| s.stage_history(&files, absent.as_deref()));
+                    }
+                    handed
                 })
                 .await;
                 if let Ok(Ok((done, carry_on))) = handed {
@@ -462,7 +478,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     args.to.display()
                 );
             }
-            Some(start(&args, bin, start_settings, &target)?)
+            Some(start(&args, bin, start_settings, &target, m.pg_version)?)
         }
     };
     let rto = started.elapsed().as_secs_f64();
@@ -526,6 +542,7 @@ fn start(
     bin: &std::path::Path,
     settings: Vec<(String, String)>,
     target: &Target,
+    major: u32,
 ) -> Result<(restore::start::Started, PathBuf), Failure> {
     use restore::start::{start_and_promote, Promotion, StartOptions};
     let log_dir = args.to.join("log");
@@ -540,6 +557,7 @@ fn start(
     std::fs::create_dir_all(&log_dir)
         .map_err(|e| failed(format!("could not create \"{}\": {e}", log_dir.display())))?;
     let options = StartOptions {
+        major,
         bin: bin.to_owned(),
         data_dir: args.to.clone(),
         log: log.clone(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use repo::codec::Codec;
 use restore::spool::default_dir;
-use restore::wal_fetch::{fetch, from_spool, prefetch, FetchError, PrefetchOptions};
+use restore::wal_fetch::{fetch, from_spool, prefetch, Answer, FetchError, PrefetchOptions};
 use walfmt::ArchiveFileKind;
 
 use super::repo_args::RepoArgs;
@@ -77,9 +77,18 @@ pub fn run(args: Args) -> Result<(), Failure> {
     // Replay waits for this call: a segment already in the spool is handed over before any
     // runtime, thread or connection is set up.
     if let Some(dir) = &spool_dir {
-        if from_spool(&url, dir, &args.name, &args.dest) {
-            start_worker(&args.repo.repo, dir, &args.prefetch);
-            return Ok(());
+        match from_spool(&url, dir, &args.name, &args.dest) {
+            Answer::Delivered => {
+                if ArchiveFileKind::of(&args.name) == ArchiveFileKind::Segment {
+                    start_worker(&args.repo.repo, dir, &args.prefetch);
+                }
+                return Ok(());
+            }
+            Answer::Absent => {
+                let e = FetchError::NotFound(args.name.clone());
+                return Err(Failure::new(Exit::NotFound, e.to_string()));
+            }
+            Answer::Ask => {}
         }
     }
     let runtime = super::runtime(Exit::FetchFailed)?;

@@ -545,11 +545,9 @@ fn after_a_promote_a_restore_to_a_time_on_the_new_timeline_gets_its_writes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("on timeline 2"), "{err}");
-    let pg = start_restored(&src, &second, false);
-    assert_eq!(batches(&pg), ["1", "2"]);
-    drop(pg);
 
     // Along timeline 1 instead, the backup named: only what it held before the promote.
+    // Started and archiving while `second` waits to be started, it makes timeline 3.
     let third = dirs.path().join("third");
     let out = src.restore(
         &third,
@@ -565,8 +563,29 @@ fn after_a_promote_a_restore_to_a_time_on_the_new_timeline_gets_its_writes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("on timeline 1") && err.contains(&id), "{err}");
-    let pg = start_restored(&src, &third, false);
+    let pg = start_restored(&src, &third, true);
     assert_eq!(batches(&pg), ["1"]);
+    let timeline = |pg: &Cluster| {
+        pg.sql("SELECT timeline_id FROM pg_control_checkpoint()")
+            .unwrap()
+    };
+    assert_eq!(timeline(&pg), "3");
+    pg.sql(&format!(
+        "ALTER SYSTEM SET archive_command = '''{}'' wal-push %p'",
+        src.bin.display()
+    ))
+    .unwrap();
+    pg.sql("SELECT pg_reload_conf()").unwrap();
+    pg.wait_archived("00000003.history", Duration::from_secs(60))
+        .unwrap();
+    drop(pg);
+
+    // `second` recovers along timeline 2 as its restore planned (the history probes as
+    // recovery starts are answered as the restore found the repository), and promotes to
+    // timeline 4: the probe that numbers the new timeline sees timeline 3.
+    let pg = start_restored(&src, &second, false);
+    assert_eq!(batches(&pg), ["1", "2"]);
+    assert_eq!(timeline(&pg), "4");
 }
 
 /// `pitr restore --start`, run as the server's OS user: the restore starts PostgreSQL on

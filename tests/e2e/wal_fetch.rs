@@ -103,6 +103,10 @@ fn fetch_exit_codes_follow_the_restore_command_contract() {
     let out = fetch(&s3, &url, "0000000100000000000000F0", &dest);
     exits_200(&out);
     assert!(!dest.exists());
+    // Timeline 1 has no history file in any repository (PostgreSQL asks for one when it
+    // promotes off timeline 1): not found without asking.
+    let out = fetch(&s3, &url, "00000001.history", &dest);
+    assert_eq!(out.status.code(), Some(1));
     s3.restart().unwrap();
 
     // A repository that does not exist (a wrong PITR_REPO) is an error, not an empty archive.
