@@ -11,9 +11,10 @@
 # both take a full backup; pgbench then writes WAL_MB of WAL; the time is noted and the
 # cluster stopped. Each tool restores to that time into a new directory (pitr restore;
 # pgbackrest restore --type=time with asynchronous archive-get), the server is started and
-# timed until it has promoted and accepts a write; pitr once as is, once with
-# --prefetch-wal, and once with --start (pitr starts the server and promotes it at the
-# target without the waited end-of-recovery checkpoint). Prints restore, recovery and total seconds for each, and the ratios.
+# timed until it has promoted and accepts a write; pitr as is, with --prefetch-wal, and
+# with --start (pitr starts the server and promotes it at the target without the waited
+# end-of-recovery checkpoint). Two rounds, the second in reverse order; prints restore,
+# recovery and total seconds of each variant's better run, both totals, and the ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE="${SCALE:-70}"
@@ -81,58 +82,106 @@ recover() {
   until psql "$work/$name" "$p" "CREATE TABLE IF NOT EXISTS rto_probe (x int); INSERT INTO rto_probe VALUES (1)" >/dev/null 2>&1; do sleep 0.05; done
   echo "$(now) - $t0" | bc
 }
-results=()
+# settle: before each timed restore, the previous run's leftovers must not weigh on it: its
+# server is stopped and its directory removed, its prefetch worker (which lingers a few
+# seconds) stopped, and the dirty pages it left (an immediate stop after replay leaves
+# hundreds of MB) written out.
+settle() {
+  if [ -n "${1:-}" ]; then
+    as_pg "$PGBIN/pg_ctl" -D "$1" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$1"
+  fi
+  pkill -f "pitr wal-prefetch" 2>/dev/null || true
+  sync
+  sleep 1
+}
 mkdir -p "$work/restores"; [ "$(id -u)" -eq 0 ] && chown postgres "$work/restores"
-
-t0=$(now)
-as_pg "$work/pitr" restore --repo s3://pitr-test/pitr-r --to "$work/restores/pitr" --target-time "$target" --target-action promote --json >"$work/pitr-restore.json"
-t_pitr=$(echo "$(now) - $t0" | bc)
-r_pitr=$(recover pitr-run "$work/restores/pitr")
-as_pg "$PGBIN/pg_ctl" -D "$work/restores/pitr" -m immediate stop >/dev/null
-
-t0=$(now)
-as_pg "$work/pitr" restore --repo s3://pitr-test/pitr-r --to "$work/restores/pitr-staged" --target-time "$target" --target-action promote --prefetch-wal --json >"$work/pitr-staged-restore.json" 2>/dev/null
-t_staged=$(echo "$(now) - $t0" | bc)
-r_staged=$(recover pitr-staged-run "$work/restores/pitr-staged")
-as_pg "$PGBIN/pg_ctl" -D "$work/restores/pitr-staged" -m immediate stop >/dev/null
-
-# pitr restore --start: pitr starts the server and promotes it at the target (no waited
-# end-of-recovery checkpoint); timed until the same probe write succeeds.
-p="$(free_port)"
-mkdir -p "$work/pitr-start-run"; [ "$(id -u)" -eq 0 ] && chown postgres "$work/pitr-start-run"
-t0=$(now)
-as_pg "$work/pitr" restore --repo s3://pitr-test/pitr-r --to "$work/restores/pitr-start" --target-time "$target" \
-  --start --pg-bin "$PGBIN" --server-option "port=$p" --server-option "unix_socket_directories=$work/pitr-start-run" \
-  --server-option archive_mode=off --json >"$work/pitr-start-restore.json"
-clusters+=("$work/restores/pitr-start")
-until psql "$work/pitr-start-run" "$p" "CREATE TABLE IF NOT EXISTS rto_probe (x int); INSERT INTO rto_probe VALUES (1)" >/dev/null 2>&1; do sleep 0.05; done
-total_start=$(echo "$(now) - $t0" | bc)
-t_start=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["seconds"])' "$work/pitr-start-restore.json")
-r_start=$(echo "$total_start - $t_start" | bc)
-cp "$work/restores/pitr-start/log/pitr-start.log" "$work/pitr-start-run/server.log"
-as_pg "$PGBIN/pg_ctl" -D "$work/restores/pitr-start" -m immediate stop >/dev/null
-
-t0=$(now)
-as_pg pgbackrest --config="$work/pgbackrest.conf" --stanza=bench --pg1-path="$work/restores/pgbackrest" \
-  --type=time --target="$target" --target-action=promote restore
-t_pgb=$(echo "$(now) - $t0" | bc)
-r_pgb=$(recover pgbackrest-run "$work/restores/pgbackrest")
-
-echo
-printf '%-12s %10s %10s %10s\n' tool restore recovery total
-printf '%-12s %9.2fs %9.2fs %9.2fs\n' pitr "$t_pitr" "$r_pitr" "$(echo "$t_pitr + $r_pitr" | bc)"
-printf '%-12s %9.2fs %9.2fs %9.2fs  (--prefetch-wal)\n' pitr "$t_staged" "$r_staged" "$(echo "$t_staged + $r_staged" | bc)"
-printf '%-12s %9.2fs %9.2fs %9.2fs  (--start)\n' pitr "$t_start" "$r_start" "$total_start"
-printf '%-12s %9.2fs %9.2fs %9.2fs\n' pgbackrest "$t_pgb" "$r_pgb" "$(echo "$t_pgb + $r_pgb" | bc)"
-printf '\npgbackrest / pitr total: %.2fx, with --prefetch-wal %.2fx, with --start %.2fx\n' \
-  "$(echo "($t_pgb + $r_pgb) / ($t_pitr + $r_pitr)" | bc -l)" "$(echo "($t_pgb + $r_pgb) / ($t_staged + $r_staged)" | bc -l)" \
-  "$(echo "($t_pgb + $r_pgb) / $total_start" | bc -l)"
-# Where the time went: pitr's phases, and each server's own account of its recovery (redo,
-# then the end-of-recovery checkpoint PostgreSQL waits for before it accepts writes).
-echo
-for run in pitr pitr-staged pitr-start; do
-  python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("%-12s plan %.2fs, fetch+write %.2fs, flush %.2fs" % (sys.argv[2], j["plan_seconds"], j["write_seconds"], j["flush_seconds"]))' "$work/$run-restore.json" "$run"
+# Each timed run prints "restore recovery total" (seconds) and leaves its server log and
+# restore report under $work/NAME-run and $work/NAME-restore.json.
+timed_pitr() { # NAME [restore args]: pitr restore, then the server started by the bench
+  local name="$1" t0 t r
+  shift
+  t0=$(now)
+  as_pg "$work/pitr" restore --repo s3://pitr-test/pitr-r --to "$work/restores/$name" --target-time "$target" \
+    --target-action promote --json "$@" >"$work/$name-restore.json" 2>/dev/null
+  t=$(echo "$(now) - $t0" | bc)
+  r=$(recover "$name-run" "$work/restores/$name")
+  echo "$t $r $(echo "$t + $r" | bc)"
+  settle "$work/restores/$name"
+}
+timed_start() { # NAME: pitr restore --start (pitr starts the server and promotes it at the
+  # target, without the waited end-of-recovery checkpoint), until the same probe write
+  local name="$1" t0 t total p
+  p="$(free_port)"
+  mkdir -p "$work/$name-run"; [ "$(id -u)" -eq 0 ] && chown postgres "$work/$name-run"
+  t0=$(now)
+  as_pg "$work/pitr" restore --repo s3://pitr-test/pitr-r --to "$work/restores/$name" --target-time "$target" \
+    --start --pg-bin "$PGBIN" --server-option "port=$p" --server-option "unix_socket_directories=$work/$name-run" \
+    --server-option archive_mode=off --json >"$work/$name-restore.json"
+  clusters+=("$work/restores/$name")
+  until psql "$work/$name-run" "$p" "CREATE TABLE IF NOT EXISTS rto_probe (x int); INSERT INTO rto_probe VALUES (1)" >/dev/null 2>&1; do sleep 0.05; done
+  total=$(echo "$(now) - $t0" | bc)
+  t=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["seconds"])' "$work/$name-restore.json")
+  cp "$work/restores/$name/log/pitr-start.log" "$work/$name-run/server.log"
+  echo "$t $(echo "$total - $t" | bc) $total"
+  settle "$work/restores/$name"
+}
+timed_pgbackrest() { # NAME
+  local name="$1" t0 t r
+  t0=$(now)
+  as_pg pgbackrest --config="$work/pgbackrest.conf" --stanza=bench --pg1-path="$work/restores/$name" \
+    --type=time --target="$target" --target-action=promote restore >&2
+  t=$(echo "$(now) - $t0" | bc)
+  r=$(recover "$name-run" "$work/restores/$name")
+  echo "$t $r $(echo "$t + $r" | bc)"
+  settle "$work/restores/$name"
+}
+# Two rounds, the second in reverse order, so that no tool always runs first (on the
+# cleanest machine) or last; each tool's better run is reported, and both totals.
+declare -A best runs best_round
+run() { # VARIANT: one timed run of it
+  local out
+  case "$1" in
+    pitr) out=$(timed_pitr "pitr-$round") ;;
+    staged) out=$(timed_pitr "staged-$round" --prefetch-wal) ;;
+    start) out=$(timed_start "start-$round") ;;
+    pgbackrest) out=$(timed_pgbackrest "pgbackrest-$round") ;;
+  esac
+  runs[$1]="${runs[$1]:-}${runs[$1]:+, }$(echo "$out" | awk '{printf "%.2f", $3}')"
+  if [ -z "${best[$1]:-}" ] || [ "$(echo "$(echo "$out" | awk '{print $3}') < $(echo "${best[$1]}" | awk '{print $3}')" | bc)" = 1 ]; then
+    best[$1]="$out"
+    best_round[$1]=$round
+  fi
+}
+settle
+for round in 1 2; do
+  if [ "$round" = 1 ]; then order="pitr staged start pgbackrest"; else order="pgbackrest start staged pitr"; fi
+  for v in $order; do run "$v"; done
 done
-for run in pitr-run pitr-staged-run pitr-start-run pgbackrest-run; do
+
+echo
+printf '%-28s %9s %9s %9s   %s\n' tool restore recovery total "(both runs' totals)"
+for v in pitr staged start pgbackrest; do
+  case "$v" in
+    pitr) label="pitr" ;; staged) label="pitr --prefetch-wal" ;; start) label="pitr --start" ;; pgbackrest) label="pgbackrest" ;;
+  esac
+  read -r t r tot <<<"${best[$v]}"
+  printf '%-28s %8.2fs %8.2fs %8.2fs   (%s)\n' "$label" "$t" "$r" "$tot" "${runs[$v]}"
+done
+pgb=$(echo "${best[pgbackrest]}" | awk '{print $3}')
+printf '\npgbackrest / pitr total: %.2fx, with --prefetch-wal %.2fx, with --start %.2fx\n' \
+  "$(echo "$pgb / $(echo "${best[pitr]}" | awk '{print $3}')" | bc -l)" \
+  "$(echo "$pgb / $(echo "${best[staged]}" | awk '{print $3}')" | bc -l)" \
+  "$(echo "$pgb / $(echo "${best[start]}" | awk '{print $3}')" | bc -l)"
+# Where the time went, in each variant's better run: pitr's phases, and each server's own
+# account of its recovery (redo, then the first checkpoint: the end-of-recovery one that
+# PostgreSQL waits for before it accepts writes, except after --start's promotion).
+echo
+for v in pitr staged start; do
+  run="$v-${best_round[$v]}"
+  python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print("%-16s plan %.2fs, fetch+write %.2fs, flush %.2fs" % (sys.argv[2], j["plan_seconds"], j["write_seconds"], j["flush_seconds"]))' "$work/$run-restore.json" "$run"
+done
+for v in pitr staged start pgbackrest; do
+  run="$v-${best_round[$v]}-run"
   echo "$run: $(grep -o 'redo done at .*' "$work/$run/server.log" | grep -o 'elapsed: [0-9.]* s' | head -1 | sed 's/elapsed/redo/'); $(grep -o 'checkpoint complete: .*' "$work/$run/server.log" | head -1 | grep -o 'total=[0-9.]* s' | sed 's/total/first checkpoint/')"
 done

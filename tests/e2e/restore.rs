@@ -615,6 +615,8 @@ fn restore_start_brings_the_server_up_at_the_target_without_the_waited_checkpoin
         cmd.env("HOME", &home)
             .args(["restore", "--json", "--start", "--repo", &src.url, "--to"])
             .arg(&to)
+            .arg("--pg-bin")
+            .arg(src.pg.bin().dir())
             .args(target);
         for o in [
             format!("port={port}"),
