@@ -162,6 +162,13 @@ impl Spool {
         Ok(spool)
     }
 
+    /// The spool at `dir` as it is, for reading (nothing created or emptied).
+    pub fn at(dir: &Path) -> Spool {
+        Spool {
+            dir: dir.to_owned(),
+        }
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir

@@ -171,7 +171,11 @@ pub fn log_reason(log: &Path) -> String {
 /// Starts the server on `o.data_dir`, signals the promotion as soon as recovery is under
 /// way, and returns once the server accepts connections as a primary. Recovery can take
 /// as long as the WAL takes to replay: there is no timeout but the server stopping.
-pub fn start_and_promote(o: &StartOptions) -> Result<Started, StartError> {
+/// `tick` is called every 10 ms while recovery runs (for progress lines).
+pub fn start_and_promote(
+    o: &StartOptions,
+    tick: &mut dyn FnMut(Duration),
+) -> Result<Started, StartError> {
     let pg_ctl = o.bin.join("pg_ctl");
     let run = |cmd: &mut Command| {
         cmd.output().map_err(|source| StartError::Spawn {
@@ -231,6 +235,7 @@ pub fn start_and_promote(o: &StartOptions) -> Result<Started, StartError> {
             }
             None => {}
         }
+        tick(t0.elapsed());
         std::thread::sleep(Duration::from_millis(10));
     }
 }

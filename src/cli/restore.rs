@@ -478,7 +478,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     args.to.display()
                 );
             }
-            Some(start(&args, bin, start_settings, &target, m.pg_version)?)
+            Some(start(
+                &args,
+                bin,
+                start_settings,
+                &target,
+                m.pg_version,
+                &plan.wal,
+            )?)
         }
     };
     let rto = started.elapsed().as_secs_f64();
@@ -543,6 +550,7 @@ fn start(
     settings: Vec<(String, String)>,
     target: &Target,
     major: u32,
+    wal: &[String],
 ) -> Result<(restore::start::Started, PathBuf), Failure> {
     use restore::start::{start_and_promote, Promotion, StartOptions};
     let log_dir = args.to.join("log");
@@ -568,6 +576,41 @@ fn start(
             Promotion::AtTarget
         },
     };
-    let started = start_and_promote(&options).map_err(|e| failed(e.to_string()))?;
+    // Progress: the segment PostgreSQL asked wal-fetch for last, as the spool records it.
+    let tty = std::io::stderr().is_terminal() && !args.json;
+    let every = Duration::from_millis(if tty { 500 } else { 10_000 });
+    let spool = restore::spool::Spool::at(&restore::spool::default_dir(
+        &args.to.join("pg_wal").join("RECOVERYXLOG"),
+    ));
+    let mut last = Duration::ZERO;
+    let mut seen = false;
+    let mut tick = |elapsed: Duration| {
+        if elapsed < last + every {
+            return;
+        }
+        last = elapsed;
+        let at = match spool
+            .wanted()
+            .and_then(|w| wal.iter().position(|n| *n == w).map(|i| (i, w)))
+        {
+            Some((i, w)) => {
+                seen = true;
+                format!("replaying WAL segment {} of {} ({w})", i + 1, wal.len())
+            }
+            None if seen => "ending recovery".to_owned(),
+            None => "starting".to_owned(),
+        };
+        let line = format!("recovering for {:.0} s: {at}", elapsed.as_secs_f64());
+        if tty {
+            eprint!("\r\x1b[2Kpitr: restore: {line}");
+        } else if !args.json {
+            eprintln!("pitr: restore: {line}");
+        }
+    };
+    let started = start_and_promote(&options, &mut tick);
+    if tty {
+        eprintln!();
+    }
+    let started = started.map_err(|e| failed(e.to_string()))?;
     Ok((started, log))
 }
