@@ -70,6 +70,8 @@ pub enum StartError {
     Stopped(String),
     #[error("the restored server did not write postmaster.pid within {0} s")]
     NoPidFile(u64),
+    #[error("pg_ctl promote failed: {0}")]
+    Promote(String),
 }
 
 /// The directory holding `pg_ctl` of major version `major`: `given` if set, else the usual
@@ -77,10 +79,14 @@ pub enum StartError {
 /// /usr/pgsql-N/bin), else the first `pg_ctl` on PATH whose version is `major`.
 pub fn find_bin(major: u32, given: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(dir) = given {
-        return if dir.join("pg_ctl").is_file() {
-            Ok(dir.to_owned())
-        } else {
-            Err(format!("there is no pg_ctl in \"{}\"", dir.display()))
+        let pg_ctl = dir.join("pg_ctl");
+        return match pg_ctl_major(&pg_ctl) {
+            Some(m) if m == major => Ok(dir.to_owned()),
+            Some(m) => Err(format!(
+                "\"{}\" is PostgreSQL {m}'s, the backup is of PostgreSQL {major}",
+                pg_ctl.display()
+            )),
+            None => Err(format!("there is no pg_ctl in \"{}\"", dir.display())),
         };
     }
     let mut candidates = vec![
@@ -198,6 +204,7 @@ pub fn start_and_promote(
     let mut pid = None;
     let mut signalled: Option<f64> = None;
     let mut last_try = None::<Instant>;
+    let mut refused = 0;
     loop {
         match pid_file(&o.data_dir) {
             Some((p, status)) => {
@@ -226,6 +233,16 @@ pub fn start_and_promote(
                         .args(["-W", "promote"]))?;
                     if out.status.success() {
                         signalled = Some(t0.elapsed().as_secs_f64());
+                    } else {
+                        // In archive recovery pg_ctl promote only fails for good reasons
+                        // (it cannot write the signal file, say): the server would wait at
+                        // the target for a promotion that does not come.
+                        refused += 1;
+                        if refused >= 20 {
+                            return Err(StartError::Promote(
+                                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                            ));
+                        }
                     }
                 }
             }

@@ -611,6 +611,14 @@ fn start(
     if tty {
         eprintln!();
     }
-    let started = started.map_err(|e| failed(e.to_string()))?;
+    let started = started.map_err(|e| match e {
+        restore::start::StartError::Promote(_) => Failure::new(Exit::StartFailed, e.to_string())
+            .hint(format!(
+                "the server is running on {}, recovering (or paused at the target): promote it with pg_ctl promote -D {} once the cause is fixed",
+                args.to.display(),
+                args.to.display()
+            )),
+        e => failed(e.to_string()),
+    })?;
     Ok((started, log))
 }

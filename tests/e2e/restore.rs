@@ -659,6 +659,31 @@ fn restore_start_brings_the_server_up_at_the_target_without_the_waited_checkpoin
     assert_eq!(batches(&pg), ["1", "2", "3"]);
     drop(pg);
 
+    // No pg_ctl where --pg-bin says: refused before anything is written.
+    let to = home.join("no-pg-ctl");
+    let mut cmd = src.pitr();
+    cmd.env("HOME", &home)
+        .args([
+            "restore",
+            "--start",
+            "--pg-bin",
+            "/nonexistent",
+            "--repo",
+            &src.url,
+            "--to",
+        ])
+        .arg(&to);
+    user.apply(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        code(&out),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no pg_ctl"));
+    assert!(!to.exists());
+
     // PostgreSQL will not run as root: refused before anything is written.
     if user.switches() {
         let to = home.join("as-root");
