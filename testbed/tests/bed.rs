@@ -145,7 +145,13 @@ fn watchdog_stops_postmaster_when_test_process_dies() {
     // runs, and the watchdog must still take the postmaster down.
     if let Ok(pid_file) = std::env::var("PITR_BED_CHILD_PIDFILE") {
         let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
-        std::fs::write(&pid_file, pg.postmaster_pid().unwrap().to_string()).unwrap();
+        // The pid, and the bed's dir for the cluster, which no Drop will remove.
+        let root = pg.data_dir().parent().unwrap().display().to_string();
+        std::fs::write(
+            &pid_file,
+            format!("{}\n{root}", pg.postmaster_pid().unwrap()),
+        )
+        .unwrap();
         std::thread::sleep(Duration::from_secs(300));
         return;
     }
@@ -163,10 +169,12 @@ fn watchdog_stops_postmaster_when_test_process_dies() {
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let pid = loop {
+    let (pid, root) = loop {
         if let Ok(text) = std::fs::read_to_string(&pid_file) {
-            if let Ok(pid) = text.parse::<u32>() {
-                break pid;
+            if let Some((pid, root)) = text.split_once('\n') {
+                if let Ok(pid) = pid.parse::<u32>() {
+                    break (pid, std::path::PathBuf::from(root));
+                }
             }
         }
         assert!(
@@ -186,6 +194,9 @@ fn watchdog_stops_postmaster_when_test_process_dies() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // What the killed child could not clean up (one bed dir per run, left in /tmp).
+    assert!(root.join("data").is_dir(), "{}", root.display());
+    std::fs::remove_dir_all(&root).unwrap();
 }
 
 /// aws-sdk-s3 set up as pitr sets it up: endpoint, path style, region, static credentials.
