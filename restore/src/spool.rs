@@ -34,7 +34,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use walfmt::{SegmentName, WalSegmentSize};
+use walfmt::{ArchiveFileKind, SegmentName, WalSegmentSize};
 
 const REPO_FILE: &str = "repo";
 const STAGED_FILE: &str = "staged";
@@ -53,11 +53,7 @@ pub enum HistoryAnswer {
 }
 
 fn is_history_name(name: &str) -> bool {
-    name.len() == 16
-        && name.ends_with(".history")
-        && name[..8]
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F'))
+    matches!(ArchiveFileKind::of(name), ArchiveFileKind::History(_))
 }
 
 /// What tells a file apart from any other: device, inode, size, mtime (ns).
@@ -124,7 +120,7 @@ fn copy(src: &Path, dest: &Path) -> std::io::Result<bool> {
 }
 
 fn is_segment_name(name: &str) -> bool {
-    name.len() == 24 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F'))
+    ArchiveFileKind::of(name) == ArchiveFileKind::Segment
 }
 
 /// Writes `bytes` to `dir/name` through a temp file, fsynced before the rename.

@@ -74,10 +74,10 @@ pub enum Answer {
 /// call needs when replay is not waiting on the repository. The spool is a cache: when it
 /// cannot answer, or is unusable, the repository is asked.
 pub fn from_spool(url: &RepoUrl, dir: &Path, name: &str, dest: &Path) -> Answer {
-    if name == "00000001.history" {
+    let kind = ArchiveFileKind::of(name);
+    if kind == ArchiveFileKind::History(walfmt::TimelineId(1)) {
         return Answer::Absent;
     }
-    let kind = ArchiveFileKind::of(name);
     let history = matches!(kind, ArchiveFileKind::History(_));
     if !history && kind != ArchiveFileKind::Segment {
         return Answer::Ask;

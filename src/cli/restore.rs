@@ -229,7 +229,6 @@ fn server_options(args: &Args) -> Result<Vec<(String, String)>, Failure> {
 
 /// `--start` runs pg_ctl, which PostgreSQL does not let root run.
 fn check_can_start(args: &Args) -> Result<(), Failure> {
-    use std::os::unix::fs::MetadataExt;
     if !args.start {
         return Ok(());
     }
@@ -244,7 +243,7 @@ fn check_can_start(args: &Args) -> Result<(), Failure> {
         )
         .hint("leave out --start and start the server yourself"));
     }
-    if std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+    if rustix::process::geteuid().is_root() {
         return Err(Failure::new(
             Exit::BadInput,
             "--start cannot start PostgreSQL as root",
