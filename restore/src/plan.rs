@@ -51,6 +51,8 @@ pub struct Plan {
     pub stranded: Option<(String, String)>,
     /// The timelines with a history file in the repository, ascending.
     pub histories: Vec<u32>,
+    /// The history file of `timeline`, as read (None on timeline 1).
+    pub history_file: Option<Vec<u8>>,
 }
 
 /// Why no restore can reach the target; nothing has been written.
@@ -197,14 +199,21 @@ async fn inventory(repo: &Repository, seg: WalSegmentSize) -> Result<Inventory, 
     Ok(inv)
 }
 
-async fn history(repo: &Repository, tli: u32) -> Result<TimelineHistory, PlanError> {
+/// Timeline `tli`'s history, and the file's bytes (None for timeline 1, which has none).
+async fn history(
+    repo: &Repository,
+    tli: u32,
+) -> Result<(TimelineHistory, Option<Vec<u8>>), PlanError> {
     if tli == 1 {
-        return Ok(TimelineHistory::root(TimelineId(1)));
+        return Ok((TimelineHistory::root(TimelineId(1)), None));
     }
     let name = TimelineId(tli).history_file_name();
     let key = wal_key(&name).unwrap_or_default();
     match repo.objects().get(&key).await {
-        Ok((_, text)) => TimelineHistory::parse(TimelineId(tli), &text).map_err(bad),
+        Ok((_, text)) => {
+            let parsed = TimelineHistory::parse(TimelineId(tli), &text).map_err(bad)?;
+            Ok((parsed, Some(text.to_vec())))
+        }
         Err(e) if e.is_not_found() => Err(PlanError::Unreachable {
             message: format!("timeline {tli} has no history file ({name}) in the repository"),
             hint: "choose a timeline the repository holds (--target-timeline), see pitr list"
@@ -253,7 +262,7 @@ pub async fn plan(
             .max()
             .unwrap_or(1),
     };
-    let hist = history(repo, tli).await?;
+    let (hist, history_file) = history(repo, tli).await?;
     let tli_for = |segno: u64| hist.timeline_at(Lsn((segno + 1) * seg.bytes() - 1)).0;
     let present = |segno: u64| inv.segments.contains(&(tli_for(segno), segno));
 
@@ -474,5 +483,6 @@ pub async fn plan(
         last_xact_time,
         stranded,
         histories: inv.histories.iter().copied().collect(),
+        history_file,
     })
 }

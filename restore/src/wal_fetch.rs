@@ -277,38 +277,41 @@ pub fn hand_over(
 
 /// The history files recovery asks for first, as a restore found them, for
 /// [`Spool::stage_history`]: those of the timelines after `start` (pg_control's, the
-/// backup's) up to `timeline` (recovery's), which PostgreSQL's search for the newest
-/// timeline and its reading of `timeline`'s history fetch; and, with `latest` (that search
-/// happens), the absent one where the search ends.
+/// backup's) up to the plan's timeline, which PostgreSQL's search for the newest timeline
+/// and its reading of that timeline's history fetch (the plan has read the last one
+/// already); and, with `latest` (that search happens), the absent one where it ends.
 pub async fn history_answers(
     repo: &Repository,
+    plan: &crate::plan::Plan,
     start: u32,
-    timeline: u32,
-    histories: &[u32],
     latest: bool,
 ) -> Result<(Vec<(String, Vec<u8>)>, Option<String>), ObjectError> {
-    let wanted: Vec<u32> = histories
+    let timeline = plan.timeline;
+    let name_of = |t: u32| walfmt::TimelineId(t).history_file_name();
+    let wanted: Vec<u32> = plan
+        .histories
         .iter()
         .copied()
-        .filter(|&t| t > 1 && t <= timeline && (t > start || t == timeline))
+        .filter(|&t| t > 1 && t > start && t < timeline)
         .collect();
-    let files = futures::stream::iter(wanted)
+    let mut files = futures::stream::iter(wanted)
         .map(|t| async move {
-            let name = walfmt::TimelineId(t).history_file_name();
-            let key = wal_key(&name).unwrap_or_default();
+            let key = wal_key(&name_of(t)).unwrap_or_default();
             repo.objects()
                 .get(&key)
                 .await
-                .map(|(_, b)| (name, b.to_vec()))
+                .map(|(_, b)| (name_of(t), b.to_vec()))
         })
         .buffered(4)
         .collect::<Vec<_>>()
         .await
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(bytes) = &plan.history_file {
+        files.push((name_of(timeline), bytes.clone()));
+    }
     let next = timeline + 1;
-    let absent = (latest && !histories.contains(&next))
-        .then(|| walfmt::TimelineId(next).history_file_name());
+    let absent = (latest && !plan.histories.contains(&next)).then(|| name_of(next));
     Ok((files, absent))
 }
 

@@ -403,9 +403,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 // do not wait on a repository the prefetch worker is busy with.
                 let history = restore::wal_fetch::history_answers(
                     &repo,
+                    &plan,
                     m.timeline,
-                    plan.timeline,
-                    &plan.histories,
                     matches!(timeline_choice, TimelineChoice::Latest),
                 )
                 .await
