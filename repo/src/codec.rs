@@ -53,8 +53,17 @@ impl Codec {
         &self,
         bytes: Bytes,
     ) -> Result<Result<(Header, Bytes), EnvelopeError>, CodecGone> {
+        self.decode_at_most(bytes, u64::MAX).await
+    }
+
+    /// [`Codec::decode`] of at most `max` bytes of plaintext ([`envelope::decode_at_most`]).
+    pub async fn decode_at_most(
+        &self,
+        bytes: Bytes,
+        max: u64,
+    ) -> Result<Result<(Header, Bytes), EnvelopeError>, CodecGone> {
         self.pool
-            .run(move || envelope::decode(&bytes))
+            .run(move || envelope::decode_at_most(&bytes, max))
             .await
             .map_err(|_| CodecGone)
     }

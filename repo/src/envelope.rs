@@ -91,6 +91,9 @@ pub enum EnvelopeError {
     /// The plaintext has another hash than the header says.
     #[error("checksum mismatch: header says blake3 {expected}, body hashes to {found}")]
     Hash { expected: String, found: String },
+    /// The header declares more plaintext than the reader expects of this object.
+    #[error("header declares {declared} bytes of plaintext, more than the {max} expected")]
+    TooLarge { declared: u64, max: u64 },
 }
 
 /// Wraps `plain` in an envelope.
@@ -247,11 +250,25 @@ fn bulk_decompress(body: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
 
 /// Unwraps an envelope, checking the plaintext's length and hash.
 pub fn decode(bytes: &[u8]) -> Result<(Header, Bytes), EnvelopeError> {
+    decode_at_most(bytes, u64::MAX)
+}
+
+/// [`decode`] for an object of at most `max` bytes of plaintext (a WAL segment, a chunk of
+/// known length, a manifest below its cap): a header declaring more is refused before
+/// anything is decompressed or allocated.
+pub fn decode_at_most(bytes: &[u8], max: u64) -> Result<(Header, Bytes), EnvelopeError> {
     let h = header(bytes)?;
+    if h.plain_len > max {
+        return Err(EnvelopeError::TooLarge {
+            declared: h.plain_len,
+            max,
+        });
+    }
     let body = &bytes[h.len..];
     let plain = match h.compression {
         Compression::None => Bytes::copy_from_slice(body),
-        Compression::Zstd if h.plain_len <= BULK_DECODE_MAX => {
+        // The declared size is trusted for the buffer only when the reader bounded it.
+        Compression::Zstd if h.plain_len <= BULK_DECODE_MAX.min(max) => {
             // One pass into a buffer of the declared size (bounded, so a lying header
             // cannot make it large); a frame that does not fit is read again below to say
             // exactly what it holds.

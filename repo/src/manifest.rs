@@ -26,6 +26,13 @@ pub const CHUNKS_PER_PIECE: u32 = 65536;
 /// Bytes of one chunk table entry.
 pub const CHUNK_ENTRY_LEN: usize = 52;
 
+/// The largest chunk size a manifest may name (backups cut 64 KiB chunks).
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+
+/// The most plaintext a manifest's JSON may hold (about 200 bytes a file: some million
+/// files); a larger one is damage, refused before it is decompressed.
+pub const MANIFEST_MAX: u64 = 1 << 30;
+
 /// Where backups live.
 pub const BACKUP_PREFIX: &str = "backup/";
 
@@ -109,9 +116,9 @@ impl ChunkSpan {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
-    /// The table indexes, in file order.
+    /// The table indexes, in file order ([`BackupManifest::check`] makes sure they fit).
     pub fn indexes(&self) -> std::ops::Range<usize> {
-        self.first as usize..(self.first + self.count) as usize
+        self.first as usize..self.first.saturating_add(self.count) as usize
     }
 }
 
@@ -135,9 +142,10 @@ impl ChunkRef {
     pub fn pack(&self) -> usize {
         self.pack as usize
     }
-    /// Byte range of the chunk's envelope in its pack.
+    /// Byte range of the chunk's envelope in its pack ([`BackupManifest::check`] makes sure
+    /// it does not overflow).
     pub fn range(&self) -> std::ops::Range<u64> {
-        self.offset..self.offset + u64::from(self.stored_len)
+        self.offset..self.offset.saturating_add(u64::from(self.stored_len))
     }
     /// Plaintext length.
     pub fn plain_len(&self) -> u32 {
@@ -291,14 +299,24 @@ impl BackupManifest {
         self.packs.get(i).map(|id| pack_key(id))
     }
 
-    /// Checks that every index points inside its table.
-    /// Checks that every index points inside its table (the chunk table as read).
+    /// Checks that every index points inside its table (the chunk table as read), every
+    /// pack id has a pack id's shape, and no number overflows where it is used: what a
+    /// reader relies on before it trusts the manifest's numbers.
     pub fn check(&self) -> Result<(), String> {
         if self.chunks.len() as u64 != self.chunk_table.count {
             return Err(format!(
                 "its chunk table holds {} entries, not {}",
                 self.chunks.len(),
                 self.chunk_table.count
+            ));
+        }
+        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
+            return Err(format!("chunk size {} is out of range", self.chunk_size));
+        }
+        if let Some(bad) = self.packs.iter().find(|p| !crate::pack::is_pack_id(p)) {
+            return Err(format!(
+                "pack id \"{}\" is not 64 hex digits",
+                bad.escape_debug()
             ));
         }
         for (i, c) in self.chunks.iter().enumerate() {
@@ -309,14 +327,26 @@ impl BackupManifest {
                     self.packs.len()
                 ));
             }
+            // An envelope is its header and at most a little more than the plaintext.
+            let stored_max = u64::from(c.plain_len) + u64::from(c.plain_len) / 64 + 4096;
+            if c.plain_len > self.chunk_size
+                || u64::from(c.stored_len) > stored_max
+                || c.offset.checked_add(u64::from(c.stored_len)).is_none()
+            {
+                return Err(format!(
+                    "chunk {i} ({} bytes stored at {} for {} bytes) does not fit chunks of {} bytes",
+                    c.stored_len, c.offset, c.plain_len, self.chunk_size
+                ));
+            }
         }
         for f in &self.files {
-            if f.chunks.first + f.chunks.count > self.chunks.len() as u64 {
+            let end = f.chunks.first.checked_add(f.chunks.count);
+            if end.is_none_or(|end| end > self.chunks.len() as u64) {
                 return Err(format!(
-                    "file {} names chunks {}..{} of {}",
+                    "file {} names {} chunks from {} of {}",
                     f.path,
+                    f.chunks.count,
                     f.chunks.first,
-                    f.chunks.first + f.chunks.count,
                     self.chunks.len()
                 ));
             }
@@ -367,7 +397,8 @@ impl BackupManifest {
         let mut pieces = futures::stream::iter(0..table.pieces.len())
             .map(|n| read_piece(objects, &self.id, &table, n))
             .buffered(4);
-        let mut chunks = Vec::with_capacity(table.count as usize);
+        // The count is the manifest's word: room grows with the pieces really read.
+        let mut chunks = Vec::with_capacity(table.count.min(u64::from(CHUNKS_PER_PIECE)) as usize);
         while let Some(piece) = pieces.try_next().await? {
             chunks.extend(
                 piece
@@ -391,13 +422,21 @@ impl BackupManifest {
         id: &str,
     ) -> Result<BackupManifest, ManifestError> {
         let key = manifest_key(id);
-        let (_, plain) = objects.get(&key).await?;
+        let (_, plain) = objects.get_at_most(&key, MANIFEST_MAX).await?;
+        BackupManifest::parse(&key, &plain)
+    }
+
+    /// Parses a manifest's JSON, as read from `key` (sans-IO: what [`BackupManifest::load_header`]
+    /// does once the object is read): its format, its shape, and a chunk table description
+    /// that can hold its count. Checking the rest needs the table ([`BackupManifest::check`]).
+    pub fn parse(key: &str, plain: &[u8]) -> Result<BackupManifest, ManifestError> {
+        let key = key.to_owned();
         let bad = |reason: String| ManifestError::Bad {
             key: key.clone(),
             reason,
         };
         let value: serde_json::Value =
-            serde_json::from_slice(&plain).map_err(|e| bad(e.to_string()))?;
+            serde_json::from_slice(plain).map_err(|e| bad(e.to_string()))?;
         let format = value
             .get("format")
             .and_then(serde_json::Value::as_u64)
@@ -408,7 +447,10 @@ impl BackupManifest {
         let m: BackupManifest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
         let t = &m.chunk_table;
         let per = u64::from(t.per_piece);
-        if per == 0 || t.pieces.len() as u64 != t.count.div_ceil(per) {
+        if per == 0
+            || per > u64::from(CHUNKS_PER_PIECE)
+            || t.pieces.len() as u64 != t.count.div_ceil(per)
+        {
             return Err(bad(format!(
                 "its chunk table of {} entries, {} a piece, cannot be in {} pieces",
                 t.count,
@@ -429,21 +471,42 @@ async fn read_piece(
     n: usize,
 ) -> Result<Bytes, ManifestError> {
     let key = chunk_table_key(id, n);
-    let (header, plain) = objects.get(&key).await?;
+    let (header, plain) = objects
+        .get_at_most(&key, piece_len(table, n) as u64)
+        .await?;
+    check_piece(&key, table, n, &header.hash, &plain)?;
+    Ok(plain)
+}
+
+/// Bytes piece `n` of `table` holds.
+fn piece_len(table: &ChunkTable, n: usize) -> usize {
     let per = u64::from(table.per_piece);
-    let want = per.min(table.count - n as u64 * per) as usize * CHUNK_ENTRY_LEN;
+    per.min(table.count.saturating_sub((n as u64).saturating_mul(per))) as usize * CHUNK_ENTRY_LEN
+}
+
+/// Checks piece `n` of `table`, read from `key` (sans-IO): the hash the manifest names for
+/// it (`hash` is its plaintext's blake3, from the envelope's verified header), and whole
+/// entries, as many as the piece must hold.
+pub fn check_piece(
+    key: &str,
+    table: &ChunkTable,
+    n: usize,
+    hash: &[u8; 32],
+    plain: &[u8],
+) -> Result<(), ManifestError> {
+    let want = piece_len(table, n);
     let named = table.pieces.get(n).map(String::as_str).unwrap_or("");
-    if blake3::Hash::from_bytes(header.hash).to_hex().as_str() != named || plain.len() != want {
+    if blake3::Hash::from_bytes(*hash).to_hex().as_str() != named || plain.len() != want {
         return Err(ManifestError::Bad {
-            key,
+            key: key.to_owned(),
             reason: format!(
                 "it holds {} bytes with blake3 {}, the manifest says {want} bytes with {named}",
                 plain.len(),
-                blake3::Hash::from_bytes(header.hash).to_hex()
+                blake3::Hash::from_bytes(*hash).to_hex()
             ),
         });
     }
-    Ok(plain)
+    Ok(())
 }
 
 /// Random access to a backup's chunk table a piece at a time, keeping the last few pieces

@@ -109,10 +109,27 @@ impl ObjectStore {
         self.decode(key, bytes).await
     }
 
+    /// [`ObjectStore::get`] for an object of at most `max` bytes of plaintext: a header
+    /// declaring more is damage, refused before anything is decompressed.
+    pub async fn get_at_most(&self, key: &str, max: u64) -> Result<(Header, Bytes), ObjectError> {
+        let bytes = storage::get_bytes(self.storage.as_ref(), key).await?;
+        self.decode_at_most(key, bytes, max).await
+    }
+
     /// Decodes and verifies the stored bytes of the object at `key` (read by the caller).
     pub async fn decode(&self, key: &str, bytes: Bytes) -> Result<(Header, Bytes), ObjectError> {
+        self.decode_at_most(key, bytes, u64::MAX).await
+    }
+
+    /// [`ObjectStore::decode`] of at most `max` bytes of plaintext.
+    pub async fn decode_at_most(
+        &self,
+        key: &str,
+        bytes: Bytes,
+        max: u64,
+    ) -> Result<(Header, Bytes), ObjectError> {
         self.codec
-            .decode(bytes)
+            .decode_at_most(bytes, max)
             .await?
             .map_err(|source| ObjectError::Corrupt {
                 key: key.to_owned(),

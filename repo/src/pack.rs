@@ -28,9 +28,15 @@ pub struct PackEntry {
     pub plain_len: u32,
 }
 
-/// The key of the pack whose id is `id` (64 hex digits).
+/// The key of the pack whose id is `id` (64 hex digits; manifests are checked for that with
+/// [`is_pack_id`] before their ids are used).
 pub fn pack_key(id: &str) -> String {
-    format!("pack/{}/{id}", &id[..2])
+    format!("pack/{}/{id}", id.get(..2).unwrap_or(id))
+}
+
+/// Whether `id` has a pack id's shape: 64 lower-case hex digits.
+pub fn is_pack_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A pack being filled.
@@ -138,7 +144,11 @@ pub fn read_index(pack: &[u8]) -> Result<Vec<PackEntry>, PackError> {
     let Some(index_start) = (n - FOOTER_LEN).checked_sub(index_len) else {
         return Err(PackError::Inconsistent("index longer than the pack".into()));
     };
-    let (_, index) = envelope::decode(&pack[index_start..n - FOOTER_LEN])?;
+    // Every entry stands for an envelope of at least a header in the pack: an index that
+    // declares more entries than fit is refused before it is decompressed.
+    let max_index = (index_start / envelope::FIXED_HEADER_LEN + 1) * INDEX_ENTRY_LEN;
+    let (_, index) =
+        envelope::decode_at_most(&pack[index_start..n - FOOTER_LEN], max_index as u64)?;
     if index.len() % INDEX_ENTRY_LEN != 0 {
         return Err(PackError::Inconsistent(format!(
             "index of {} bytes",
@@ -155,7 +165,11 @@ pub fn read_index(pack: &[u8]) -> Result<Vec<PackEntry>, PackError> {
             stored_len: u32::from_le_bytes(e[40..44].try_into().unwrap_or([0; 4])),
             plain_len: u32::from_le_bytes(e[44..48].try_into().unwrap_or([0; 4])),
         };
-        if entry.offset + u64::from(entry.stored_len) > index_start as u64 {
+        if entry
+            .offset
+            .checked_add(u64::from(entry.stored_len))
+            .is_none_or(|end| end > index_start as u64)
+        {
             return Err(PackError::Inconsistent(format!(
                 "chunk at {} runs past the data",
                 entry.offset
@@ -169,7 +183,24 @@ pub fn read_index(pack: &[u8]) -> Result<Vec<PackEntry>, PackError> {
 /// Unwraps one chunk's envelope (CPU work: call it off the async runtime) and checks that
 /// it is the chunk with `hash`, not only an intact envelope.
 pub fn decode_chunk(envelope: &[u8], hash: &[u8; 32]) -> Result<Bytes, EnvelopeError> {
-    let (header, plain) = envelope::decode(envelope)?;
+    decode_chunk_of(envelope, hash, u64::MAX)
+}
+
+/// [`decode_chunk`] of a chunk whose table entry says it holds exactly `plain_len` bytes: a
+/// header declaring more is refused before anything is decompressed, one declaring another
+/// length after.
+pub fn decode_chunk_of(
+    envelope: &[u8],
+    hash: &[u8; 32],
+    plain_len: u64,
+) -> Result<Bytes, EnvelopeError> {
+    let (header, plain) = envelope::decode_at_most(envelope, plain_len)?;
+    if plain_len != u64::MAX && header.plain_len != plain_len {
+        return Err(EnvelopeError::Length {
+            expected: plain_len,
+            found: header.plain_len,
+        });
+    }
     if &header.hash != hash {
         return Err(EnvelopeError::Hash {
             expected: blake3::Hash::from_bytes(*hash).to_hex().to_string(),
@@ -180,13 +211,15 @@ pub fn decode_chunk(envelope: &[u8], hash: &[u8; 32]) -> Result<Bytes, EnvelopeE
 }
 
 /// Reads one chunk from its pack (a ranged read), verifies it on a codec thread
-/// ([`decode_chunk`]); damage is a corruption error naming the pack and the offset.
+/// ([`decode_chunk_of`] with the entry's hash and length); damage is a corruption error
+/// naming the pack and the offset.
 pub async fn fetch_chunk(
     objects: &ObjectStore,
     pack: &str,
-    range: std::ops::Range<u64>,
-    hash: &[u8; 32],
+    chunk: &crate::manifest::ChunkRef,
 ) -> Result<Bytes, ObjectError> {
+    let range = chunk.range();
+    let (hash, plain_len) = (chunk.hash, u64::from(chunk.plain_len));
     let offset = range.start;
     let want = range.end - range.start;
     let bytes = objects.storage().get_range(pack, range).await?;
@@ -197,10 +230,9 @@ pub async fn fetch_chunk(
             source: EnvelopeError::Truncated(bytes.len()),
         });
     }
-    let hash = *hash;
     objects
         .codec()
-        .run(move || decode_chunk(&bytes, &hash))
+        .run(move || decode_chunk_of(&bytes, &hash, plain_len))
         .await?
         .map_err(|source| ObjectError::Corrupt {
             key: name(),

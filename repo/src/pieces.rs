@@ -93,9 +93,12 @@ pub async fn read_streamed(
     if run.is_empty() {
         return Ok(None);
     }
-    let mut out = Vec::with_capacity(end as usize);
+    // Piece names are read from the repository: the buffer grows with what is read.
+    let mut out = Vec::with_capacity((end as usize).min(16 << 20));
     for p in &run {
-        let (_, plain) = objects.get(&p.key).await?;
+        let (_, plain) = objects
+            .get_at_most(&p.key, u64::from(p.end - p.start))
+            .await?;
         if plain.len() as u64 != u64::from(p.end - p.start) {
             return Err(ObjectError::Corrupt {
                 key: p.key.clone(),

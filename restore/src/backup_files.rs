@@ -39,7 +39,7 @@ pub fn file_chunks<'a>(
             let bad = || ReadError::Manifest(file.path.clone());
             let c = m.chunks.get(i).ok_or_else(bad)?;
             let pack = m.pack_key(c.pack()).ok_or_else(bad)?;
-            fetch_chunk(objects, &pack, c.range(), &c.hash)
+            fetch_chunk(objects, &pack, c)
                 .await
                 .map_err(|source| ReadError::Object {
                     path: file.path.clone(),

@@ -6,8 +6,10 @@
 //! memory at once.
 //!
 //! PostgreSQL must never start on a half-restored directory: `global/pg_control` is
-//! written under another name and renamed into place only after every other file is
-//! written and flushed to disk, and a marker file says a restore is in progress until then.
+//! written under another name and renamed into place only after every other file, the
+//! recovery settings included, is written and flushed to disk, and a marker file says a
+//! restore is in progress until then. Where each entry goes is checked first, by
+//! [`crate::dest`]: nothing is written outside the restore's directories or through a link.
 //!
 //! Only the restore's own files are flushed (each file, then each directory), never the
 //! whole filesystem: a syncfs would also wait for whatever else the host has written and
@@ -16,8 +18,8 @@
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::unix::fs::{symlink, FileExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -27,10 +29,8 @@ use repo::manifest::{BackupManifest, FileType, ManifestFile};
 use repo::objects::{ObjectError, ObjectStore};
 use repo::pool::{Pool, PoolGone};
 
-/// Present in a data directory while pitr restores into it.
-pub const INCOMPLETE_MARKER: &str = "PITR_RESTORE_INCOMPLETE";
-const PG_CONTROL: &str = "global/pg_control";
-const PG_CONTROL_PENDING: &str = "global/pg_control.pitr-restore";
+pub use crate::dest::INCOMPLETE_MARKER;
+use crate::dest::{create_dirs_below, make_links, place, Places, PG_CONTROL, PG_CONTROL_PENDING};
 
 /// Where and how to write.
 #[derive(Debug, Clone)]
@@ -45,6 +45,8 @@ pub struct FilesOptions {
     pub threads: usize,
     /// Adjacent chunks of a pack are read together up to this many bytes.
     pub range_size: u64,
+    /// Called just before pg_control goes in place (a test hook: a kill at that moment).
+    pub before_pg_control: Option<fn()>,
 }
 
 impl FilesOptions {
@@ -56,6 +58,7 @@ impl FilesOptions {
             fetches: 8,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             range_size: 8 << 20,
+            before_pg_control: None,
         }
     }
 }
@@ -132,62 +135,14 @@ fn fresh_dir(dir: &Path) -> Result<(), FilesError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
 }
 
-/// Where the backup's files go.
-#[derive(Debug, Clone)]
-struct Layout {
-    to: PathBuf,
-    spaces: HashMap<u32, PathBuf>,
-}
-
-impl Layout {
-    fn new(m: &BackupManifest, o: &FilesOptions) -> Layout {
-        let spaces = m
-            .tablespaces
-            .iter()
-            .map(|t| {
-                let dest = o
-                    .tablespace_map
-                    .get(&t.oid)
-                    .cloned()
-                    .unwrap_or_else(|| PathBuf::from(&t.location));
-                (t.oid, dest)
-            })
-            .collect();
-        Layout {
-            to: o.to.clone(),
-            spaces,
-        }
-    }
-
-    fn path(&self, f: &ManifestFile) -> Result<PathBuf, FilesError> {
-        let rel = Path::new(&f.path);
-        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
-            return Err(FilesError::Manifest(format!(
-                "path \"{}\" leaves the directory",
-                f.path
-            )));
-        }
-        let root = match f.tablespace {
-            None if f.path == PG_CONTROL => return Ok(self.to.join(PG_CONTROL_PENDING)),
-            None => &self.to,
-            Some(oid) => self.spaces.get(&oid).ok_or_else(|| {
-                FilesError::Manifest(format!(
-                    "file \"{}\" is in unknown tablespace {oid}",
-                    f.path
-                ))
-            })?,
-        };
-        Ok(root.join(rel))
-    }
-}
-
-/// Directories, symlinks and empty files of their full size, with their modes.
-fn lay_out(m: &BackupManifest, layout: &Layout) -> Result<Vec<PathBuf>, FilesError> {
-    fresh_dir(&layout.to)?;
-    for dir in layout.spaces.values() {
+/// Directories and empty files of their full size, with their modes, where `places` says
+/// (checked by [`crate::dest::place`]); links come after the files ([`finish_files`]).
+fn lay_out(m: &BackupManifest, places: &Places) -> Result<(), FilesError> {
+    fresh_dir(&places.to)?;
+    for dir in places.spaces.values() {
         fresh_dir(dir)?;
     }
-    let marker = layout.to.join(INCOMPLETE_MARKER);
+    let marker = places.to.join(INCOMPLETE_MARKER);
     fs::write(
         &marker,
         format!(
@@ -196,45 +151,34 @@ fn lay_out(m: &BackupManifest, layout: &Layout) -> Result<Vec<PathBuf>, FilesErr
         ),
     )
     .map_err(io_err(&marker))?;
-    let mut paths = Vec::with_capacity(m.files.len());
-    for f in &m.files {
-        let path = layout.path(f)?;
+    for (f, path) in m.files.iter().zip(&places.paths) {
+        let root = match f.tablespace {
+            None => &places.to,
+            Some(oid) => &places.spaces[&oid],
+        };
         match f.kind {
             FileType::Directory => {
-                fs::create_dir_all(&path).map_err(io_err(&path))?;
-                fs::set_permissions(&path, fs::Permissions::from_mode(f.mode & 0o7777))
-                    .map_err(io_err(&path))?;
+                create_dirs_below(root, path).map_err(io_err(path))?;
+                fs::set_permissions(path, fs::Permissions::from_mode(f.mode & 0o7777))
+                    .map_err(io_err(path))?;
             }
-            FileType::Symlink => {
-                let oid = f
-                    .path
-                    .strip_prefix("pg_tblspc/")
-                    .and_then(|o| o.parse::<u32>().ok());
-                let target = match oid.and_then(|o| layout.spaces.get(&o)) {
-                    Some(dest) if f.tablespace.is_none() => dest.clone(),
-                    _ => PathBuf::from(f.target.clone().unwrap_or_default()),
-                };
-                if let Some(parent) = path.parent() {
-                    fs::create_dir_all(parent).map_err(io_err(parent))?;
-                }
-                symlink(&target, &path).map_err(io_err(&path))?;
-            }
+            FileType::Symlink => {}
             FileType::File => {
                 if let Some(parent) = path.parent() {
-                    fs::create_dir_all(parent).map_err(io_err(parent))?;
+                    create_dirs_below(root, parent).map_err(io_err(parent))?;
                 }
                 let file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .mode(f.mode & 0o7777)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
-                file.set_len(f.size).map_err(io_err(&path))?;
+                    .open(path)
+                    .map_err(io_err(path))?;
+                file.set_len(f.size).map_err(io_err(path))?;
             }
         }
-        paths.push(path);
     }
-    Ok(paths)
+    Ok(())
 }
 
 /// One ranged read: chunks that lie together in a pack.
@@ -246,10 +190,11 @@ struct Range {
     chunks: Vec<u32>,
 }
 
-/// Where a chunk's plaintext goes: (file index, offset in the file), by the chunk table
-/// entry read for it (the first of those naming the same envelope: a chunk several files
-/// or places hold is fetched once).
-type Uses = HashMap<u32, Vec<(u32, u64)>>;
+/// Where a chunk's plaintext goes: (file index, offset in the file, the chunk table entry
+/// that put it there), by the entry read for it (the first of those naming the same
+/// envelope: a chunk several files or places hold is fetched once, and checked against
+/// every entry that names it).
+type Uses = HashMap<u32, Vec<(u32, u64, u32)>>;
 
 fn plan(m: &BackupManifest, range_size: u64) -> (Uses, Vec<Range>) {
     let mut uses: Uses = HashMap::new();
@@ -259,7 +204,9 @@ fn plan(m: &BackupManifest, range_size: u64) -> (Uses, Vec<Range>) {
         for ci in f.chunks.indexes() {
             let c = &m.chunks[ci];
             let read = *by_place.entry((c.pack, c.offset)).or_insert(ci as u32);
-            uses.entry(read).or_default().push((fi as u32, offset));
+            uses.entry(read)
+                .or_default()
+                .push((fi as u32, offset, ci as u32));
             offset += u64::from(c.plain_len());
         }
     }
@@ -359,8 +306,30 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
         let env = bytes
             .get(rel)
             .ok_or_else(|| corrupt(EnvelopeError::Truncated(bytes.len())))?;
-        let plain = repo::pack::decode_chunk(env, &c.hash).map_err(corrupt)?;
-        for &(fi, offset) in dests {
+        let plain =
+            repo::pack::decode_chunk_of(env, &c.hash, u64::from(c.plain_len)).map_err(corrupt)?;
+        for &(fi, offset, entry) in dests {
+            // Another entry naming the same place in the same pack must name the same
+            // chunk: its hash and lengths are compared with what was checked.
+            let e = &s.manifest.chunks[entry as usize];
+            if entry != ci
+                && (e.hash != c.hash || e.plain_len != c.plain_len || e.stored_len != c.stored_len)
+            {
+                return Err(FilesError::Object {
+                    path: s.manifest.files[fi as usize].path.clone(),
+                    source: ObjectError::Corrupt {
+                        key: format!(
+                            "{}@{}",
+                            s.manifest.pack_key(r.pack).unwrap_or_default(),
+                            c.offset
+                        ),
+                        source: EnvelopeError::Hash {
+                            expected: hex(&e.hash),
+                            found: hex(&c.hash),
+                        },
+                    },
+                });
+            }
             let path = &s.paths[fi as usize];
             // A range's chunks are mostly one file's, in order: opened once for them.
             let file = match &open {
@@ -368,6 +337,7 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
                 _ => {
                     let f = OpenOptions::new()
                         .write(true)
+                        .custom_flags(libc::O_NOFOLLOW)
                         .open(path)
                         .map_err(io_err(path))?;
                     &open.insert((fi, f)).1
@@ -379,6 +349,10 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
         }
     }
     Ok(())
+}
+
+fn hex(h: &[u8; 32]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Flushes file `path` (data and size) to disk.
@@ -396,50 +370,46 @@ fn sync_dir(dir: &Path) -> Result<(), FilesError> {
 /// Bytes written between early flushes.
 const EARLY_FLUSH_BYTES: u64 = 64 << 20;
 
-/// The directories, links and (empty) files of a restore, made by [`lay_out_files`].
+/// The directories and (empty) files of a restore, made by [`lay_out_files`], and where
+/// everything of it goes.
 #[derive(Debug)]
 pub struct LaidOut {
-    layout: Layout,
-    paths: Vec<PathBuf>,
+    places: Places,
 }
 
-/// Writes every file of backup `m` as `options` say. `written` counts plaintext bytes
-/// written so far (for progress).
-pub async fn restore_files(
-    objects: &ObjectStore,
-    m: &BackupManifest,
-    options: &FilesOptions,
-    written: Arc<AtomicU64>,
-) -> Result<FilesReport, FilesError> {
-    let laid_out = lay_out_files(m, options).await?;
-    write_files(objects, m, options, laid_out, written).await
-}
-
-/// Checks the targets are empty and makes the directories, links and files (empty, at
-/// their sizes) of backup `m`, with the marker that a restore is in progress.
+/// Checks every entry of backup `m` ([`crate::dest::place`]: a manifest that would write
+/// outside the restore's directories is refused here, before anything is written), checks
+/// the targets are empty and makes the directories and files (empty, at their sizes), with
+/// the marker that a restore is in progress.
 pub async fn lay_out_files(
     m: &BackupManifest,
     options: &FilesOptions,
 ) -> Result<LaidOut, FilesError> {
-    m.check().map_err(FilesError::Manifest)?;
-    let layout = Layout::new(m, options);
+    let places = check_manifest(m, options)?;
     let m = m.clone();
-    tokio::task::spawn_blocking(move || lay_out(&m, &layout).map(|paths| LaidOut { layout, paths }))
+    tokio::task::spawn_blocking(move || lay_out(&m, &places).map(|()| LaidOut { places }))
         .await
         .map_err(|_| PoolGone)?
 }
 
-/// Fills the files [`lay_out_files`] made, flushes everything, then puts pg_control in
-/// place and removes the marker.
+/// What [`lay_out_files`] checks before it writes: the manifest's numbers and where each
+/// of its entries goes.
+pub fn check_manifest(m: &BackupManifest, options: &FilesOptions) -> Result<Places, FilesError> {
+    m.check().map_err(FilesError::Manifest)?;
+    place(m, &options.to, &options.tablespace_map).map_err(FilesError::Manifest)
+}
+
+/// Fills the files [`lay_out_files`] made, each chunk checked against every chunk table
+/// entry that names it. Nothing is final yet: [`finish_files`] follows.
 pub async fn write_files(
     objects: &ObjectStore,
     m: &BackupManifest,
     options: &FilesOptions,
-    laid_out: LaidOut,
+    laid_out: &LaidOut,
     written: Arc<AtomicU64>,
 ) -> Result<FilesReport, FilesError> {
     let started = std::time::Instant::now();
-    let LaidOut { layout, paths } = laid_out;
+    let paths = laid_out.places.paths.clone();
     let (uses, ranges) = plan(m, options.range_size);
     let requests = ranges.len() as u64;
     let fetched: u64 = ranges.iter().map(|r| r.end - r.start).sum();
@@ -526,16 +496,51 @@ pub async fn write_files(
         let _ = tokio::task::spawn_blocking(move || h.join()).await;
     }
     fetched_all?;
+    let files: Vec<&ManifestFile> = m
+        .files
+        .iter()
+        .filter(|f| f.kind == FileType::File)
+        .collect();
+    Ok(FilesReport {
+        files: files.len() as u64,
+        bytes: files.iter().map(|f| f.size).sum(),
+        fetched,
+        requests,
+        write_seconds: started.elapsed().as_secs_f64(),
+        flush_seconds: 0.0,
+    })
+}
 
-    let write_seconds = started.elapsed().as_secs_f64();
+/// Makes the restore final, in the order that keeps a directory PostgreSQL would start on
+/// complete whenever the process is killed: `settings` first (the recovery settings, written
+/// and flushed by the caller), then the backup's links (no file is written after them),
+/// every file and directory flushed, then pg_control put in place, then the marker removed.
+/// Killed before pg_control is in place, the directory has none, and PostgreSQL refuses it.
+/// Returns the seconds spent.
+pub async fn finish_files(
+    m: &BackupManifest,
+    options: &FilesOptions,
+    laid_out: LaidOut,
+    settings: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> Result<f64, FilesError> {
+    let started = std::time::Instant::now();
+    let places = Arc::new(laid_out.places);
+    let to = places.to.clone();
+    {
+        let (places, to) = (places.clone(), to.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), FilesError> {
+            settings().map_err(io_err(&to))?;
+            make_links(&places).map_err(io_err(&to))
+        })
+        .await
+        .map_err(|_| PoolGone)??;
+    }
     // Everything on disk: every file (several at once: the filesystem's journal takes
-    // concurrent flushes together), then every directory; then pg_control, then the
-    // marker gone.
-    let to = layout.to.clone();
+    // concurrent flushes together), then every directory.
     let mut files = Vec::new();
-    let mut dirs: Vec<PathBuf> = layout.spaces.values().cloned().collect();
-    dirs.push(layout.to.clone());
-    for (f, p) in m.files.iter().zip(&shared.paths) {
+    let mut dirs: Vec<PathBuf> = places.spaces.values().cloned().collect();
+    dirs.push(to.clone());
+    for (f, p) in m.files.iter().zip(&places.paths) {
         match f.kind {
             FileType::Directory => dirs.push(p.clone()),
             FileType::File => files.push(p.clone()),
@@ -547,13 +552,18 @@ pub async fn write_files(
     }
     dirs.sort();
     dirs.dedup();
+    let pool = Pool::new("pitr-flush", options.threads, options.threads * 2);
     futures::stream::iter(files.into_iter().chain(dirs))
         .map(|path| pool.run(move || sync_file(&path)))
         .buffer_unordered(options.threads.max(1) * 2)
         .map(|r| r.map_err(FilesError::from).and_then(|r| r))
         .try_collect::<()>()
         .await?;
+    let stop = options.before_pg_control;
     tokio::task::spawn_blocking(move || -> Result<(), FilesError> {
+        if let Some(stop) = stop {
+            stop();
+        }
         let pending = to.join(PG_CONTROL_PENDING);
         if pending.exists() {
             let control = to.join(PG_CONTROL);
@@ -566,17 +576,5 @@ pub async fn write_files(
     })
     .await
     .map_err(|_| PoolGone)??;
-    let files: Vec<&ManifestFile> = m
-        .files
-        .iter()
-        .filter(|f| f.kind == FileType::File)
-        .collect();
-    Ok(FilesReport {
-        files: files.len() as u64,
-        bytes: files.iter().map(|f| f.size).sum(),
-        fetched,
-        requests,
-        write_seconds,
-        flush_seconds: started.elapsed().as_secs_f64() - write_seconds,
-    })
+    Ok(started.elapsed().as_secs_f64())
 }

@@ -2,9 +2,11 @@
 //! (`backup_files`), and later restore, verify and drill.
 
 pub mod backup_files;
+pub mod dest;
 pub mod files;
 pub mod plan;
 pub mod recovery;
+pub mod restorer;
 pub mod spool;
 pub mod start;
 pub mod target;

@@ -119,12 +119,13 @@ fn bad(what: impl std::fmt::Display) -> PlanError {
 async fn summary_of(repo: &Repository, name: &SegmentName) -> Result<Summary, PlanError> {
     let file = name.to_string();
     let key = summary_key(&file).unwrap_or_default();
-    match repo.objects().get(&key).await {
+    let max = crate::wal_fetch::wal_file_max(repo);
+    match repo.objects().get_at_most(&key, max).await {
         Ok((_, plain)) => serde_json::from_slice(&plain).map_err(|e| bad(format!("{key}: {e}"))),
         Err(e) if e.is_not_found() => {
             // Archived, but its summary was never written: read the segment itself.
             let seg_key = wal_key(&file).unwrap_or_default();
-            let bytes = match repo.objects().get(&seg_key).await {
+            let bytes = match repo.objects().get_at_most(&seg_key, max).await {
                 Ok((_, b)) => b,
                 // Not whole yet: the segment `pitr stream` is writing.
                 Err(e) if e.is_not_found() => {
@@ -209,7 +210,11 @@ async fn history(
     }
     let name = TimelineId(tli).history_file_name();
     let key = wal_key(&name).unwrap_or_default();
-    match repo.objects().get(&key).await {
+    match repo
+        .objects()
+        .get_at_most(&key, crate::wal_fetch::wal_file_max(repo))
+        .await
+    {
         Ok((_, text)) => {
             let parsed = TimelineHistory::parse(TimelineId(tli), &text).map_err(bad)?;
             Ok((parsed, Some(text.to_vec())))

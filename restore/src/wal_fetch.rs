@@ -120,7 +120,10 @@ pub async fn fetch(
     );
     let repo = repo?;
     let plain = match stored {
-        Ok(bytes) => repo.objects().decode(&key, bytes).await?.1,
+        Ok(bytes) => {
+            let max = wal_file_max(&repo);
+            repo.objects().decode_at_most(&key, bytes, max).await?.1
+        }
         Err(e) if e.is_not_found() => {
             // Not archived whole: the segment `pitr stream` is still writing, if any.
             match streamed_segment(&repo, name).await? {
@@ -143,6 +146,12 @@ pub async fn fetch(
             source,
         })?;
     Ok(())
+}
+
+/// The most plaintext a WAL file of `repo` holds: a segment (or `.partial`) its segment
+/// size; `.history` and `.backup` files are far smaller.
+pub fn wal_file_max(repo: &Repository) -> u64 {
+    repo.config().wal_segment_size.max(16 << 20)
 }
 
 /// The segment `name` as `pitr stream` has made it durable so far: its pieces from offset 0,
@@ -298,7 +307,7 @@ pub async fn history_answers(
         .map(|t| async move {
             let key = wal_key(&name_of(t)).unwrap_or_default();
             repo.objects()
-                .get(&key)
+                .get_at_most(&key, wal_file_max(repo))
                 .await
                 .map(|(_, b)| (name_of(t), b.to_vec()))
         })
@@ -322,7 +331,11 @@ async fn fill(repo: &Repository, spool: &Spool, names: Vec<String>, parallel: us
     let mut fetches = futures::stream::iter(names)
         .map(|name| async move {
             let got = match wal_key(&name) {
-                Some(key) => repo.objects().get(&key).await.map(|(_, plain)| plain),
+                Some(key) => repo
+                    .objects()
+                    .get_at_most(&key, wal_file_max(repo))
+                    .await
+                    .map(|(_, plain)| plain),
                 None => Err(ObjectError::Storage(StorageError::not_found("get", &name))),
             };
             (name, got)

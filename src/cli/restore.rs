@@ -4,18 +4,18 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use repo::codec::Codec;
 use repo::manifest::ManifestError;
 use repo::objects::ObjectError;
-use repo::repository::Repository;
-use restore::files::{lay_out_files, write_files, FilesError, FilesOptions, INCOMPLETE_MARKER};
-use restore::plan::{plan, PlanError, TimelineChoice};
-use restore::recovery::{self, shell_quote, Action, RecoveryConfig};
+use restore::files::{FilesError, INCOMPLETE_MARKER};
+use restore::plan::{Plan, PlanError, TimelineChoice};
+use restore::recovery::{shell_quote, Action};
+use restore::restorer::{Progress, RestoreError, RestoreOptions, StartSettings};
+use restore::start::StartError;
 use restore::target::{parse_time, Target};
 use serde_json::json;
 
@@ -134,9 +134,6 @@ fn timeline(text: &str) -> Result<TimelineChoice, Failure> {
     }
 }
 
-/// WAL segments `--prefetch-wal` stages at most while the files are written.
-const STAGE_MAX: usize = 64;
-
 fn plan_failure(e: PlanError) -> Failure {
     let exit = match &e {
         PlanError::Unreachable { .. } | PlanError::NoBackup(_) => Exit::Unreachable,
@@ -157,7 +154,7 @@ fn plan_failure(e: PlanError) -> Failure {
     }
 }
 
-fn files_failure(e: FilesError, to: &std::path::Path) -> Failure {
+fn files_failure(e: FilesError, to: &Path) -> Failure {
     let exit = match &e {
         FilesError::NotEmpty(_) => Exit::BadInput,
         FilesError::Object {
@@ -171,11 +168,37 @@ fn files_failure(e: FilesError, to: &std::path::Path) -> Failure {
     let f = Failure::new(exit, format!("restore failed: {e}"));
     if matches!(e, FilesError::NotEmpty(_)) {
         f.hint("restore into a new or empty directory")
+    } else if !to.exists() {
+        f
     } else {
         f.hint(format!(
             "{} is incomplete and PostgreSQL will not start on it (no global/pg_control, {INCOMPLETE_MARKER} present); remove it and restore again",
             to.display()
         ))
+    }
+}
+
+fn restore_failure(e: RestoreError, to: &Path) -> Failure {
+    match e {
+        RestoreError::Open(e) => open_failure(e),
+        RestoreError::Plan(e) => plan_failure(e),
+        RestoreError::NotEmpty(_) => Failure::new(Exit::BadInput, e.to_string())
+            .hint("restore into a new or empty directory"),
+        RestoreError::NoServer(_) => Failure::new(Exit::BadInput, e.to_string())
+            .hint("name the directory of the server binaries with --pg-bin or PITR_PG_BIN"),
+        RestoreError::Files(e) => files_failure(e, to),
+        RestoreError::Start(e @ StartError::Promote(_)) => {
+            Failure::new(Exit::StartFailed, e.to_string()).hint(format!(
+                "the server is running on {}, recovering (or paused at the target): promote it with pg_ctl promote -D {} once the cause is fixed",
+                to.display(),
+                to.display()
+            ))
+        }
+        RestoreError::Start(e) => Failure::new(Exit::StartFailed, e.to_string()).hint(format!(
+            "the files are restored; see {} and start the server on {} yourself once fixed",
+            restore::dest::start_log(to).display(),
+            to.display()
+        )),
     }
 }
 
@@ -253,6 +276,13 @@ fn check_can_start(args: &Args) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `PITR_DEBUG_STOP=before-pg-control` (a test hook, not for users): the process dies the
+/// way a kill would, just before pg_control goes in place.
+fn stop_hook() -> Option<fn()> {
+    (std::env::var("PITR_DEBUG_STOP").as_deref() == Ok("before-pg-control"))
+        .then_some((|| std::process::exit(137)) as fn())
+}
+
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
     let target = target(&args)?;
@@ -277,216 +307,35 @@ pub fn run(args: Args) -> Result<(), Failure> {
             format!("--to \"{}\" is not an absolute path", args.to.display()),
         ));
     }
-    if std::fs::read_dir(&args.to).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(Failure::new(
-            Exit::BadInput,
-            format!(
-                "directory \"{}\" exists and is not empty",
-                args.to.display()
-            ),
-        )
-        .hint("restore into a new or empty directory"));
-    }
-    let runtime = super::runtime(Exit::Repository)?;
-    let started = Instant::now();
-    let (plan, report, plan_seconds, pg_bin) = runtime.block_on(async {
-        let repo = Repository::open(&url, None, Arc::new(Codec::with_default_threads()))
-            .await
-            .map_err(open_failure)?;
-        let plan = plan(
-            &repo,
-            &target,
-            args.target_exclusive,
-            &timeline_choice,
-            args.backup.as_deref(),
-        )
-        .await
-        .map_err(plan_failure)?;
-        let plan_seconds = started.elapsed().as_secs_f64();
-        let m = &plan.backup;
-        let pg_bin = if args.start {
-            Some(restore::start::find_bin(m.pg_version, args.pg_bin.as_deref()).map_err(|e| {
-                Failure::new(Exit::BadInput, format!("cannot start the restored server: {e}"))
-                    .hint("name the directory of the server binaries with --pg-bin or PITR_PG_BIN")
-            })?)
-        } else {
-            None
-        };
-        if let Some((missing, newest)) = &plan.stranded {
-            eprintln!(
-                "pitr: warning: WAL segment {missing} is not in the repository, but later WAL (up to {newest}) is: recovery will stop before {missing}\nHINT:  if {missing} can still be archived (pg_wal of the old server, another copy), archive it and restore again"
-            );
-        }
-        if !args.json {
-            eprintln!(
-                "pitr: restore: backup {} ({}, ended {}), WAL {} .. {} ({} segments) on timeline {}",
-                m.id,
-                mb(m.size),
-                m.stop_time,
-                plan.first_segment,
-                plan.last_segment,
-                plan.segments,
-                plan.timeline
-            );
-        }
-        let mut options = FilesOptions::new(args.to.clone());
-        options.tablespace_map = map.clone();
-        options.fetches = args.parallel.max(1);
-        let written = Arc::new(AtomicU64::new(0));
-        let tty = std::io::stderr().is_terminal() && !args.json;
-        let total = m.size;
-        let ticker = {
-            let written = written.clone();
-            tokio::spawn(async move {
-                let t0 = Instant::now();
-                loop {
-                    tokio::time::sleep(Duration::from_millis(if tty { 200 } else { 10_000 })).await;
-                    let w = written.load(Ordering::Relaxed);
-                    let rate = w as f64 / t0.elapsed().as_secs_f64().max(0.001);
-                    let line = format!(
-                        "{} of {} at {}/s",
-                        mb(w),
-                        mb(total),
-                        mb(rate as u64)
-                    );
-                    if tty {
-                        eprint!("\r\x1b[2Kpitr: restore: {line}");
-                    } else {
-                        eprintln!("pitr: restore: {line}");
-                    }
-                }
-            })
-        };
-        let result = async {
-            let laid_out = lay_out_files(m, &options).await?;
-            let spool = restore::spool::default_dir(&args.to.join("pg_wal").join("RECOVERYXLOG"));
-            // WAL is staged while the files are written, no longer: then the prefetch
-            // worker wal-fetch uses carries on from where staging got to, so the restore
-            // ends with its files and recovery starts on a filling spool.
-            // At most STAGE_MAX segments: pg_wal's disk is not for all the WAL of a long
-            // restore; the worker keeps a window of 16 ahead of replay after that.
-            // Without --prefetch-wal nothing is staged while the files are written (on a
-            // small machine that slows the files more than it speeds replay), but the
-            // worker still starts when they are done: the first segments are in the spool
-            // by the time PostgreSQL asks for them.
-            let stage_list: Vec<String> = if args.prefetch_wal {
-                plan.wal.iter().take(STAGE_MAX).cloned().collect()
-            } else {
-                Vec::new()
-            };
-            let staging = (!stage_list.is_empty()).then(|| {
-                let (repo, spool, wal) = (repo.clone(), spool.clone(), stage_list.clone());
-                tokio::spawn(async move { restore::wal_fetch::stage(&repo, &spool, &wal, 4).await })
-            });
-            let files = write_files(repo.objects(), m, &options, laid_out, written).await;
-            let staged = match staging {
-                None => Some(0),
-                Some(staging) => {
-                    staging.abort();
-                    match staging.await {
-                        Ok(Ok(n)) => Some(n),
-                        Ok(Err(e)) => {
-                            eprintln!("pitr: warning: could not stage WAL for recovery: {e}");
-                            None
-                        }
-                        Err(_) => None, // stopped while still staging
-                    }
-                }
-            };
-            // Staging was cut short by the files being done, or reached its cap: the
-            // prefetch worker carries on from there.
-            let cut = staged.is_none_or(|n| n == stage_list.len());
-            let seg = walfmt::WalSegmentSize::new(repo.config().wal_segment_size).ok();
-            if let (Ok(_), Some(seg)) = (&files, seg) {
-                let (dir, url, wal) = (spool.clone(), repo.url().to_string(), plan.wal.clone());
-                // Recovery's first calls are history probes: answered from the spool, they
-                // do not wait on a repository the prefetch worker is busy with.
-                let history = restore::wal_fetch::history_answers(
-                    &repo,
-                    &plan,
-                    m.timeline,
-                    matches!(timeline_choice, TimelineChoice::Latest),
-                )
-                .await
-                .ok();
-                let handed = tokio::task::spawn_blocking(move || {
-                    let handed = restore::wal_fetch::hand_over(&dir, &url, &wal, seg);
-                    if let Some((files, absent)) = history {
-                        let _ = restore::spool::Spool::open(&dir, &url)
-                            .and_then(|s| s.stage_history(&files, absent.as_deref()));
-                    }
-                    handed
-                })
-                .await;
-                if let Ok(Ok((done, carry_on))) = handed {
-                    if !args.json && args.prefetch_wal {
-                        eprintln!("pitr: restore: staged {done} of {} WAL segments for recovery", plan.wal.len());
-                    }
-                    if cut && carry_on {
-                        super::wal_fetch::start_prefetch(&args.repo.repo, &spool, 16, 4);
-                    }
-                }
-            }
-            files
-        }
-        .await;
-        ticker.abort();
-        if tty {
-            eprintln!();
-        }
-        let report = result.map_err(|e| files_failure(e, &args.to))?;
-        Ok::<_, Failure>((plan, report, plan_seconds, pg_bin))
-    })?;
-    let action = args.target_action.as_deref().map(|a| match a {
-        "promote" => Action::Promote,
-        "shutdown" => Action::Shutdown,
-        _ => Action::Pause,
-    });
-    let config = RecoveryConfig {
-        restore_command: restore_command(&args.repo.repo),
+    let options = RestoreOptions {
+        url,
+        to: args.to.clone(),
+        backup: args.backup.clone(),
         target: target.clone(),
         exclusive: args.target_exclusive,
-        timeline: Some(args.target_timeline.clone()),
-        action: if args.start {
-            Some(Action::Promote)
-        } else {
-            action
-        },
-        // Without a target, --start recovers as a standby: promoted when the archive has
-        // no next segment (see restore::start).
-        standby: args.start && matches!(target, Target::End),
+        timeline: timeline_choice,
+        timeline_text: args.target_timeline.clone(),
+        action: args.target_action.as_deref().map(|a| match a {
+            "promote" => Action::Promote,
+            "shutdown" => Action::Shutdown,
+            _ => Action::Pause,
+        }),
+        tablespace_map: map,
+        prefetch_wal: args.prefetch_wal,
+        parallel: args.parallel,
+        restore_command: restore_command(&args.repo.repo),
+        start: args.start.then(|| StartSettings {
+            pg_bin: args.pg_bin.clone(),
+            settings: start_settings,
+        }),
+        before_pg_control: stop_hook(),
     };
-    recovery::write(&args.to, &config).map_err(|e| {
-        Failure::new(
-            Exit::BadInput,
-            format!(
-                "could not write the recovery settings in \"{}\": {e}",
-                args.to.display()
-            ),
-        )
-    })?;
-    let seconds = started.elapsed().as_secs_f64();
-    let m = &plan.backup;
-    let server = match &pg_bin {
-        None => None,
-        Some(bin) => {
-            if !args.json {
-                eprintln!(
-                    "pitr: restore: restored in {seconds:.1} s; starting PostgreSQL on {} to recover",
-                    args.to.display()
-                );
-            }
-            Some(start(
-                &args,
-                bin,
-                start_settings,
-                &target,
-                m.pg_version,
-                &plan.wal,
-            )?)
-        }
-    };
-    let rto = started.elapsed().as_secs_f64();
+    let progress = Printer::new(&args);
+    let runtime = super::runtime(Exit::Repository)?;
+    let r = runtime
+        .block_on(restore::restorer::restore(&options, &progress))
+        .map_err(|e| restore_failure(e, &args.to))?;
+    let (m, plan, report, seconds) = (&r.plan.backup, &r.plan, &r.files, r.seconds);
     if args.json {
         println!(
             "{}",
@@ -498,20 +347,20 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 "fetched": report.fetched,
                 "requests": report.requests,
                 "seconds": seconds,
-                "plan_seconds": plan_seconds,
+                "plan_seconds": r.plan_seconds,
                 "write_seconds": report.write_seconds,
                 "flush_seconds": report.flush_seconds,
                 "timeline": plan.timeline,
                 "first_segment": plan.first_segment,
                 "last_segment": plan.last_segment,
                 "segments": plan.segments,
-                "server": server.as_ref().map(|(s, log)| json!({
+                "server": r.server.as_ref().map(|(s, log)| json!({
                     "pid": s.pid,
                     "log": log.display().to_string(),
                     "recovery_seconds": s.seconds,
                     "promoted_without_checkpoint_wait": s.signalled_after.is_some(),
                 })),
-                "rto_seconds": server.as_ref().map(|_| rto),
+                "rto_seconds": r.rto_seconds,
             })
         );
     } else {
@@ -527,13 +376,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
             plan.last_xact_time
                 .as_ref()
                 .map_or(String::new(), |t| format!(" (latest archived transaction {t})")),
-            match &server {
+            match &r.server {
                 None => "; start PostgreSQL on it to recover".to_owned(),
                 Some((s, log)) => format!(
-                    "; PostgreSQL (pid {}, log {}) recovered and accepts writes after {:.1} s more: {rto:.1} s in all",
+                    "; PostgreSQL (pid {}, log {}) recovered and accepts writes after {:.1} s more: {:.1} s in all",
                     s.pid,
                     log.display(),
-                    s.seconds
+                    s.seconds,
+                    r.rto_seconds.unwrap_or_default()
                 ),
             }
         );
@@ -541,82 +391,162 @@ pub fn run(args: Args) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `--start`: the server started on the restored directory and promoted at the target.
-fn start(
-    args: &Args,
-    bin: &std::path::Path,
-    settings: Vec<(String, String)>,
-    target: &Target,
-    major: u32,
-    wal: &[String],
-) -> Result<(restore::start::Started, PathBuf), Failure> {
-    use restore::start::{start_and_promote, Promotion, StartOptions};
-    let log_dir = args.to.join("log");
-    let log = log_dir.join("pitr-start.log");
-    let failed = |e: String| {
-        Failure::new(Exit::StartFailed, e).hint(format!(
-            "the files are restored; see {} and start the server on {} yourself once fixed",
-            log.display(),
-            args.to.display()
-        ))
-    };
-    std::fs::create_dir_all(&log_dir)
-        .map_err(|e| failed(format!("could not create \"{}\": {e}", log_dir.display())))?;
-    let options = StartOptions {
-        major,
-        bin: bin.to_owned(),
-        data_dir: args.to.clone(),
-        log: log.clone(),
-        settings,
-        promotion: if matches!(target, Target::End) {
-            Promotion::AtEndOfArchive
-        } else {
-            Promotion::AtTarget
-        },
-    };
-    // Progress: the segment PostgreSQL asked wal-fetch for last, as the spool records it.
-    let tty = std::io::stderr().is_terminal() && !args.json;
-    let every = Duration::from_millis(if tty { 500 } else { 10_000 });
-    let spool = restore::spool::Spool::at(&restore::spool::default_dir(
-        &args.to.join("pg_wal").join("RECOVERYXLOG"),
-    ));
-    let mut last = Duration::ZERO;
-    let mut seen = false;
-    let mut tick = |elapsed: Duration| {
-        if elapsed < last + every {
+/// What `pitr restore` prints while it works: the plan, a progress line while the files
+/// are written (every 200 ms on a terminal, every 10 s otherwise), and while a started
+/// server recovers, the segment it asked for last (as the spool records it).
+struct Printer {
+    json: bool,
+    tty: bool,
+    repo: String,
+    to: PathBuf,
+    wal: Mutex<Vec<String>>,
+    ticker: Mutex<Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>>,
+    recovery: Mutex<(Duration, bool)>,
+}
+
+impl Printer {
+    fn new(args: &Args) -> Printer {
+        Printer {
+            json: args.json,
+            tty: std::io::stderr().is_terminal() && !args.json,
+            repo: args.repo.repo.clone(),
+            to: args.to.clone(),
+            wal: Mutex::new(Vec::new()),
+            ticker: Mutex::new(None),
+            recovery: Mutex::new((Duration::ZERO, false)),
+        }
+    }
+
+    fn line(&self, line: &str) {
+        if self.tty {
+            eprint!("\r\x1b[2Kpitr: restore: {line}");
+        } else if !self.json {
+            eprintln!("pitr: restore: {line}");
+        }
+    }
+}
+
+impl Progress for Printer {
+    fn planned(&self, plan: &Plan) {
+        let m = &plan.backup;
+        if let Some((missing, newest)) = &plan.stranded {
+            eprintln!(
+                "pitr: warning: WAL segment {missing} is not in the repository, but later WAL (up to {newest}) is: recovery will stop before {missing}\nHINT:  if {missing} can still be archived (pg_wal of the old server, another copy), archive it and restore again"
+            );
+        }
+        if !self.json {
+            eprintln!(
+                "pitr: restore: backup {} ({}, ended {}), WAL {} .. {} ({} segments) on timeline {}",
+                m.id,
+                mb(m.size),
+                m.stop_time,
+                plan.first_segment,
+                plan.last_segment,
+                plan.segments,
+                plan.timeline
+            );
+        }
+        if let Ok(mut wal) = self.wal.lock() {
+            wal.clone_from(&plan.wal);
+        }
+    }
+
+    fn writing(&self, plan: &Plan, written: Arc<AtomicU64>) {
+        if self.json {
             return;
         }
-        last = elapsed;
+        let (tty, total) = (self.tty, plan.backup.size);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let every = Duration::from_millis(if tty { 200 } else { 10_000 });
+        let handle = std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut next = every;
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+                if t0.elapsed() < next {
+                    continue;
+                }
+                next += every;
+                let w = written.load(Ordering::Relaxed);
+                let rate = w as f64 / t0.elapsed().as_secs_f64().max(0.001);
+                let line = format!("{} of {} at {}/s", mb(w), mb(total), mb(rate as u64));
+                if tty {
+                    eprint!("\r\x1b[2Kpitr: restore: {line}");
+                } else {
+                    eprintln!("pitr: restore: {line}");
+                }
+            }
+        });
+        if let Ok(mut t) = self.ticker.lock() {
+            *t = Some((stop, handle));
+        }
+    }
+
+    fn written(&self) {
+        let ticker = self.ticker.lock().ok().and_then(|mut t| t.take());
+        if let Some((stop, handle)) = ticker {
+            stop.store(true, Ordering::Relaxed);
+            let _ = handle.join();
+            if self.tty {
+                eprintln!();
+            }
+        }
+    }
+
+    fn staged(&self, done: usize, of: usize) {
+        if !self.json {
+            eprintln!("pitr: restore: staged {done} of {of} WAL segments for recovery");
+        }
+    }
+
+    fn carry_on(&self, dir: &Path) {
+        super::wal_fetch::start_prefetch(&self.repo, dir, 16, 4);
+    }
+
+    fn starting(&self, seconds: f64) {
+        if !self.json {
+            eprintln!(
+                "pitr: restore: restored in {seconds:.1} s; starting PostgreSQL on {} to recover",
+                self.to.display()
+            );
+        }
+    }
+
+    fn recovering(&self, elapsed: Duration) {
+        let every = Duration::from_millis(if self.tty { 500 } else { 10_000 });
+        let Ok(mut state) = self.recovery.lock() else {
+            return;
+        };
+        let (last, seen) = &mut *state;
+        if elapsed < *last + every {
+            return;
+        }
+        *last = elapsed;
+        let spool = restore::spool::Spool::at(&restore::spool::default_dir(
+            &self.to.join("pg_wal").join("RECOVERYXLOG"),
+        ));
+        let wal = self.wal.lock().map(|w| w.clone()).unwrap_or_default();
         let at = match spool
             .wanted()
             .and_then(|w| wal.iter().position(|n| *n == w).map(|i| (i, w)))
         {
             Some((i, w)) => {
-                seen = true;
+                *seen = true;
                 format!("replaying WAL segment {} of {} ({w})", i + 1, wal.len())
             }
-            None if seen => "ending recovery".to_owned(),
+            None if *seen => "ending recovery".to_owned(),
             None => "starting".to_owned(),
         };
-        let line = format!("recovering for {:.0} s: {at}", elapsed.as_secs_f64());
-        if tty {
-            eprint!("\r\x1b[2Kpitr: restore: {line}");
-        } else if !args.json {
-            eprintln!("pitr: restore: {line}");
-        }
-    };
-    let started = start_and_promote(&options, &mut tick);
-    if tty {
-        eprintln!();
+        self.line(&format!(
+            "recovering for {:.0} s: {at}",
+            elapsed.as_secs_f64()
+        ));
     }
-    let started = started.map_err(|e| match e {
-        restore::start::StartError::Promote(_) => Failure::new(Exit::StartFailed, e.to_string())
-            .hint(format!(
-                "the server is running on {}, recovering (or paused at the target): promote it with pg_ctl promote -D {} once the cause is fixed",
-                args.to.display(),
-                args.to.display()
-            )),
-        e => failed(e.to_string()),
-    })?;
-    Ok((started, log))
+
+    fn recovered(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
 }

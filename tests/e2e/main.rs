@@ -7,6 +7,7 @@ mod check;
 mod cli;
 mod info;
 mod restore;
+mod restore_hostile;
 mod stream;
 mod wal_fetch;
 mod wal_inspect;
