@@ -31,6 +31,7 @@ for scale in $SCALES; do
   as_pg "$PGBIN/pgbench" -q -i -s "$scale" -h "$dir" -p "$port" -U postgres postgres >/dev/null 2>&1
   as_pg "${psql[@]}" -c CHECKPOINT
   size=$(as_pg "${psql[@]}" -c "SELECT sum(pg_database_size(oid)) FROM pg_database")
+  "$PITR" init --repo "s3://pitr-test/mem-$scale" --pg "$conn" >/dev/null
   for run in first second; do
     /usr/bin/time -o "$work/time" -f "%e %M" "$PITR" backup --repo "s3://pitr-test/mem-$scale" \
       --pg "$conn" --fast --wal --json >"$work/out" 2>"$work/err" || {

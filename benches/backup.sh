@@ -37,6 +37,7 @@ archive_command = '$work/pitr wal-push --repo s3://pitr-test/pitr-archive %p && 
 max_wal_size = 4GB
 max_wal_senders = 4
 CONF
+"$PITR" init --repo s3://pitr-test/pitr-archive --data-dir "$dir/data" >/dev/null
 as_pg env PITR_CACHE_DIR="$work/pitr-cache" "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
 clusters+=("$dir/data")
 mkdir -p "$work/pgbackrest-lock" "$work/pgbackrest-spool" && chmod 777 "$work/pgbackrest-lock" "$work/pgbackrest-spool"
@@ -68,6 +69,7 @@ for run in $(seq "$RUNS"); do
   timed pg_basebackup-Ft-zstd "${pg_user[@]}" "$PGBIN/pg_basebackup" -d "$conn" -D "$dir/pgbb" -Ft -X none -c fast --compress=server-zstd:1
   rm -rf "$dir/pgbb"
   timed pgbackrest "${pg_user[@]}" pgbackrest --config="$work/pgbackrest.conf" --stanza=bench --type=full --start-fast backup
+  "$PITR" init --repo "s3://pitr-test/pitr-$run" --pg "$conn" >/dev/null
   timed pitr "$PITR" backup --repo "s3://pitr-test/pitr-$run" --pg "$conn" --fast --wal
   timed pitr-again "$PITR" backup --repo "s3://pitr-test/pitr-$run" --pg "$conn" --fast --wal
 done

@@ -44,6 +44,7 @@ archive_command = '$work/pitr wal-push --repo s3://pitr-test/pitr-r %p && pgback
 max_wal_size = 4GB
 CONF
 export PITR_CACHE_DIR="$work/pitr-cache"
+"$PITR" init --repo s3://pitr-test/pitr-r --data-dir "$dir/data" >/dev/null
 as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
 clusters+=("$dir/data")
 psql() { as_pg "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 -h "$1" -p "$2" -U postgres -c "$3" postgres; }

@@ -30,6 +30,7 @@ as_pg "$PGBIN/pgbench" -q -i -s 10 -h "$dir" -p "$port" -U postgres postgres >/d
 conn="host=$dir port=$port user=postgres"
 export PITR_CACHE_DIR="$work/pitr-cache"
 maddr="127.0.0.1:$(free_port)"
+"$PITR" init --repo "s3://pitr-test/stream" --pg "$conn" >/dev/null
 
 start_stream() { # extra args...
   "$PITR" stream --repo "s3://pitr-test/stream" --pg "$conn" --create-slot --metrics-addr "$maddr" "$@" \

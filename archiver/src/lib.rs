@@ -3,6 +3,7 @@
 
 pub mod ahead;
 pub mod backup;
+pub mod data_dir;
 pub mod pg;
 pub mod stream;
 pub mod summary_json;

@@ -64,9 +64,23 @@ async fn open(s3: &S3Server, pg: &Cluster, conn: &mut ReplicationConn) -> Reposi
     let url: RepoUrl = format!("s3://{}/{}/backup", s3.bucket(), s3.prefix())
         .parse()
         .unwrap();
-    Repository::open_on(url, storage, Some(&identity), Arc::new(Codec::new(2, 4)))
-        .await
-        .unwrap()
+    match Repository::init_on(
+        url.clone(),
+        storage.clone(),
+        &identity,
+        Arc::new(Codec::new(2, 4)),
+    )
+    .await
+    {
+        Ok(repo) => repo,
+        // A second backup into the same repository.
+        Err(repo::repository::OpenError::NotEmpty { .. }) => {
+            Repository::open_on(url, storage, Some(&identity), Arc::new(Codec::new(2, 4)))
+                .await
+                .unwrap()
+        }
+        Err(e) => panic!("{e}"),
+    }
 }
 
 /// Reads every file back and compares it with the server's backup_manifest.

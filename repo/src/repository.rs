@@ -1,6 +1,7 @@
-//! A repository: storage opened from a URL, and its `config` object, written at first use,
-//! that ties it to one PostgreSQL cluster. Opening refuses a format this build does not
-//! know and a cluster that is not the repository's.
+//! A repository: storage opened from a URL, and its `config` object, written by `pitr init`,
+//! that ties it to one PostgreSQL cluster. Opening refuses a location without a config (a
+//! typo in the prefix, an unmounted directory: never a new repository by accident), a
+//! format this build does not know and a cluster that is not the repository's.
 
 use std::sync::Arc;
 
@@ -11,7 +12,8 @@ use crate::codec::Codec;
 use crate::envelope::EncodeOptions;
 use crate::objects::{ObjectError, ObjectStore};
 use crate::storage::{
-    FsStorage, PutMode, RetryPolicy, RetryingStorage, S3Settings, S3Storage, Storage, StorageError,
+    FsStorage, PutMode, PutOutcome, RetryPolicy, RetryingStorage, S3Settings, S3Storage, Storage,
+    StorageError,
 };
 use crate::url::RepoUrl;
 
@@ -60,11 +62,19 @@ pub enum OpenError {
     /// Storage could not be set up.
     #[error(transparent)]
     Storage(#[from] StorageError),
-    /// No config, and no cluster to create one for.
+    /// No config.
     #[error("repository {url} is not initialized (no config object)")]
     NotInitialized {
         /// The repository.
         url: String,
+    },
+    /// `init` of a location that holds a repository, or anything else.
+    #[error("{url} is not empty: {what}")]
+    NotEmpty {
+        /// The location.
+        url: String,
+        /// What is there.
+        what: String,
     },
     /// The config is not valid JSON of the expected shape.
     #[error("repository config is unreadable: {0}")]
@@ -92,7 +102,10 @@ impl OpenError {
     pub fn hint(&self) -> Option<&'static str> {
         match self {
             OpenError::NotInitialized { .. } => {
-                Some("archive WAL or take a backup into it first, or check the repository URL")
+                Some("check the repository URL; a new repository is created with pitr init")
+            }
+            OpenError::NotEmpty { .. } => {
+                Some("pitr info shows the repository there; initialize a new, empty location")
             }
             OpenError::UnknownFormat { .. } => {
                 Some("upgrade pitr to a version that reads this repository")
@@ -128,6 +141,22 @@ pub async fn storage_for(url: &RepoUrl) -> Result<Arc<dyn Storage>, StorageError
         }
         RepoUrl::File { path } => Arc::new(FsStorage::new(path.clone())?),
     };
+    Ok(with_retries(inner))
+}
+
+/// Storage for `init` at a URL: as [`storage_for`], but a `file://` root is created (0700)
+/// when its parent exists.
+pub async fn storage_to_init(url: &RepoUrl) -> Result<Arc<dyn Storage>, StorageError> {
+    let inner: Arc<dyn Storage> = match url {
+        RepoUrl::S3 { bucket, prefix } => {
+            Arc::new(S3Storage::connect(S3Settings::new(bucket, prefix)).await)
+        }
+        RepoUrl::File { path } => Arc::new(FsStorage::create(path.clone())?),
+    };
+    Ok(with_retries(inner))
+}
+
+fn with_retries(inner: Arc<dyn Storage>) -> Arc<dyn Storage> {
     // Few outer attempts: the S3 SDK retries each request itself, and callers such as
     // archive_command must come back in bounded time.
     let policy = RetryPolicy {
@@ -135,7 +164,7 @@ pub async fn storage_for(url: &RepoUrl) -> Result<Arc<dyn Storage>, StorageError
         base_delay: std::time::Duration::from_millis(200),
         max_delay: std::time::Duration::from_secs(2),
     };
-    Ok(Arc::new(RetryingStorage::new(inner, policy)))
+    Arc::new(RetryingStorage::new(inner, policy))
 }
 
 fn now_rfc3339() -> String {
@@ -143,8 +172,8 @@ fn now_rfc3339() -> String {
 }
 
 impl Repository {
-    /// Opens the repository at `url`. With `cluster`, creates the config if there is none
-    /// and checks the cluster is the repository's; without, the config must exist.
+    /// Opens the repository at `url` (its config must exist); with `cluster`, checks the
+    /// cluster is the repository's.
     pub async fn open(
         url: &RepoUrl,
         cluster: Option<&ClusterIdentity>,
@@ -162,14 +191,46 @@ impl Repository {
         codec: Arc<Codec>,
     ) -> Result<Repository, OpenError> {
         let objects = ObjectStore::new(storage, codec, EncodeOptions::default());
-        let config = match read_config(&objects).await? {
-            Some(config) => config,
-            None => {
-                let Some(cluster) = cluster else {
-                    return Err(OpenError::NotInitialized {
-                        url: url.to_string(),
-                    });
-                };
+        let config = read_config(&objects)
+            .await?
+            .ok_or_else(|| OpenError::NotInitialized {
+                url: url.to_string(),
+            })?;
+        Repository::with_config(url, objects, config, cluster)
+    }
+
+    /// Creates a repository for `cluster` at `url`, which must be empty (`pitr init`).
+    pub async fn init(
+        url: &RepoUrl,
+        cluster: &ClusterIdentity,
+        codec: Arc<Codec>,
+    ) -> Result<Repository, OpenError> {
+        let storage = storage_to_init(url).await?;
+        Repository::init_on(url.clone(), storage, cluster, codec).await
+    }
+
+    /// [`Repository::init`] on storage already set up (tests).
+    pub async fn init_on(
+        url: RepoUrl,
+        storage: Arc<dyn Storage>,
+        cluster: &ClusterIdentity,
+        codec: Arc<Codec>,
+    ) -> Result<Repository, OpenError> {
+        let page = storage.list_page("", None).await?;
+        if let Some(first) = page.objects.first() {
+            let what = if page.objects.iter().any(|o| o.key == CONFIG_KEY) {
+                "it holds a repository".to_owned()
+            } else {
+                format!("it holds \"{}\"", first.key)
+            };
+            return Err(OpenError::NotEmpty {
+                url: url.to_string(),
+                what,
+            });
+        }
+        let objects = ObjectStore::new(storage, codec, EncodeOptions::default());
+        let config = {
+            {
                 let fresh = RepoConfig {
                     format: FORMAT_VERSION,
                     system_identifier: cluster.system_identifier.to_string(),
@@ -181,11 +242,17 @@ impl Repository {
                 };
                 let json = serde_json::to_vec_pretty(&fresh)
                     .map_err(|e| OpenError::BadConfig(e.to_string()))?;
-                objects
+                let stored = objects
                     .put(CONFIG_KEY, Bytes::from(json), PutMode::IfAbsent)
                     .await?;
-                // Whoever won, the stored config is the one that counts. Reading it back
-                // also narrows the window on servers whose If-None-Match is not atomic.
+                if stored == PutOutcome::AlreadyExists {
+                    return Err(OpenError::NotEmpty {
+                        url: url.to_string(),
+                        what: "another pitr init created a repository there first".into(),
+                    });
+                }
+                // The stored config is the one that counts. Reading it back also narrows
+                // the window on servers whose If-None-Match is not atomic.
                 read_config(&objects)
                     .await?
                     .ok_or_else(|| OpenError::NotInitialized {
@@ -193,6 +260,15 @@ impl Repository {
                     })?
             }
         };
+        Repository::with_config(url, objects, config, Some(cluster))
+    }
+
+    fn with_config(
+        url: RepoUrl,
+        objects: ObjectStore,
+        config: RepoConfig,
+        cluster: Option<&ClusterIdentity>,
+    ) -> Result<Repository, OpenError> {
         if config.format != FORMAT_VERSION {
             return Err(OpenError::UnknownFormat {
                 found: config.format,

@@ -1,5 +1,6 @@
-//! Opening repositories: the config written at first use, and refusals of what does not
-//! belong (another cluster, a newer format), on the filesystem and on the S3 server.
+//! Creating and opening repositories: the config written by init in an empty location only,
+//! and refusals of what does not belong (no repository, another cluster, a newer format),
+//! on the filesystem and on the S3 server.
 
 mod support;
 
@@ -36,18 +37,32 @@ async fn refusals(url: RepoUrl, storage: Arc<dyn Storage>, racing: bool) {
     assert!(none.hint().is_some());
 
     let first = cluster(7_301_000_000_000_000_001);
+    // Opening with a cluster never creates one.
+    let none = Repository::open_on(url.clone(), storage.clone(), Some(&first), codec())
+        .await
+        .unwrap_err();
+    assert!(matches!(none, OpenError::NotInitialized { .. }), "{none}");
+    assert!(none.hint().unwrap().contains("pitr init"));
     if racing {
-        // Two processes creating it at once agree on one config.
+        // Two inits at once: one creates it, the other is refused.
         let (a, b) = tokio::join!(
-            Repository::open_on(url.clone(), storage.clone(), Some(&first), codec()),
-            Repository::open_on(url.clone(), storage.clone(), Some(&first), codec()),
+            Repository::init_on(url.clone(), storage.clone(), &first, codec()),
+            Repository::init_on(url.clone(), storage.clone(), &first, codec()),
         );
-        assert_eq!(a.unwrap().config(), b.unwrap().config());
+        assert!(a.is_ok() != b.is_ok(), "{a:?} {b:?}");
     } else {
-        Repository::open_on(url.clone(), storage.clone(), Some(&first), codec())
+        Repository::init_on(url.clone(), storage.clone(), &first, codec())
             .await
             .unwrap();
     }
+    let again = Repository::init_on(url.clone(), storage.clone(), &first, codec())
+        .await
+        .unwrap_err();
+    assert!(matches!(again, OpenError::NotEmpty { .. }), "{again}");
+    assert!(
+        again.to_string().contains("it holds a repository"),
+        "{again}"
+    );
 
     let repo = Repository::open_on(url.clone(), storage.clone(), None, codec())
         .await
@@ -103,10 +118,51 @@ async fn filesystem_repository_config_and_refusals() {
     let url: RepoUrl = format!("file://{}/repo", dir.path().display())
         .parse()
         .unwrap();
+    // Opening storage creates nothing; only init makes the root.
     let storage = repo::repository::storage_for(&url).await.unwrap();
+    assert!(storage
+        .put("x", Bytes::from_static(b"x"), PutMode::IfAbsent)
+        .await
+        .is_err());
+    assert!(!dir.path().join("repo").exists());
+    let storage = repo::repository::storage_to_init(&url).await.unwrap();
     refusals(url.clone(), storage, true).await;
-    // The config is an ordinary enveloped object at the documented key.
+    // The config is an ordinary enveloped object at the documented key; directories are
+    // 0700 and files 0600 whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| {
+        std::fs::metadata(dir.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
     assert!(dir.path().join("repo/config").is_file());
+    assert_eq!(mode("repo"), 0o700);
+    assert_eq!(mode("repo/config"), 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_needs_an_empty_location_whose_parent_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let nested: RepoUrl = format!("file://{}/not-mounted/repo", dir.path().display())
+        .parse()
+        .unwrap();
+    let first = cluster(7_301_000_000_000_000_001);
+    let err = Repository::init(&nested, &first, codec())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not-mounted"), "{err}");
+    assert!(!dir.path().join("not-mounted").exists());
+
+    let url: RepoUrl = format!("file://{}", dir.path().display()).parse().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not a repository").unwrap();
+    let err = Repository::init(&url, &first, codec()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("{url} is not empty: it holds \"notes.txt\"")
+    );
+    assert!(!dir.path().join("config").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

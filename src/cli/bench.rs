@@ -257,6 +257,34 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// Initializes the scratch repository at `url` for the cluster that wrote WAL segment `first`.
+async fn init_scratch(url: &RepoUrl, first: &std::path::Path) -> Result<(), Failure> {
+    let bytes = std::fs::read(first)
+        .map_err(|e| bad(format!("could not read \"{}\": {e}", first.display())))?;
+    let s = walfmt::summary::summarize(&bytes)
+        .map_err(|e| bad(format!("\"{}\" is not WAL: {e}", first.display())))?;
+    // The bench's root is scratch too: made if missing (file://).
+    if let RepoUrl::File { path } = url {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| bad(format!("could not create \"{}\": {e}", parent.display())))?;
+        }
+    }
+    let identity = repo::repository::ClusterIdentity {
+        system_identifier: s.system_identifier,
+        pg_version: s.pg_version.number(),
+        wal_segment_size: s.segment_size.bytes(),
+    };
+    repo::repository::Repository::init(
+        url,
+        &identity,
+        std::sync::Arc::new(repo::codec::Codec::new(1, 2)),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| Failure::new(Exit::Repository, e.to_string()))
+}
+
 async fn stored_wal_bytes(url: &RepoUrl) -> Result<u64, Failure> {
     let storage = storage_for(url)
         .await
@@ -345,6 +373,8 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
         }
         command.push_str(" %p");
         stage(&stage_dir, &from, &segments)?;
+        // The bench's own scratch location: initialized here, like pitr init would.
+        runtime.block_on(init_scratch(&target, &from.join(&segments[0].0)))?;
         if !args.json {
             eprintln!("running pitr with --ahead {ahead} ...");
         }

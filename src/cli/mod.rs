@@ -6,6 +6,7 @@ mod bench;
 mod check;
 mod failure;
 mod info;
+mod init;
 mod list;
 mod pg_args;
 mod repo_args;
@@ -40,6 +41,8 @@ enum Command {
     Check(check::Args),
     /// Show which cluster a repository belongs to and its format
     Info(info::Args),
+    /// Create a repository for one cluster in an empty location
+    Init(init::Args),
     /// List the backups in the repository and the WAL it holds
     List(list::Args),
     /// Restore a backup into a new data directory, set to recover to a target
@@ -99,6 +102,7 @@ pub fn run() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Check(args) => check::run(args),
         Command::Info(args) => info::run(args),
+        Command::Init(args) => init::run(args),
         Command::List(args) => list::run(args),
         Command::Restore(args) => restore::run(args),
         Command::Status(args) => status::run(args),

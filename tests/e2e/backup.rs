@@ -52,6 +52,7 @@ fn backup_to_s3_waits_for_archived_wal_and_is_listed() {
     let url = format!("s3://{}/{prefix}", s3.bucket());
     let options = ClusterOptions::default().archive_command("true");
     let mut pg = Cluster::init(crate::s3_server_env(options, &s3, &url)).unwrap();
+    crate::init_repo(&url, &pg, Some(&s3));
     let bin = pg
         .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
         .unwrap();
@@ -132,6 +133,7 @@ fn a_killed_backup_leaves_nothing_listed_and_the_next_one_works() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("r");
     let url = format!("file://{}", root.display());
+    crate::init_repo(&url, &pg, None);
 
     let mut child = pitr()
         .args(["backup", "--wal", "--fast", "--max-rate", "20M"])
@@ -176,6 +178,7 @@ fn without_archived_wal_the_backup_fails_with_exit_8_and_no_manifest() {
     let pg = Cluster::start_new(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}/r", dir.path().display());
+    crate::init_repo(&url, &pg, None);
     let out = pitr()
         .args(["backup", "--fast", "--wal-timeout", "2"])
         .args(["--repo", &url, "--pg", &socket(&pg)])

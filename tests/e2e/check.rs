@@ -25,6 +25,7 @@ fn check_reports_the_server_and_compares_the_repository() {
     assert!(text.contains("not initialized yet"), "{text}");
 
     // A repository this cluster archived into.
+    crate::init_repo(&url, &pg, None);
     let seg = pg.switch_wal().unwrap();
     succeeds(
         pitr()

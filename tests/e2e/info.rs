@@ -18,13 +18,13 @@ fn identity() -> ClusterIdentity {
     }
 }
 
-/// Creates the repository's config the way the first archiving command will.
+/// Creates the repository's config the way `pitr init` does.
 fn create(url: &str, storage: Arc<dyn Storage>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(Repository::open_on(
+    rt.block_on(Repository::init_on(
         url.parse().unwrap(),
         storage,
-        Some(&identity()),
+        &identity(),
         Arc::new(Codec::new(1, 1)),
     ))
     .unwrap();
@@ -75,7 +75,7 @@ fn info_on_a_local_repository_and_its_failures() {
     let url = format!("file://{}/repo", dir.path().display());
     create(
         &url,
-        Arc::new(FsStorage::new(dir.path().join("repo")).unwrap()),
+        Arc::new(FsStorage::create(dir.path().join("repo")).unwrap()),
     );
     let out = pitr().args(["info", "--repo", &url]).output().unwrap();
     assert!(

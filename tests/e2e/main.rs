@@ -6,6 +6,7 @@ mod bench;
 mod check;
 mod cli;
 mod info;
+mod init;
 mod restore;
 mod restore_hostile;
 mod stream;
@@ -31,6 +32,18 @@ pub fn socket(pg: &testbed::Cluster) -> String {
         pg.port(),
         testbed::SUPERUSER
     )
+}
+
+/// `pitr init` of the repository at `url` for cluster `pg` (read from its data directory),
+/// with the bed's S3 settings when `s3` is given.
+pub fn init_repo(url: &str, pg: &testbed::Cluster, s3: Option<&testbed::S3Server>) {
+    let mut c = pitr();
+    c.args(["init", "--repo", url, "--data-dir"])
+        .arg(pg.data_dir());
+    if let Some(s3) = s3 {
+        c.envs(s3.env());
+    }
+    succeeds(&mut c);
 }
 
 /// Runs a command that must succeed, showing its stderr if it does not.

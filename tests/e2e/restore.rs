@@ -30,6 +30,7 @@ impl Source {
             .wal_segment_size_mb(1)
             .setting("track_commit_timestamp", "on");
         let mut pg = Cluster::init(crate::s3_server_env(options, &s3, &url)).unwrap();
+        crate::init_repo(&url, &pg, Some(&s3));
         let bin = pg
             .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
             .unwrap();
@@ -371,6 +372,7 @@ fn a_flipped_byte_in_a_chunk_fails_the_restore_naming_the_file_and_leaves_it_uns
     pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
     let repo = tempfile::tempdir().unwrap();
     let url = format!("file://{}/r", repo.path().display());
+    crate::init_repo(&url, &pg, None);
     let socket = crate::socket(&pg);
     succeeds(crate::pitr().args(["backup", "--fast", "--wal", "--repo", &url, "--pg", &socket]));
     // Damage the middle of the largest pack.
@@ -402,6 +404,7 @@ fn a_damaged_piece_of_the_chunk_table_is_named_and_nothing_is_written() {
     let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
     let repo = tempfile::tempdir().unwrap();
     let url = format!("file://{}/r", repo.path().display());
+    crate::init_repo(&url, &pg, None);
     let socket = crate::socket(&pg);
     succeeds(crate::pitr().args(["backup", "--fast", "--wal", "--repo", &url, "--pg", &socket]));
     let pieces: Vec<PathBuf> = walk(&repo.path().join("r/backup"))
@@ -435,6 +438,7 @@ fn a_tablespace_comes_back_where_the_map_puts_it() {
         .unwrap();
     let repo = tempfile::tempdir().unwrap();
     let url = format!("file://{}/r", repo.path().display());
+    crate::init_repo(&url, &pg, None);
     let socket = crate::socket(&pg);
     succeeds(crate::pitr().args(["backup", "--fast", "--wal", "--repo", &url, "--pg", &socket]));
 

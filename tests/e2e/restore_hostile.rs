@@ -26,6 +26,7 @@ impl Backed {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}/r", dir.path().display());
+        crate::init_repo(&url, &pg, None);
         let out = succeeds(crate::pitr().args([
             "backup",
             "--fast",

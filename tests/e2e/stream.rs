@@ -37,6 +37,7 @@ impl Bed {
             .wal_segment_size_mb(1)
             .setting("archive_mode", if archive { "on" } else { "off" });
         let mut pg = Cluster::init(crate::s3_server_env(options, &s3, &url)).unwrap();
+        crate::init_repo(&url, &pg, Some(&s3));
         let bin = pg
             .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
             .unwrap();
@@ -392,6 +393,7 @@ fn a_promote_while_streaming_is_followed_onto_the_new_timeline_and_restorable() 
     let url = s3.repo_url("promote");
     let off = || ClusterOptions::default().setting("archive_mode", "off");
     let primary = Cluster::start_new(off().wal_segment_size_mb(1)).unwrap();
+    crate::init_repo(&url, &primary, Some(&s3));
     primary.sql("CREATE TABLE t (phase text, n int)").unwrap();
     // A standby of it, which the stream follows.
     let dirs = tempfile::tempdir().unwrap();
@@ -494,6 +496,7 @@ fn a_missing_slot_is_refused_with_a_hint_and_a_bad_name_is_bad_input() {
     let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
     let repo = tempfile::tempdir().unwrap();
     let url = format!("file://{}/r", repo.path().display());
+    crate::init_repo(&url, &pg, None);
     let socket = crate::socket(&pg);
     let out = crate::pitr()
         .args([

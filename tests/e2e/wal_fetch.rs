@@ -35,6 +35,7 @@ fn fetch_exit_codes_follow_the_restore_command_contract() {
     let url = s3.repo_url("fetch");
     let (pg, archive) =
         Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    crate::init_repo(&url, &pg, Some(&s3));
     let segment = pg.switch_wal().unwrap();
     pg.wait_archived(&segment, Duration::from_secs(30)).unwrap();
     let original = std::fs::read(archive.join(&segment)).unwrap();
@@ -122,6 +123,7 @@ fn prefetched_segments_are_served_from_the_spool_verified_and_whole() {
     let url = s3.repo_url("prefetch");
     let (pg, archive) =
         Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    crate::init_repo(&url, &pg, Some(&s3));
     pg.sql("CREATE TABLE t (v int)").unwrap();
     let segments = pg.generate_wal_segments(5).unwrap();
     for seg in &segments {

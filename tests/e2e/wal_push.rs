@@ -18,6 +18,7 @@ use crate::pitr;
 fn archiving_to(s3: &S3Server, repo_url: &str) -> (Cluster, PathBuf, PathBuf) {
     let options = ClusterOptions::default().wal_segment_size_mb(1);
     let mut pg = Cluster::init(crate::s3_server_env(options, s3, repo_url)).unwrap();
+    crate::init_repo(repo_url, &pg, Some(s3));
     let pitr_bin = pg
         .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
         .unwrap();
@@ -232,6 +233,7 @@ fn segments_stored_ahead_arrive_and_their_records_stay_bounded() {
     }
     // No archive_command yet: segments wait as .ready, as behind a slow archiver.
     let mut pg = Cluster::init(options).unwrap();
+    crate::init_repo(&url, &pg, Some(&s3));
     pg.start().unwrap();
     let segments = pg.generate_wal_segments(8).unwrap();
     let bin = pg
@@ -299,10 +301,12 @@ fn wait_for_records(pg_wal: &std::path::Path, segments: &[String]) {
 }
 
 /// A pg_wal directory of its own (in the returned temp dir) holding `n` real segments, all
-/// marked ready, as PostgreSQL leaves them for an archiver that is behind.
-fn ready_segments(n: u64) -> (tempfile::TempDir, Vec<String>) {
+/// marked ready, as PostgreSQL leaves them for an archiver that is behind; the repository at
+/// `url` is initialized for the cluster that wrote them.
+fn ready_segments(url: &str, n: u64) -> (tempfile::TempDir, Vec<String>) {
     let (pg, archive) =
         Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    crate::init_repo(url, &pg, None);
     let segments = pg.generate_wal_segments(n).unwrap();
     for seg in &segments {
         pg.wait_archived(seg, Duration::from_secs(60)).unwrap();
@@ -322,7 +326,7 @@ fn a_call_for_a_file_stored_ahead_is_answered_locally_and_rechecked_on_request()
     let repo_dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", repo_dir.path().display());
     // A pg_wal of our own, with three segments ready.
-    let (work, segments) = ready_segments(3);
+    let (work, segments) = ready_segments(&url, 3);
     let pg_wal = work.path().join("pg_wal");
     let push = |seg: &str, extra: &[&str]| {
         let out = push_with_worker(&url, &pg_wal.join(seg), extra);
@@ -355,7 +359,7 @@ fn a_call_for_a_file_stored_ahead_is_answered_locally_and_rechecked_on_request()
 fn a_record_is_not_trusted_for_a_file_that_changed() {
     let repo_dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", repo_dir.path().display());
-    let (work, segments) = ready_segments(2);
+    let (work, segments) = ready_segments(&url, 2);
     let pg_wal = work.path().join("pg_wal");
     let push = |seg: &str| push_with_worker(&url, &pg_wal.join(seg), &[]);
     assert!(push(&segments[0]).status.success());
@@ -376,7 +380,7 @@ fn a_record_is_not_trusted_for_a_file_that_changed() {
 fn a_file_the_worker_cannot_store_is_refused_by_its_own_call() {
     let repo_dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", repo_dir.path().display());
-    let (work, segments) = ready_segments(2);
+    let (work, segments) = ready_segments(&url, 2);
     let pg_wal = work.path().join("pg_wal");
     // The second segment is damaged in pg_wal: its page headers no longer say which
     // segment it is.

@@ -5,6 +5,7 @@
 
 use std::io::{ErrorKind as IoKind, Write};
 use std::ops::Range;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -84,16 +85,24 @@ fn publish(tmp: &Path, path: &Path, mode: PutMode) -> std::io::Result<PutOutcome
     Ok(outcome)
 }
 
-/// Creates `dir` and any missing parents below `root`, syncing each parent that gained one.
+/// Creates `dir` and any missing parents below `root` (mode 0700 whatever the umask),
+/// syncing each parent that gained one. `root` itself is never created here: a missing
+/// root (a typo, an unmounted mount point) is an error, not a new repository.
 fn make_dirs(root: &Path, dir: &Path) -> std::io::Result<()> {
     if dir.is_dir() {
         return Ok(());
+    }
+    if !root.is_dir() {
+        return Err(std::io::Error::new(
+            IoKind::NotFound,
+            format!("repository directory \"{}\" does not exist", root.display()),
+        ));
     }
     if let Some(parent) = dir.parent() {
         if parent != root && parent.starts_with(root) {
             make_dirs(root, parent)?;
         }
-        match std::fs::create_dir(dir) {
+        match private_dir(dir) {
             Ok(()) => sync_dir(parent)?,
             Err(e) if e.kind() == IoKind::AlreadyExists => {}
             Err(e) => return Err(e),
@@ -102,12 +111,45 @@ fn make_dirs(root: &Path, dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes directory `dir`, mode 0700 whatever the umask.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Creates file `path` for writing (truncated), mode 0600 whatever the umask.
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
 impl FsStorage {
-    /// Storage rooted at `root` (created if missing).
+    /// Storage rooted at `root`. Nothing is created: a root that does not exist reads as
+    /// empty and refuses writes (only `pitr init` makes one, with [`FsStorage::create`]).
     pub fn new(root: impl Into<PathBuf>) -> Result<FsStorage, StorageError> {
+        Ok(FsStorage { root: root.into() })
+    }
+
+    /// Storage rooted at `root`, which is created (mode 0700) if missing; its parent must
+    /// exist, so a mount point that is not mounted is not papered over.
+    pub fn create(root: impl Into<PathBuf>) -> Result<FsStorage, StorageError> {
         let root = root.into();
-        std::fs::create_dir_all(&root)
-            .map_err(|e| io_err("create", &root.display().to_string(), e))?;
+        let shown = root.display().to_string();
+        match private_dir(&root) {
+            Ok(()) => {
+                if let Some(parent) = root.parent() {
+                    sync_dir(parent).map_err(|e| io_err("create", &shown, e))?;
+                }
+            }
+            Err(e) if e.kind() == IoKind::AlreadyExists && root.is_dir() => {}
+            Err(e) => return Err(io_err("create", &shown, e)),
+        }
         Ok(FsStorage { root })
     }
 
@@ -170,7 +212,7 @@ impl Storage for FsStorage {
             make_dirs(&root, &dir)?;
             let tmp = temp_name(&path);
             let write = (|| {
-                let mut f = std::fs::File::create(&tmp)?;
+                let mut f = private_file(&tmp)?;
                 f.write_all(&body)?;
                 f.sync_all()
             })();
@@ -201,9 +243,12 @@ impl Storage for FsStorage {
             .map_err(|e| io_err("put", key, e))?;
         let tmp = temp_name(&path);
         let written: Result<(), StorageError> = async {
-            let mut f = tokio::fs::File::create(&tmp)
+            let t = tmp.clone();
+            let f = tokio::task::spawn_blocking(move || private_file(&t))
                 .await
+                .map_err(|e| blocking_err("put", key, e))?
                 .map_err(|e| io_err("put", key, e))?;
+            let mut f = tokio::fs::File::from_std(f);
             while let Some(chunk) = body.next().await {
                 f.write_all(&chunk?)
                     .await
