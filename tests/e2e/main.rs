@@ -11,6 +11,7 @@ mod stream;
 mod wal_fetch;
 mod wal_inspect;
 mod wal_push;
+mod worker_locks;
 
 use std::process::{Command, Output};
 use std::sync::Arc;
