@@ -6,6 +6,7 @@ mod bench;
 mod check;
 mod cli;
 mod info;
+mod internal_errors;
 mod restore;
 mod stream;
 mod wal_fetch;
