@@ -10,6 +10,7 @@
 //! worker which file PostgreSQL is asking for.
 
 use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -70,14 +71,18 @@ pub fn lock(dir: &Path) -> std::io::Result<Option<WorkerLock>> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(LOCK_FILE);
     // Read-only is enough for flock, and lets a worker lock the file another user (a
-    // restore run as root) created.
+    // restore run as root) created; so it is made readable to all, whatever the umask.
     let file = match File::open(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
+            file
+        }
         opened => opened?,
     };
     for _ in 0..LOCK_TRIES {
@@ -113,8 +118,12 @@ mod tests {
         assert!(running(&d));
         assert!(lock(&d).unwrap().is_none());
         drop(held);
-        // The file stays; the lock does not.
-        assert!(d.join(LOCK_FILE).exists());
+        // The file stays, readable to other users' workers; the lock does not.
+        let mode = std::fs::metadata(d.join(LOCK_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
         assert!(!running(&d));
         assert!(lock(&d).unwrap().is_some());
     }
@@ -136,7 +145,6 @@ mod tests {
 
     #[test]
     fn a_read_only_lock_file_still_locks() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("state");
         std::fs::create_dir_all(&d).unwrap();
