@@ -10,7 +10,8 @@
 //!
 //! In the directory: `NAME.ok` records, `NAME.error` (the worker could not store NAME: its
 //! message; PostgreSQL's own call then pushes NAME itself and reports what happens), and
-//! the worker's lock, `worker.pid`, and `want`: the file PostgreSQL's current call waits for.
+//! the worker's lock, `worker.lock` (see `repo::worker`), and `want`: the file PostgreSQL's
+//! current call waits for.
 
 use std::collections::HashSet;
 use std::io::Write;

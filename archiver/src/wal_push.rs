@@ -411,15 +411,19 @@ fn record_matches(url: &RepoUrl, path: &Path, record: &Record) -> bool {
 #[derive(Debug)]
 pub enum Ahead {
     /// No worker state to use (pushing ahead is off, no record, or the worker gave up on
-    /// the file): push the file here.
+    /// the file or is gone): push the file here.
     PushHere,
     /// The worker stored it; this record says with which hash.
     Recorded(Record),
+    /// The worker was still busy with the file when the call's time ran out (the
+    /// repository may be slow for it too): the call gives up, and PostgreSQL calls again.
+    StillBusy,
 }
 
 /// See [`Ahead`]. The record found is taken out of the state directory (the call answers
-/// for it now).
-pub fn await_worker(path: &Path, options: &PushOptions) -> Ahead {
+/// for it now). Waits no later than `deadline`: a worker that holds its lock but never
+/// gets to the file must not hold PostgreSQL's archiver.
+pub fn await_worker(path: &Path, options: &PushOptions, deadline: Instant) -> Ahead {
     let Some(state) = options.state(&pg_wal_of(path)) else {
         return Ahead::PushHere;
     };
@@ -436,6 +440,9 @@ pub fn await_worker(path: &Path, options: &PushOptions) -> Ahead {
         // The worker could not store it (or is gone): push it here, which reports why.
         if state.take_failure(&name).is_some() || !state.worker_running() {
             return Ahead::PushHere;
+        }
+        if Instant::now() >= deadline {
+            return Ahead::StillBusy;
         }
         if !asked {
             state.want(&name);

@@ -1,14 +1,25 @@
 //! One background worker at a time per local state directory (the wal-push state
-//! directory, the wal-fetch spool): a lock file created exclusively, holding the worker's
-//! process id, removed when the worker's guard drops. A lock left by a worker that died is
-//! taken over. Beside it, a `want` file in which the foreground command tells the worker
-//! which file PostgreSQL is asking for.
+//! directory, the wal-fetch spool): the worker holds an exclusive `flock` on `worker.lock`
+//! for as long as it runs. The kernel drops that lock with the worker's open file however
+//! the worker ends (exit, panic, SIGKILL, a reboot), and no process id is ever read, so a
+//! dead worker's lock cannot make anyone wait, nor can a recycled process id make a call
+//! wait on a process that is not a worker. The file itself stays when the worker ends:
+//! removing it would let a second worker lock a new file while the first still holds the
+//! old one. A `worker.pid` left by an older pitr is never looked at, and the next worker
+//! removes it. Beside the lock, a `want` file in which the foreground command tells the
+//! worker which file PostgreSQL is asking for.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
 
 /// The lock file's name inside a state directory.
-pub const LOCK_FILE: &str = "worker.pid";
+pub const LOCK_FILE: &str = "worker.lock";
+
+/// The lock file of pitr before the kernel held the lock (it named a process id): removed,
+/// never read.
+const OLD_LOCK_FILE: &str = "worker.pid";
 
 /// The name of the file telling the worker what PostgreSQL asks for.
 pub const WANT_FILE: &str = "want";
@@ -38,58 +49,60 @@ pub fn unwant(dir: &Path, name: &str) {
     }
 }
 
-/// Whether a live process holds the lock in `dir`.
+/// Whether a worker holds the lock in `dir` now. Asked with a shared lock, taken and
+/// dropped at once; any doubt (no such file, no permission to open it) means no worker, so
+/// that nobody ever waits on one that may not exist.
 pub fn running(dir: &Path) -> bool {
-    let Ok(pid) = std::fs::read_to_string(dir.join(LOCK_FILE)) else {
+    let Ok(file) = File::open(dir.join(LOCK_FILE)) else {
         return false;
     };
-    pid_alive(pid.trim())
+    matches!(file.try_lock_shared(), Err(TryLockError::WouldBlock))
 }
 
+/// How often, and how far apart, [`lock`] tries a lock it finds taken before it leaves
+/// the work to the holder: a [`running`] probe holds it for microseconds, a worker for its
+/// lifetime.
+const LOCK_TRIES: u32 = 10;
+const LOCK_RETRY: Duration = Duration::from_millis(2);
+
 /// Becomes `dir`'s one worker; `None` if another one is running. The lock goes with the
-/// returned guard.
+/// returned guard, or with the process.
 pub fn lock(dir: &Path) -> std::io::Result<Option<WorkerLock>> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(LOCK_FILE);
-    for _ in 0..2 {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                f.write_all(std::process::id().to_string().as_bytes())?;
-                return Ok(Some(WorkerLock { path }));
+    // Read-only is enough for flock, and lets a worker lock the file another user (a
+    // restore run as root) created; so it is made readable to all, whatever the umask.
+    let file = match File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(0o644));
+            file
+        }
+        opened => opened?,
+    };
+    for _ in 0..LOCK_TRIES {
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = std::fs::remove_file(dir.join(OLD_LOCK_FILE));
+                return Ok(Some(WorkerLock { _file: file }));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if running(dir) {
-                    return Ok(None);
-                }
-                // Left by a worker that died: take it over.
-                let _ = std::fs::remove_file(&path);
-            }
-            Err(e) => return Err(e),
+            Err(TryLockError::WouldBlock) => std::thread::sleep(LOCK_RETRY),
+            Err(TryLockError::Error(e)) => return Err(e),
         }
     }
     Ok(None)
 }
 
-fn pid_alive(pid: &str) -> bool {
-    !pid.is_empty()
-        && pid.bytes().all(|b| b.is_ascii_digit())
-        && Path::new("/proc").join(pid).exists()
-}
-
-/// Held by the running worker; dropping it releases the lock.
+/// Held by the running worker; dropping it (or the process ending in any way) releases
+/// the lock.
 #[derive(Debug)]
 pub struct WorkerLock {
-    path: PathBuf,
-}
-
-impl Drop for WorkerLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
+    _file: File,
 }
 
 #[cfg(test)]
@@ -97,7 +110,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_worker_at_a_time_and_a_dead_ones_lock_is_taken_over() {
+    fn one_worker_at_a_time_and_the_lock_goes_with_it() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("state");
         assert!(!running(&d));
@@ -105,10 +118,43 @@ mod tests {
         assert!(running(&d));
         assert!(lock(&d).unwrap().is_none());
         drop(held);
-        assert!(!running(&d));
-        std::fs::write(d.join(LOCK_FILE), "999999999").unwrap();
+        // The file stays, readable to other users' workers; the lock does not.
+        let mode = std::fs::metadata(d.join(LOCK_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
         assert!(!running(&d));
         assert!(lock(&d).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_old_pid_file_naming_a_live_process_is_not_a_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("state");
+        std::fs::create_dir_all(&d).unwrap();
+        // This very process is alive, and is no worker.
+        std::fs::write(d.join(OLD_LOCK_FILE), std::process::id().to_string()).unwrap();
+        assert!(!running(&d));
+        let held = lock(&d)
+            .unwrap()
+            .expect("the old file does not hold the lock");
+        assert!(!d.join(OLD_LOCK_FILE).exists(), "the old file is cleared");
+        drop(held);
+    }
+
+    #[test]
+    fn a_read_only_lock_file_still_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("state");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(LOCK_FILE), b"").unwrap();
+        std::fs::set_permissions(d.join(LOCK_FILE), std::fs::Permissions::from_mode(0o444))
+            .unwrap();
+        let held = lock(&d).unwrap().expect("locked through a read-only open");
+        assert!(running(&d));
+        drop(held);
+        assert!(!running(&d));
     }
 
     #[test]

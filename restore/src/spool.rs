@@ -8,7 +8,8 @@
 //!   another repository's files is emptied before use.
 //! - `want`: the name of the segment PostgreSQL asked for last; the worker keeps the window
 //!   of segments after it filled.
-//! - `worker.pid`: held (create-new) by the one running worker, with its process id.
+//! - `worker.lock`: locked (`flock`) by the one running worker for as long as it runs
+//!   (see `repo::worker`).
 //! - `staged`: present from the moment a restore staged WAL here until PostgreSQL's first
 //!   wal-fetch call: until then the segments are waiting for a server not yet started.
 //! - `delivered`: the segment wal-fetch handed over from here last, with the identity

@@ -2,6 +2,7 @@
 //! period, naming the object), an optional HINT line, and a documented exit code.
 
 use std::fmt;
+use std::io::Write;
 use std::process::ExitCode;
 
 /// Exit codes other than 0 (success) and 2 (usage, from clap). README documents each.
@@ -27,6 +28,9 @@ pub enum Exit {
     /// 10: `restore --start`: the files are restored, but the server did not come up on
     /// them (its log says why).
     StartFailed = 10,
+    /// 70: an internal error (a bug: the command panicked), as sysexits' EX_SOFTWARE.
+    /// `wal-fetch` exits 200 instead.
+    Internal = 70,
     /// 200: `wal-fetch` could not deliver a file the repository may hold (unreachable,
     /// damaged, misconfigured). Above 125, so PostgreSQL stops recovery.
     FetchFailed = 200,
@@ -73,5 +77,70 @@ impl fmt::Display for Failure {
             write!(f, "\nHINT: {hint}")?;
         }
         Ok(())
+    }
+}
+
+/// Makes a panic anywhere in the process (the main thread, a worker thread, a runtime task)
+/// end it at once with `exit` and one line on stderr naming `command` and where it
+/// happened: never Rust's default exit 101, which PostgreSQL reads as "not found" from
+/// `wal-fetch` (and may end recovery early), and never a process left waiting on a thread
+/// that died.
+pub fn exit_on_panic(command: &'static str, exit: Exit) {
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("panic");
+        let _ = writeln!(
+            std::io::stderr(),
+            "{}",
+            internal_error(command, message, info.location())
+        );
+        std::process::exit(exit as i32);
+    }));
+}
+
+/// The line an internal error prints: one line, whatever the panic message holds.
+fn internal_error(
+    command: &str,
+    message: &str,
+    location: Option<&std::panic::Location<'_>>,
+) -> String {
+    let message: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let at = location.map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+    format!(
+        "pitr: error: internal error in {command}: {}{at}",
+        message.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_internal_error_is_one_line_saying_where() {
+        let here = std::panic::Location::caller();
+        let line = internal_error(
+            "wal-fetch",
+            "assertion `left == right` failed\n  left: 1\n right: 2",
+            Some(here),
+        );
+        assert_eq!(
+            line,
+            format!(
+                "pitr: error: internal error in wal-fetch: assertion `left == right` failed; \
+                 left: 1; right: 2 at {}:{}",
+                here.file(),
+                here.line()
+            )
+        );
+        assert!(!line.contains('\n'));
     }
 }

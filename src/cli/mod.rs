@@ -94,9 +94,61 @@ fn spawn_worker(args: &[&std::ffi::OsStr]) -> Option<std::process::Child> {
         .ok()
 }
 
+impl Command {
+    /// The command's name as typed, and how it exits on an internal error: `wal-fetch`
+    /// (and its worker) above 125, as for any failure PostgreSQL must not read as "not
+    /// found"; the others with [`Exit::Internal`].
+    fn identity(&self) -> (&'static str, Exit) {
+        match self {
+            Command::Backup(_) => ("backup", Exit::Internal),
+            Command::Bench(_) => ("bench", Exit::Internal),
+            Command::Check(_) => ("check", Exit::Internal),
+            Command::Info(_) => ("info", Exit::Internal),
+            Command::List(_) => ("list", Exit::Internal),
+            Command::Restore(_) => ("restore", Exit::Internal),
+            Command::Status(_) => ("status", Exit::Internal),
+            Command::Stream(_) => ("stream", Exit::Internal),
+            Command::WalFetch(_) => ("wal-fetch", Exit::FetchFailed),
+            Command::WalPrefetch(_) => ("wal-prefetch", Exit::FetchFailed),
+            Command::WalInspect(_) => ("wal-inspect", Exit::Internal),
+            Command::WalPush(_) => ("wal-push", Exit::Internal),
+            Command::WalPushWorker(_) => ("wal-push-worker", Exit::Internal),
+        }
+    }
+}
+
+/// Test hook, not for users: `PITR_DEBUG_PANIC=COMMAND` makes COMMAND panic as it starts,
+/// on its main thread; `COMMAND:thread` on a thread of its own, `COMMAND:task` in a task
+/// on an async runtime. Tests use it to check what a panic looks like from outside (exit
+/// code, one line on stderr) without waiting for a real one.
+fn injected_panic(command: &str) {
+    let Ok(spec) = std::env::var("PITR_DEBUG_PANIC") else {
+        return;
+    };
+    let (target, place) = spec.split_once(':').unwrap_or((&spec, "main"));
+    if target != command {
+        return;
+    }
+    const MESSAGE: &str = "panic injected by PITR_DEBUG_PANIC";
+    match place {
+        "thread" => {
+            let _ = std::thread::spawn(|| panic!("{MESSAGE}")).join();
+        }
+        "task" => {
+            if let Ok(rt) = tokio::runtime::Runtime::new() {
+                let _ = rt.block_on(async { tokio::spawn(async { panic!("{MESSAGE}") }).await });
+            }
+        }
+        _ => panic!("{MESSAGE}"),
+    }
+}
+
 /// Parses the command line and runs the chosen command.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
+    let (name, internal) = cli.command.identity();
+    failure::exit_on_panic(name, internal);
+    injected_panic(name);
     let outcome = match cli.command {
         Command::Backup(args) => backup::run(args),
         Command::Bench(args) => bench::run(args),

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use archiver::wal_push::{
     answered_locally, await_worker, pg_wal_of, push_after, push_ahead, worker_needed, Ahead,
@@ -102,9 +102,16 @@ fn failure(e: PushError) -> Failure {
     }
 }
 
-/// Starts the background worker for `pg_wal` and waits briefly until it holds its lock, so
-/// that this call waits for it instead of racing it.
-fn start_worker(repo: &str, pg_wal: &Path, args: &AheadArgs, options: &PushOptions) {
+/// Starts the background worker for `pg_wal` and waits briefly (a second at most, never
+/// past `deadline`) until it holds its lock, so that this call waits for it instead of
+/// racing it.
+fn start_worker(
+    repo: &str,
+    pg_wal: &Path,
+    args: &AheadArgs,
+    options: &PushOptions,
+    deadline: Instant,
+) {
     let Some(state) = options.state(pg_wal) else {
         return;
     };
@@ -127,8 +134,8 @@ fn start_worker(repo: &str, pg_wal: &Path, args: &AheadArgs, options: &PushOptio
     ]) else {
         return;
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    while !state.worker_running() && std::time::Instant::now() < deadline {
+    let deadline = deadline.min(Instant::now() + Duration::from_secs(1));
+    while !state.worker_running() && Instant::now() < deadline {
         if matches!(child.try_wait(), Ok(Some(_))) {
             return;
         }
@@ -137,39 +144,46 @@ fn start_worker(repo: &str, pg_wal: &Path, args: &AheadArgs, options: &PushOptio
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
+    // The whole call, waiting for the worker included, answers within --timeout.
+    let deadline = Instant::now() + Duration::from_secs(args.timeout.min(u64::from(u32::MAX)));
     let url = args.repo.url()?;
-    let limit = std::time::Duration::from_secs(args.timeout);
     let options = args.ahead.options();
+    let timed_out = |what: &str| {
+        Failure::new(
+            Exit::Repository,
+            format!(
+                "could not archive \"{}\": {what} within {} s",
+                args.file.display(),
+                args.timeout
+            ),
+        )
+        .hint("PostgreSQL retries archiving; the file stays in pg_wal until it succeeds")
+    };
     // Decided and done before the runtime starts: starting waits (briefly) on the process.
     let pg_wal = pg_wal_of(&args.file);
     if worker_needed(&args.file, &options) {
-        start_worker(&url.to_string(), &pg_wal, &args.ahead, &options);
+        start_worker(&url.to_string(), &pg_wal, &args.ahead, &options, deadline);
     }
     // A file the worker stored is most often answered here, with no runtime, no threads
     // and no connection.
-    let ahead = await_worker(&args.file, &options);
-    if let Ahead::Recorded(record) = &ahead {
-        if answered_locally(&url, &args.file, record, &options) {
-            return Ok(());
+    let ahead = await_worker(&args.file, &options, deadline);
+    match &ahead {
+        Ahead::Recorded(record) if answered_locally(&url, &args.file, record, &options) => {
+            return Ok(())
         }
+        Ahead::StillBusy => return Err(timed_out("the background worker did not store it")),
+        _ => {}
     }
     let runtime = super::runtime(Exit::Repository)?;
     let codec = Arc::new(Codec::with_default_threads());
+    let limit = deadline.saturating_duration_since(Instant::now());
     let pushed = runtime.block_on(async {
         tokio::time::timeout(limit, push_after(&url, &args.file, codec, &options, ahead)).await
     });
     match pushed {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(failure(e)),
-        Err(_) => Err(Failure::new(
-            Exit::Repository,
-            format!(
-                "could not archive \"{}\": no answer from the repository within {} s",
-                args.file.display(),
-                args.timeout
-            ),
-        )
-        .hint("PostgreSQL retries archiving; the file stays in pg_wal until it succeeds")),
+        Err(_) => Err(timed_out("no answer from the repository")),
     }
 }
 

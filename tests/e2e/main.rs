@@ -7,12 +7,14 @@ mod check;
 mod cli;
 mod info;
 mod init;
+mod internal_errors;
 mod restore;
 mod restore_hostile;
 mod stream;
 mod wal_fetch;
 mod wal_inspect;
 mod wal_push;
+mod worker_locks;
 
 use std::process::{Command, Output};
 use std::sync::Arc;

@@ -206,7 +206,7 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.len() == 24)
             .collect();
-        if left.is_empty() && !spool.join("worker.pid").exists() {
+        if left.is_empty() && !repo::worker::running(&spool) {
             break;
         }
         assert!(

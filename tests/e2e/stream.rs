@@ -552,6 +552,30 @@ fn a_server_restart_is_ridden_out_and_nothing_is_missing() {
     );
 }
 
+/// Drops replication slot `slot` once no walsender holds it. The server's walsender can
+/// outlive the stream it served by a moment, and dropping a slot still active fails
+/// ("replication slot ... is active for PID ...").
+fn drop_slot_once_inactive(pg: &Cluster, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let active = pg
+            .sql(&format!(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ))
+            .unwrap();
+        if active == "f" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot {slot} still held (active: {active:?})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pg.sql(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .unwrap();
+}
+
 #[test]
 fn wal_the_server_no_longer_has_is_refused_with_a_hint() {
     let bed = Bed::new("lost");
@@ -560,9 +584,7 @@ fn wal_the_server_no_longer_has_is_refused_with_a_hint() {
     bed.caught_up();
     first.stop();
     // Without the slot the server recycles that WAL.
-    bed.pg
-        .sql("SELECT pg_drop_replication_slot('pitr')")
-        .unwrap();
+    drop_slot_once_inactive(&bed.pg, "pitr");
     bed.pg.generate_wal_segments(8).unwrap();
     bed.pg.sql("CHECKPOINT").unwrap();
     bed.pg.generate_wal_segments(4).unwrap();

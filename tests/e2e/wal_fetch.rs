@@ -160,7 +160,7 @@ fn prefetched_segments_are_served_from_the_spool_verified_and_whole() {
     }
     // The worker stops at the end of the archive and exits once nothing more is asked.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while spool.join("worker.pid").exists() {
+    while repo::worker::running(&spool) {
         assert!(
             std::time::Instant::now() < deadline,
             "the worker did not exit"

@@ -49,7 +49,7 @@ fn get(objects: &ObjectStore, key: &str) -> Vec<u8> {
     rt.block_on(objects.get(key)).unwrap().1.to_vec()
 }
 
-fn key(name: &str) -> String {
+pub(crate) fn key(name: &str) -> String {
     format!("wal/{}/{name}", &name[..16])
 }
 
@@ -303,7 +303,7 @@ fn wait_for_records(pg_wal: &std::path::Path, segments: &[String]) {
 /// A pg_wal directory of its own (in the returned temp dir) holding `n` real segments, all
 /// marked ready, as PostgreSQL leaves them for an archiver that is behind; the repository at
 /// `url` is initialized for the cluster that wrote them.
-fn ready_segments(url: &str, n: u64) -> (tempfile::TempDir, Vec<String>) {
+pub(crate) fn ready_segments(url: &str, n: u64) -> (tempfile::TempDir, Vec<String>) {
     let (pg, archive) =
         Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
     crate::init_repo(url, &pg, None);
