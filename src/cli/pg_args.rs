@@ -5,12 +5,19 @@ use archiver::pg::{ConnError, PgSettings, ReplicationConn, SystemInfo};
 
 use super::{Exit, Failure};
 
-#[derive(Debug, clap::Args)]
+#[derive(clap::Args)]
 pub struct PgArgs {
     /// The server: a connection string (key=value ... or postgresql://...), on top of the
     /// libpq environment (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGSSLMODE, ...)
     #[arg(long, value_name = "CONNINFO", default_value = "")]
     pub pg: String,
+}
+
+/// The connection string may hold a password: Debug never shows it.
+impl std::fmt::Debug for PgArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgArgs").finish_non_exhaustive()
+    }
 }
 
 impl PgArgs {
