@@ -210,18 +210,18 @@ fn restart_lsn(set: Option<&crate::pg::ResultSet>) -> Option<Lsn> {
         .filter(|l| l.0 != 0)
 }
 
-/// Stores timeline `tli`'s history file from the server if the repository lacks it.
+/// Stores timeline `tli`'s history file from the server if the repository lacks it (the
+/// server's answer bounded by `limit`, the repository's write not).
 async fn store_history(
     conn: &mut ReplicationConn,
     repo: &Repository,
     tli: u32,
+    limit: Option<Duration>,
 ) -> Result<(), StreamError> {
     if tli <= 1 {
         return Ok(());
     }
-    let sets = conn
-        .simple_query(&format!("TIMELINE_HISTORY {tli}"))
-        .await?;
+    let sets = answered(limit, conn.simple_query(&format!("TIMELINE_HISTORY {tli}"))).await?;
     let set = sets
         .first()
         .ok_or_else(|| StreamError::Protocol("TIMELINE_HISTORY returned nothing".into()))?;
@@ -293,7 +293,7 @@ async fn session(
             zstd_level: Some(1),
         });
     let restart = answered(limit, ensure_slot(&mut conn, config)).await?;
-    answered(limit, store_history(&mut conn, &repo, system.timeline)).await?;
+    store_history(&mut conn, &repo, system.timeline, limit).await?;
     let mut tli = system.timeline;
     let mut start = match durable_end(&repo, tli, seg).await? {
         Some(end) => end,
@@ -341,7 +341,7 @@ async fn session(
             None => return Ok(()),
             Some((next_tli, next_start)) => {
                 eprintln!("pitr: stream: timeline {tli} ends at {next_start}; following timeline {next_tli}");
-                answered(limit, store_history(&mut conn, &repo, next_tli)).await?;
+                store_history(&mut conn, &repo, next_tli, limit).await?;
                 writer = writer.next_timeline(next_tli, next_start).await?;
                 tli = next_tli;
                 start = next_start;
@@ -546,4 +546,24 @@ async fn end_of_timeline(
         }
     }
     next.ok_or_else(|| StreamError::Protocol("the timeline ended without naming the next".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_is_checked_at_half_the_receive_timeout_then_at_all_of_it() {
+        let t = Instant::now();
+        let limit = Some(Duration::from_secs(60));
+        assert_eq!(
+            silence_check(t, false, limit),
+            Some(t + Duration::from_secs(30))
+        );
+        assert_eq!(
+            silence_check(t, true, limit),
+            Some(t + Duration::from_secs(60))
+        );
+        assert_eq!(silence_check(t, false, None), None);
+    }
 }
