@@ -5,12 +5,19 @@ use archiver::pg::{ConnError, PgSettings, ReplicationConn, SystemInfo};
 
 use super::{Exit, Failure};
 
-#[derive(Debug, clap::Args)]
+#[derive(clap::Args)]
 pub struct PgArgs {
     /// The server: a connection string (key=value ... or postgresql://...), on top of the
     /// libpq environment (PGHOST, PGPORT, PGUSER, PGPASSWORD, PGSSLMODE, ...)
     #[arg(long, value_name = "CONNINFO", default_value = "")]
     pub pg: String,
+}
+
+/// The connection string may hold a password: Debug never shows it.
+impl std::fmt::Debug for PgArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgArgs").finish_non_exhaustive()
+    }
 }
 
 impl PgArgs {
@@ -27,8 +34,9 @@ impl PgArgs {
 /// A failure to reach or use the server, with a HINT for the usual causes.
 pub fn connect_failure(settings: &PgSettings, e: ConnError) -> Failure {
     let hint = match e.server().map(|s| s.code.as_str()) {
+        // Never suggest password= in --pg: command lines are visible in ps.
         Some("28P01") => Some(
-            "check the password: PGPASSWORD, password= in --pg, or the password file (~/.pgpass)"
+            "check the password: PGPASSWORD, or the password file (~/.pgpass or PGPASSFILE)"
                 .to_owned(),
         ),
         Some("28000") => Some(format!(
@@ -41,9 +49,18 @@ pub fn connect_failure(settings: &PgSettings, e: ConnError) -> Failure {
         )),
         Some(_) => None,
         None => match &e {
+            ConnError::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                Some("is the server reachable? connect_timeout=N in --pg (or PGCONNECT_TIMEOUT) sets how long to wait".to_owned())
+            }
             ConnError::Connect { .. } => {
                 Some("is the server running, and are host and port right?".to_owned())
             }
+            ConnError::Auth(m) if m.contains("no password supplied") => Some(
+                "set PGPASSWORD, or add the password to the password file (~/.pgpass or PGPASSFILE)"
+                    .to_owned(),
+            ),
             _ => None,
         },
     };

@@ -37,6 +37,10 @@ pub struct Args {
     /// connection's application_name in synchronous_standby_names, commits wait for it
     #[arg(long)]
     sync: bool,
+    /// A server silent this long is taken for gone and connected to again (asked for a
+    /// reply at half of it, as wal_receiver_timeout); 0 waits forever
+    #[arg(long, value_name = "DURATION", env = "PITR_STREAM_RECEIVE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    receive_timeout: Duration,
     /// Serve Prometheus metrics on this address (host:port)
     #[arg(long, value_name = "ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -82,6 +86,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         sync: args.sync,
         status_interval: Duration::from_secs(10)
             .min(args.flush_interval.max(Duration::from_millis(100)) * 10),
+        receive_timeout: Some(args.receive_timeout).filter(|t| !t.is_zero()),
     };
     let runtime = super::runtime(Exit::Database)?;
     runtime.block_on(async {

@@ -6,18 +6,23 @@
 //! - [`S3Server`]: a real S3-compatible server (s3s + s3s-fs) speaking HTTP on a free
 //!   127.0.0.1 port and storing on disk, or an external endpoint named by the environment.
 //!
+//! - [`Proxy`]: a TCP proxy in front of a real server that can be told to go silent
+//!   without closing anything (a lost network path).
+//!
 //! Nothing here is a mock: tests talk to the real servers over real sockets.
 
 mod cluster;
 mod os_user;
 mod pg_bin;
 mod port;
+mod proxy;
 mod s3;
 
 pub use cluster::{Cluster, ClusterOptions, StopMode, PASSWORD, PASSWORD_ROLES, SUPERUSER};
 pub use os_user::OsUser;
 pub use pg_bin::PgBin;
 pub use port::free_port;
+pub use proxy::Proxy;
 pub use s3::{serve as serve_s3, S3Server};
 
 /// A fresh, unique name for objects, prefixes and dirs made by one test.

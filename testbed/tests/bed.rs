@@ -1,6 +1,7 @@
 //! Proves the test bed itself: a real PostgreSQL cluster that archives, restarts, adopts a
-//! copied data dir, authenticates password roles and leaves no postmaster behind; and a real
-//! S3 server that aws-sdk-s3, configured the way pitr configures it, can use.
+//! copied data dir, authenticates password roles and leaves no postmaster behind; a real
+//! S3 server that aws-sdk-s3, configured the way pitr configures it, can use; and a TCP
+//! proxy that goes silent on command.
 
 use std::path::Path;
 use std::time::Duration;
@@ -334,4 +335,55 @@ async fn s3_outage_refuses_then_recovers() {
         .await
         .unwrap();
     assert_eq!(&got.body.collect().await.unwrap().into_bytes()[..], b"v");
+}
+
+#[test]
+fn a_blackholed_proxy_goes_silent_without_closing_and_new_connections_pass() {
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, TcpListener, TcpStream};
+    // An echo server behind it.
+    let echo = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let target = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in echo.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = testbed::Proxy::start(target).unwrap();
+    let connect = || {
+        let c = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy.port())).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        c
+    };
+    let echoes = |c: &mut TcpStream| {
+        c.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got).is_ok() && &got == b"ping"
+    };
+    let mut old = connect();
+    assert!(echoes(&mut old));
+    proxy.blackhole();
+    // Silence, not a close: the read times out (a close would read 0 bytes at once).
+    old.write_all(b"lost").unwrap();
+    let mut buf = [0u8; 4];
+    let err = old.read(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{err}"
+    );
+    let mut new = connect();
+    assert!(echoes(&mut new));
+    assert_eq!(proxy.connections(), 2);
 }

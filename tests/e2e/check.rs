@@ -1,7 +1,7 @@
 //! `pitr check`: the replication connection from the command line, with the libpq
 //! settings, exit codes and HINTs, and the repository's cluster compared with the server's.
 
-use testbed::{Cluster, ClusterOptions, PASSWORD_ROLES};
+use testbed::{Cluster, ClusterOptions, PASSWORD, PASSWORD_ROLES};
 
 use crate::{pitr, socket, succeeds};
 
@@ -97,4 +97,92 @@ fn check_says_why_it_cannot_connect() {
     // A connection string that is not one: bad input.
     let out = pitr().args(["check", "--pg", "host"]).output().unwrap();
     assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn a_server_that_never_answers_is_given_up_after_connect_timeout() {
+    // Accepts TCP connections (the kernel does) but never answers the startup.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = mute.local_addr().unwrap().port();
+    let started = std::time::Instant::now();
+    let out = pitr()
+        .args([
+            "check",
+            "--pg",
+            &format!("host=127.0.0.1 port={port} sslmode=disable connect_timeout=2"),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{err}"
+    );
+    assert!(err.contains("connect_timeout"), "{err}");
+    assert!(err.contains("HINT:"), "{err}");
+    drop(mute);
+}
+
+#[test]
+fn no_password_is_ever_printed_and_hints_point_to_pgpassword() {
+    let pg = Cluster::start_new(ClusterOptions::default()).unwrap();
+    let (role, _) = PASSWORD_ROLES[0];
+    let port = pg.port();
+    let secret = "Pw-n0t-to-be-seen";
+    let closed = testbed::free_port().unwrap();
+    // (conninfo, exit code): malformed, refused options, wrong password, nothing there,
+    // and the right password (with connect_timeout, which libpq takes) in JSON.
+    let cases = [
+        (
+            format!("postgresql://nobody:{secret}%zz@127.0.0.1:1/postgres"),
+            3,
+        ),
+        (
+            format!("postgresql://nobody@127.0.0.1:1/postgres?password={secret}%zz"),
+            3,
+        ),
+        (format!("host=127.0.0.1 password={secret} sslcert=c.pem"), 3),
+        (format!("host=127.0.0.1 password=ab {secret}"), 3),
+        (
+            format!("postgresql://{role}:{secret}@127.0.0.1:{port}/postgres?sslmode=disable"),
+            7,
+        ),
+        (
+            format!("host=127.0.0.1 port={closed} password={secret} connect_timeout=2"),
+            7,
+        ),
+        (
+            format!(
+                "host=127.0.0.1 port={port} user={role} password={PASSWORD} sslmode=disable connect_timeout=2"
+            ),
+            0,
+        ),
+    ];
+    for (conninfo, code) in cases {
+        for json in [false, true] {
+            let mut cmd = pitr();
+            cmd.arg("check").args(["--pg", &conninfo]);
+            if json {
+                cmd.arg("--json");
+            }
+            let out = cmd.env("PGPASSFILE", "/nonexistent").output().unwrap();
+            let all = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(out.status.code(), Some(code), "{conninfo}: {all}");
+            for password in [secret, PASSWORD] {
+                assert!(!all.contains(password), "{conninfo}: {all}");
+            }
+            assert!(
+                !all.contains("password="),
+                "a HINT suggests password=: {all}"
+            );
+            if code == 7 && all.contains("password authentication failed") {
+                assert!(all.contains("PGPASSWORD"), "{all}");
+            }
+        }
+    }
 }

@@ -16,6 +16,8 @@ use walfmt::{Lsn, WalSegmentSize};
 
 use crate::succeeds;
 
+mod link;
+
 struct Bed {
     s3: S3Server,
     url: String,
@@ -102,8 +104,13 @@ impl Bed {
         }
         c.args(extra);
         let streamer = Streamer(Some(c.spawn().unwrap()));
-        // The stream creates the repository; the bed's S3 server does not make racing
-        // conditional puts atomic, so nothing else creates it at the same moment.
+        self.wait_repository();
+        streamer
+    }
+
+    /// The stream creates the repository; the bed's S3 server does not make racing
+    /// conditional puts atomic, so nothing else may create it at the same moment.
+    fn wait_repository(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self
             .pitr()
@@ -119,7 +126,6 @@ impl Bed {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        streamer
     }
 
     /// pgbench for `seconds`, logging each transaction it saw committed.
@@ -355,6 +361,11 @@ fn a_stream_killed_midway_and_started_again_leaves_no_gap() {
 /// Waits until the repository's WAL on `tli` reaches `pg`'s WAL position (its replay
 /// position on a standby).
 fn caught_up(s3: &S3Server, url: &str, pg: &Cluster, tli: u32) {
+    caught_up_within(s3, url, pg, tli, Duration::from_secs(60));
+}
+
+/// [`caught_up`], failing after `within`.
+fn caught_up_within(s3: &S3Server, url: &str, pg: &Cluster, tli: u32, within: Duration) {
     let target: Lsn = pg
         .sql("SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_flush_lsn() END")
         .unwrap()
@@ -362,7 +373,7 @@ fn caught_up(s3: &S3Server, url: &str, pg: &Cluster, tli: u32) {
         .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let url = url.parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + within;
     rt.block_on(async {
         for (k, v) in s3.env() {
             std::env::set_var(k, v);

@@ -183,8 +183,29 @@ impl fmt::Debug for ReplicationConn {
 }
 
 impl ReplicationConn {
-    /// Connects and authenticates as a physical replication client.
+    /// Connects and authenticates as a physical replication client, all within
+    /// `connect_timeout`; TCP connections get keepalives (and `tcp_user_timeout`).
     pub async fn connect(s: &PgSettings) -> Result<ReplicationConn, ConnError> {
+        match s.connect_timeout {
+            None => ReplicationConn::connect_now(s).await,
+            Some(limit) => tokio::time::timeout(limit, ReplicationConn::connect_now(s))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ConnError::Connect {
+                        target: s.describe(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "timeout expired after {} s (connect_timeout)",
+                                limit.as_secs()
+                            ),
+                        ),
+                    })
+                }),
+        }
+    }
+
+    async fn connect_now(s: &PgSettings) -> Result<ReplicationConn, ConnError> {
         let target = s.describe();
         let connect_err = |source| ConnError::Connect {
             target: target.clone(),
@@ -201,6 +222,7 @@ impl ReplicationConn {
                 .await
                 .map_err(connect_err)?;
             let _ = tcp.set_nodelay(true);
+            tcp_options(&tcp, s).map_err(connect_err)?;
             match s.sslmode.as_str() {
                 "disable" | "allow" => Box::new(tcp),
                 _ => match super::tls::negotiate(&mut tcp, s).await? {
@@ -270,12 +292,15 @@ impl ReplicationConn {
     }
 
     async fn startup(&mut self, s: &PgSettings) -> Result<(), ConnError> {
-        let params = [
+        let mut params = vec![
             ("user", s.user.as_str()),
             ("database", s.dbname.as_str()),
             ("application_name", s.application_name.as_str()),
             ("replication", "true"),
         ];
+        if let Some(options) = &s.options {
+            params.push(("options", options.as_str()));
+        }
         frontend::startup_message(params, &mut self.write)?;
         self.send().await?;
         let password = || {
@@ -497,6 +522,26 @@ impl ReplicationConn {
         frontend::terminate(&mut self.write);
         let _ = self.send().await;
     }
+}
+
+/// Keepalives and `tcp_user_timeout` on a TCP connection, as the settings say.
+fn tcp_options(tcp: &tokio::net::TcpStream, s: &PgSettings) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(tcp);
+    let k = &s.keepalives;
+    if k.enabled {
+        sock.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(k.idle)
+                .with_interval(k.interval)
+                .with_retries(k.count),
+        )?;
+    } else {
+        sock.set_keepalive(false)?;
+    }
+    if let Some(t) = s.tcp_user_timeout {
+        sock.set_tcp_user_timeout(Some(t))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 
 pub mod base_backup;
 pub mod conn;
+mod keywords;
 pub mod settings;
 mod tls;
 
 pub use conn::{ConnError, ReplicationConn, Reply, ResultSet, ServerError, SystemInfo};
-pub use settings::{PgSettings, SettingsError};
+pub use settings::{Keepalives, PgSettings, SettingsError, DEFAULT_CONNECT_TIMEOUT};

@@ -1,13 +1,49 @@
 //! Connection settings the way every PostgreSQL tool takes them: the libpq environment
 //! (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGPASSFILE`, `PGDATABASE`, `PGAPPNAME`,
-//! `PGSSLMODE`), overridden by a connection string (`key=value ...` or a `postgresql://`
-//! URI), with the password looked up in the password file when none is given.
+//! `PGSSLMODE`, `PGCONNECT_TIMEOUT`, ...), overridden by a connection string (`key=value ...`
+//! or a `postgresql://` URI), with the password looked up in the password file when none is
+//! given. Keywords pitr does not use are ignored or refused as `keywords` says. No error
+//! ever quotes a password.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::keywords;
+
+/// How long a connection may take when `connect_timeout` is not given (libpq waits
+/// forever; a replication client that reconnects on its own should not).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// TCP keepalives (libpq's `keepalives`, `keepalives_idle`, `keepalives_interval`,
+/// `keepalives_count`). pitr's defaults notice a dead peer of an idle connection in about
+/// a minute, where the system's (two hours idle) would not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalives {
+    /// `keepalives=0` turns them off.
+    pub enabled: bool,
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Probes unanswered before the connection is dropped.
+    pub count: u32,
+}
+
+impl Default for Keepalives {
+    fn default() -> Keepalives {
+        Keepalives {
+            enabled: true,
+            idle: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
+            count: 3,
+        }
+    }
+}
 
 /// Where and as whom to connect.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PgSettings {
     /// A host name or address, or a socket directory (starts with `/`).
     pub host: String,
@@ -28,6 +64,32 @@ pub struct PgSettings {
     /// CA certificates (PEM) that verify-ca and verify-full check the server against
     /// (`PGSSLROOTCERT`, else `~/.postgresql/root.crt`).
     pub sslrootcert: Option<PathBuf>,
+    /// How long connecting (TCP, TLS, authentication) may take; `None` waits forever
+    /// (`connect_timeout`, `PGCONNECT_TIMEOUT`: seconds, 0 or less forever, 1 means 2).
+    pub connect_timeout: Option<Duration>,
+    /// TCP keepalives.
+    pub keepalives: Keepalives,
+    /// `tcp_user_timeout` (milliseconds): how long sent data may stay unacknowledged.
+    pub tcp_user_timeout: Option<Duration>,
+    /// `options` (`PGOPTIONS`): command-line options for the server, sent at startup.
+    pub options: Option<String>,
+}
+
+impl fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("dbname", &self.dbname)
+            .field("application_name", &self.application_name)
+            .field("sslmode", &self.sslmode)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("keepalives", &self.keepalives)
+            .field("tcp_user_timeout", &self.tcp_user_timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A connection string that cannot be understood.
@@ -50,7 +112,10 @@ impl PgSettings {
             ("PGAPPNAME", "application_name"),
             ("PGSSLMODE", "sslmode"),
             ("PGSSLROOTCERT", "sslrootcert"),
-        ] {
+        ]
+        .into_iter()
+        .chain(keywords::ENV.iter().copied())
+        {
             if let Some(v) = env(var) {
                 given.insert(key.into(), v);
             }
@@ -92,21 +157,63 @@ impl PgSettings {
         let sslrootcert = take("sslrootcert")
             .map(PathBuf::from)
             .or_else(|| home.map(|h| h.join(".postgresql/root.crt")));
+        let connect_timeout = match take("connect_timeout") {
+            None => Some(DEFAULT_CONNECT_TIMEOUT),
+            Some(t) => match int_param(&t, "connect_timeout")? {
+                ..=0 => None,
+                1 => Some(Duration::from_secs(2)),
+                n => Some(Duration::from_secs(n as u64)),
+            },
+        };
+        let mut keepalives = Keepalives::default();
+        if let Some(v) = take("keepalives") {
+            keepalives.enabled = int_param(&v, "keepalives")? != 0;
+        }
+        for (key, field) in [
+            ("keepalives_idle", &mut keepalives.idle),
+            ("keepalives_interval", &mut keepalives.interval),
+        ] {
+            if let Some(v) = take(key) {
+                let n = int_param(&v, key)?;
+                if n > 0 {
+                    *field = Duration::from_secs(n as u64);
+                }
+            }
+        }
+        if let Some(v) = take("keepalives_count") {
+            let n = int_param(&v, "keepalives_count")?;
+            if n > 0 {
+                keepalives.count = n as u32;
+            }
+        }
+        let tcp_user_timeout = match take("tcp_user_timeout") {
+            Some(v) => Some(int_param(&v, "tcp_user_timeout")?)
+                .filter(|ms| *ms > 0)
+                .map(|ms| Duration::from_millis(ms as u64)),
+            None => None,
+        };
+        let fallback_name = take("fallback_application_name");
         let mut settings = PgSettings {
             sslrootcert,
             dbname: take("dbname").unwrap_or_else(|| user.clone()),
-            application_name: take("application_name").unwrap_or_else(|| "pitr".into()),
+            application_name: take("application_name")
+                .or(fallback_name)
+                .unwrap_or_else(|| "pitr".into()),
             password: take("password"),
+            options: take("options"),
             host,
             port,
             user,
             sslmode,
             passfile,
+            connect_timeout,
+            keepalives,
+            tcp_user_timeout,
         };
-        if let Some(unknown) = given.keys().next() {
-            return Err(SettingsError(format!(
-                "invalid connection option \"{unknown}\""
-            )));
+        let mut rest: Vec<(String, String)> = given.into_iter().collect();
+        rest.sort();
+        for (key, value) in &rest {
+            keywords::check_unused(key, value)?;
         }
         if settings.password.is_none() {
             settings.password = settings
@@ -135,6 +242,16 @@ impl PgSettings {
             format!("server \"{}\" port {}", self.host, self.port)
         }
     }
+}
+
+/// An integer option as libpq reads one (surrounding blanks allowed, nothing else).
+fn int_param(value: &str, key: &str) -> Result<i64, SettingsError> {
+    let n: i64 = value.trim().parse().map_err(|_| {
+        SettingsError(format!(
+            "invalid integer value \"{value}\" for connection option \"{key}\""
+        ))
+    })?;
+    Ok(n.clamp(i64::from(i32::MIN), i64::from(i32::MAX)))
 }
 
 /// libpq's compiled-in socket directory differs by distribution: Debian's is
@@ -178,9 +295,12 @@ pub fn parse_conninfo(text: &str) -> Result<HashMap<String, String>, SettingsErr
             chars.next();
         }
         if chars.next() != Some('=') {
-            return Err(SettingsError(format!(
-                "missing \"=\" after \"{key}\" in connection info string"
-            )));
+            return Err(SettingsError(if keywords::is_keyword(&key) {
+                format!("missing \"=\" after \"{key}\" in connection info string")
+            } else {
+                "missing \"=\" in connection info string (a value with blanks needs quotes: key='a b')"
+                    .into()
+            }));
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -217,7 +337,16 @@ pub fn parse_conninfo(text: &str) -> Result<HashMap<String, String>, SettingsErr
     }
 }
 
-fn percent_decode(s: &str) -> Result<String, SettingsError> {
+/// Decodes `%XX` escapes in the URI's `part`; an error names the part and quotes its text
+/// only when `quote` (never for a password).
+fn percent_decode(s: &str, part: &str, quote: bool) -> Result<String, SettingsError> {
+    let bad = |what: &str| {
+        SettingsError(if quote {
+            format!("{what} in the URI's {part}: \"{s}\"")
+        } else {
+            format!("{what} in the URI's {part}")
+        })
+    };
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -226,7 +355,7 @@ fn percent_decode(s: &str) -> Result<String, SettingsError> {
             let hex = s
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| SettingsError(format!("invalid percent-encoded token: \"{s}\"")))?;
+                .ok_or_else(|| bad("invalid percent-encoded token"))?;
             out.push(hex);
             i += 3;
         } else {
@@ -234,7 +363,7 @@ fn percent_decode(s: &str) -> Result<String, SettingsError> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| SettingsError(format!("invalid UTF-8 in \"{s}\"")))
+    String::from_utf8(out).map_err(|_| bad("invalid UTF-8"))
 }
 
 fn parse_uri(rest: &str) -> Result<HashMap<String, String>, SettingsError> {
@@ -245,23 +374,28 @@ fn parse_uri(rest: &str) -> Result<HashMap<String, String>, SettingsError> {
         Some((userinfo, hostport)) => {
             let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
             if !user.is_empty() {
-                out.insert("user".into(), percent_decode(user)?);
+                out.insert("user".into(), percent_decode(user, "user name", true)?);
             }
             if !password.is_empty() {
-                out.insert("password".into(), percent_decode(password)?);
+                out.insert(
+                    "password".into(),
+                    percent_decode(password, "password", false)?,
+                );
             }
             hostport
         }
         None => authority,
     };
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (addr, after) = v6
-            .split_once(']')
-            .ok_or_else(|| SettingsError(format!("unterminated IPv6 address in \"{rest}\"")))?;
+        let (addr, after) = v6.split_once(']').ok_or_else(|| {
+            SettingsError(format!(
+                "unterminated IPv6 address in the URI: \"{hostport}\""
+            ))
+        })?;
         (addr.to_owned(), after.strip_prefix(':').unwrap_or(""))
     } else {
         let (h, p) = hostport.split_once(':').unwrap_or((hostport, ""));
-        (percent_decode(h)?, p)
+        (percent_decode(h, "host", true)?, p)
     };
     if !host.is_empty() {
         out.insert("host".into(), host);
@@ -270,13 +404,23 @@ fn parse_uri(rest: &str) -> Result<HashMap<String, String>, SettingsError> {
         out.insert("port".into(), port.to_owned());
     }
     if !path.is_empty() {
-        out.insert("dbname".into(), percent_decode(path)?);
+        out.insert(
+            "dbname".into(),
+            percent_decode(path, "database name", true)?,
+        );
     }
     for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| SettingsError(format!("missing \"=\" in URI parameter \"{pair}\"")))?;
-        out.insert(percent_decode(k)?, percent_decode(v)?);
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            SettingsError(if keywords::is_keyword(pair) {
+                format!("missing \"=\" in URI parameter \"{pair}\"")
+            } else {
+                "missing \"=\" in a URI parameter".into()
+            })
+        })?;
+        let key = percent_decode(k, "parameters", true)?;
+        // The value may be a password (?password=...): never quoted.
+        let value = percent_decode(v, &format!("parameter \"{key}\""), false)?;
+        out.insert(key, value);
     }
     Ok(out)
 }
@@ -376,6 +520,76 @@ mod tests {
         assert!(resolve(&[("port", "x")]).is_err());
         assert!(resolve(&[("sslmode", "sometimes")]).is_err());
         assert!(resolve(&[("hots", "x")]).unwrap_err().0.contains("hots"));
+    }
+
+    #[test]
+    fn timeouts_and_keepalives_as_libpq_reads_them() {
+        let s = resolve(&[]).unwrap();
+        assert_eq!(s.connect_timeout, Some(DEFAULT_CONNECT_TIMEOUT));
+        assert_eq!(s.keepalives, Keepalives::default());
+        assert_eq!(s.tcp_user_timeout, None);
+        let t = |v: &str| resolve(&[("connect_timeout", v)]).map(|s| s.connect_timeout);
+        assert_eq!(t("2").unwrap(), Some(Duration::from_secs(2)));
+        assert_eq!(t(" 10 ").unwrap(), Some(Duration::from_secs(10)));
+        assert_eq!(t("1").unwrap(), Some(Duration::from_secs(2)));
+        assert_eq!(t("0").unwrap(), None);
+        assert_eq!(t("-5").unwrap(), None);
+        assert!(t("2s").unwrap_err().0.contains("\"connect_timeout\""));
+        let s = resolve(&[
+            ("keepalives", "1"),
+            ("keepalives_idle", "5"),
+            ("keepalives_interval", "2"),
+            ("keepalives_count", "4"),
+            ("tcp_user_timeout", "9000"),
+            ("options", "-c wal_sender_timeout=10s"),
+            ("fallback_application_name", "fb"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.keepalives,
+            Keepalives {
+                enabled: true,
+                idle: Duration::from_secs(5),
+                interval: Duration::from_secs(2),
+                count: 4
+            }
+        );
+        assert_eq!(s.tcp_user_timeout, Some(Duration::from_millis(9000)));
+        assert_eq!(s.options.as_deref(), Some("-c wal_sender_timeout=10s"));
+        assert_eq!(s.application_name, "fb");
+        assert!(!resolve(&[("keepalives", "0")]).unwrap().keepalives.enabled);
+        // Keywords pitr does not use: ignored, or refused by name.
+        assert!(resolve(&[("client_encoding", "UTF8"), ("sslsni", "0")]).is_ok());
+        let e = resolve(&[("sslcert", "c.pem")]).unwrap_err();
+        assert!(e.0.contains("\"sslcert\""), "{e}");
+    }
+
+    #[test]
+    fn no_error_quotes_a_password() {
+        let secret = "S3cr3t";
+        let cases = [
+            format!("postgresql://nobody:{secret}%zz@127.0.0.1:1/postgres"),
+            format!("postgresql://nobody:{secret}%C3%28@127.0.0.1:1/postgres"),
+            format!("postgresql://nobody:{secret}@[::1:5432/postgres"),
+            format!("postgresql://127.0.0.1/postgres?password={secret}%zz"),
+            format!("postgresql://127.0.0.1/postgres?password=ab&{secret}"),
+            format!("host=x password=ab {secret}"),
+            format!("host=x password=ab {secret}=1"),
+        ];
+        for conninfo in cases {
+            let err = parse_conninfo(&conninfo)
+                .map(HashMap::into_iter)
+                .and_then(|m| PgSettings::resolve(m.collect(), None, None))
+                .expect_err(&conninfo);
+            assert!(!err.to_string().contains(secret), "{conninfo}: {err}");
+        }
+        let e = parse_conninfo("postgresql://u:p@h/db%zz").unwrap_err();
+        assert!(
+            e.0.contains("database name") && e.0.contains("db%zz"),
+            "{e}"
+        );
+        let s = resolve(&[("password", secret)]).unwrap();
+        assert!(!format!("{s:?}").contains(secret));
     }
 
     #[test]

@@ -5,13 +5,17 @@
 //! starts replication where the repository's WAL ends (complete segments under `wal/`, then
 //! the pieces of the segment being written under `stream/`), or for an empty repository at
 //! the start of the segment holding the slot's restart point. Standby status updates report
-//! as flushed only what is durable, so the server keeps (and with synchronous replication,
-//! commits wait for) everything that is not. A broken connection is retried with backoff;
-//! a stop request flushes what is held and ends cleanly.
+//! as written, flushed and applied only what is durable, so the server keeps (and with
+//! synchronous replication, whatever `synchronous_commit` says, commits wait for) everything
+//! that is not. A server silent for the receive timeout is taken for gone, as PostgreSQL's
+//! walreceiver does with `wal_receiver_timeout`, and asked for a reply at half of it so an
+//! idle one is not. A broken connection is retried with backoff; a stop request flushes
+//! what is held and ends cleanly.
 
 pub mod metrics;
 pub mod writer;
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +26,7 @@ use repo::repository::{ClusterIdentity, OpenError, Repository};
 use repo::storage::{list_all, StorageError};
 use repo::url::RepoUrl;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use walfmt::replication::{parse_server_message, standby_status, ServerMessage};
 use walfmt::{Lsn, PgTimestamp, SegmentName, TimelineId, WalSegmentSize};
 
@@ -43,6 +48,9 @@ pub struct StreamConfig {
     pub sync: bool,
     /// Status updates at least this often.
     pub status_interval: Duration,
+    /// A server silent this long is taken for gone and connected to again; it is asked
+    /// for a reply at half of it. Also bounds each command and send. None: wait forever.
+    pub receive_timeout: Option<Duration>,
 }
 
 /// Why streaming stopped or a session failed.
@@ -80,6 +88,14 @@ pub enum StreamError {
     /// The server said something unexpected.
     #[error("{0}")]
     Protocol(String),
+    /// The server (or the network to it) went silent.
+    #[error("{what} for {} s (receive timeout)", .after.as_secs_f64())]
+    Timeout {
+        /// What did not happen.
+        what: &'static str,
+        /// For how long.
+        after: Duration,
+    },
 }
 
 impl StreamError {
@@ -194,18 +210,18 @@ fn restart_lsn(set: Option<&crate::pg::ResultSet>) -> Option<Lsn> {
         .filter(|l| l.0 != 0)
 }
 
-/// Stores timeline `tli`'s history file from the server if the repository lacks it.
+/// Stores timeline `tli`'s history file from the server if the repository lacks it (the
+/// server's answer bounded by `limit`, the repository's write not).
 async fn store_history(
     conn: &mut ReplicationConn,
     repo: &Repository,
     tli: u32,
+    limit: Option<Duration>,
 ) -> Result<(), StreamError> {
     if tli <= 1 {
         return Ok(());
     }
-    let sets = conn
-        .simple_query(&format!("TIMELINE_HISTORY {tli}"))
-        .await?;
+    let sets = answered(limit, conn.simple_query(&format!("TIMELINE_HISTORY {tli}"))).await?;
     let set = sets
         .first()
         .ok_or_else(|| StreamError::Protocol("TIMELINE_HISTORY returned nothing".into()))?;
@@ -258,9 +274,13 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> Result<(), StreamError> {
+    let limit = config.receive_timeout;
     let mut conn = ReplicationConn::connect(settings).await?;
-    let system = conn.identify_system().await?;
-    let seg_bytes = conn.wal_segment_size().await;
+    let system = answered(limit, conn.identify_system()).await?;
+    let seg_bytes = answered(limit, async {
+        Ok::<_, StreamError>(conn.wal_segment_size().await)
+    })
+    .await?;
     let seg = WalSegmentSize::new(seg_bytes).map_err(|e| StreamError::Protocol(e.to_string()))?;
     let identity = ClusterIdentity {
         system_identifier: system.system_identifier,
@@ -272,8 +292,8 @@ async fn session(
         .with_encode_options(repo::envelope::EncodeOptions {
             zstd_level: Some(1),
         });
-    let restart = ensure_slot(&mut conn, config).await?;
-    store_history(&mut conn, &repo, system.timeline).await?;
+    let restart = answered(limit, ensure_slot(&mut conn, config)).await?;
+    store_history(&mut conn, &repo, system.timeline, limit).await?;
     let mut tli = system.timeline;
     let mut start = match durable_end(&repo, tli, seg).await? {
         Some(end) => end,
@@ -290,15 +310,15 @@ async fn session(
             "START_REPLICATION SLOT {} PHYSICAL {start} TIMELINE {tli}",
             quote_ident(&config.slot)
         );
-        conn.start_query(&sql).await?;
-        match conn.next_reply().await {
+        answered(limit, conn.start_query(&sql)).await?;
+        match answered(limit, conn.next_reply()).await {
             Ok(Some(Reply::CopyBoth)) => {}
             Ok(other) => {
                 return Err(StreamError::Protocol(format!(
                     "START_REPLICATION answered {other:?}"
                 )))
             }
-            Err(e) => {
+            Err(StreamError::Conn(e)) => {
                 // Before 15 there is no READ_REPLICATION_SLOT: a missing slot shows here.
                 if e.server().is_some_and(|s| s.code == "42704") {
                     return Err(StreamError::SlotMissing(config.slot.clone()));
@@ -314,19 +334,66 @@ async fn session(
                 }
                 return Err(e.into());
             }
+            Err(e) => return Err(e),
         }
         metrics.connected.store(1, Ordering::Relaxed);
         match stream_timeline(&mut conn, &mut writer, config, metrics, stop, backoff).await? {
             None => return Ok(()),
             Some((next_tli, next_start)) => {
                 eprintln!("pitr: stream: timeline {tli} ends at {next_start}; following timeline {next_tli}");
-                store_history(&mut conn, &repo, next_tli).await?;
+                store_history(&mut conn, &repo, next_tli, limit).await?;
                 writer = writer.next_timeline(next_tli, next_start).await?;
                 tli = next_tli;
                 start = next_start;
             }
         }
     }
+}
+
+/// `fut` (a command to the server, or a send), given up after `limit`: a server that stops
+/// answering is as good as gone.
+async fn answered<T, E>(
+    limit: Option<Duration>,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, StreamError>
+where
+    StreamError: From<E>,
+{
+    match limit {
+        None => Ok(fut.await?),
+        Some(after) => match tokio::time::timeout(after, fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(StreamError::Timeout {
+                what: "the server did not answer",
+                after,
+            }),
+        },
+    }
+}
+
+/// A standby status update: written, flushed and applied are all where the repository's
+/// WAL ends, so neither `remote_write` nor `remote_apply` takes WAL held only in memory for
+/// safe (and `remote_apply` does not wait for a replay that never comes).
+async fn send_status(
+    conn: &mut ReplicationConn,
+    writer: &SegmentWriter,
+    reply: bool,
+    limit: Option<Duration>,
+) -> Result<(), StreamError> {
+    let d = writer.durable();
+    let msg = standby_status(d, d, d, PgTimestamp::now().0, reply);
+    answered(limit, conn.send_copy_data(&msg)).await
+}
+
+/// When the silence timer next needs a look: at half the receive timeout after the last
+/// message (to ask for a reply), then at the whole of it.
+fn silence_check(last_recv: Instant, ping_sent: bool, limit: Option<Duration>) -> Option<Instant> {
+    let limit = limit?;
+    Some(if ping_sent {
+        last_recv + limit
+    } else {
+        last_recv + limit / 2
+    })
 }
 
 /// Streams one timeline. None: stopped on request; Some: the server ended the timeline
@@ -339,26 +406,21 @@ async fn stream_timeline(
     stop: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
 ) -> Result<Option<(u32, Lsn)>, StreamError> {
+    let limit = config.receive_timeout;
     let mut flush_tick = tokio::time::interval(config.flush_interval);
     let mut status_tick = tokio::time::interval(config.status_interval);
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let status = |w: &SegmentWriter, reply: bool| {
-        standby_status(
-            w.received(),
-            w.durable(),
-            Lsn(0),
-            PgTimestamp::now().0,
-            reply,
-        )
-    };
+    let mut last_recv = Instant::now();
+    let mut ping_sent = false;
     loop {
+        let check = silence_check(last_recv, ping_sent, limit);
         tokio::select! {
             biased;
             _ = stop.changed() => {
                 writer.flush().await?;
-                conn.send_copy_data(&status(writer, false)).await?;
-                conn.send_copy_done().await?;
+                send_status(conn, writer, false, limit).await?;
+                answered(limit, conn.send_copy_done()).await?;
                 return Ok(None);
             }
             reply = conn.next_reply() => {
@@ -376,6 +438,8 @@ async fn stream_timeline(
                     }
                     Ok(r) => r,
                 };
+                last_recv = Instant::now();
+                ping_sent = false;
                 let reply = match reply {
                     Some(Reply::Rows(_)) | None => {
                         // CommandComplete without CopyDone: the walsender is done (a server
@@ -411,7 +475,7 @@ async fn stream_timeline(
                                 Ok(Ok(Some(Reply::CopyData(next)))) => msg = next,
                                 Ok(Ok(Some(Reply::CopyDone))) => {
                                     writer.flush().await?;
-                                    return end_of_timeline(conn).await.map(Some);
+                                    return end_of_timeline(conn, limit).await.map(Some);
                                 }
                                 Ok(Ok(Some(_))) => break,
                                 Ok(Ok(None)) => return Err(StreamError::Protocol("the server ended replication".into())),
@@ -424,34 +488,56 @@ async fn stream_timeline(
                             report = true;
                         }
                         if report {
-                            conn.send_copy_data(&status(writer, false)).await?;
+                            send_status(conn, writer, false, limit).await?;
                         }
                     }
                     Reply::CopyDone => {
                         writer.flush().await?;
-                        return end_of_timeline(conn).await.map(Some);
+                        return end_of_timeline(conn, limit).await.map(Some);
                     }
                     _ => {}
                 }
             }
             _ = flush_tick.tick() => {
                 if writer.flush().await? {
-                    conn.send_copy_data(&status(writer, false)).await?;
+                    send_status(conn, writer, false, limit).await?;
                 }
             }
             _ = status_tick.tick() => {
-                conn.send_copy_data(&status(writer, false)).await?;
+                send_status(conn, writer, false, limit).await?;
+            }
+            _ = sleep_until(check) => {
+                let after = limit.unwrap_or_default();
+                if last_recv.elapsed() >= after {
+                    // As if the connection broke: keep what arrived, then connect again.
+                    let _ = writer.flush().await;
+                    return Err(StreamError::Timeout { what: "no message from the server", after });
+                }
+                // Half the timeout without a word: ask for one, as walreceiver does.
+                send_status(conn, writer, true, limit).await?;
+                ping_sent = true;
             }
         }
     }
 }
 
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// After the server's CopyDone at the end of a timeline: ours, then the next timeline and
 /// where it starts.
-async fn end_of_timeline(conn: &mut ReplicationConn) -> Result<(u32, Lsn), StreamError> {
-    conn.send_copy_done().await?;
+async fn end_of_timeline(
+    conn: &mut ReplicationConn,
+    limit: Option<Duration>,
+) -> Result<(u32, Lsn), StreamError> {
+    answered(limit, conn.send_copy_done()).await?;
     let mut next = None;
-    while let Some(reply) = conn.next_reply().await? {
+    while let Some(reply) = answered(limit, conn.next_reply()).await? {
         if let Reply::Rows(set) = reply {
             if let (Some(t), Some(l)) = (set.text(0, "next_tli"), set.text(0, "next_tli_startpos"))
             {
@@ -460,4 +546,24 @@ async fn end_of_timeline(conn: &mut ReplicationConn) -> Result<(u32, Lsn), Strea
         }
     }
     next.ok_or_else(|| StreamError::Protocol("the timeline ended without naming the next".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_is_checked_at_half_the_receive_timeout_then_at_all_of_it() {
+        let t = Instant::now();
+        let limit = Some(Duration::from_secs(60));
+        assert_eq!(
+            silence_check(t, false, limit),
+            Some(t + Duration::from_secs(30))
+        );
+        assert_eq!(
+            silence_check(t, true, limit),
+            Some(t + Duration::from_secs(60))
+        );
+        assert_eq!(silence_check(t, false, None), None);
+    }
 }
