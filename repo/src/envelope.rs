@@ -91,6 +91,9 @@ pub enum EnvelopeError {
     /// The plaintext has another hash than the header says.
     #[error("checksum mismatch: header says blake3 {expected}, body hashes to {found}")]
     Hash { expected: String, found: String },
+    /// The storage's own checksum of the stored bytes failed (S3's response checksum).
+    #[error("the storage's checksum of its bytes does not match: {0}")]
+    StoredChecksum(String),
     /// The header declares more plaintext than the reader expects of this object.
     #[error("header declares {declared} bytes of plaintext, more than the {max} expected")]
     TooLarge { declared: u64, max: u64 },

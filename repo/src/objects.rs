@@ -15,7 +15,7 @@ use crate::storage::{self, PutMode, PutOutcome, Storage, StorageError};
 pub enum ObjectError {
     /// The storage failed (see whether a retry can help).
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
     /// The object is there but its bytes are not what was stored.
     #[error("object \"{key}\" is corrupt: {source}")]
     Corrupt {
@@ -27,6 +27,21 @@ pub enum ObjectError {
     /// The codec threads are gone.
     #[error(transparent)]
     Codec(#[from] CodecGone),
+}
+
+impl From<StorageError> for ObjectError {
+    /// A storage failure; one whose own checksum of the bytes kept failing is damage of the
+    /// object, reported by key as every other damage is.
+    fn from(e: StorageError) -> ObjectError {
+        if e.kind == crate::storage::ErrorKind::Damaged {
+            ObjectError::Corrupt {
+                key: e.key.clone(),
+                source: EnvelopeError::StoredChecksum(e.source.to_string()),
+            }
+        } else {
+            ObjectError::Storage(e)
+        }
+    }
 }
 
 impl ObjectError {

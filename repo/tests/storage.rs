@@ -181,7 +181,7 @@ async fn memory_backend_meets_the_contract() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filesystem_backend_meets_the_contract() {
     let dir = tempfile::tempdir().unwrap();
-    let fs = FsStorage::new(dir.path().join("repo")).unwrap();
+    let fs = FsStorage::create(dir.path().join("repo")).unwrap();
     contract(&fs).await;
     // Nothing half-written is left behind.
     let leftovers: Vec<_> = walk(dir.path())

@@ -104,6 +104,7 @@ impl Command {
             Command::Bench(_) => ("bench", Exit::Internal),
             Command::Check(_) => ("check", Exit::Internal),
             Command::Info(_) => ("info", Exit::Internal),
+            Command::Init(_) => ("init", Exit::Internal),
             Command::List(_) => ("list", Exit::Internal),
             Command::Restore(_) => ("restore", Exit::Internal),
             Command::Status(_) => ("status", Exit::Internal),

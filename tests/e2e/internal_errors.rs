@@ -68,11 +68,9 @@ fn a_panic_in_wal_fetch_stops_recovery_instead_of_ending_it() {
     let repo = pg.server_dir("repo").unwrap();
     let url = format!("file://{}", repo.display());
     crate::init_repo(&url, &pg, None);
-    // Made by this test's user: handed to the server's, as pitr init run by it would leave it.
-    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(pg.data_dir()).unwrap());
-    for e in [repo.clone(), repo.join("config")] {
-        std::os::unix::fs::chown(&e, Some(owner), None).unwrap();
-    }
+    // Made by this test's user (0600): handed to the server's, as pitr init run by it
+    // would leave it.
+    pg.os_user().give_tree(&repo).unwrap();
     pg.set_config(
         "archive_command",
         &format!("'{}' wal-push --repo '{url}' %p", bin.display()),

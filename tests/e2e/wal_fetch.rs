@@ -199,3 +199,69 @@ fn prefetched_segments_are_served_from_the_spool_verified_and_whole() {
     assert!(!spool.join(&segments[1]).exists());
     assert!(!dest.exists());
 }
+
+/// The file under the local S3 server's storage that holds the object whose key ends with
+/// `suffix`.
+fn stored_file(s3: &S3Server, suffix: &str) -> std::path::PathBuf {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(s3.storage_dir().unwrap(), &mut files);
+    files
+        .into_iter()
+        .find(|p| p.to_string_lossy().ends_with(suffix))
+        .unwrap_or_else(|| panic!("no stored file for {suffix}"))
+}
+
+#[test]
+fn bytes_changed_under_the_storage_are_damage_by_key_not_an_unreachable_repository() {
+    let s3 = S3Server::start_local().unwrap();
+    let url = s3.repo_url("damaged");
+    let (pg, archive) =
+        Cluster::start_copy_archiving(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    crate::init_repo(&url, &pg, Some(&s3));
+    let segment = pg.switch_wal().unwrap();
+    pg.wait_archived(&segment, Duration::from_secs(30)).unwrap();
+    crate::succeeds(
+        pitr()
+            .args(["wal-push", "--ahead", "0", "--repo", &url])
+            .arg(archive.join(&segment))
+            .envs(s3.env()),
+    );
+    let flip = |path: &std::path::Path| {
+        let mut bytes = std::fs::read(path).unwrap();
+        let at = bytes.len() - 3;
+        bytes[at] ^= 0x40;
+        std::fs::write(path, &bytes).unwrap();
+    };
+    flip(&stored_file(&s3, &format!("/{segment}")));
+    let out_dir = tempfile::tempdir().unwrap();
+    let dest = out_dir.path().join("RECOVERYXLOG");
+    let out = fetch(&s3, &url, &segment, &dest);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(200), "{err}");
+    assert!(
+        err.contains("is corrupt") && err.contains(&segment),
+        "{err}"
+    );
+    assert!(!dest.exists());
+
+    flip(&stored_file(&s3, "/config"));
+    let out = pitr()
+        .args(["info", "--repo", &url])
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("\"config\" is corrupt"), "{err}");
+    assert!(err.contains("checksum"), "{err}");
+}

@@ -74,6 +74,10 @@ pub enum ErrorKind {
     Transient,
     /// Retrying will not help (permissions, bad bucket, invalid key, a full disk).
     Permanent,
+    /// The storage's own checksum of the object's bytes failed (S3's response checksum).
+    /// Retried, since the transfer may be at fault; if it persists, the stored object is
+    /// damaged, and reported as such ([`crate::objects::ObjectError::Corrupt`]).
+    Damaged,
 }
 
 /// A storage failure, naming the operation and the key.
@@ -117,7 +121,7 @@ impl StorageError {
 
     /// True when trying again can help.
     pub fn is_retryable(&self) -> bool {
-        self.kind == ErrorKind::Transient
+        matches!(self.kind, ErrorKind::Transient | ErrorKind::Damaged)
     }
 }
 

@@ -228,6 +228,21 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>
     StorageError::new(kind, op, key, detail)
 }
 
+/// A failure while reading a response body: `Damaged` when the SDK's check of the response
+/// checksum failed (the bytes the server holds do not match the checksum it stored with
+/// them; the message is that check's), `Transient` otherwise (a cut connection).
+fn body_error<E: std::error::Error + Send + Sync + 'static>(key: &str, e: E) -> StorageError {
+    let mut at: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = at {
+        let text = err.to_string();
+        if text.contains("checksum mismatch") {
+            return StorageError::new(ErrorKind::Damaged, "get", key, text);
+        }
+        at = err.source();
+    }
+    StorageError::new(ErrorKind::Transient, "get", key, e)
+}
+
 fn status_of<E>(err: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
     match err {
         SdkError::ServiceError(e) => Some(e.raw().status().as_u16()),
@@ -386,8 +401,10 @@ impl S3Storage {
                         {
                             return known;
                         }
+                        // A probe that cannot tell fails closed: check-then-put with the
+                        // ETag check for this process, and nothing remembered.
                         let Some(supported) = self.probe_conditional().await else {
-                            return true;
+                            return false;
                         };
                         if let Some(file) = &self.probe_cache {
                             write_probe_cache(file, supported);
@@ -401,8 +418,8 @@ impl S3Storage {
 
     /// Writes a probe object twice, the second time conditionally: a 412 means the server
     /// honours the condition, a success that it does not. `None` when the probe itself
-    /// failed: the caller assumes support for now (the real put will report a real problem)
-    /// and remembers nothing.
+    /// failed: the caller then never assumes the condition is honoured (it checks before
+    /// and after each put instead) and remembers nothing.
     async fn probe_conditional(&self) -> Option<bool> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -722,11 +739,9 @@ impl Storage for S3Storage {
                 match body.next().await {
                     None => None,
                     Some(Ok(chunk)) => Some((Ok(chunk), Some(body))),
-                    // A cut connection mid-object: retrying the whole get can help.
-                    Some(Err(e)) => Some((
-                        Err(StorageError::new(ErrorKind::Transient, "get", &key, e)),
-                        None,
-                    )),
+                    // A cut connection mid-object: retrying the whole get can help. A
+                    // response checksum that fails says the bytes are damaged.
+                    Some(Err(e)) => Some((Err(body_error(&key, e)), None)),
                 }
             }
         });
@@ -750,11 +765,7 @@ impl Storage for S3Storage {
             Err(e) if status_of(&e) == Some(416) => return Ok(Bytes::new()),
             Err(e) => return Err(classify("get", key, e)),
         };
-        let data = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StorageError::new(ErrorKind::Transient, "get", key, e))?;
+        let data = out.body.collect().await.map_err(|e| body_error(key, e))?;
         Ok(data.into_bytes())
     }
 
