@@ -167,6 +167,99 @@ fn lsn(text: &str) -> Result<Lsn, PlanError> {
         .map_err(|_| bad(format!("invalid LSN {text:?} in the repository")))
 }
 
+/// Segments looked at before a backup's start for the last transaction before it.
+const WITNESS_SEGMENTS: u64 = 64;
+
+/// Whether backup `b` can be recovered to time `t`: recovery stops at the first transaction
+/// (in WAL order) that ended past `t` (at or past it with `exclusive`), so none may lie
+/// before the backup is consistent. Between its start and stop that is checked record by
+/// record (segments whose summary has a transaction past `t` are read); before its start,
+/// the last transaction that ended there must be at or before `t` (commit times follow WAL
+/// order, as the server's clock does), found in the repository's WAL within
+/// [`WITNESS_SEGMENTS`] segments; with none found, it cannot be shown, and the backup is not
+/// used. Nothing here reads a clock.
+async fn reaches_time(
+    repo: &Repository,
+    b: &BackupManifest,
+    present: &dyn Fn(u64) -> bool,
+    tli_for: &dyn Fn(u64) -> u32,
+    seg: WalSegmentSize,
+    t: walfmt::PgTimestamp,
+    exclusive: bool,
+) -> Result<bool, PlanError> {
+    let is_past = |x: walfmt::PgTimestamp| if exclusive { x >= t } else { x > t };
+    let text = t.to_string();
+    let past_text = |x: &str| {
+        if exclusive {
+            x >= text.as_str()
+        } else {
+            x > text.as_str()
+        }
+    };
+    let (start, stop) = (lsn(&b.start_lsn)?, lsn(&b.stop_lsn)?);
+    let name = |s: u64| SegmentName::new(TimelineId(tli_for(s)), s, seg);
+    let first = start.segment_number(seg);
+    let last = Lsn(stop.0.saturating_sub(1)).segment_number(seg);
+    // The last transaction before `start`, from the start segment's records before it.
+    let mut before: Option<walfmt::PgTimestamp> = None;
+    for s in first..=last {
+        if !present(s) {
+            return Ok(false);
+        }
+        let summary = summary_of(repo, &name(s)).await?;
+        let needs_records = s == first || summary.last_xact_time.as_deref().is_some_and(past_text);
+        if !needs_records {
+            continue;
+        }
+        let bytes = segment_bytes(repo, &name(s).to_string()).await?;
+        let mut hit = false;
+        walfmt::summary::summarize_with(&bytes, |record, event| {
+            if let Some(walfmt::Event::XactEnd { time, .. }) = event {
+                if record.lsn < start {
+                    before = Some(*time);
+                } else if record.lsn < stop && is_past(*time) {
+                    hit = true;
+                }
+            }
+        })
+        .map_err(|e| bad(format!("WAL segment {}: {e}", name(s))))?;
+        if hit {
+            return Ok(false);
+        }
+    }
+    // Earlier segments, newest first, until one holds a transaction.
+    let mut s = first;
+    while before.is_none() && s > 0 && first - s < WITNESS_SEGMENTS {
+        s -= 1;
+        if !present(s) {
+            break;
+        }
+        let summary = summary_of(repo, &name(s)).await?;
+        if let Some(x) = summary.last_xact_time {
+            return Ok(!past_text(&x));
+        }
+    }
+    Ok(before.is_some_and(|x| !is_past(x)))
+}
+
+/// A WAL segment's bytes: archived whole, or what `pitr stream` made durable of it.
+async fn segment_bytes(repo: &Repository, file: &str) -> Result<bytes::Bytes, PlanError> {
+    let key = wal_key(file).unwrap_or_default();
+    match repo
+        .objects()
+        .get_at_most(&key, crate::wal_fetch::wal_file_max(repo))
+        .await
+    {
+        Ok((_, b)) => Ok(b),
+        Err(e) if e.is_not_found() => match crate::wal_fetch::streamed_segment(repo, file).await {
+            Ok(Some(b)) => Ok(b),
+            Ok(None) => Err(bad(format!("WAL segment {file} is not in the repository"))),
+            Err(e) => Err(bad(e)),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// What the repository holds of the WAL.
 struct Inventory {
     segments: BTreeSet<(u32, u64)>,
@@ -250,11 +343,19 @@ pub async fn plan(
             )))
         }
     };
-    let backups: Vec<BackupManifest> = futures::stream::iter(chosen_ids)
+    let mut backups: Vec<BackupManifest> = futures::stream::iter(chosen_ids)
         .map(|id| async move { BackupManifest::load_header(repo.objects(), &id).await })
         .buffered(8)
         .try_collect()
         .await?;
+    // Oldest first by where they stop in the WAL: ids are the backup host's clock, which
+    // may be wrong; positions are not.
+    let mut keyed = Vec::with_capacity(backups.len());
+    for b in backups.drain(..) {
+        keyed.push(((lsn(&b.stop_lsn)?, lsn(&b.start_lsn)?), b));
+    }
+    keyed.sort_by_key(|(k, _)| *k);
+    let backups: Vec<BackupManifest> = keyed.into_iter().map(|(_, b)| b).collect();
     let inv = inventory(repo, seg).await?;
     let tli = match timeline {
         TimelineChoice::Id(n) => *n,
@@ -328,9 +429,20 @@ pub async fn plan(
         )))
     };
     let chosen = match target {
+        // By WAL positions and the WAL's own times, never by the clock of the host that
+        // took the backup ([`reaches_time`]).
         Target::Time(t) => {
-            let t = t.to_string();
-            pick(&|b| Ok(b.stop_time <= t))?
+            let mut found = None;
+            for b in on_path.iter().rev() {
+                if reaches_time(repo, b, &present, &tli_for, seg, *t, exclusive).await? {
+                    found = Some(*b);
+                    break;
+                }
+            }
+            match found {
+                Some(b) => b,
+                None => pick(&|_| Ok(false))?,
+            }
         }
         Target::Lsn(l) => pick(&|b| Ok(lsn(&b.stop_lsn)? <= *l))?,
         _ => newest,

@@ -236,11 +236,56 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
 }
 
 #[test]
+fn a_backup_is_chosen_by_wal_position_whatever_the_backup_hosts_clock_said() {
+    let src = Source::new("clock");
+    src.pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    // Backups dated by a pitr host whose clock is behind: 20, then 10 minutes.
+    let backup_skewed = |offset: &str| -> String {
+        let out = succeeds(
+            src.pitr()
+                .args(["backup", "--fast", "--json", "--repo", &src.url, "--pg"])
+                .arg(src.socket())
+                .env("PITR_DEBUG_CLOCK_OFFSET", offset),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    };
+    let first = backup_skewed("-1200");
+    let (t1, _) = commit_batch(&src.pg, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    commit_batch(&src.pg, 2);
+    // After batch 2, but its stop time (10 minutes behind) reads as before batch 1's commit.
+    let second = backup_skewed("-600");
+    assert!(first < second);
+    src.archive_all();
+
+    let dirs = tempfile::tempdir().unwrap();
+    let to = dirs.path().join("r");
+    let out = src.restore(
+        &to,
+        &["--target-time", &t1, "--target-action", "promote", "--json"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["backup"],
+        first.as_str(),
+        "the backup that ends before batch 2 in the WAL"
+    );
+    let restored = start_restored(&src, &to, false);
+    assert_eq!(batches(&restored), ["1"]);
+}
+
+#[test]
 fn unreachable_targets_and_bad_input_are_refused_before_anything_is_written() {
     let src = Source::new("refusals");
     src.pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
     let before_backup = src.pg.sql("SELECT now()").unwrap();
     std::thread::sleep(Duration::from_millis(200));
+    // A transaction between the target and the backup: the backup holds it, so it cannot
+    // be restored to a time before it (the WAL says so, whatever any clock says).
+    src.pg.sql("INSERT INTO t VALUES (0, 0)").unwrap();
     src.backup();
     let (last_commit, _) = commit_batch(&src.pg, 1);
     src.archive_all();
@@ -472,6 +517,8 @@ fn a_tablespace_comes_back_where_the_map_puts_it() {
     );
     let mut restored = Cluster::adopt(&to, ClusterOptions::default()).unwrap();
     restored.os_user().give_tree(&moved).unwrap();
+    // The repository's files are its owner's alone (0600): the server's user reads them.
+    restored.os_user().give_tree(repo.path()).unwrap();
     restored.start().unwrap();
     crate::wait_promoted(&restored);
     assert_eq!(restored.sql("SELECT count(*) FROM far").unwrap(), "5000");

@@ -192,6 +192,20 @@ impl Previous {
     }
 }
 
+/// This host's clock, which names the backup and dates it for people; nothing decides by
+/// it (a restore compares WAL positions). `PITR_DEBUG_CLOCK_OFFSET=SECONDS` shifts it: a
+/// test hook for a host whose clock is wrong.
+fn host_now() -> PgTimestamp {
+    let now = PgTimestamp::now();
+    match std::env::var("PITR_DEBUG_CLOCK_OFFSET")
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+    {
+        Some(offset) => PgTimestamp::from_unix_micros(now.unix_micros() + offset * 1_000_000),
+        None => now,
+    }
+}
+
 /// Takes a base backup of the server on `conn` into `repo` and returns its manifest, once
 /// stored. `server_version` is the server's full version string.
 pub async fn take(
@@ -202,7 +216,7 @@ pub async fn take(
 ) -> Result<BackupManifest, BackupError> {
     let storage = repo.objects().storage().clone();
     let server_version = conn.server_version().unwrap_or("").to_owned();
-    let start_time = PgTimestamp::now();
+    let start_time = host_now();
     let mut id = id_of(start_time);
     let mut n = 2;
     while id_taken(storage.as_ref(), &id).await? {
@@ -269,7 +283,7 @@ pub async fn take(
     progress(&report);
     let stored = pipeline.finish().await?;
     let mut files = chunker.finish()?;
-    let stop_time = PgTimestamp::now();
+    let stop_time = host_now();
     let ((start_lsn, timeline), (stop_lsn, stop_timeline)) = match (start, stop) {
         (Some(a), Some(b)) => (a, b),
         _ => {
