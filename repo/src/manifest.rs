@@ -225,10 +225,14 @@ pub struct BackupManifest {
     pub stop_lsn: String,
     /// Timeline at the stop.
     pub stop_timeline: u32,
-    /// RFC 3339 UTC.
+    /// RFC 3339 UTC, by the clock of the host pitr ran on (names and dates the backup for
+    /// people; nothing decides by it).
     pub start_time: String,
-    /// RFC 3339 UTC.
+    /// RFC 3339 UTC, the same clock.
     pub stop_time: String,
+    /// backup_label's START TIME, as the server wrote it (its clock, its log_timezone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_start_time: Option<String>,
     /// `fast` or `spread`.
     pub checkpoint: String,
     /// `archive`: the WAL from start to stop is in the repository's `wal/`; `included`:
@@ -657,6 +661,7 @@ mod tests {
             stored_new: 100,
             stored_total: 100,
             pg_manifest: None,
+            server_start_time: None,
             tablespaces: vec![],
             packs: vec!["ab".repeat(32)],
             chunk_table: ChunkTable {

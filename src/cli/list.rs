@@ -122,6 +122,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     "label": m.label,
                     "start_time": m.start_time,
                     "stop_time": m.stop_time,
+                    "server_start_time": m.server_start_time,
                     "timeline": m.timeline,
                     "start_lsn": m.start_lsn,
                     "stop_lsn": m.stop_lsn,
@@ -158,7 +159,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
             println!(
                 "  {:<18} {:<27} {:<27} {:>3} {:>12} {:>12} {:>10} {:>10}  {}{}",
                 m.id,
-                m.start_time,
+                // The server's clock where the backup says it (backup_label), else pitr's.
+                m.server_start_time.as_deref().unwrap_or(&m.start_time),
                 m.stop_time,
                 m.timeline,
                 m.start_lsn,

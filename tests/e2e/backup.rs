@@ -108,6 +108,12 @@ fn backup_to_s3_waits_for_archived_wal_and_is_listed() {
     assert_eq!(backups[0]["label"], "first");
     assert_eq!(backups[1]["id"], second["id"]);
     assert_eq!(backups[1]["stored_new"], second["stored_new"]);
+    // Dated by the server's own clock too (backup_label's START TIME), in the server's words.
+    let server_start = backups[0]["server_start_time"].as_str().unwrap();
+    assert!(
+        server_start.starts_with("20") && server_start.len() >= 19,
+        "{list}"
+    );
     let lsn = |v: &serde_json::Value| v.as_str().unwrap().parse::<walfmt::Lsn>().unwrap();
     let wal = list["wal"].as_array().unwrap();
     assert!(

@@ -244,6 +244,7 @@ pub async fn take(
     let (mut start, mut stop) = (None, None);
     let mut tablespaces = Vec::new();
     let mut pg_manifest = Vec::new();
+    let mut label: Option<bytes::Bytes> = None;
     let mut last_report = Instant::now();
     while let Some(event) = backup.next().await? {
         match event {
@@ -258,6 +259,11 @@ pub async fn take(
             BackupEvent::Data(d) => {
                 chunker.feed(&d, &mut chunks)?;
                 for c in chunks.drain(..) {
+                    // The server's backup_label (one chunk): its START TIME is the server's.
+                    let f = &chunker.files()[c.file as usize];
+                    if c.seq == 0 && f.tablespace.is_none() && f.path == "backup_label" {
+                        label = Some(c.data.clone());
+                    }
                     let expect = match prev.as_mut() {
                         Some(p) => p.at(chunker.files(), &c).await?,
                         None => None,
@@ -371,6 +377,10 @@ pub async fn take(
         stored_new: stored.stored_new,
         stored_total: stored.stored_total,
         pg_manifest: pg_manifest_key,
+        server_start_time: label
+            .as_deref()
+            .and_then(|b| walfmt::BackupLabel::parse(b).ok())
+            .and_then(|l| l.start_time),
         tablespaces: tablespaces
             .into_iter()
             .filter_map(|t| {
