@@ -5,13 +5,18 @@
 //! A manifest is untrusted input (anyone who can write to the bucket can rewrite it), so
 //! the whole of it is checked here while planning, before the first write:
 //! - every path is relative and plain (no `..`, no root, no empty or `.` component), in the
-//!   data directory or in a tablespace the manifest lists, and named once;
+//!   data directory or in a tablespace the manifest lists (there, inside the version
+//!   directory `PG_<major>_<catalog version>` as PostgreSQL lays tablespaces out), and named
+//!   once;
 //! - tablespace locations are absolute and plain, and no two destinations (the data
 //!   directory, each tablespace) lie inside one another;
 //! - no entry lies beneath a link or a file entry: nothing is ever written "through" a link;
 //! - links are made after every file is written (see [`Places::links`]): `pg_tblspc/<oid>`
-//!   points at that tablespace's destination whatever the manifest says, any other link
-//!   (a `log -> /var/log/postgresql` in the data directory, say) is recreated as it was;
+//!   (of a listed tablespace) points at that tablespace's destination whatever the manifest
+//!   says; any other link (a `log -> /var/log/postgresql` in the data directory, say) is
+//!   recreated as it was, but only at the top of the data directory and under a name that
+//!   is not PostgreSQL's own (`base`, `global`, `pg_*`, `postmaster.*`, ...), so that
+//!   neither the restore nor the restored server writes through one;
 //! - the names pitr itself writes (its marker, the pending pg_control, the recovery
 //!   settings) are files if they are in the backup at all, `global` and `pg_wal` are
 //!   directories and hold no links, and `pg_wal/.pitr` (wal-fetch's spool) is pitr's alone:
@@ -34,13 +39,16 @@ pub const PG_CONTROL_PENDING: &str = "global/pg_control.pitr-restore";
 
 /// Data-directory entries that must be regular files if the backup has them: pitr writes
 /// them, or next to them.
-const FILES_ONLY: [&str; 6] = [
+const FILES_ONLY: [&str; 8] = [
     INCOMPLETE_MARKER,
     PG_CONTROL,
     PG_CONTROL_PENDING,
     "postgresql.auto.conf",
     "recovery.signal",
     "standby.signal",
+    // Where `restore --start` has pg_ctl write the server's log.
+    "pitr-start.log",
+    "log/pitr-start.log",
 ];
 
 /// Data-directory entries that must be directories if the backup has them: pitr writes
@@ -131,6 +139,7 @@ pub fn place(m: &BackupManifest, to: &Path, map: &HashMap<u32, PathBuf>) -> Resu
         }
     }
 
+    let version_dir = format!("PG_{}_", m.pg_version);
     let mut kinds: HashMap<(Option<u32>, &str), FileType> = HashMap::new();
     for f in &m.files {
         if !plain_relative(&f.path) {
@@ -144,6 +153,16 @@ pub fn place(m: &BackupManifest, to: &Path, map: &HashMap<u32, PathBuf>) -> Resu
                 "entry \"{}\" is in unknown tablespace {oid}",
                 f.path
             ));
+        }
+        // PostgreSQL keeps a tablespace's files in its version directory (PG_15_202209061):
+        // a recorded location that is someone's home directory gets nothing else.
+        if let Some(oid) = f.tablespace {
+            if !f.path.starts_with(&version_dir) {
+                return Err(format!(
+                    "entry \"{}\" of tablespace {oid} is outside its {version_dir}* directory",
+                    f.path
+                ));
+            }
         }
         if kinds
             .insert((f.tablespace, f.path.as_str()), f.kind)
@@ -167,6 +186,12 @@ pub fn place(m: &BackupManifest, to: &Path, map: &HashMap<u32, PathBuf>) -> Resu
             root.join(&f.path)
         };
         if f.kind == FileType::Symlink {
+            if let Some(oid) = tablespace_link(f).filter(|o| !spaces.contains_key(o)) {
+                return Err(format!(
+                    "link \"{}\" is for tablespace {oid}, which the backup does not list",
+                    f.path
+                ));
+            }
             let target = match tablespace_link(f).and_then(|oid| spaces.get(&oid)) {
                 Some(dest) => dest.clone(),
                 None => match f.target.as_deref() {
@@ -233,9 +258,50 @@ fn check_entry(
         if f.path == "pg_wal/.pitr" || f.path.starts_with("pg_wal/.pitr/") {
             return Err(format!("entry \"{}\" is a name pitr reserves", f.path));
         }
-        if f.path.starts_with("pg_wal/") && f.kind == FileType::Symlink {
-            return Err(format!("entry \"{}\" is a link in pg_wal", f.path));
-        }
+    }
+    if f.kind == FileType::Symlink {
+        check_link(f)?;
+    }
+    Ok(())
+}
+
+/// Names in the data directory that PostgreSQL (or pitr) writes to or beneath: a link
+/// there would have the restored server, or pitr, write wherever it points.
+fn postgres_writes(name: &str) -> bool {
+    name.starts_with("pg_")
+        || name.starts_with("postmaster.")
+        || FILES_ONLY.contains(&name)
+        || matches!(
+            name,
+            "base"
+                | "global"
+                | "PG_VERSION"
+                | "current_logfiles"
+                | "backup_label"
+                | "tablespace_map"
+                | "pitr-start.log"
+        )
+}
+
+/// A link the backup holds: only `pg_tblspc/<oid>` (made to point at the tablespace's
+/// destination by [`place`]) and links at the top of the data directory under names that
+/// are not PostgreSQL's own (a `log` or `postgresql.conf` an administrator linked
+/// elsewhere): nothing the restore or the restored server writes goes through one.
+fn check_link(f: &ManifestFile) -> Result<(), String> {
+    if f.tablespace.is_some() {
+        return Err(format!(
+            "entry \"{}\" is a link inside a tablespace",
+            f.path
+        ));
+    }
+    if tablespace_link(f).is_some() {
+        return Ok(());
+    }
+    if f.path.contains('/') || postgres_writes(&f.path) {
+        return Err(format!(
+            "entry \"{}\" is a link where PostgreSQL or pitr writes",
+            f.path
+        ));
     }
     Ok(())
 }
@@ -425,6 +491,11 @@ mod tests {
 
     #[test]
     fn links_point_where_the_restore_puts_things_and_come_last() {
+        let mut outside = entry(".ssh/authorized_keys", FileType::File, None);
+        outside.tablespace = Some(16384);
+        let m = manifest(vec![outside], vec![(16384, "/root")]);
+        let e = refused(&m);
+        assert!(e.contains("outside its PG_15_* directory"), "{e}");
         let mut ts = entry("PG_15_1/1/100", FileType::File, None);
         ts.tablespace = Some(16384);
         let m = manifest(
@@ -471,6 +542,11 @@ mod tests {
             ("global", FileType::File),
             ("pg_wal/.pitr", FileType::Directory),
             ("pg_wal/x", FileType::Symlink),
+            ("postmaster.opts", FileType::Symlink),
+            ("base", FileType::Symlink),
+            ("global/x", FileType::Symlink),
+            ("log/pitr-start.log", FileType::Symlink),
+            ("pg_tblspc/99", FileType::Symlink),
             (INCOMPLETE_MARKER, FileType::File),
         ] {
             let m = manifest(vec![entry(path, kind, Some("/etc/x"))], vec![]);

@@ -159,7 +159,9 @@ fn lay_out(m: &BackupManifest, places: &Places) -> Result<(), FilesError> {
         match f.kind {
             FileType::Directory => {
                 create_dirs_below(root, path).map_err(io_err(path))?;
-                fs::set_permissions(path, fs::Permissions::from_mode(f.mode & 0o7777))
+                // PostgreSQL's own modes at most (0750 with group access): no setuid,
+                // setgid or sticky bit, nothing for others, whatever the manifest says.
+                fs::set_permissions(path, fs::Permissions::from_mode(f.mode & 0o750))
                     .map_err(io_err(path))?;
             }
             FileType::Symlink => {}
@@ -171,7 +173,7 @@ fn lay_out(m: &BackupManifest, places: &Places) -> Result<(), FilesError> {
                     .write(true)
                     .create_new(true)
                     .custom_flags(libc::O_NOFOLLOW)
-                    .mode(f.mode & 0o7777)
+                    .mode(f.mode & 0o640)
                     .open(path)
                     .map_err(io_err(path))?;
                 file.set_len(f.size).map_err(io_err(path))?;

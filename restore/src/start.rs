@@ -164,7 +164,21 @@ fn alive(pid: u32) -> bool {
 
 /// The last lines of the server's log that say why it stopped (FATAL/PANIC first).
 pub fn log_reason(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+    // The log's last 64 KiB at most, read without following a link.
+    let text = (|| -> std::io::Result<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(log)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)))?;
+        let mut bytes = Vec::new();
+        f.take(64 << 10).read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    })()
+    .unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines
         .iter()

@@ -119,10 +119,18 @@ fn a_link_the_backup_had_is_made_after_the_files_and_nothing_goes_through_it() {
     let outside = tempfile::tempdir().unwrap();
     let target = outside.path().display().to_string();
     b.edit_manifest(|m| {
-        m["files"].as_array_mut().unwrap().push(serde_json::json!({
+        let files = m["files"].as_array_mut().unwrap();
+        files.push(serde_json::json!({
             "path": "log", "type": "symlink", "mode": 0o777, "size": 0, "mtime": 0,
             "target": target,
         }));
+        // A setuid bit asked for: never given (restoring as root, it would be root's), nor
+        // more than PostgreSQL's own modes (0640 with group access).
+        let version = files
+            .iter_mut()
+            .find(|f| f["path"] == "PG_VERSION")
+            .unwrap();
+        version["mode"] = (0o4755).into();
     });
     let dirs = tempfile::tempdir().unwrap();
     let to = dirs.path().join("r");
@@ -138,6 +146,12 @@ fn a_link_the_backup_had_is_made_after_the_files_and_nothing_goes_through_it() {
         "nothing written through the link"
     );
     assert!(to.join("global/pg_control").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(to.join("PG_VERSION"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o640);
 }
 
 #[test]
@@ -178,7 +192,7 @@ fn overflowing_counts_and_short_pack_ids_are_damage_not_a_panic() {
     });
     let dirs = tempfile::tempdir().unwrap();
     let out = b.restore(&dirs.path().join("a"));
-    refused_as_damage(&out, "chunks from 18446744073709551615");
+    refused_as_damage(&out, "starts at chunk 18446744073709551615");
 
     let b = Backed::new();
     b.edit_manifest(|m| m["packs"][0] = "a".into());
