@@ -343,7 +343,19 @@ impl BackupManifest {
                 ));
             }
         }
+        // Each file's run follows the previous one's: the table is every file's chunks one
+        // after another (so no two files share entries, and the work is one pass).
+        let mut next = 0u64;
         for f in &self.files {
+            if f.chunks.count > 0 {
+                if f.chunks.first != next {
+                    return Err(format!(
+                        "file {} starts at chunk {}, not {next}",
+                        f.path, f.chunks.first
+                    ));
+                }
+                next = next.saturating_add(f.chunks.count);
+            }
             let end = f.chunks.first.checked_add(f.chunks.count);
             if end.is_none_or(|end| end > self.chunks.len() as u64) {
                 return Err(format!(
@@ -364,6 +376,15 @@ impl BackupManifest {
                     f.path, sum, f.size
                 ));
             }
+            if f.kind != FileType::File && f.chunks.count > 0 {
+                return Err(format!("{} is not a file but has chunks", f.path));
+            }
+        }
+        if next != self.chunks.len() as u64 {
+            return Err(format!(
+                "its files use {next} chunk table entries of {}",
+                self.chunks.len()
+            ));
         }
         Ok(())
     }
@@ -439,16 +460,23 @@ impl BackupManifest {
             key: key.clone(),
             reason,
         };
-        let value: serde_json::Value =
-            serde_json::from_slice(plain).map_err(|e| bad(e.to_string()))?;
-        let format = value
-            .get("format")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0) as u32;
-        if format != MANIFEST_FORMAT {
-            return Err(ManifestError::UnknownFormat { key, found: format });
+        // The format first, so a newer shape is reported as such; both passes parse the
+        // text directly (no tree of JSON values as large as the text says).
+        #[derive(Deserialize)]
+        struct Format {
+            #[serde(default)]
+            format: u64,
         }
-        let m: BackupManifest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        let format = serde_json::from_slice::<Format>(plain)
+            .map_err(|e| bad(e.to_string()))?
+            .format;
+        if format != u64::from(MANIFEST_FORMAT) {
+            return Err(ManifestError::UnknownFormat {
+                key,
+                found: u32::try_from(format).unwrap_or(u32::MAX),
+            });
+        }
+        let m: BackupManifest = serde_json::from_slice(plain).map_err(|e| bad(e.to_string()))?;
         let t = &m.chunk_table;
         let per = u64::from(t.per_piece);
         if per == 0
