@@ -101,6 +101,8 @@ impl PlanError {
 struct Summary {
     end_lsn: String,
     #[serde(default)]
+    first_xact_time: Option<String>,
+    #[serde(default)]
     last_xact_time: Option<String>,
     #[serde(default)]
     restore_points: Vec<RestorePointJson>,
@@ -147,6 +149,7 @@ async fn summary_of(repo: &Repository, name: &SegmentName) -> Result<Summary, Pl
                 .map_err(|e| bad(format!("{seg_key}: {e}")))?;
             Ok(Summary {
                 end_lsn: s.end_lsn.to_string(),
+                first_xact_time: s.first_xact_time.map(|t| t.to_string()),
                 last_xact_time: s.last_xact_time.map(|t| t.to_string()),
                 restore_points: s
                     .restore_points
@@ -174,10 +177,11 @@ const WITNESS_SEGMENTS: u64 = 64;
 /// (in WAL order) that ended past `t` (at or past it with `exclusive`), so none may lie
 /// before the backup is consistent. Between its start and stop that is checked record by
 /// record (segments whose summary has a transaction past `t` are read); before its start,
-/// the last transaction that ended there must be at or before `t` (commit times follow WAL
-/// order, as the server's clock does), found in the repository's WAL within
-/// [`WITNESS_SEGMENTS`] segments; with none found, it cannot be shown, and the backup is not
-/// used. Nothing here reads a clock.
+/// every transaction must have ended at or before `t`, which (commit times following WAL
+/// order, as the server's clock does) one transaction shows: one at or after the start
+/// that ended at or before `t`, or else the latest before the start, found in the
+/// repository's WAL within [`WITNESS_SEGMENTS`] segments. With none found, it cannot be
+/// shown, and the backup is not used. Nothing here reads a clock.
 async fn reaches_time(
     repo: &Repository,
     b: &BackupManifest,
@@ -187,7 +191,7 @@ async fn reaches_time(
     t: walfmt::PgTimestamp,
     exclusive: bool,
 ) -> Result<bool, PlanError> {
-    let is_past = |x: walfmt::PgTimestamp| if exclusive { x >= t } else { x > t };
+    let is_past = move |x: walfmt::PgTimestamp| if exclusive { x >= t } else { x > t };
     let text = t.to_string();
     let past_text = |x: &str| {
         if exclusive {
@@ -200,8 +204,13 @@ async fn reaches_time(
     let name = |s: u64| SegmentName::new(TimelineId(tli_for(s)), s, seg);
     let first = start.segment_number(seg);
     let last = Lsn(stop.0.saturating_sub(1)).segment_number(seg);
-    // The last transaction before `start`, from the start segment's records before it.
+    // Transactions before `start` must all have ended at or before `t`. Commit times
+    // follow WAL order as the server's clock does, so either is enough: one at or after
+    // `start` that ended at or before `t` (`witness`), or the latest before `start`
+    // (`before`: the most recent time among the start segment's records before it, else
+    // the last segment before it holding any).
     let mut before: Option<walfmt::PgTimestamp> = None;
+    let mut witness = false;
     for s in first..=last {
         if !present(s) {
             return Ok(false);
@@ -209,27 +218,66 @@ async fn reaches_time(
         let summary = summary_of(repo, &name(s)).await?;
         let needs_records = s == first || summary.last_xact_time.as_deref().is_some_and(past_text);
         if !needs_records {
+            witness |= summary
+                .first_xact_time
+                .as_deref()
+                .is_some_and(|x| !past_text(x));
             continue;
         }
         let bytes = segment_bytes(repo, &name(s).to_string()).await?;
-        let mut hit = false;
-        walfmt::summary::summarize_with(&bytes, |record, event| {
-            if let Some(walfmt::Event::XactEnd { time, .. }) = event {
-                if record.lsn < start {
-                    before = Some(*time);
-                } else if record.lsn < stop && is_past(*time) {
-                    hit = true;
+        // Decoding a segment is CPU work: off the async runtime.
+        let shown = name(s).to_string();
+        let (seg_before, hit, seg_witness) = tokio::task::spawn_blocking(move || {
+            let (mut before, mut hit, mut witness) = (None::<walfmt::PgTimestamp>, false, false);
+            walfmt::summary::summarize_with(&bytes, |record, event| {
+                if let Some(walfmt::Event::XactEnd { time, .. }) = event {
+                    if record.lsn < start {
+                        before = Some(before.map_or(*time, |b| b.max(*time)));
+                    } else if record.lsn < stop && is_past(*time) {
+                        hit = true;
+                    } else if !is_past(*time) {
+                        witness = true;
+                    }
                 }
-            }
+            })
+            .map(|_| (before, hit, witness))
         })
-        .map_err(|e| bad(format!("WAL segment {}: {e}", name(s))))?;
+        .await
+        .map_err(bad)?
+        .map_err(|e| bad(format!("WAL segment {shown}: {e}")))?;
+        if seg_before.is_some() {
+            before = seg_before;
+        }
+        witness |= seg_witness;
         if hit {
             return Ok(false);
         }
     }
-    // Earlier segments, newest first, until one holds a transaction.
+    if witness {
+        return Ok(true);
+    }
+    if let Some(x) = before {
+        return Ok(!is_past(x));
+    }
+    // After the stop: the first segment holding transactions (a quiet cluster's backup
+    // starts in a fresh segment, with none before it).
+    let mut s = last;
+    while s - last < WITNESS_SEGMENTS {
+        s += 1;
+        if !present(s) {
+            break;
+        }
+        let summary = summary_of(repo, &name(s)).await?;
+        if let Some(x) = summary.first_xact_time {
+            if !past_text(&x) {
+                return Ok(true);
+            }
+            break;
+        }
+    }
+    // Before the start: the last segment holding transactions.
     let mut s = first;
-    while before.is_none() && s > 0 && first - s < WITNESS_SEGMENTS {
+    while s > 0 && first - s < WITNESS_SEGMENTS {
         s -= 1;
         if !present(s) {
             break;
@@ -239,7 +287,7 @@ async fn reaches_time(
             return Ok(!past_text(&x));
         }
     }
-    Ok(before.is_some_and(|x| !is_past(x)))
+    Ok(false)
 }
 
 /// A WAL segment's bytes: archived whole, or what `pitr stream` made durable of it.

@@ -146,7 +146,22 @@ fn injected_panic(command: &str) {
 
 /// Parses the command line and runs the chosen command.
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // As restore_command, a command line this pitr does not take (written by
+            // another version, say) must not read as "not found" (clap's exit 2 would):
+            // PostgreSQL would end recovery early. Above 125, recovery stops instead.
+            let fetch = std::env::args()
+                .nth(1)
+                .is_some_and(|a| a == "wal-fetch" || a == "wal-prefetch");
+            if fetch && e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::from(Exit::FetchFailed as u8);
+            }
+            e.exit()
+        }
+    };
     let (name, internal) = cli.command.identity();
     failure::exit_on_panic(name, internal);
     injected_panic(name);

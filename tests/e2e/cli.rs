@@ -34,6 +34,18 @@ fn unknown_argument_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--no-such-flag"), "{err}");
+    // As restore_command, a command line pitr does not take stops recovery (above 125)
+    // rather than reading as "not found" (1..125).
+    let out = pitr()
+        .args([
+            "wal-fetch",
+            "--no-such-flag",
+            "000000010000000000000001",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(200));
 }
 
 #[test]

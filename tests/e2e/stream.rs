@@ -130,10 +130,12 @@ impl Bed {
 
     /// pgbench for `seconds`, logging each transaction it saw committed.
     fn load(&self, seconds: u32) -> usize {
-        let prefix = self
-            .dir
-            .path()
-            .join(format!("pgbench-{}", Instant::now().elapsed().as_nanos()));
+        // Each load's logs under a prefix of their own, matched whole (`prefix.PID...`):
+        // a prefix made of a near-zero elapsed time could repeat, or be the start of
+        // another's ("pgbench-4" of "pgbench-40"), and count one load's commits twice.
+        static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = self.dir.path().join(format!("pgbench-load{n}"));
         let prefix = prefix.display().to_string();
         let secs = seconds.to_string();
         self.pg
@@ -153,7 +155,7 @@ impl Bed {
         let mut committed = 0;
         for e in std::fs::read_dir(self.dir.path()).unwrap() {
             let p = e.unwrap().path();
-            if p.display().to_string().starts_with(&prefix) {
+            if p.display().to_string().starts_with(&format!("{prefix}.")) {
                 committed += std::fs::read_to_string(&p).unwrap().lines().count();
             }
         }
