@@ -368,6 +368,15 @@ fn percent_decode(s: &str, part: &str, quote: bool) -> Result<String, SettingsEr
 
 fn parse_uri(rest: &str) -> Result<HashMap<String, String>, SettingsError> {
     let mut out = HashMap::new();
+    // A "/" or "?" inside the user name or password (not percent-encoded) ends the
+    // authority early: what follows would be quoted as a host, port or database name.
+    // Refused without quoting any of it.
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    if !rest[..end].contains('@') && rest[end..].contains('@') {
+        return Err(SettingsError(
+            "the URI has an \"@\" after its host part: percent-encode \"/\", \"?\" and \"@\" in a user name or password (%2F, %3F, %40)".into(),
+        ));
+    }
     let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (authority, path) = main.split_once('/').unwrap_or((main, ""));
     let hostport = match authority.rsplit_once('@') {
@@ -575,6 +584,9 @@ mod tests {
             format!("postgresql://127.0.0.1/postgres?password=ab&{secret}"),
             format!("host=x password=ab {secret}"),
             format!("host=x password=ab {secret}=1"),
+            format!("postgresql://u:ab/{secret}@db/x"),
+            format!("postgresql://u:1234/{secret}@db/x"),
+            format!("postgresql://u:{secret}?x@db/x"),
         ];
         for conninfo in cases {
             let err = parse_conninfo(&conninfo)
