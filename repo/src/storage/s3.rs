@@ -137,6 +137,16 @@ pub fn default_cache_dir() -> Option<std::path::PathBuf> {
         .or_else(|| var("HOME").map(|d| std::path::Path::new(&d).join(".cache/pitr")))
 }
 
+/// What a probe's outcome means: (honour `If-None-Match`, remember it). A probe that could
+/// not tell fails closed: check-then-put with the ETag check for this process, and
+/// nothing remembered, so the next process probes again.
+fn probe_verdict(outcome: Option<bool>) -> (bool, bool) {
+    match outcome {
+        Some(supported) => (supported, true),
+        None => (false, false),
+    }
+}
+
 /// How long a remembered probe outcome is trusted.
 const PROBE_TTL: Duration = Duration::from_secs(3600);
 
@@ -401,12 +411,8 @@ impl S3Storage {
                         {
                             return known;
                         }
-                        // A probe that cannot tell fails closed: check-then-put with the
-                        // ETag check for this process, and nothing remembered.
-                        let Some(supported) = self.probe_conditional().await else {
-                            return false;
-                        };
-                        if let Some(file) = &self.probe_cache {
+                        let (supported, remember) = probe_verdict(self.probe_conditional().await);
+                        if let (Some(file), true) = (&self.probe_cache, remember) {
                             write_probe_cache(file, supported);
                         }
                         supported
@@ -875,6 +881,13 @@ impl Storage for S3Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_that_cannot_tell_fails_closed_and_is_not_remembered() {
+        assert_eq!(probe_verdict(None), (false, false));
+        assert_eq!(probe_verdict(Some(true)), (true, true));
+        assert_eq!(probe_verdict(Some(false)), (false, true));
+    }
 
     #[test]
     fn a_probe_outcome_is_remembered_per_endpoint_and_bucket() {
