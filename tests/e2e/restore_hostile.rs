@@ -87,6 +87,14 @@ fn refused_as_damage(out: &Output, names: &str) {
     );
 }
 
+/// A manifest entry for a link at `path` to `target`.
+fn link_entry(path: &str, target: &str) -> serde_json::Value {
+    serde_json::json!({
+        "path": path, "type": "symlink", "mode": 0o777, "size": 0, "mtime": 0,
+        "target": target,
+    })
+}
+
 #[test]
 fn a_symlink_escape_in_the_manifest_is_refused_and_nothing_is_written_outside() {
     let b = Backed::new();
@@ -94,10 +102,7 @@ fn a_symlink_escape_in_the_manifest_is_refused_and_nothing_is_written_outside() 
     let target = outside.path().display().to_string();
     b.edit_manifest(|m| {
         let files = m["files"].as_array_mut().unwrap();
-        files.push(serde_json::json!({
-            "path": "evil", "type": "symlink", "mode": 0o777, "size": 0, "mtime": 0,
-            "target": target,
-        }));
+        files.push(link_entry("evil", &target));
         files.push(serde_json::json!({
             "path": "evil/pwned", "type": "file", "mode": 0o600, "size": 0, "mtime": 0,
         }));
@@ -120,10 +125,7 @@ fn a_link_the_backup_had_is_made_after_the_files_and_nothing_goes_through_it() {
     let target = outside.path().display().to_string();
     b.edit_manifest(|m| {
         let files = m["files"].as_array_mut().unwrap();
-        files.push(serde_json::json!({
-            "path": "log", "type": "symlink", "mode": 0o777, "size": 0, "mtime": 0,
-            "target": target,
-        }));
+        files.push(link_entry("log", &target));
         // A setuid bit asked for: never given (restoring as root, it would be root's), nor
         // more than PostgreSQL's own modes (0640 with group access).
         let version = files

@@ -199,6 +199,24 @@ impl Bed {
     }
 }
 
+/// Makes `pitr stream` the server's synchronous standby and waits until it is.
+fn wait_sync(bed: &Bed) {
+    bed.pg
+        .sql("ALTER SYSTEM SET synchronous_standby_names = 'pitr'")
+        .unwrap();
+    bed.pg.sql("SELECT pg_reload_conf()").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bed
+        .pg
+        .sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pitr' AND sync_state = 'sync'")
+        .unwrap()
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "the stream never became the synchronous standby");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A running `pitr stream`, killed if the test ends without stopping it.
 struct Streamer(Option<Child>);
 
@@ -235,20 +253,7 @@ fn with_sync_no_committed_transaction_is_lost_when_the_host_is() {
     let bed = Bed::new("sync");
     let stream = bed.stream(true);
     // Commits wait for the stream from now on.
-    bed.pg
-        .sql("ALTER SYSTEM SET synchronous_standby_names = 'pitr'")
-        .unwrap();
-    bed.pg.sql("SELECT pg_reload_conf()").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while bed
-        .pg
-        .sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pitr' AND sync_state = 'sync'")
-        .unwrap()
-        != "1"
-    {
-        assert!(Instant::now() < deadline, "the stream never became the synchronous standby");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_sync(&bed);
     bed.backup();
     let committed = bed.load(30);
     assert!(committed > 100, "{committed}");
@@ -311,6 +316,21 @@ fn a_stream_killed_midway_and_started_again_leaves_no_gap() {
     });
     let (committed, second) = loader;
     bed.caught_up();
+    // The server's flush position now; the stream's durable position must reach it. (Read
+    // before the status, not after: the server writes WAL of its own meanwhile, such as
+    // the bgwriter's running-transactions records, and a later position may not be
+    // streamed yet: the test failed once that way.)
+    let flushed: Lsn = bed
+        .pg
+        .sql("SELECT pg_current_wal_flush_lsn()")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let durable = |v: &serde_json::Value| {
+        v["durable_lsn"]
+            .as_str()
+            .and_then(|s| s.parse::<Lsn>().ok())
+    };
     // pitr status reads the running stream's metrics.
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
@@ -321,7 +341,7 @@ fn a_stream_killed_midway_and_started_again_leaves_no_gap() {
             .unwrap();
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            if v["lag_bytes"] == 0 {
+            if v["lag_bytes"] == 0 && durable(&v).is_some_and(|d| d >= flushed) {
                 break v;
             }
         }
@@ -335,21 +355,6 @@ fn a_stream_killed_midway_and_started_again_leaves_no_gap() {
     assert_eq!(status["connected"], true, "{status}");
     assert_eq!(status["timeline"], 1);
     assert!(status["segments_stored"].as_u64().unwrap() > 0, "{status}");
-    let flushed: Lsn = bed
-        .pg
-        .sql("SELECT pg_current_wal_flush_lsn()")
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        status["durable_lsn"]
-            .as_str()
-            .unwrap()
-            .parse::<Lsn>()
-            .unwrap()
-            >= flushed,
-        "{status}"
-    );
     let out = succeeds(bed.pitr().args(["status", "--metrics-addr", &metrics]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("streaming, timeline 1"));
     second.stop();

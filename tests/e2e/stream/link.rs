@@ -9,25 +9,7 @@ use std::time::{Duration, Instant};
 
 use testbed::{Proxy, StopMode, PASSWORD, PASSWORD_ROLES};
 
-use super::{caught_up_within, Bed, Streamer};
-
-/// Waits until `pitr stream` is the server's synchronous standby.
-fn wait_sync(bed: &Bed) {
-    bed.pg
-        .sql("ALTER SYSTEM SET synchronous_standby_names = 'pitr'")
-        .unwrap();
-    bed.pg.sql("SELECT pg_reload_conf()").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while bed
-        .pg
-        .sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pitr' AND sync_state = 'sync'")
-        .unwrap()
-        != "1"
-    {
-        assert!(Instant::now() < deadline, "the stream never became the synchronous standby");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use super::{caught_up_within, wait_sync, Bed, Streamer};
 
 fn count(text: &str, what: &str) -> usize {
     text.matches(what).count()
