@@ -176,14 +176,19 @@ fn each_target_brings_back_exactly_the_batches_before_it() {
             // once they are done, may be filling the spool already).
             assert!(!err.contains("pitr: restore: staged"), "{err}");
         } else {
-            // Every segment recovery needs is in the spool before the server starts.
+            // Staged while the files were written, no longer (then the prefetch worker
+            // carries on): how many depends on which finishes first, so the test only
+            // checks what was said is what the spool holds. (It asked for all of them
+            // once, and failed when the files of this small database won the race.)
             let staged = err
                 .lines()
                 .find_map(|l| l.strip_prefix("pitr: restore: staged "))
                 .unwrap_or_else(|| panic!("{err}"));
-            let (n, of) = staged.split_once(" of ").unwrap();
-            assert!(of.starts_with(n) && n != "0", "{staged}");
-            assert!(std::fs::read_dir(&spool).unwrap().count() > n.parse::<usize>().unwrap());
+            let (n, rest) = staged.split_once(" of ").unwrap();
+            let of: usize = rest.split(' ').next().unwrap().parse().unwrap();
+            let n: usize = n.parse().unwrap();
+            assert!(n <= of && of > 0, "{staged}");
+            assert!(std::fs::read_dir(&spool).unwrap().count() > n);
         }
         let pg = start_restored(&src, &to, false);
         batches(&pg)
