@@ -84,7 +84,7 @@ pub enum PushError {
 }
 
 /// The cluster a segment belongs to, from its summary.
-fn identity(s: &SegmentSummary) -> ClusterIdentity {
+pub fn identity(s: &SegmentSummary) -> ClusterIdentity {
     ClusterIdentity {
         system_identifier: s.system_identifier,
         pg_version: s.pg_version.number(),

@@ -99,6 +99,16 @@ pub enum EnvelopeError {
     TooLarge { declared: u64, max: u64 },
 }
 
+impl EnvelopeError {
+    /// [`EnvelopeError::Hash`]: blake3 `expected`, `found` instead.
+    pub fn hash_mismatch(expected: &[u8; 32], found: &[u8; 32]) -> EnvelopeError {
+        EnvelopeError::Hash {
+            expected: blake3::Hash::from_bytes(*expected).to_hex().to_string(),
+            found: blake3::Hash::from_bytes(*found).to_hex().to_string(),
+        }
+    }
+}
+
 /// Wraps `plain` in an envelope.
 pub fn encode(plain: &[u8], options: EncodeOptions) -> Bytes {
     Encoder::new(options).encode(plain, blake3::hash(plain).into())
@@ -291,10 +301,7 @@ pub fn decode_at_most(bytes: &[u8], max: u64) -> Result<(Header, Bytes), Envelop
     }
     let found = blake3::hash(&plain);
     if found.as_bytes() != &h.hash {
-        return Err(EnvelopeError::Hash {
-            expected: blake3::Hash::from_bytes(h.hash).to_hex().to_string(),
-            found: found.to_hex().to_string(),
-        });
+        return Err(EnvelopeError::hash_mismatch(&h.hash, found.as_bytes()));
     }
     Ok((h, plain))
 }

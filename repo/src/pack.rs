@@ -202,10 +202,7 @@ pub fn decode_chunk_of(
         });
     }
     if &header.hash != hash {
-        return Err(EnvelopeError::Hash {
-            expected: blake3::Hash::from_bytes(*hash).to_hex().to_string(),
-            found: blake3::Hash::from_bytes(header.hash).to_hex().to_string(),
-        });
+        return Err(EnvelopeError::hash_mismatch(hash, &header.hash));
     }
     Ok(plain)
 }

@@ -133,25 +133,24 @@ pub struct Repository {
 }
 
 /// Storage for a URL: S3 with the AWS standard configuration plus pitr's settings, or a
-/// local directory; either way behind retries of transient failures.
+/// local directory (which must exist); either way behind retries of transient failures.
 pub async fn storage_for(url: &RepoUrl) -> Result<Arc<dyn Storage>, StorageError> {
-    let inner: Arc<dyn Storage> = match url {
-        RepoUrl::S3 { bucket, prefix } => {
-            Arc::new(S3Storage::connect(S3Settings::new(bucket, prefix)).await)
-        }
-        RepoUrl::File { path } => Arc::new(FsStorage::new(path.clone())?),
-    };
-    Ok(with_retries(inner))
+    backend(url, false).await
 }
 
 /// Storage for `init` at a URL: as [`storage_for`], but a `file://` root is created (0700)
 /// when its parent exists.
 pub async fn storage_to_init(url: &RepoUrl) -> Result<Arc<dyn Storage>, StorageError> {
+    backend(url, true).await
+}
+
+async fn backend(url: &RepoUrl, create_root: bool) -> Result<Arc<dyn Storage>, StorageError> {
     let inner: Arc<dyn Storage> = match url {
         RepoUrl::S3 { bucket, prefix } => {
             Arc::new(S3Storage::connect(S3Settings::new(bucket, prefix)).await)
         }
-        RepoUrl::File { path } => Arc::new(FsStorage::create(path.clone())?),
+        RepoUrl::File { path } if create_root => Arc::new(FsStorage::create(path.clone())?),
+        RepoUrl::File { path } => Arc::new(FsStorage::new(path.clone())?),
     };
     Ok(with_retries(inner))
 }
@@ -196,7 +195,20 @@ impl Repository {
             .ok_or_else(|| OpenError::NotInitialized {
                 url: url.to_string(),
             })?;
-        Repository::with_config(url, objects, config, cluster)
+        if config.format != FORMAT_VERSION {
+            return Err(OpenError::UnknownFormat {
+                found: config.format,
+            });
+        }
+        let repo = Repository {
+            url,
+            objects,
+            config,
+        };
+        if let Some(cluster) = cluster {
+            repo.check_cluster(cluster)?;
+        }
+        Ok(repo)
     }
 
     /// Creates a repository for `cluster` at `url`, which must be empty (`pitr init`).
@@ -228,61 +240,30 @@ impl Repository {
                 what,
             });
         }
-        let objects = ObjectStore::new(storage, codec, EncodeOptions::default());
-        let config = {
-            {
-                let fresh = RepoConfig {
-                    format: FORMAT_VERSION,
-                    system_identifier: cluster.system_identifier.to_string(),
-                    pg_version: cluster.pg_version,
-                    wal_segment_size: cluster.wal_segment_size,
-                    encryption: "none".to_owned(),
-                    created: now_rfc3339(),
-                    created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
-                };
-                let json = serde_json::to_vec_pretty(&fresh)
-                    .map_err(|e| OpenError::BadConfig(e.to_string()))?;
-                let stored = objects
-                    .put(CONFIG_KEY, Bytes::from(json), PutMode::IfAbsent)
-                    .await?;
-                if stored == PutOutcome::AlreadyExists {
-                    return Err(OpenError::NotEmpty {
-                        url: url.to_string(),
-                        what: "another pitr init created a repository there first".into(),
-                    });
-                }
-                // The stored config is the one that counts. Reading it back also narrows
-                // the window on servers whose If-None-Match is not atomic.
-                read_config(&objects)
-                    .await?
-                    .ok_or_else(|| OpenError::NotInitialized {
-                        url: url.to_string(),
-                    })?
-            }
+        let fresh = RepoConfig {
+            format: FORMAT_VERSION,
+            system_identifier: cluster.system_identifier.to_string(),
+            pg_version: cluster.pg_version,
+            wal_segment_size: cluster.wal_segment_size,
+            encryption: "none".to_owned(),
+            created: now_rfc3339(),
+            created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
         };
-        Repository::with_config(url, objects, config, Some(cluster))
-    }
-
-    fn with_config(
-        url: RepoUrl,
-        objects: ObjectStore,
-        config: RepoConfig,
-        cluster: Option<&ClusterIdentity>,
-    ) -> Result<Repository, OpenError> {
-        if config.format != FORMAT_VERSION {
-            return Err(OpenError::UnknownFormat {
-                found: config.format,
+        let json =
+            serde_json::to_vec_pretty(&fresh).map_err(|e| OpenError::BadConfig(e.to_string()))?;
+        let objects = ObjectStore::new(storage.clone(), codec.clone(), EncodeOptions::default());
+        let stored = objects
+            .put(CONFIG_KEY, Bytes::from(json), PutMode::IfAbsent)
+            .await?;
+        if stored == PutOutcome::AlreadyExists {
+            return Err(OpenError::NotEmpty {
+                url: url.to_string(),
+                what: "another pitr init created a repository there first".into(),
             });
         }
-        let repo = Repository {
-            url,
-            objects,
-            config,
-        };
-        if let Some(cluster) = cluster {
-            repo.check_cluster(cluster)?;
-        }
-        Ok(repo)
+        // Opened as every command opens it: the stored config is the one that counts, and
+        // reading it back narrows the window on servers whose If-None-Match is not atomic.
+        Repository::open_on(url, storage, Some(cluster), codec).await
     }
 
     /// Checks that `cluster` is the repository's cluster.

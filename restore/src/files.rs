@@ -291,9 +291,8 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
     for &ci in &r.chunks {
         let c = &s.manifest.chunks[ci as usize];
         let dests = &s.uses[&ci];
-        let name = &s.manifest.files[dests[0].0 as usize].path;
-        let corrupt = |source: EnvelopeError| FilesError::Object {
-            path: name.clone(),
+        let corrupt_in = |fi: u32, source: EnvelopeError| FilesError::Object {
+            path: s.manifest.files[fi as usize].path.clone(),
             source: ObjectError::Corrupt {
                 key: format!(
                     "{}@{}",
@@ -303,6 +302,7 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
                 source,
             },
         };
+        let corrupt = |source| corrupt_in(dests[0].0, source);
         let range = c.range();
         let rel = (range.start - r.start) as usize..(range.end - r.start) as usize;
         let env = bytes
@@ -317,20 +317,10 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
             if entry != ci
                 && (e.hash != c.hash || e.plain_len != c.plain_len || e.stored_len != c.stored_len)
             {
-                return Err(FilesError::Object {
-                    path: s.manifest.files[fi as usize].path.clone(),
-                    source: ObjectError::Corrupt {
-                        key: format!(
-                            "{}@{}",
-                            s.manifest.pack_key(r.pack).unwrap_or_default(),
-                            c.offset
-                        ),
-                        source: EnvelopeError::Hash {
-                            expected: hex(&e.hash),
-                            found: hex(&c.hash),
-                        },
-                    },
-                });
+                return Err(corrupt_in(
+                    fi,
+                    EnvelopeError::hash_mismatch(&e.hash, &c.hash),
+                ));
             }
             let path = &s.paths[fi as usize];
             // A range's chunks are mostly one file's, in order: opened once for them.
@@ -351,10 +341,6 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
         }
     }
     Ok(())
-}
-
-fn hex(h: &[u8; 32]) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Flushes file `path` (data and size) to disk.
@@ -379,23 +365,19 @@ pub struct LaidOut {
     places: Places,
 }
 
-/// Checks every entry of backup `m` ([`crate::dest::place`]: a manifest that would write
-/// outside the restore's directories is refused here, before anything is written), checks
-/// the targets are empty and makes the directories and files (empty, at their sizes), with
-/// the marker that a restore is in progress.
-pub async fn lay_out_files(
-    m: &BackupManifest,
-    options: &FilesOptions,
-) -> Result<LaidOut, FilesError> {
-    let places = check_manifest(m, options)?;
+/// Checks the targets are empty and makes the directories and files (empty, at their
+/// sizes) of backup `m` where `places` ([`check_manifest`]) says, with the marker that a
+/// restore is in progress.
+pub async fn lay_out_files(m: &BackupManifest, places: Places) -> Result<LaidOut, FilesError> {
     let m = m.clone();
     tokio::task::spawn_blocking(move || lay_out(&m, &places).map(|()| LaidOut { places }))
         .await
         .map_err(|_| PoolGone)?
 }
 
-/// What [`lay_out_files`] checks before it writes: the manifest's numbers and where each
-/// of its entries goes.
+/// What a restore checks before it writes anything: the manifest's numbers and where each
+/// of its entries goes ([`crate::dest::place`]: a manifest that would write outside the
+/// restore's directories is refused here).
 pub fn check_manifest(m: &BackupManifest, options: &FilesOptions) -> Result<Places, FilesError> {
     m.check().map_err(FilesError::Manifest)?;
     place(m, &options.to, &options.tablespace_map).map_err(FilesError::Manifest)

@@ -125,28 +125,14 @@ async fn summary_of(repo: &Repository, name: &SegmentName) -> Result<Summary, Pl
     match repo.objects().get_at_most(&key, max).await {
         Ok((_, plain)) => serde_json::from_slice(&plain).map_err(|e| bad(format!("{key}: {e}"))),
         Err(e) if e.is_not_found() => {
-            // Archived, but its summary was never written: read the segment itself.
-            let seg_key = wal_key(&file).unwrap_or_default();
-            let bytes = match repo.objects().get_at_most(&seg_key, max).await {
-                Ok((_, b)) => b,
-                // Not whole yet: the segment `pitr stream` is writing.
-                Err(e) if e.is_not_found() => {
-                    match crate::wal_fetch::streamed_segment(repo, &file).await {
-                        Ok(Some(b)) => b,
-                        Ok(None) => {
-                            return Err(bad(format!("WAL segment {file} is not in the repository")))
-                        }
-                        Err(crate::wal_fetch::FetchError::Object(o)) => return Err(o.into()),
-                        Err(e) => return Err(bad(e)),
-                    }
-                }
-                Err(e) => return Err(e.into()),
-            };
+            // Archived, but its summary was never written (or not whole yet: the segment
+            // `pitr stream` is writing): read the segment itself.
+            let bytes = segment_bytes(repo, &file).await?;
             // Decoding a whole segment is CPU work: off the async runtime.
             let s = tokio::task::spawn_blocking(move || walfmt::summarize(&bytes))
                 .await
                 .map_err(bad)?
-                .map_err(|e| bad(format!("{seg_key}: {e}")))?;
+                .map_err(|e| bad(format!("{}: {e}", wal_key(&file).unwrap_or_default())))?;
             Ok(Summary {
                 end_lsn: s.end_lsn.to_string(),
                 first_xact_time: s.first_xact_time.map(|t| t.to_string()),
@@ -302,6 +288,7 @@ async fn segment_bytes(repo: &Repository, file: &str) -> Result<bytes::Bytes, Pl
         Err(e) if e.is_not_found() => match crate::wal_fetch::streamed_segment(repo, file).await {
             Ok(Some(b)) => Ok(b),
             Ok(None) => Err(bad(format!("WAL segment {file} is not in the repository"))),
+            Err(crate::wal_fetch::FetchError::Object(o)) => Err(o.into()),
             Err(e) => Err(bad(e)),
         },
         Err(e) => Err(e.into()),

@@ -80,6 +80,8 @@ pub trait Progress: Send + Sync {
     fn written(&self) {}
     /// Segments staged for recovery (with `prefetch_wal`).
     fn staged(&self, _done: usize, _of: usize) {}
+    /// Staging failed (recovery fetches what is missing itself).
+    fn staging_failed(&self, _e: &crate::wal_fetch::FetchError) {}
     /// The spool at `dir` holds what was staged; a prefetch worker may carry on from there.
     fn carry_on(&self, _dir: &Path) {}
     /// The restore is final after `seconds`; the server is about to start.
@@ -160,7 +162,7 @@ pub async fn restore(
     files_options.fetches = o.parallel.max(1);
     files_options.before_pg_control = o.before_pg_control;
     // The whole manifest, before anything is written.
-    check_manifest(m, &files_options)?;
+    let places = check_manifest(m, &files_options)?;
     let plan_seconds = started.elapsed().as_secs_f64();
     let pg_bin = match &o.start {
         Some(s) => Some(
@@ -173,7 +175,8 @@ pub async fn restore(
 
     let written = Arc::new(AtomicU64::new(0));
     progress.writing(&plan, written.clone());
-    let files = write_with_staging(&repo, &plan, o, &files_options, written, progress).await;
+    let files =
+        write_with_staging(&repo, &plan, o, &files_options, places, written, progress).await;
     progress.written();
     let (mut report, laid_out) = files?;
 
@@ -225,11 +228,12 @@ async fn write_with_staging(
     plan: &Plan,
     o: &RestoreOptions,
     files_options: &FilesOptions,
+    places: crate::dest::Places,
     written: Arc<AtomicU64>,
     progress: &dyn Progress,
 ) -> Result<(FilesReport, crate::files::LaidOut), FilesError> {
     let m = &plan.backup;
-    let laid_out = lay_out_files(m, files_options).await?;
+    let laid_out = lay_out_files(m, places).await?;
     let spool = crate::spool::default_dir(&o.to.join("pg_wal").join("RECOVERYXLOG"));
     // WAL is staged while the files are written, no longer: the prefetch worker wal-fetch
     // uses carries on from where staging got to. Without prefetch_wal nothing is staged
@@ -252,7 +256,7 @@ async fn write_with_staging(
             match staging.await {
                 Ok(Ok(n)) => Some(n),
                 Ok(Err(e)) => {
-                    eprintln!("pitr: warning: could not stage WAL for recovery: {e}");
+                    progress.staging_failed(&e);
                     None
                 }
                 Err(_) => None, // stopped while still staging

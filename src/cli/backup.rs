@@ -10,10 +10,10 @@ use archiver::backup::{self, BackupConfig, BackupError, Phase, Progress};
 use repo::codec::Codec;
 use repo::manifest::{BackupManifest, ManifestError};
 use repo::objects::ObjectError;
-use repo::repository::{ClusterIdentity, Repository};
+use repo::repository::Repository;
 use serde_json::json;
 
-use super::pg_args::{connect, PgArgs};
+use super::pg_args::{cluster_identity, connect, PgArgs};
 use super::repo_args::{open_failure, CompressArgs, RepoArgs};
 use super::{mb, Exit, Failure};
 
@@ -195,11 +195,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let started = Instant::now();
     let manifest = runtime.block_on(async {
         let (mut conn, system) = connect(&settings).await?;
-        let identity = ClusterIdentity {
-            system_identifier: system.system_identifier,
-            pg_version: conn.server_major(),
-            wal_segment_size: conn.wal_segment_size().await,
-        };
+        let identity = cluster_identity(&mut conn, &system).await;
         let repo = Repository::open(&url, Some(&identity), Arc::new(Codec::new(1, 4)))
             .await
             .map_err(open_failure)?

@@ -270,11 +270,7 @@ async fn init_scratch(url: &RepoUrl, first: &std::path::Path) -> Result<(), Fail
                 .map_err(|e| bad(format!("could not create \"{}\": {e}", parent.display())))?;
         }
     }
-    let identity = repo::repository::ClusterIdentity {
-        system_identifier: s.system_identifier,
-        pg_version: s.pg_version.number(),
-        wal_segment_size: s.segment_size.bytes(),
-    };
+    let identity = archiver::wal_push::identity(&s);
     repo::repository::Repository::init(
         url,
         &identity,

@@ -9,7 +9,7 @@ use repo::codec::Codec;
 use repo::repository::Repository;
 use serde_json::json;
 
-use super::pg_args::{connect, PgArgs};
+use super::pg_args::{cluster_identity, connect, PgArgs};
 use super::repo_args::{open_failure, RepoArgs};
 use super::{Exit, Failure};
 
@@ -45,11 +45,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 }
                 .settings()?;
                 let (mut conn, system) = connect(&settings).await?;
-                repo::repository::ClusterIdentity {
-                    system_identifier: system.system_identifier,
-                    pg_version: conn.server_major(),
-                    wal_segment_size: conn.wal_segment_size().await,
-                }
+                cluster_identity(&mut conn, &system).await
             }
         };
         Repository::init(&url, &identity, Arc::new(Codec::new(1, 2)))

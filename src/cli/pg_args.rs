@@ -83,3 +83,15 @@ pub async fn connect(settings: &PgSettings) -> Result<(ReplicationConn, SystemIn
         .map_err(|e| connect_failure(settings, e))?;
     Ok((conn, system))
 }
+
+/// The cluster `conn` is connected to, as a repository records it.
+pub async fn cluster_identity(
+    conn: &mut ReplicationConn,
+    system: &SystemInfo,
+) -> repo::repository::ClusterIdentity {
+    repo::repository::ClusterIdentity {
+        system_identifier: system.system_identifier,
+        pg_version: conn.server_major(),
+        wal_segment_size: conn.wal_segment_size().await,
+    }
+}

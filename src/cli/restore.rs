@@ -500,6 +500,10 @@ impl Progress for Printer {
         }
     }
 
+    fn staging_failed(&self, e: &restore::wal_fetch::FetchError) {
+        eprintln!("pitr: warning: could not stage WAL for recovery: {e}");
+    }
+
     fn carry_on(&self, dir: &Path) {
         super::wal_fetch::start_prefetch(&self.repo, dir, 16, 4);
     }
