@@ -310,6 +310,7 @@ impl Cluster {
         if !self.running {
             return Ok(());
         }
+        let postmaster = self.postmaster_pid();
         let mut pg_ctl = Command::new(self.bin.tool("pg_ctl"));
         pg_ctl
             .arg("-D")
@@ -328,6 +329,15 @@ impl Cluster {
             );
         }
         self.running = false;
+        // pg_ctl -w returns once postmaster.pid is gone, which the postmaster removes on
+        // its way out, a moment before it has exited: wait for the process itself, so that
+        // a stopped cluster has no process left (a test found one alive right after).
+        if let Some(pid) = postmaster {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while process_running(pid) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
         Ok(())
     }
 
@@ -458,6 +468,11 @@ impl Cluster {
         env.extend(self.env.iter().cloned());
         env
     }
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
 
 impl Drop for Cluster {
