@@ -12,9 +12,10 @@ use futures::StreamExt;
 
 use bytes::Bytes;
 use repo::codec::Codec;
-use repo::envelope::{self, EncodeOptions, FIXED_HEADER_LEN};
+use repo::envelope::{self, EncodeOptions, HEADER_MAX};
 use repo::objects::ObjectError;
 use repo::repository::{ClusterIdentity, OpenError, Repository};
+use repo::slots::KeySetting;
 use repo::storage::{PutMode, PutOutcome, Storage};
 use repo::url::RepoUrl;
 use walfmt::{ArchiveFileKind, SegmentName, SegmentSummary};
@@ -123,10 +124,11 @@ fn check_segment(
     Ok(summary)
 }
 
-/// blake3 of an envelope's plaintext, from its header (a ranged read of 50 bytes).
+/// The hash field of a stored envelope (blake3, or the content id when encrypted), from a
+/// ranged read of its header.
 async fn stored_hash(storage: &dyn Storage, key: &str) -> Result<[u8; 32], PushError> {
     let head = storage
-        .get_range(key, 0..FIXED_HEADER_LEN as u64)
+        .get_range(key, 0..HEADER_MAX as u64)
         .await
         .map_err(ObjectError::from)?;
     let header = envelope::header(&head).map_err(|source| ObjectError::Corrupt {
@@ -158,6 +160,8 @@ pub struct PushOptions {
     /// A call answered from the worker's record also reads the stored object's header
     /// back (the worker already did, before recording it).
     pub recheck: bool,
+    /// The repository's key, when it is encrypted.
+    pub key: KeySetting,
 }
 
 impl Default for PushOptions {
@@ -169,6 +173,7 @@ impl Default for PushOptions {
             encode: EncodeOptions::default(),
             linger: Duration::from_secs(5),
             recheck: false,
+            key: KeySetting::None,
         }
     }
 }
@@ -481,7 +486,8 @@ pub async fn push_after(
         }
     }
     let file = load(path, true).await?;
-    let repo = Repository::open(url, file.summary.as_ref().map(identity).as_ref(), codec)
+    let cluster = file.summary.as_ref().map(identity);
+    let repo = Repository::open(url, &options.key, cluster.as_ref(), codec)
         .await?
         .with_encode_options(options.encode);
     Ok(store(&repo, file).await?.0)
@@ -669,7 +675,7 @@ async fn push_one(
         let identity = f.summary.as_ref().map(identity);
         let repo = repo
             .get_or_try_init(|| async {
-                Repository::open(url, identity.as_ref(), codec.clone())
+                Repository::open(url, &options.key, identity.as_ref(), codec.clone())
                     .await
                     .map(|r| r.with_encode_options(options.encode))
             })

@@ -68,17 +68,22 @@ async fn open(s3: &S3Server, pg: &Cluster, conn: &mut ReplicationConn) -> Reposi
         url.clone(),
         storage.clone(),
         &identity,
+        &[],
         Arc::new(Codec::new(2, 4)),
     )
     .await
     {
         Ok(repo) => repo,
         // A second backup into the same repository.
-        Err(repo::repository::OpenError::NotEmpty { .. }) => {
-            Repository::open_on(url, storage, Some(&identity), Arc::new(Codec::new(2, 4)))
-                .await
-                .unwrap()
-        }
+        Err(repo::repository::OpenError::NotEmpty { .. }) => Repository::open_on(
+            url,
+            storage,
+            &repo::slots::KeySetting::None,
+            Some(&identity),
+            Arc::new(Codec::new(2, 4)),
+        )
+        .await
+        .unwrap(),
         Err(e) => panic!("{e}"),
     }
 }

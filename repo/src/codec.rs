@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use crate::envelope::{self, EncodeOptions, EnvelopeError, Header};
+use crate::envelope::{self, EncodeOptions, EnvelopeError, Header, Protection};
 use crate::pool::Pool;
 
 /// The codec's worker threads. Cheap to share (`Arc`); dropping the last handle stops them.
@@ -40,10 +40,23 @@ impl Codec {
         self.pool.run(f).await.map_err(|_| CodecGone)
     }
 
-    /// Wraps `plain` in an envelope on a worker thread.
+    /// Wraps `plain` in a plaintext envelope on a worker thread.
     pub async fn encode(&self, plain: Bytes, options: EncodeOptions) -> Result<Bytes, CodecGone> {
+        self.encode_as(plain, options, Protection::Plain, String::new())
+            .await
+    }
+
+    /// Wraps `plain` in an envelope protected as `protection` says for the object
+    /// `identity`, on a worker thread.
+    pub async fn encode_as(
+        &self,
+        plain: Bytes,
+        options: EncodeOptions,
+        protection: Protection,
+        identity: String,
+    ) -> Result<Bytes, CodecGone> {
         self.pool
-            .run(move || envelope::encode(&plain, options))
+            .run(move || envelope::encode_as(&plain, options, &protection, &identity))
             .await
             .map_err(|_| CodecGone)
     }
@@ -62,8 +75,21 @@ impl Codec {
         bytes: Bytes,
         max: u64,
     ) -> Result<Result<(Header, Bytes), EnvelopeError>, CodecGone> {
+        self.decode_as(bytes, max, Protection::Plain, String::new())
+            .await
+    }
+
+    /// [`Codec::decode_at_most`] of an object protected as `protection` says, stored as
+    /// `identity` ([`envelope::decode_as`]).
+    pub async fn decode_as(
+        &self,
+        bytes: Bytes,
+        max: u64,
+        protection: Protection,
+        identity: String,
+    ) -> Result<Result<(Header, Bytes), EnvelopeError>, CodecGone> {
         self.pool
-            .run(move || envelope::decode_at_most(&bytes, max))
+            .run(move || envelope::decode_as(&bytes, max, &protection, &identity))
             .await
             .map_err(|_| CodecGone)
     }

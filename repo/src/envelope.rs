@@ -2,7 +2,11 @@
 //! compression and encryption, the plaintext's length and blake3 hash, then the body.
 //! Decoding always checks length and hash. Byte layout: docs/FORMAT.md, "Envelope".
 
+use std::sync::Arc;
+
 use bytes::{BufMut, Bytes};
+
+use crate::crypto::{self, Keys, NONCE_LEN, TAG_LEN};
 
 /// The first four bytes of every envelope.
 pub const MAGIC: [u8; 4] = *b"PITR";
@@ -10,6 +14,9 @@ pub const MAGIC: [u8; 4] = *b"PITR";
 pub const VERSION: u8 = 1;
 /// Bytes before the encryption parameters.
 pub const FIXED_HEADER_LEN: usize = 50;
+/// The longest header this build writes or reads (with an encrypted envelope's nonce): a
+/// ranged read of this many bytes gets any object's whole header.
+pub const HEADER_MAX: usize = FIXED_HEADER_LEN + NONCE_LEN;
 
 /// How the body is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,12 +27,68 @@ pub enum Compression {
     Zstd = 1,
 }
 
-/// How the body is encrypted. Only `None` exists yet; the field and the parameter block
-/// after the fixed header are reserved for client-side AEAD.
+/// How the body is encrypted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encryption {
     /// Plain.
     None = 0,
+    /// XChaCha20-Poly1305: the parameter block is the 24-byte nonce, the body the
+    /// ciphertext of the compressed plaintext followed by the 16-byte tag.
+    XChaCha20Poly1305 = 1,
+}
+
+impl Encryption {
+    /// How it is named in messages and in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encryption::None => "none",
+            Encryption::XChaCha20Poly1305 => "xchacha20-poly1305",
+        }
+    }
+}
+
+/// How a repository's objects are protected: plaintext with blake3 ids, or encrypted with
+/// keyed-blake3 ids. Every object of a repository is one or the other; a reader refuses the
+/// other kind (no downgrade, no confusion).
+#[derive(Debug, Clone, Default)]
+pub enum Protection {
+    /// Plaintext objects.
+    #[default]
+    Plain,
+    /// Encrypted objects, with the repository's keys.
+    Encrypted(Arc<Keys>),
+}
+
+impl Protection {
+    /// The id of a plaintext: blake3, or keyed blake3 when encrypted.
+    pub fn id(&self, plain: &[u8]) -> [u8; 32] {
+        match self {
+            Protection::Plain => blake3::hash(plain).into(),
+            Protection::Encrypted(keys) => keys.id(plain),
+        }
+    }
+
+    /// An incremental hasher giving [`Protection::id`].
+    pub fn hasher(&self) -> blake3::Hasher {
+        match self {
+            Protection::Plain => blake3::Hasher::new(),
+            Protection::Encrypted(keys) => keys.id_hasher(),
+        }
+    }
+
+    /// The envelope encryption code this protection writes and expects.
+    pub fn encryption(&self) -> Encryption {
+        match self {
+            Protection::Plain => Encryption::None,
+            Protection::Encrypted(_) => Encryption::XChaCha20Poly1305,
+        }
+    }
+}
+
+/// The identity of a chunk inside a pack, bound into its envelope when encrypted: the chunk
+/// id, not the pack it lies in, so a chunk can move between packs unchanged.
+pub fn chunk_identity(id: &[u8; 32]) -> String {
+    format!("chunk/{}", hex::encode(id))
 }
 
 /// What [`encode`] does with the plaintext.
@@ -54,7 +117,7 @@ pub struct Header {
     pub encryption: Encryption,
     /// Length of the plaintext.
     pub plain_len: u64,
-    /// blake3 of the plaintext.
+    /// blake3 of the plaintext (keyed blake3 when encrypted).
     pub hash: [u8; 32],
     /// Total header length (the body starts here).
     pub len: usize,
@@ -97,6 +160,21 @@ pub enum EnvelopeError {
     /// The header declares more plaintext than the reader expects of this object.
     #[error("header declares {declared} bytes of plaintext, more than the {max} expected")]
     TooLarge { declared: u64, max: u64 },
+    /// An encrypted object in a plaintext repository, or the reverse.
+    #[error("the object's encryption is {found}, but the repository's is {expected}")]
+    Protection {
+        found: &'static str,
+        expected: &'static str,
+    },
+    /// The AEAD did not open: the bytes were altered, or the object was stored under
+    /// another name, or sealed with another repository's key.
+    #[error(
+        "authentication failed (altered, stored under another name, or another repository's key)"
+    )]
+    Unauthentic,
+    /// Encryption parameters of the wrong size.
+    #[error("encryption parameters of {0} bytes (expected {NONCE_LEN})")]
+    BadParameters(usize),
 }
 
 impl EnvelopeError {
@@ -109,9 +187,21 @@ impl EnvelopeError {
     }
 }
 
-/// Wraps `plain` in an envelope.
+/// Wraps `plain` in a plaintext envelope.
 pub fn encode(plain: &[u8], options: EncodeOptions) -> Bytes {
     Encoder::new(options).encode(plain, blake3::hash(plain).into())
+}
+
+/// Wraps `plain` in an envelope protected as `protection` says, for the object `identity`
+/// (its key; [`chunk_identity`] for a chunk in a pack).
+pub fn encode_as(
+    plain: &[u8],
+    options: EncodeOptions,
+    protection: &Protection,
+    identity: &str,
+) -> Bytes {
+    let id = protection.id(plain);
+    Encoder::new(options).encode_as(plain, id, protection, identity)
 }
 
 /// Makes envelopes with one reusable compression context: for many small objects (backup
@@ -141,18 +231,38 @@ impl Encoder {
         }
     }
 
-    /// Wraps `plain`, whose blake3 the caller has already taken as `hash`.
+    /// Wraps `plain`, whose blake3 the caller has already taken as `hash`, in a plaintext
+    /// envelope.
     pub fn encode(&mut self, plain: &[u8], hash: [u8; 32]) -> Bytes {
+        self.encode_as(plain, hash, &Protection::Plain, "")
+    }
+
+    /// Wraps `plain`, whose id under `protection` the caller has already taken as `hash`,
+    /// for the object `identity` (bound into the ciphertext when encrypted).
+    pub fn encode_as(
+        &mut self,
+        plain: &[u8],
+        hash: [u8; 32],
+        protection: &Protection,
+        identity: &str,
+    ) -> Bytes {
+        let keys = match protection {
+            Protection::Plain => None,
+            Protection::Encrypted(keys) => Some(keys.as_ref()),
+        };
+        let params = if keys.is_some() { NONCE_LEN } else { 0 };
+        let head = FIXED_HEADER_LEN + params;
+        let tail = if keys.is_some() { TAG_LEN } else { 0 };
         // The body is compressed straight into place after the header: no second buffer,
         // no copy. The room past the header is not zeroed first (a 16 MiB memset, and its
         // page faults, when the allocator hands back heap memory) and pages past the
         // compressed size are never touched.
         let compressed = self.compressor.as_mut().and_then(|c| {
             let mut out = std::io::Cursor::new(Vec::with_capacity(
-                FIXED_HEADER_LEN + zstd::zstd_safe::compress_bound(plain.len()),
+                head + zstd::zstd_safe::compress_bound(plain.len()) + tail,
             ));
-            out.get_mut().resize(FIXED_HEADER_LEN, 0);
-            out.set_position(FIXED_HEADER_LEN as u64);
+            out.get_mut().resize(head, 0);
+            out.set_position(head as u64);
             // Compressing into memory cannot fail for in-range levels; fall back to storing
             // the bytes plain rather than losing them if it ever does.
             c.compress_to_buffer(plain, &mut out).ok()?;
@@ -161,8 +271,8 @@ impl Encoder {
         let (compression, mut out) = match compressed {
             Some(out) => (Compression::Zstd, out),
             None => {
-                let mut out = Vec::with_capacity(FIXED_HEADER_LEN + plain.len());
-                out.resize(FIXED_HEADER_LEN, 0);
+                let mut out = Vec::with_capacity(head + plain.len() + tail);
+                out.resize(head, 0);
                 out.extend_from_slice(plain);
                 (Compression::None, out)
             }
@@ -171,11 +281,18 @@ impl Encoder {
         header.put_slice(&MAGIC);
         header.put_u8(VERSION);
         header.put_u8(compression as u8);
-        header.put_u8(Encryption::None as u8);
+        header.put_u8(protection.encryption() as u8);
         header.put_u8(0); // flags
         header.put_u64_le(plain.len() as u64);
         header.put_slice(&hash);
-        header.put_u16_le(0); // encryption parameters length
+        header.put_u16_le(params as u16); // encryption parameters length
+        if let Some(keys) = keys {
+            let nonce: [u8; NONCE_LEN] = crypto::random();
+            out[FIXED_HEADER_LEN..head].copy_from_slice(&nonce);
+            let aad = associated_data(&out[..head], identity);
+            let tag = keys.seal(&nonce, &aad, &mut out[head..]);
+            out.extend_from_slice(&tag);
+        }
         Bytes::from(out)
     }
 }
@@ -198,6 +315,7 @@ pub fn header(bytes: &[u8]) -> Result<Header, EnvelopeError> {
     };
     let encryption = match bytes[6] {
         0 => Encryption::None,
+        1 => Encryption::XChaCha20Poly1305,
         e => return Err(EnvelopeError::UnknownEncryption(e)),
     };
     if bytes[7] != 0 {
@@ -207,6 +325,9 @@ pub fn header(bytes: &[u8]) -> Result<Header, EnvelopeError> {
     let mut hash = [0u8; 32];
     hash.copy_from_slice(&bytes[16..48]);
     let params = u16::from_le_bytes([bytes[48], bytes[49]]) as usize;
+    if encryption == Encryption::XChaCha20Poly1305 && params != NONCE_LEN {
+        return Err(EnvelopeError::BadParameters(params));
+    }
     let len = FIXED_HEADER_LEN + params;
     if bytes.len() < len {
         return Err(EnvelopeError::Truncated(bytes.len()));
@@ -261,7 +382,16 @@ fn bulk_decompress(body: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
     })
 }
 
-/// Unwraps an envelope, checking the plaintext's length and hash.
+/// What an encrypted envelope's AEAD binds besides its body: the whole header (fixed part
+/// and nonce), then the object's identity.
+fn associated_data(header: &[u8], identity: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(header.len() + identity.len());
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(identity.as_bytes());
+    aad
+}
+
+/// Unwraps a plaintext envelope, checking the plaintext's length and hash.
 pub fn decode(bytes: &[u8]) -> Result<(Header, Bytes), EnvelopeError> {
     decode_at_most(bytes, u64::MAX)
 }
@@ -270,14 +400,56 @@ pub fn decode(bytes: &[u8]) -> Result<(Header, Bytes), EnvelopeError> {
 /// known length, a manifest below its cap): a header declaring more is refused before
 /// anything is decompressed or allocated.
 pub fn decode_at_most(bytes: &[u8], max: u64) -> Result<(Header, Bytes), EnvelopeError> {
+    decode_as(bytes, max, &Protection::Plain, "")
+}
+
+/// [`decode_at_most`] of an object protected as `protection` says, stored as `identity`:
+/// an envelope of the other protection is refused, and an encrypted one must open with the
+/// repository's key for that identity.
+pub fn decode_as(
+    bytes: &[u8],
+    max: u64,
+    protection: &Protection,
+    identity: &str,
+) -> Result<(Header, Bytes), EnvelopeError> {
     let h = header(bytes)?;
+    if h.encryption != protection.encryption() {
+        return Err(EnvelopeError::Protection {
+            found: h.encryption.name(),
+            expected: protection.encryption().name(),
+        });
+    }
     if h.plain_len > max {
         return Err(EnvelopeError::TooLarge {
             declared: h.plain_len,
             max,
         });
     }
-    let body = &bytes[h.len..];
+    let opened;
+    let body = match protection {
+        Protection::Plain => &bytes[h.len..],
+        Protection::Encrypted(keys) => {
+            let sealed = &bytes[h.len..];
+            if sealed.len() < TAG_LEN {
+                return Err(EnvelopeError::Truncated(bytes.len()));
+            }
+            let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+            let mut nonce = [0u8; NONCE_LEN];
+            nonce.copy_from_slice(&bytes[FIXED_HEADER_LEN..h.len]);
+            let mut tag_bytes = [0u8; TAG_LEN];
+            tag_bytes.copy_from_slice(tag);
+            let mut buf = ciphertext.to_vec();
+            keys.open(
+                &nonce,
+                &associated_data(&bytes[..h.len], identity),
+                &mut buf,
+                &tag_bytes,
+            )
+            .map_err(|_| EnvelopeError::Unauthentic)?;
+            opened = buf;
+            &opened[..]
+        }
+    };
     let plain = match h.compression {
         Compression::None => Bytes::copy_from_slice(body),
         // The declared size is trusted for the buffer only when the reader bounded it.
@@ -299,9 +471,9 @@ pub fn decode_at_most(bytes: &[u8], max: u64) -> Result<(Header, Bytes), Envelop
             found: plain.len() as u64,
         });
     }
-    let found = blake3::hash(&plain);
-    if found.as_bytes() != &h.hash {
-        return Err(EnvelopeError::hash_mismatch(&h.hash, found.as_bytes()));
+    let found = protection.id(&plain);
+    if found != h.hash {
+        return Err(EnvelopeError::hash_mismatch(&h.hash, &found));
     }
     Ok((h, plain))
 }
@@ -386,6 +558,58 @@ mod tests {
                 found: 11
             })
         ));
+    }
+
+    fn encrypted() -> Protection {
+        Protection::Encrypted(Arc::new(Keys::new(&crypto::DataKey::generate())))
+    }
+
+    #[test]
+    fn encrypted_round_trip_and_binding() {
+        let p = encrypted();
+        let plain = b"the marker string 0123456789".repeat(100);
+        for level in [Some(1), None] {
+            let env = encode_as(&plain, EncodeOptions { zstd_level: level }, &p, "wal/a");
+            assert!(!env.windows(17).any(|w| w == b"the marker string"));
+            let (h, back) = decode_as(&env, u64::MAX, &p, "wal/a").unwrap();
+            assert_eq!(&back[..], &plain[..]);
+            assert_eq!(h.encryption, Encryption::XChaCha20Poly1305);
+            assert_eq!(h.hash, p.id(&plain));
+            assert_ne!(h.hash, *blake3::hash(&plain).as_bytes());
+            // Another name, another key, plaintext expected: each refused.
+            assert_eq!(
+                decode_as(&env, u64::MAX, &p, "wal/b").unwrap_err(),
+                EnvelopeError::Unauthentic
+            );
+            assert_eq!(
+                decode_as(&env, u64::MAX, &encrypted(), "wal/a").unwrap_err(),
+                EnvelopeError::Unauthentic
+            );
+            assert!(matches!(
+                decode(&env).unwrap_err(),
+                EnvelopeError::Protection { .. }
+            ));
+        }
+        let plain_env = encode(b"abc", EncodeOptions::default());
+        assert!(matches!(
+            decode_as(&plain_env, u64::MAX, &p, "wal/a").unwrap_err(),
+            EnvelopeError::Protection { .. }
+        ));
+    }
+
+    #[test]
+    fn every_flipped_byte_of_an_encrypted_envelope_is_detected() {
+        let p = encrypted();
+        let plain: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let env = encode_as(&plain, EncodeOptions::default(), &p, "k");
+        for i in 0..env.len() {
+            let mut bad = env.to_vec();
+            bad[i] ^= 0x01;
+            assert!(
+                decode_as(&bad, u64::MAX, &p, "k").is_err(),
+                "flip at byte {i} went unnoticed"
+            );
+        }
     }
 
     proptest! {

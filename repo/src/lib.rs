@@ -6,14 +6,17 @@
 //! byte-level format is in docs/FORMAT.md.
 
 pub mod codec;
+pub mod crypto;
 pub mod envelope;
 pub mod keys;
+pub mod kms;
 pub mod manifest;
 pub mod objects;
 pub mod pack;
 pub mod pieces;
 pub mod pool;
 pub mod repository;
+pub mod slots;
 pub mod storage;
 pub mod url;
 pub mod worker;

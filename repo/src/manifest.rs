@@ -189,7 +189,7 @@ pub struct ChunkTable {
     pub count: u64,
     /// Entries per piece.
     pub per_piece: u32,
-    /// blake3 of each piece's plaintext, hex, in order.
+    /// blake3 of each piece's plaintext (its content id when encrypted), hex, in order.
     pub pieces: Vec<String>,
 }
 
@@ -594,16 +594,19 @@ impl TableReader {
 
 /// Builds a chunk table's pieces as entries come, in order: each full piece is handed
 /// out to be stored at once, so only one piece is ever in memory.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TableWriter {
     piece: Vec<u8>,
     table: ChunkTable,
+    protection: crate::envelope::Protection,
 }
 
 impl TableWriter {
-    /// An empty table.
-    pub fn new() -> TableWriter {
+    /// An empty table, its pieces named by their ids under `protection` (blake3, keyed
+    /// when encrypted: what their envelopes' headers will say).
+    pub fn new(protection: crate::envelope::Protection) -> TableWriter {
         TableWriter {
+            protection,
             piece: Vec::new(),
             table: ChunkTable {
                 count: 0,
@@ -627,7 +630,7 @@ impl TableWriter {
         let piece = Bytes::from(std::mem::take(&mut self.piece));
         self.table
             .pieces
-            .push(blake3::hash(&piece).to_hex().to_string());
+            .push(hex::encode(self.protection.id(&piece)));
         (self.table.pieces.len() - 1, piece)
     }
 
@@ -754,7 +757,7 @@ mod tests {
         assert_eq!(ChunkRef::decode(&bytes), Some(entry(3)));
         assert_eq!(ChunkRef::decode(&bytes[1..]), None);
 
-        let mut w = TableWriter::new();
+        let mut w = TableWriter::new(crate::envelope::Protection::Plain);
         let n = u64::from(CHUNKS_PER_PIECE) + 5;
         let mut pieces = Vec::new();
         for i in 0..n {
@@ -792,7 +795,7 @@ mod tests {
             hash: *blake3::hash(&i.to_le_bytes()).as_bytes(),
         };
         let mut m = sample();
-        let mut w = TableWriter::new();
+        let mut w = TableWriter::new(crate::envelope::Protection::Plain);
         let mut pieces = Vec::new();
         for i in 0..n {
             pieces.extend(w.push(&entry(i)));

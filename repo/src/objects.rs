@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::codec::{Codec, CodecGone};
-use crate::envelope::{EncodeOptions, EnvelopeError, Header};
+use crate::envelope::{EncodeOptions, EnvelopeError, Header, Protection};
 use crate::storage::{self, PutMode, PutOutcome, Storage, StorageError};
 
 /// Why an object could not be stored or read.
@@ -57,6 +57,7 @@ pub struct ObjectStore {
     storage: Arc<dyn Storage>,
     codec: Arc<Codec>,
     options: EncodeOptions,
+    protection: Protection,
 }
 
 impl ObjectStore {
@@ -70,7 +71,24 @@ impl ObjectStore {
             storage,
             codec,
             options,
+            protection: Protection::Plain,
         }
+    }
+
+    /// The same objects, protected as `protection` says (an encrypted repository's keys).
+    pub fn with_protection(mut self, protection: Protection) -> ObjectStore {
+        self.protection = protection;
+        self
+    }
+
+    /// How objects are protected.
+    pub fn protection(&self) -> &Protection {
+        &self.protection
+    }
+
+    /// How objects are encoded.
+    pub fn options(&self) -> EncodeOptions {
+        self.options
     }
 
     /// The same objects, encoded with `options` from now on.
@@ -96,7 +114,7 @@ impl ObjectStore {
         plain: Bytes,
         mode: PutMode,
     ) -> Result<PutOutcome, ObjectError> {
-        let envelope = self.codec.encode(plain, self.options).await?;
+        let envelope = self.encode(key, plain).await?;
         Ok(self.storage.put(key, envelope, mode).await?)
     }
 
@@ -108,7 +126,7 @@ impl ObjectStore {
         plain: Bytes,
         mode: PutMode,
     ) -> Result<(PutOutcome, [u8; 32]), ObjectError> {
-        let envelope = self.codec.encode(plain, self.options).await?;
+        let envelope = self.encode(key, plain).await?;
         let hash = crate::envelope::header(&envelope)
             .map_err(|source| ObjectError::Corrupt {
                 key: key.to_owned(),
@@ -116,6 +134,14 @@ impl ObjectStore {
             })?
             .hash;
         Ok((self.storage.put(key, envelope, mode).await?, hash))
+    }
+
+    /// The envelope of `plain` stored as `key`, made on a codec thread.
+    pub async fn encode(&self, key: &str, plain: Bytes) -> Result<Bytes, ObjectError> {
+        Ok(self
+            .codec
+            .encode_as(plain, self.options, self.protection.clone(), key.to_owned())
+            .await?)
     }
 
     /// Reads, verifies and decodes the object at `key`.
@@ -144,7 +170,7 @@ impl ObjectStore {
         max: u64,
     ) -> Result<(Header, Bytes), ObjectError> {
         self.codec
-            .decode_at_most(bytes, max)
+            .decode_as(bytes, max, self.protection.clone(), key.to_owned())
             .await?
             .map_err(|source| ObjectError::Corrupt {
                 key: key.to_owned(),

@@ -5,7 +5,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::envelope::{self, EncodeOptions, EnvelopeError};
+use crate::envelope::{self, chunk_identity, EncodeOptions, EnvelopeError, Protection};
 use crate::objects::{ObjectError, ObjectStore};
 
 /// The last four bytes of every pack.
@@ -98,8 +98,10 @@ impl PackBuilder {
         entry
     }
 
-    /// Closes the pack: appends the index envelope and the footer.
-    pub fn finish(mut self, options: EncodeOptions) -> Pack {
+    /// Closes the pack: appends the index envelope and the footer. The pack id is the
+    /// index's id under `protection` (keyed when encrypted), the index is sealed for the
+    /// pack's key.
+    pub fn finish(mut self, options: EncodeOptions, protection: &Protection) -> Pack {
         let mut index = Vec::with_capacity(self.entries.len() * INDEX_ENTRY_LEN);
         for e in &self.entries {
             index.put_slice(&e.hash);
@@ -107,8 +109,8 @@ impl PackBuilder {
             index.put_u32_le(e.stored_len);
             index.put_u32_le(e.plain_len);
         }
-        let id = blake3::hash(&index).to_hex().to_string();
-        let index_env = envelope::encode(&index, options);
+        let id = hex::encode(protection.id(&index));
+        let index_env = envelope::encode_as(&index, options, protection, &pack_key(&id));
         self.body.extend_from_slice(&index_env);
         self.body.put_u32_le(index_env.len() as u32);
         self.body.put_slice(&PACK_MAGIC);
@@ -134,8 +136,12 @@ pub enum PackError {
     Inconsistent(String),
 }
 
-/// Reads the index of a whole pack, checking every entry lies inside it.
-pub fn read_index(pack: &[u8]) -> Result<Vec<PackEntry>, PackError> {
+/// Reads the index of the whole pack stored as `key`, checking every entry lies inside it.
+pub fn read_index(
+    pack: &[u8],
+    key: &str,
+    protection: &Protection,
+) -> Result<Vec<PackEntry>, PackError> {
     if pack.len() < FOOTER_LEN || pack[pack.len() - 4..] != PACK_MAGIC {
         return Err(PackError::NoFooter);
     }
@@ -147,8 +153,12 @@ pub fn read_index(pack: &[u8]) -> Result<Vec<PackEntry>, PackError> {
     // Every entry stands for an envelope of at least a header in the pack: an index that
     // declares more entries than fit is refused before it is decompressed.
     let max_index = (index_start / envelope::FIXED_HEADER_LEN + 1) * INDEX_ENTRY_LEN;
-    let (_, index) =
-        envelope::decode_at_most(&pack[index_start..n - FOOTER_LEN], max_index as u64)?;
+    let (_, index) = envelope::decode_as(
+        &pack[index_start..n - FOOTER_LEN],
+        max_index as u64,
+        protection,
+        key,
+    )?;
     if index.len() % INDEX_ENTRY_LEN != 0 {
         return Err(PackError::Inconsistent(format!(
             "index of {} bytes",
@@ -182,8 +192,12 @@ pub fn read_index(pack: &[u8]) -> Result<Vec<PackEntry>, PackError> {
 
 /// Unwraps one chunk's envelope (CPU work: call it off the async runtime) and checks that
 /// it is the chunk with `hash`, not only an intact envelope.
-pub fn decode_chunk(envelope: &[u8], hash: &[u8; 32]) -> Result<Bytes, EnvelopeError> {
-    decode_chunk_of(envelope, hash, u64::MAX)
+pub fn decode_chunk(
+    envelope: &[u8],
+    hash: &[u8; 32],
+    protection: &Protection,
+) -> Result<Bytes, EnvelopeError> {
+    decode_chunk_of(envelope, hash, u64::MAX, protection)
 }
 
 /// [`decode_chunk`] of a chunk whose table entry says it holds exactly `plain_len` bytes: a
@@ -193,8 +207,10 @@ pub fn decode_chunk_of(
     envelope: &[u8],
     hash: &[u8; 32],
     plain_len: u64,
+    protection: &Protection,
 ) -> Result<Bytes, EnvelopeError> {
-    let (header, plain) = envelope::decode_at_most(envelope, plain_len)?;
+    let (header, plain) =
+        envelope::decode_as(envelope, plain_len, protection, &chunk_identity(hash))?;
     if plain_len != u64::MAX && header.plain_len != plain_len {
         return Err(EnvelopeError::Length {
             expected: plain_len,
@@ -227,9 +243,10 @@ pub async fn fetch_chunk(
             source: EnvelopeError::Truncated(bytes.len()),
         });
     }
+    let protection = objects.protection().clone();
     objects
         .codec()
-        .run(move || decode_chunk_of(&bytes, &hash, plain_len))
+        .run(move || decode_chunk_of(&bytes, &hash, plain_len, &protection))
         .await?
         .map_err(|source| ObjectError::Corrupt {
             key: name(),
@@ -240,57 +257,97 @@ pub async fn fetch_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::{DataKey, Keys};
+    use std::sync::Arc;
+
+    fn protections() -> [Protection; 2] {
+        [
+            Protection::Plain,
+            Protection::Encrypted(Arc::new(Keys::new(&DataKey::generate()))),
+        ]
+    }
 
     #[test]
     fn chunks_come_back_from_their_ranges_and_the_index() {
-        let mut b = PackBuilder::new();
-        let mut enc = envelope::Encoder::new(EncodeOptions::default());
-        let plains: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000 * i as usize]).collect();
-        let mut entries = Vec::new();
-        for p in &plains {
-            let hash: [u8; 32] = blake3::hash(p).into();
-            entries.push(b.push(hash, p.len() as u32, &enc.encode(p, hash)));
-        }
-        let pack = b.finish(EncodeOptions::default());
-        assert_eq!(pack.entries, entries);
-        assert_eq!(read_index(&pack.bytes).unwrap(), entries);
-        for (e, p) in entries.iter().zip(&plains) {
-            let range = e.offset as usize..(e.offset + u64::from(e.stored_len)) as usize;
-            let (h, back) = envelope::decode(&pack.bytes[range]).unwrap();
-            assert_eq!(&back[..], &p[..]);
-            assert_eq!(h.hash, e.hash);
-        }
-        // The id names the contents.
-        let again = {
+        for p in protections() {
             let mut b = PackBuilder::new();
-            for (e, p) in entries.iter().zip(&plains) {
-                b.push(e.hash, e.plain_len, &enc.encode(p, e.hash));
+            let mut enc = envelope::Encoder::new(EncodeOptions::default());
+            let plains: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000 * i as usize]).collect();
+            let mut entries = Vec::new();
+            let mut envelopes = Vec::new();
+            for plain in &plains {
+                let hash = p.id(plain);
+                let env = enc.encode_as(plain, hash, &p, &chunk_identity(&hash));
+                entries.push(b.push(hash, plain.len() as u32, &env));
+                envelopes.push(env);
             }
-            b.finish(EncodeOptions::default())
-        };
-        assert_eq!(again.id, pack.id);
-        assert_eq!(
-            pack_key(&pack.id),
-            format!("pack/{}/{}", &pack.id[..2], pack.id)
-        );
+            let pack = b.finish(EncodeOptions::default(), &p);
+            let key = pack_key(&pack.id);
+            assert_eq!(pack.entries, entries);
+            assert_eq!(read_index(&pack.bytes, &key, &p).unwrap(), entries);
+            for (e, plain) in entries.iter().zip(&plains) {
+                let range = e.offset as usize..(e.offset + u64::from(e.stored_len)) as usize;
+                let back = decode_chunk_of(&pack.bytes[range], &e.hash, u64::from(e.plain_len), &p)
+                    .unwrap();
+                assert_eq!(&back[..], &plain[..]);
+            }
+            // The id names the contents; a chunk's envelope moves between packs unchanged.
+            let again = {
+                let mut b = PackBuilder::new();
+                for (e, env) in entries.iter().zip(&envelopes).rev() {
+                    b.push(e.hash, e.plain_len, env);
+                }
+                b.finish(EncodeOptions::default(), &p)
+            };
+            assert_ne!(again.id, pack.id);
+            let moved = again.entries[0];
+            let range =
+                moved.offset as usize..(moved.offset + u64::from(moved.stored_len)) as usize;
+            assert_eq!(
+                &decode_chunk(&again.bytes[range], &moved.hash, &p).unwrap()[..],
+                &plains[4][..]
+            );
+            assert_eq!(
+                pack_key(&pack.id),
+                format!("pack/{}/{}", &pack.id[..2], pack.id)
+            );
+            // A pack under another pack's name: its index does not open when encrypted.
+            if let Protection::Encrypted(_) = p {
+                assert!(read_index(&pack.bytes, &pack_key(&again.id), &p).is_err());
+                // One chunk in another's place: its id is not the one asked for.
+                let e = entries[1];
+                let range = e.offset as usize..(e.offset + u64::from(e.stored_len)) as usize;
+                assert!(decode_chunk(&pack.bytes[range], &entries[2].hash, &p).is_err());
+            }
+        }
     }
 
     #[test]
     fn damage_is_refused() {
-        let mut b = PackBuilder::new();
-        b.push(
-            [1; 32],
-            3,
-            &envelope::encode(b"abc", EncodeOptions::default()),
-        );
-        let pack = b.finish(EncodeOptions::default());
-        assert_eq!(read_index(b"short"), Err(PackError::NoFooter));
-        let mut bad = pack.bytes.to_vec();
-        let n = bad.len();
-        bad[n - 10] ^= 1; // inside the index envelope
-        assert!(matches!(read_index(&bad), Err(PackError::Index(_))));
-        let mut long = pack.bytes.to_vec();
-        long[n - 8..n - 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(read_index(&long), Err(PackError::Inconsistent(_))));
+        for p in protections() {
+            let mut b = PackBuilder::new();
+            let hash = p.id(b"abc");
+            b.push(
+                hash,
+                3,
+                &envelope::encode_as(b"abc", EncodeOptions::default(), &p, &chunk_identity(&hash)),
+            );
+            let pack = b.finish(EncodeOptions::default(), &p);
+            let key = pack_key(&pack.id);
+            assert_eq!(read_index(b"short", &key, &p), Err(PackError::NoFooter));
+            let mut bad = pack.bytes.to_vec();
+            let n = bad.len();
+            bad[n - 10] ^= 1; // inside the index envelope
+            assert!(matches!(
+                read_index(&bad, &key, &p),
+                Err(PackError::Index(_))
+            ));
+            let mut long = pack.bytes.to_vec();
+            long[n - 8..n - 4].copy_from_slice(&u32::MAX.to_le_bytes());
+            assert!(matches!(
+                read_index(&long, &key, &p),
+                Err(PackError::Inconsistent(_))
+            ));
+        }
     }
 }

@@ -9,16 +9,20 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Codec;
-use crate::envelope::EncodeOptions;
+use crate::envelope::{self, EncodeOptions, Encryption, Protection};
 use crate::objects::{ObjectError, ObjectStore};
+use crate::slots::{self, KeyError, KeySetting, NewSlot};
 use crate::storage::{
     FsStorage, PutMode, PutOutcome, RetryPolicy, RetryingStorage, S3Settings, S3Storage, Storage,
     StorageError,
 };
 use crate::url::RepoUrl;
 
-/// The repository format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The repository format this build writes. Version 2 added encryption (key slots under
+/// `keys/`, encrypted objects); this build reads version 1 (always plaintext) as well.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest repository format this build reads.
+pub const FORMAT_OLDEST: u32 = 1;
 /// Key of the config object.
 pub const CONFIG_KEY: &str = "config";
 
@@ -45,8 +49,11 @@ pub struct RepoConfig {
     pub pg_version: u32,
     /// wal_segment_size in bytes.
     pub wal_segment_size: u64,
-    /// Envelope encryption of every object (`none`).
+    /// Envelope encryption of every object: `none` or `xchacha20-poly1305`.
     pub encryption: String,
+    /// A random id of this repository (32 hex digits; absent in format 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// When the repository was created (RFC 3339, UTC).
     pub created: String,
     /// The pitr version that created it.
@@ -80,11 +87,14 @@ pub enum OpenError {
     #[error("repository config is unreadable: {0}")]
     BadConfig(String),
     /// Written by a newer pitr.
-    #[error("repository format version {found} is not supported by this pitr (it reads version {FORMAT_VERSION})")]
+    #[error("repository format version {found} is not supported by this pitr (it reads versions {FORMAT_OLDEST} to {FORMAT_VERSION})")]
     UnknownFormat {
         /// The version found.
         found: u32,
     },
+    /// The key could not be had, or does not open the repository.
+    #[error(transparent)]
+    Key(#[from] KeyError),
     /// Another cluster's repository.
     #[error("{what} {found} does not match repository ({expected})")]
     Mismatch {
@@ -119,6 +129,7 @@ impl OpenError {
             OpenError::Mismatch { .. } => {
                 Some("a repository holds one cluster; use a new repository after pg_upgrade")
             }
+            OpenError::Key(e) => e.hint(),
             _ => None,
         }
     }
@@ -171,34 +182,69 @@ fn now_rfc3339() -> String {
 }
 
 impl Repository {
-    /// Opens the repository at `url` (its config must exist); with `cluster`, checks the
-    /// cluster is the repository's.
+    /// Opens the repository at `url` (its config must exist) with the key `key` names when
+    /// it is encrypted; with `cluster`, checks the cluster is the repository's.
     pub async fn open(
         url: &RepoUrl,
+        key: &KeySetting,
         cluster: Option<&ClusterIdentity>,
         codec: Arc<Codec>,
     ) -> Result<Repository, OpenError> {
         let storage = storage_for(url).await?;
-        Repository::open_on(url.clone(), storage, cluster, codec).await
+        Repository::open_on(url.clone(), storage, key, cluster, codec).await
     }
 
     /// [`Repository::open`] on storage already set up (tests, fault injection).
     pub async fn open_on(
         url: RepoUrl,
         storage: Arc<dyn Storage>,
+        key: &KeySetting,
         cluster: Option<&ClusterIdentity>,
         codec: Arc<Codec>,
     ) -> Result<Repository, OpenError> {
-        let objects = ObjectStore::new(storage, codec, EncodeOptions::default());
-        let config = read_config(&objects)
-            .await?
-            .ok_or_else(|| OpenError::NotInitialized {
-                url: url.to_string(),
-            })?;
-        if config.format != FORMAT_VERSION {
-            return Err(OpenError::UnknownFormat {
-                found: config.format,
-            });
+        let stored = match crate::storage::get_bytes(storage.as_ref(), CONFIG_KEY).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(OpenError::NotInitialized {
+                    url: url.to_string(),
+                })
+            }
+            Err(e) => return Err(ObjectError::from(e).into()),
+        };
+        let header = envelope::header(&stored).map_err(|source| ObjectError::Corrupt {
+            key: CONFIG_KEY.into(),
+            source,
+        })?;
+        // The config's own envelope says whether the repository is encrypted; an encrypted
+        // config opens only with the repository's key, and says so again inside.
+        let protection = match header.encryption {
+            Encryption::None if key.is_given() => {
+                return Err(KeyError::Plaintext(key.describe()).into())
+            }
+            Encryption::None => Protection::Plain,
+            Encryption::XChaCha20Poly1305 => {
+                Protection::Encrypted(slots::open(storage.as_ref(), key).await?.keys)
+            }
+        };
+        let objects =
+            ObjectStore::new(storage, codec, EncodeOptions::default()).with_protection(protection);
+        Repository::finish_open(url, objects, stored, cluster).await
+    }
+
+    async fn finish_open(
+        url: RepoUrl,
+        objects: ObjectStore,
+        stored: Bytes,
+        cluster: Option<&ClusterIdentity>,
+    ) -> Result<Repository, OpenError> {
+        let (_, plain) = objects.decode_at_most(CONFIG_KEY, stored, 1 << 20).await?;
+        let config = parse_config(&plain)?;
+        let encryption = objects.protection().encryption().name();
+        if config.encryption != encryption || (config.format < 2 && encryption != "none") {
+            return Err(OpenError::BadConfig(format!(
+                "it says encryption \"{}\" in an object of encryption \"{encryption}\"",
+                config.encryption
+            )));
         }
         let repo = Repository {
             url,
@@ -211,14 +257,16 @@ impl Repository {
         Ok(repo)
     }
 
-    /// Creates a repository for `cluster` at `url`, which must be empty (`pitr init`).
+    /// Creates a repository for `cluster` at `url`, which must be empty (`pitr init`);
+    /// encrypted, with one key slot per source in `encrypt`, when that is not empty.
     pub async fn init(
         url: &RepoUrl,
         cluster: &ClusterIdentity,
+        encrypt: &[NewSlot],
         codec: Arc<Codec>,
     ) -> Result<Repository, OpenError> {
         let storage = storage_to_init(url).await?;
-        Repository::init_on(url.clone(), storage, cluster, codec).await
+        Repository::init_on(url.clone(), storage, cluster, encrypt, codec).await
     }
 
     /// [`Repository::init`] on storage already set up (tests).
@@ -226,6 +274,7 @@ impl Repository {
         url: RepoUrl,
         storage: Arc<dyn Storage>,
         cluster: &ClusterIdentity,
+        encrypt: &[NewSlot],
         codec: Arc<Codec>,
     ) -> Result<Repository, OpenError> {
         let page = storage.list_page("", None).await?;
@@ -240,18 +289,39 @@ impl Repository {
                 what,
             });
         }
+        // Encrypted: the data key and its slots first (every source is asked before anything
+        // is written), then the first slot set, with put-if-absent like the config (of two
+        // inits at once, one fails here), then the config sealed with the new key.
+        let protection = if encrypt.is_empty() {
+            Protection::Plain
+        } else {
+            let data = crate::crypto::DataKey::generate();
+            let mut made = Vec::new();
+            for source in encrypt {
+                made.push(slots::make_slot(source, &data).await?);
+            }
+            if !slots::create(storage.as_ref(), &data, made).await? {
+                return Err(OpenError::NotEmpty {
+                    url: url.to_string(),
+                    what: "another pitr init created a repository there first".into(),
+                });
+            }
+            Protection::Encrypted(Arc::new(crate::crypto::Keys::new(&data)))
+        };
         let fresh = RepoConfig {
             format: FORMAT_VERSION,
             system_identifier: cluster.system_identifier.to_string(),
             pg_version: cluster.pg_version,
             wal_segment_size: cluster.wal_segment_size,
-            encryption: "none".to_owned(),
+            encryption: protection.encryption().name().to_owned(),
+            id: Some(hex::encode(crate::crypto::random::<16>())),
             created: now_rfc3339(),
             created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
         };
         let json =
             serde_json::to_vec_pretty(&fresh).map_err(|e| OpenError::BadConfig(e.to_string()))?;
-        let objects = ObjectStore::new(storage.clone(), codec.clone(), EncodeOptions::default());
+        let objects = ObjectStore::new(storage.clone(), codec.clone(), EncodeOptions::default())
+            .with_protection(protection);
         let stored = objects
             .put(CONFIG_KEY, Bytes::from(json), PutMode::IfAbsent)
             .await?;
@@ -261,9 +331,12 @@ impl Repository {
                 what: "another pitr init created a repository there first".into(),
             });
         }
-        // Opened as every command opens it: the stored config is the one that counts, and
-        // reading it back narrows the window on servers whose If-None-Match is not atomic.
-        Repository::open_on(url, storage, Some(cluster), codec).await
+        // Read back: the stored config is the one that counts, and reading it back narrows
+        // the window on servers whose If-None-Match is not atomic.
+        let stored = crate::storage::get_bytes(storage.as_ref(), CONFIG_KEY)
+            .await
+            .map_err(ObjectError::from)?;
+        Repository::finish_open(url, objects, stored, Some(cluster)).await
     }
 
     /// Checks that `cluster` is the repository's cluster.
@@ -319,23 +392,16 @@ fn check(expected: String, found: String, what: &'static str) -> Result<(), Open
     }
 }
 
-async fn read_config(objects: &ObjectStore) -> Result<Option<RepoConfig>, OpenError> {
-    let plain = match objects.get(CONFIG_KEY).await {
-        Ok((_, plain)) => plain,
-        Err(e) if e.is_not_found() => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
+fn parse_config(plain: &[u8]) -> Result<RepoConfig, OpenError> {
     // Read the version first, so a newer format with another shape is reported as such.
     let value: serde_json::Value =
-        serde_json::from_slice(&plain).map_err(|e| OpenError::BadConfig(e.to_string()))?;
+        serde_json::from_slice(plain).map_err(|e| OpenError::BadConfig(e.to_string()))?;
     let format = value
         .get("format")
         .and_then(serde_json::Value::as_u64)
         .unwrap_or(0) as u32;
-    if format != FORMAT_VERSION {
+    if !(FORMAT_OLDEST..=FORMAT_VERSION).contains(&format) {
         return Err(OpenError::UnknownFormat { found: format });
     }
-    serde_json::from_value(value)
-        .map(Some)
-        .map_err(|e| OpenError::BadConfig(e.to_string()))
+    serde_json::from_value(value).map_err(|e| OpenError::BadConfig(e.to_string()))
 }

@@ -246,6 +246,7 @@ fn plan(m: &BackupManifest, range_size: u64) -> (Uses, Vec<Range>) {
 
 struct Shared {
     manifest: BackupManifest,
+    protection: repo::envelope::Protection,
     paths: Vec<PathBuf>,
     uses: Uses,
     written: Arc<AtomicU64>,
@@ -309,7 +310,8 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
             .get(rel)
             .ok_or_else(|| corrupt(EnvelopeError::Truncated(bytes.len())))?;
         let plain =
-            repo::pack::decode_chunk_of(env, &c.hash, u64::from(c.plain_len)).map_err(corrupt)?;
+            repo::pack::decode_chunk_of(env, &c.hash, u64::from(c.plain_len), &s.protection)
+                .map_err(corrupt)?;
         for &(fi, offset, entry) in dests {
             // Another entry naming the same place in the same pack must name the same
             // chunk: its hash and lengths are compared with what was checked.
@@ -399,6 +401,7 @@ pub async fn write_files(
     let fetched: u64 = ranges.iter().map(|r| r.end - r.start).sum();
     let shared = Arc::new(Shared {
         manifest: m.clone(),
+        protection: objects.protection().clone(),
         dirty: paths.iter().map(|_| AtomicBool::new(false)).collect(),
         paths,
         uses,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use repo::codec::Codec;
 use repo::repository::{OpenError, Repository};
+use repo::slots::KeySetting;
 use repo::url::RepoUrl;
 
 use crate::files::{
@@ -33,6 +34,8 @@ const STAGE_MAX: usize = 64;
 pub struct RestoreOptions {
     /// The repository.
     pub url: RepoUrl,
+    /// Its key, when encrypted.
+    pub key: KeySetting,
     /// The new data directory (absent or empty; absolute).
     pub to: PathBuf,
     /// A backup id, or `latest`; None: the newest that reaches the target.
@@ -147,7 +150,13 @@ pub async fn restore(
     if std::fs::read_dir(&o.to).is_ok_and(|mut d| d.next().is_some()) {
         return Err(RestoreError::NotEmpty(o.to.clone()));
     }
-    let repo = Repository::open(&o.url, None, Arc::new(Codec::with_default_threads())).await?;
+    let repo = Repository::open(
+        &o.url,
+        &o.key,
+        None,
+        Arc::new(Codec::with_default_threads()),
+    )
+    .await?;
     let plan = plan(
         &repo,
         &o.target,

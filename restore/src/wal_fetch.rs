@@ -13,6 +13,7 @@ use repo::codec::Codec;
 use repo::keys::wal_key;
 use repo::objects::ObjectError;
 use repo::repository::{storage_for, OpenError, Repository};
+use repo::slots::KeySetting;
 use repo::storage::{get_bytes, StorageError};
 use repo::url::RepoUrl;
 use walfmt::{ArchiveFileKind, SegmentName, WalSegmentSize};
@@ -105,6 +106,7 @@ pub fn from_spool(url: &RepoUrl, dir: &Path, name: &str, dest: &Path) -> Answer 
 /// spool first, with [`from_spool`]).
 pub async fn fetch(
     url: &RepoUrl,
+    key_setting: &KeySetting,
     name: &str,
     dest: &Path,
     codec: Arc<Codec>,
@@ -115,7 +117,7 @@ pub async fn fetch(
         .await
         .map_err(|e| FetchError::Open(OpenError::from(e)))?;
     let (repo, stored) = tokio::join!(
-        Repository::open_on(url.clone(), storage.clone(), None, codec),
+        Repository::open_on(url.clone(), storage.clone(), key_setting, None, codec),
         get_bytes(storage.as_ref(), &key)
     );
     let repo = repo?;
@@ -192,6 +194,7 @@ pub struct PrefetchOptions {
 /// has come for `linger`. Only one worker runs per spool; a second returns at once.
 pub async fn prefetch(
     url: &RepoUrl,
+    key: &KeySetting,
     codec: Arc<Codec>,
     options: &PrefetchOptions,
 ) -> Result<(), FetchError> {
@@ -203,7 +206,7 @@ pub async fn prefetch(
     let Some(_lock) = spool.lock_worker().map_err(|e| io(&options.spool, e))? else {
         return Ok(());
     };
-    let repo = Repository::open(url, None, codec).await?;
+    let repo = Repository::open(url, key, None, codec).await?;
     let seg_size = WalSegmentSize::new(repo.config().wal_segment_size)
         .map_err(|e| FetchError::Open(OpenError::BadConfig(e.to_string())))?;
     let mut filled_for: Option<String> = None;

@@ -175,6 +175,7 @@ fn summary(m: &BackupManifest, seconds: f64) -> String {
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
+    let key = args.repo.key()?;
     let settings = args.pg.settings()?;
     let runtime = super::runtime(Exit::Database)?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -196,7 +197,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let manifest = runtime.block_on(async {
         let (mut conn, system) = connect(&settings).await?;
         let identity = cluster_identity(&mut conn, &system).await;
-        let repo = Repository::open(&url, Some(&identity), Arc::new(Codec::new(1, 4)))
+        let repo = Repository::open(&url, &key, Some(&identity), Arc::new(Codec::new(1, 4)))
             .await
             .map_err(open_failure)?
             .with_encode_options(args.compress.options());

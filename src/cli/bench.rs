@@ -274,6 +274,7 @@ async fn init_scratch(url: &RepoUrl, first: &std::path::Path) -> Result<(), Fail
     repo::repository::Repository::init(
         url,
         &identity,
+        &[],
         std::sync::Arc::new(repo::codec::Codec::new(1, 2)),
     )
     .await

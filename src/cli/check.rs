@@ -20,6 +20,8 @@ pub struct Args {
     /// Also check this repository belongs to the server (s3://... or file:///...)
     #[arg(long, env = "PITR_REPO", value_name = "URL")]
     repo: Option<String>,
+    #[command(flatten)]
+    key: super::repo_args::KeyArgs,
     /// One JSON object
     #[arg(long)]
     json: bool,
@@ -28,9 +30,16 @@ pub struct Args {
 pub fn run(args: Args) -> Result<(), Failure> {
     let settings = args.pg.settings()?;
     let url: Option<RepoUrl> = match &args.repo {
-        Some(r) => Some(super::repo_args::RepoArgs { repo: r.clone() }.url()?),
+        Some(r) => Some(
+            super::repo_args::RepoArgs {
+                repo: r.clone(),
+                key: args.key.clone(),
+            }
+            .url()?,
+        ),
         None => None,
     };
+    let key = args.key.setting()?;
     let runtime = super::runtime(Exit::Database)?;
     runtime.block_on(async {
         let (mut conn, system) = connect(&settings).await?;
@@ -54,7 +63,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     pg_version: major,
                     wal_segment_size: segment,
                 };
-                match Repository::open(url, None, Arc::new(Codec::new(1, 2))).await {
+                match Repository::open(url, &key, None, Arc::new(Codec::new(1, 2))).await {
                     Ok(repo) => {
                         repo.check_cluster(&identity).map_err(open_failure)?;
                         Some("this cluster's")

@@ -28,6 +28,10 @@ pub enum Exit {
     /// 10: `restore --start`: the files are restored, but the server did not come up on
     /// them (its log says why).
     StartFailed = 10,
+    /// 11: the repository is encrypted and no key given opens it (missing, wrong, removed
+    /// from its slots, or the key source failed), or a key was given for a plaintext one.
+    /// Nothing was written.
+    Key = 11,
     /// 70: an internal error (a bug: the command panicked), as sysexits' EX_SOFTWARE.
     /// `wal-fetch` exits 200 instead.
     Internal = 70,

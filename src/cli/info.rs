@@ -20,9 +20,15 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
+    let key = args.repo.key()?;
     let runtime = super::runtime(Exit::Repository)?;
     let repo = runtime
-        .block_on(Repository::open(&url, None, Arc::new(Codec::new(1, 2))))
+        .block_on(Repository::open(
+            &url,
+            &key,
+            None,
+            Arc::new(Codec::new(1, 2)),
+        ))
         .map_err(open_failure)?;
     let c = repo.config();
     if args.json {

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use repo::codec::Codec;
 use repo::repository::Repository;
+use repo::slots::NewSlot;
 use serde_json::json;
 
 use super::pg_args::{cluster_identity, connect, PgArgs};
-use super::repo_args::{open_failure, RepoArgs};
+use super::repo_args::{open_failure, passphrase_from, RepoArgs, PASSPHRASE_ENV};
 use super::{Exit, Failure};
 
 #[derive(Debug, clap::Args)]
@@ -25,13 +26,70 @@ pub struct Args {
     /// pg_wal); the server may be running or stopped
     #[arg(long, group = "cluster", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Encrypt every object, with a random data key kept in one key slot per key source
+    /// given (--key-file, --key-command, --passphrase-env, --kms-key-id; without one, the
+    /// settings every command reads: PITR_KEY_FILE, PITR_KEY_COMMAND, PITR_PASSPHRASE)
+    #[arg(long)]
+    encrypt: bool,
+    /// A key slot for the passphrase held in environment variable VAR (stretched with
+    /// Argon2id)
+    #[arg(long, value_name = "VAR", requires = "encrypt")]
+    passphrase_env: Option<String>,
+    /// A key slot wrapped by this AWS KMS key (id or ARN; credentials from the AWS chain,
+    /// endpoint from AWS_ENDPOINT_URL_KMS); repeatable
+    #[arg(long, value_name = "ARN", requires = "encrypt")]
+    kms_key_id: Vec<String>,
     /// One JSON object
     #[arg(long)]
     json: bool,
 }
 
+/// The key sources `init --encrypt` makes slots for.
+fn sources(args: &Args) -> Result<Vec<NewSlot>, Failure> {
+    let mut out = Vec::new();
+    if let Some(p) = &args.repo.key.key_file {
+        out.push(NewSlot::File(
+            std::path::absolute(p).unwrap_or_else(|_| p.clone()),
+        ));
+    }
+    if let Some(c) = &args.repo.key.key_command {
+        out.push(NewSlot::Command(c.clone()));
+    }
+    if let Some(var) = &args.passphrase_env {
+        let p = passphrase_from(var)?.ok_or_else(|| {
+            Failure::new(
+                Exit::Key,
+                format!("--passphrase-env names {var}, which is not set"),
+            )
+        })?;
+        out.push(NewSlot::Passphrase(p));
+    }
+    out.extend(args.kms_key_id.iter().cloned().map(NewSlot::Kms));
+    if out.is_empty() {
+        if let Some(p) = passphrase_from(PASSPHRASE_ENV)? {
+            out.push(NewSlot::Passphrase(p));
+        }
+    }
+    if !args.encrypt {
+        if out.is_empty() {
+            return Ok(out);
+        }
+        return Err(Failure::new(
+            Exit::Key,
+            format!("a key is set ({:?}), but --encrypt is not given", out[0]),
+        )
+        .hint("add --encrypt for an encrypted repository, or unset PITR_KEY_FILE, PITR_KEY_COMMAND and PITR_PASSPHRASE"));
+    }
+    if out.is_empty() {
+        return Err(Failure::new(Exit::Key, "--encrypt needs at least one key source")
+            .hint("give --key-file, --key-command, --passphrase-env or --kms-key-id (several make several slots)"));
+    }
+    Ok(out)
+}
+
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
+    let slots = sources(&args)?;
     let runtime = super::runtime(Exit::Repository)?;
     let repo = runtime.block_on(async {
         let identity = match (&args.data_dir, &args.pg) {
@@ -48,7 +106,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 cluster_identity(&mut conn, &system).await
             }
         };
-        Repository::init(&url, &identity, Arc::new(Codec::new(1, 2)))
+        Repository::init(&url, &identity, &slots, Arc::new(Codec::new(1, 2)))
             .await
             .map_err(open_failure)
     })?;
@@ -62,6 +120,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 "pg_version": c.pg_version,
                 "wal_segment_size": c.wal_segment_size,
                 "format": c.format,
+                "encryption": c.encryption,
+                "key_slots": slots.len(),
             })
         );
     } else {
@@ -71,6 +131,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
             c.pg_version,
             c.wal_segment_size >> 20
         );
+        if !slots.is_empty() {
+            println!(
+                "encrypted ({}), {} key slot(s): pitr key list shows them",
+                c.encryption,
+                slots.len()
+            );
+        }
     }
     Ok(())
 }

@@ -80,9 +80,10 @@ fn failure(e: ManifestError) -> Failure {
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
+    let key = args.repo.key()?;
     let runtime = super::runtime(Exit::Repository)?;
     runtime.block_on(async {
-        let repo = Repository::open(&url, None, Arc::new(Codec::new(2, 4)))
+        let repo = Repository::open(&url, &key, None, Arc::new(Codec::new(2, 4)))
             .await
             .map_err(open_failure)?;
         let storage = repo.objects().storage().clone();

@@ -7,6 +7,7 @@ mod check;
 mod failure;
 mod info;
 mod init;
+mod key;
 mod list;
 mod pg_args;
 mod repo_args;
@@ -43,6 +44,8 @@ enum Command {
     Info(info::Args),
     /// Create a repository for one cluster in an empty location
     Init(init::Args),
+    /// List, add and remove an encrypted repository's key slots
+    Key(key::Args),
     /// List the backups in the repository and the WAL it holds
     List(list::Args),
     /// Restore a backup into a new data directory, set to recover to a target
@@ -105,6 +108,7 @@ impl Command {
             Command::Check(_) => ("check", Exit::Internal),
             Command::Info(_) => ("info", Exit::Internal),
             Command::Init(_) => ("init", Exit::Internal),
+            Command::Key(_) => ("key", Exit::Internal),
             Command::List(_) => ("list", Exit::Internal),
             Command::Restore(_) => ("restore", Exit::Internal),
             Command::Status(_) => ("status", Exit::Internal),
@@ -170,6 +174,7 @@ pub fn run() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Check(args) => check::run(args),
         Command::Info(args) => info::run(args),
+        Command::Key(args) => key::run(args),
         Command::Init(args) => init::run(args),
         Command::List(args) => list::run(args),
         Command::Restore(args) => restore::run(args),

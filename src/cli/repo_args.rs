@@ -1,10 +1,14 @@
 //! The repository option shared by every command that opens one, and how repository
 //! failures become messages and exit codes.
 
+use std::path::PathBuf;
+
 use repo::envelope::EncodeOptions;
 use repo::objects::ObjectError;
 use repo::repository::OpenError;
+use repo::slots::{KeyError, KeySetting};
 use repo::url::{RepoUrl, RepoUrlError};
+use zeroize::Zeroizing;
 
 use super::{Exit, Failure};
 
@@ -13,9 +17,110 @@ pub struct RepoArgs {
     /// Repository: s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH
     #[arg(long, env = "PITR_REPO", value_name = "URL")]
     pub repo: String,
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+/// Where the key of an encrypted repository comes from (PITR_PASSPHRASE is read from the
+/// environment only: a passphrase on a command line is visible to every local user).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KeyArgs {
+    /// An encrypted repository's key: a file of at least 32 bytes, used as they are
+    #[arg(long, env = "PITR_KEY_FILE", value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// An encrypted repository's key: a shell command that prints it (one trailing newline
+    /// is dropped)
+    #[arg(long, env = "PITR_KEY_COMMAND", value_name = "CMD")]
+    pub key_command: Option<String>,
+}
+
+impl KeyArgs {
+    /// The flags that give a background worker (a process of this binary) the same key
+    /// setting: never the key itself (PITR_PASSPHRASE reaches it through the environment).
+    pub fn worker_flags(&self) -> Vec<std::ffi::OsString> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.key_file {
+            out.push("--key-file".into());
+            out.push(std::path::absolute(p).unwrap_or_else(|_| p.clone()).into());
+        }
+        if let Some(c) = &self.key_command {
+            out.push("--key-command".into());
+            out.push(c.into());
+        }
+        out
+    }
+}
+
+/// The environment variable holding a passphrase that opens a repository.
+pub const PASSPHRASE_ENV: &str = "PITR_PASSPHRASE";
+
+impl KeyArgs {
+    /// The key setting: at most one of the key file, the key command and PITR_PASSPHRASE.
+    pub fn setting(&self) -> Result<KeySetting, Failure> {
+        let passphrase = passphrase_from(PASSPHRASE_ENV)?;
+        let mut given = Vec::new();
+        if let Some(p) = &self.key_file {
+            // Absolute, so the restore_command a restore writes finds it from anywhere.
+            let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            given.push(KeySetting::File(p));
+        }
+        if let Some(c) = &self.key_command {
+            given.push(KeySetting::Command(c.clone()));
+        }
+        if let Some(p) = passphrase {
+            given.push(KeySetting::Passphrase(p));
+        }
+        match given.len() {
+            0 => Ok(KeySetting::None),
+            1 => Ok(given.remove(0)),
+            _ => Err(Failure::new(
+                Exit::Key,
+                format!(
+                    "more than one key is set: {}",
+                    given
+                        .iter()
+                        .map(KeySetting::describe)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+            .hint("set only one of PITR_KEY_FILE (--key-file), PITR_KEY_COMMAND (--key-command), PITR_PASSPHRASE")),
+        }
+    }
+}
+
+/// A passphrase from the environment variable `var`, if set and not empty.
+pub fn passphrase_from(var: &str) -> Result<Option<Zeroizing<String>>, Failure> {
+    match std::env::var(var) {
+        Ok(p) if !p.is_empty() => Ok(Some(Zeroizing::new(p))),
+        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(Failure::new(Exit::Key, format!("{var} is not valid UTF-8")))
+        }
+    }
+}
+
+/// A key problem: exit 11 with its hint (damaged slots are exit 5, storage exit 4).
+pub fn key_failure(e: KeyError) -> Failure {
+    let exit = match &e {
+        KeyError::Damaged(_) => Exit::Corrupt,
+        KeyError::Storage(_) => Exit::Repository,
+        _ => Exit::Key,
+    };
+    let hint = e.hint();
+    let failure = Failure::new(exit, e.to_string());
+    match hint {
+        Some(h) => failure.hint(h),
+        None => failure,
+    }
 }
 
 impl RepoArgs {
+    /// The key setting ([`KeyArgs::setting`]).
+    pub fn key(&self) -> Result<KeySetting, Failure> {
+        self.key.setting()
+    }
+
     /// The parsed URL, or a bad-input failure with a HINT.
     pub fn url(&self) -> Result<RepoUrl, Failure> {
         self.repo.parse().map_err(|e: RepoUrlError| {
@@ -50,8 +155,12 @@ impl CompressArgs {
     }
 }
 
-/// A repository that cannot be opened: corruption is exit 5, anything else exit 4.
+/// A repository that cannot be opened: a key problem is exit 11, corruption exit 5,
+/// anything else exit 4.
 pub fn open_failure(e: OpenError) -> Failure {
+    if let OpenError::Key(k) = e {
+        return key_failure(k);
+    }
     let exit = match &e {
         OpenError::Object(ObjectError::Corrupt { .. }) => Exit::Corrupt,
         _ => Exit::Repository,

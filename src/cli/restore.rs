@@ -21,6 +21,7 @@ use serde_json::json;
 
 use super::repo_args::{open_failure, RepoArgs};
 use super::{mb, Exit, Failure};
+use repo::slots::KeySetting;
 
 #[derive(Debug, clap::Args)]
 #[command(group = clap::ArgGroup::new("target").multiple(false))]
@@ -204,7 +205,7 @@ fn restore_failure(e: RestoreError, to: &Path) -> Failure {
 
 /// The restore_command: this binary by absolute path, with the repository and the
 /// non-secret S3 settings of this environment (credentials stay in the server's own).
-fn restore_command(repo: &str) -> String {
+fn restore_command(repo: &str, key: &KeySetting) -> String {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "pitr".into());
@@ -216,6 +217,7 @@ fn restore_command(repo: &str) -> String {
         "PITR_S3_CONDITIONAL_PUT",
         "PITR_S3_CHECKSUMS",
         "AWS_CA_BUNDLE",
+        "AWS_ENDPOINT_URL_KMS",
     ] {
         if let Ok(v) = std::env::var(var) {
             words.push(format!("{var}={}", shell_quote(&v)));
@@ -225,6 +227,20 @@ fn restore_command(repo: &str) -> String {
     words.push("wal-fetch".into());
     words.push("--repo".into());
     words.push(shell_quote(repo));
+    // The key's source, never the key: a passphrase reaches the server's restore_command
+    // only through its environment (PITR_PASSPHRASE), a KMS slot needs nothing. PostgreSQL
+    // reads `%` as a placeholder, so a literal one is doubled.
+    match key {
+        KeySetting::File(p) => {
+            words.push("--key-file".into());
+            words.push(shell_quote(&p.display().to_string()).replace('%', "%%"));
+        }
+        KeySetting::Command(c) => {
+            words.push("--key-command".into());
+            words.push(shell_quote(c).replace('%', "%%"));
+        }
+        KeySetting::Passphrase(_) | KeySetting::None => {}
+    }
     words.push("%f".into());
     words.push("%p".into());
     words.join(" ")
@@ -307,8 +323,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
             format!("--to \"{}\" is not an absolute path", args.to.display()),
         ));
     }
+    let key = args.repo.key()?;
     let options = RestoreOptions {
         url,
+        restore_command: restore_command(&args.repo.repo, &key),
+        key,
         to: args.to.clone(),
         backup: args.backup.clone(),
         target: target.clone(),
@@ -323,7 +342,6 @@ pub fn run(args: Args) -> Result<(), Failure> {
         tablespace_map: map,
         prefetch_wal: args.prefetch_wal,
         parallel: args.parallel,
-        restore_command: restore_command(&args.repo.repo),
         start: args.start.then(|| StartSettings {
             pg_bin: args.pg_bin.clone(),
             settings: start_settings,
@@ -398,6 +416,7 @@ struct Printer {
     json: bool,
     tty: bool,
     repo: String,
+    key: super::repo_args::KeyArgs,
     to: PathBuf,
     wal: Mutex<Vec<String>>,
     ticker: Mutex<Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>>,
@@ -410,6 +429,7 @@ impl Printer {
             json: args.json,
             tty: std::io::stderr().is_terminal() && !args.json,
             repo: args.repo.repo.clone(),
+            key: args.repo.key.clone(),
             to: args.to.clone(),
             wal: Mutex::new(Vec::new()),
             ticker: Mutex::new(None),
@@ -505,7 +525,7 @@ impl Progress for Printer {
     }
 
     fn carry_on(&self, dir: &Path) {
-        super::wal_fetch::start_prefetch(&self.repo, dir, 16, 4);
+        super::wal_fetch::start_prefetch(&self.repo, &self.key, dir, 16, 4);
     }
 
     fn starting(&self, seconds: f64) {

@@ -80,6 +80,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         .hint("slot names are lower-case letters, digits and underscores, at most 63"));
     }
     let config = StreamConfig {
+        key: args.repo.key()?,
         slot: args.slot.clone(),
         create_slot: args.create_slot,
         flush_interval: args.flush_interval.max(Duration::from_millis(10)),

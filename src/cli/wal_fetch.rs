@@ -14,7 +14,7 @@ use restore::spool::default_dir;
 use restore::wal_fetch::{fetch, from_spool, prefetch, Answer, FetchError, PrefetchOptions};
 use walfmt::ArchiveFileKind;
 
-use super::repo_args::RepoArgs;
+use super::repo_args::{KeyArgs, RepoArgs};
 use super::{Exit, Failure};
 
 #[derive(Debug, clap::Args)]
@@ -80,7 +80,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         match from_spool(&url, dir, &args.name, &args.dest) {
             Answer::Delivered => {
                 if ArchiveFileKind::of(&args.name) == ArchiveFileKind::Segment {
-                    start_worker(&args.repo.repo, dir, &args.prefetch);
+                    start_worker(&args.repo, dir, &args.prefetch);
                 }
                 return Ok(());
             }
@@ -91,9 +91,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
             Answer::Ask => {}
         }
     }
+    let key = args.repo.key().map_err(|f| Failure {
+        exit: Exit::FetchFailed,
+        ..f
+    })?;
     let runtime = super::runtime(Exit::FetchFailed)?;
     let fetched = runtime.block_on(fetch(
         &url,
+        &key,
         &args.name,
         &args.dest,
         Arc::new(Codec::with_default_threads()),
@@ -102,7 +107,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         Ok(_) => {
             if let Some(dir) = spool_dir {
                 if ArchiveFileKind::of(&args.name) == ArchiveFileKind::Segment {
-                    start_worker(&args.repo.repo, &dir, &args.prefetch);
+                    start_worker(&args.repo, &dir, &args.prefetch);
                 }
             }
             Ok(())
@@ -124,28 +129,42 @@ pub fn run(args: Args) -> Result<(), Failure> {
 
 /// Starts the prefetch worker for `dir` in the background unless one is running. The
 /// worker is a cache filler: failing to start it is not the fetch's failure.
-fn start_worker(repo: &str, dir: &std::path::Path, prefetch: &PrefetchArgs) {
-    start_prefetch(repo, dir, prefetch.depth, prefetch.parallel);
+fn start_worker(repo: &RepoArgs, dir: &std::path::Path, prefetch: &PrefetchArgs) {
+    start_prefetch(
+        &repo.repo,
+        &repo.key,
+        dir,
+        prefetch.depth,
+        prefetch.parallel,
+    );
 }
 
 /// [`start_worker`] with its settings spelled out: `pitr restore --prefetch-wal` hands the
 /// staging of WAL over to it once the files are written.
-pub(super) fn start_prefetch(repo: &str, dir: &std::path::Path, depth: usize, parallel: usize) {
+pub(super) fn start_prefetch(
+    repo: &str,
+    key: &KeyArgs,
+    dir: &std::path::Path,
+    depth: usize,
+    parallel: usize,
+) {
     if repo::worker::running(dir) {
         return;
     }
-    let (depth, parallel) = (depth.to_string(), parallel.to_string());
-    let _ = super::spawn_worker(&[
-        "wal-prefetch".as_ref(),
-        "--repo".as_ref(),
-        repo.as_ref(),
-        "--prefetch".as_ref(),
-        depth.as_ref(),
-        "--prefetch-parallel".as_ref(),
-        parallel.as_ref(),
-        "--spool-dir".as_ref(),
-        dir.as_os_str(),
-    ]);
+    let mut worker_args: Vec<std::ffi::OsString> = vec![
+        "wal-prefetch".into(),
+        "--repo".into(),
+        repo.into(),
+        "--prefetch".into(),
+        depth.to_string().into(),
+        "--prefetch-parallel".into(),
+        parallel.to_string().into(),
+        "--spool-dir".into(),
+        dir.into(),
+    ];
+    worker_args.extend(key.worker_flags());
+    let worker_args: Vec<&std::ffi::OsStr> = worker_args.iter().map(|a| a.as_os_str()).collect();
+    let _ = super::spawn_worker(&worker_args);
 }
 
 pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
@@ -163,9 +182,14 @@ pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
         parallel: args.prefetch.parallel,
         linger: Duration::from_secs(5),
     };
+    let key = args.repo.key().map_err(|f| Failure {
+        exit: Exit::FetchFailed,
+        ..f
+    })?;
     runtime
         .block_on(prefetch(
             &url,
+            &key,
             Arc::new(Codec::with_default_threads()),
             &options,
         ))

@@ -107,6 +107,7 @@ fn failure(e: PushError) -> Failure {
 /// racing it.
 fn start_worker(
     repo: &str,
+    key: &super::repo_args::KeyArgs,
     pg_wal: &Path,
     args: &AheadArgs,
     options: &PushOptions,
@@ -117,21 +118,24 @@ fn start_worker(
     };
     let (ahead, parallel) = (options.ahead.to_string(), options.parallel.to_string());
     let level = args.compress.compress_level.to_string();
-    let Some(mut child) = super::spawn_worker(&[
-        "wal-push-worker".as_ref(),
-        "--repo".as_ref(),
-        repo.as_ref(),
-        "--pg-wal".as_ref(),
-        pg_wal.as_os_str(),
-        "--ahead".as_ref(),
-        ahead.as_ref(),
-        "--parallel".as_ref(),
-        parallel.as_ref(),
-        "--compress-level".as_ref(),
-        level.as_ref(),
-        "--state-dir".as_ref(),
-        state.dir().as_os_str(),
-    ]) else {
+    let mut worker_args: Vec<std::ffi::OsString> = vec![
+        "wal-push-worker".into(),
+        "--repo".into(),
+        repo.into(),
+        "--pg-wal".into(),
+        pg_wal.into(),
+        "--ahead".into(),
+        ahead.into(),
+        "--parallel".into(),
+        parallel.into(),
+        "--compress-level".into(),
+        level.into(),
+        "--state-dir".into(),
+        state.dir().into(),
+    ];
+    worker_args.extend(key.worker_flags());
+    let worker_args: Vec<&std::ffi::OsStr> = worker_args.iter().map(|a| a.as_os_str()).collect();
+    let Some(mut child) = super::spawn_worker(&worker_args) else {
         return;
     };
     let deadline = deadline.min(Instant::now() + Duration::from_secs(1));
@@ -147,7 +151,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
     // The whole call, waiting for the worker included, answers within --timeout.
     let deadline = Instant::now() + Duration::from_secs(args.timeout.min(u64::from(u32::MAX)));
     let url = args.repo.url()?;
-    let options = args.ahead.options();
+    let mut options = args.ahead.options();
+    options.key = args.repo.key()?;
     let timed_out = |what: &str| {
         Failure::new(
             Exit::Repository,
@@ -162,7 +167,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
     // Decided and done before the runtime starts: starting waits (briefly) on the process.
     let pg_wal = pg_wal_of(&args.file);
     if worker_needed(&args.file, &options) {
-        start_worker(&url.to_string(), &pg_wal, &args.ahead, &options, deadline);
+        start_worker(
+            &url.to_string(),
+            &args.repo.key,
+            &pg_wal,
+            &args.ahead,
+            &options,
+            deadline,
+        );
     }
     // A file the worker stored is most often answered here, with no runtime, no threads
     // and no connection.
@@ -189,7 +201,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
 
 pub fn run_worker(args: WorkerArgs) -> Result<(), Failure> {
     let url = args.repo.url()?;
-    let options = args.ahead.options();
+    let mut options = args.ahead.options();
+    options.key = args.repo.key()?;
     let runtime = super::runtime(Exit::Repository)?;
     runtime
         .block_on(push_ahead(

@@ -25,6 +25,7 @@ fn create(url: &str, storage: Arc<dyn Storage>) {
         url.parse().unwrap(),
         storage,
         &identity(),
+        &[],
         Arc::new(Codec::new(1, 1)),
     ))
     .unwrap();
@@ -66,7 +67,8 @@ fn info_on_an_s3_repository_named_by_environment() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["system_identifier"], "7311111111111111111");
     assert_eq!(v["pg_version"], 15);
-    assert_eq!(v["format"], 1);
+    assert_eq!(v["format"], 2);
+    assert_eq!(v["encryption"], "none");
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod backup;
 mod bench;
 mod check;
 mod cli;
+mod encryption;
 mod info;
 mod init;
 mod internal_errors;

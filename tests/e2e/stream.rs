@@ -385,9 +385,14 @@ fn caught_up_within(s3: &S3Server, url: &str, pg: &Cluster, tli: u32, within: Du
         for (k, v) in s3.env() {
             std::env::set_var(k, v);
         }
-        let repo = Repository::open(&url, None, Arc::new(Codec::new(1, 2)))
-            .await
-            .unwrap();
+        let repo = Repository::open(
+            &url,
+            &repo::slots::KeySetting::None,
+            None,
+            Arc::new(Codec::new(1, 2)),
+        )
+        .await
+        .unwrap();
         let seg = WalSegmentSize::new(repo.config().wal_segment_size).unwrap();
         loop {
             let end = archiver::stream::durable_end(&repo, tli, seg)

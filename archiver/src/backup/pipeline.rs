@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use bytes::{Bytes, BytesMut};
-use repo::envelope::{EncodeOptions, Encoder};
+use repo::envelope::{chunk_identity, EncodeOptions, Encoder, Protection};
 use repo::manifest::{chunk_table_key, ChunkRef, ChunkTable, TableWriter};
 use repo::objects::{ObjectError, ObjectStore};
 use repo::pack::{pack_key, Pack, PackBuilder};
@@ -117,15 +117,17 @@ impl Pipeline {
     pub fn start(objects: ObjectStore, id: &str, config: PipelineConfig) -> Pipeline {
         let threads = config.threads.max(1);
         let queue = 2 * threads;
+        let protection = objects.protection().clone();
         let (tx, rx) = crossbeam_channel::bounded::<Job>(queue);
         let (done_tx, done_rx) = crossbeam_channel::bounded::<Done>(queue);
         let workers = (0..threads)
             .map(|i| {
                 let rx = rx.clone();
                 let done_tx = done_tx.clone();
+                let protection = protection.clone();
                 std::thread::Builder::new()
                     .name(format!("pitr-backup-{i}"))
-                    .spawn(move || work(rx, done_tx, config.encode))
+                    .spawn(move || work(rx, done_tx, config.encode, protection))
                     .expect("spawn backup worker")
             })
             .collect();
@@ -135,7 +137,7 @@ impl Pipeline {
         let (spare_tx, spare_rx) = crossbeam_channel::unbounded::<BytesMut>();
         let packer = std::thread::Builder::new()
             .name("pitr-packer".into())
-            .spawn(move || pack(done_rx, up_tx, spare_rx, config))
+            .spawn(move || pack(done_rx, up_tx, spare_rx, config, protection))
             .expect("spawn packer");
         let failed = Arc::new(AtomicBool::new(false));
         let uploader = tokio::spawn(upload(
@@ -222,13 +224,18 @@ fn work(
     rx: crossbeam_channel::Receiver<Job>,
     done: crossbeam_channel::Sender<Done>,
     options: EncodeOptions,
+    protection: Protection,
 ) {
     let mut encoder = Encoder::new(options);
     for job in rx {
         let data = &job.chunk.data;
-        let hash: [u8; 32] = blake3::hash(data).into();
+        // Chunk ids are keyed in an encrypted repository: they say nothing of the contents
+        // to whoever reads the bucket, and equal chunks still have equal ids.
+        let hash = protection.id(data);
         let known = job.expect.filter(|k| k.entry.hash == hash);
-        let envelope = known.is_none().then(|| encoder.encode(data, hash));
+        let envelope = known
+            .is_none()
+            .then(|| encoder.encode_as(data, hash, &protection, &chunk_identity(&hash)));
         let out = Done {
             n: job.n,
             hash,
@@ -252,6 +259,7 @@ fn pack(
     tx: mpsc::Sender<Upload>,
     spare: crossbeam_channel::Receiver<BytesMut>,
     config: PipelineConfig,
+    protection: Protection,
 ) -> Stored {
     // A pack's envelopes, index and footer fit without growing the buffer.
     let fresh = || {
@@ -263,7 +271,7 @@ fn pack(
     let mut stored = Stored::default();
     let mut pack_index: HashMap<Arc<str>, u32> = HashMap::new();
     let mut recent: HashMap<[u8; 32], ChunkRef> = HashMap::new();
-    let mut table = TableWriter::new();
+    let mut table = TableWriter::new(protection.clone());
     let mut builder = fresh();
     // The packs list slot of the pack being built, once it holds a chunk.
     let mut open: Option<u32> = None;
@@ -274,7 +282,7 @@ fn pack(
         let _ = tx.blocking_send(u);
     };
     let close = |builder: PackBuilder, slot: u32, stored: &mut Stored| {
-        let pack = builder.finish(config.encode);
+        let pack = builder.finish(config.encode, &protection);
         stored.stored_new += pack.bytes.len() as u64;
         stored.new_packs += 1;
         stored.packs[slot as usize] = pack.id.clone();
@@ -499,7 +507,11 @@ mod tests {
                 .await
                 .unwrap();
             seen_pack_bytes += bytes.len() as u64;
-            assert!(!repo::pack::read_index(&bytes).unwrap().is_empty());
+            assert!(
+                !repo::pack::read_index(&bytes, &pack_key(id), &Protection::Plain)
+                    .unwrap()
+                    .is_empty()
+            );
         }
         assert_eq!(seen_pack_bytes, s.stored_new);
     }

@@ -23,6 +23,7 @@ use std::time::Duration;
 use repo::codec::Codec;
 use repo::objects::ObjectError;
 use repo::repository::{ClusterIdentity, OpenError, Repository};
+use repo::slots::KeySetting;
 use repo::storage::{list_all, StorageError};
 use repo::url::RepoUrl;
 use tokio::sync::watch;
@@ -38,6 +39,8 @@ use writer::SegmentWriter;
 /// How the service runs.
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
+    /// The repository's key, when it is encrypted.
+    pub key: KeySetting,
     /// The physical replication slot.
     pub slot: String,
     /// Create the slot if it does not exist.
@@ -287,11 +290,16 @@ async fn session(
         pg_version: conn.server_major(),
         wal_segment_size: seg_bytes,
     };
-    let repo = Repository::open(url, Some(&identity), Arc::new(Codec::new(2, 4)))
-        .await?
-        .with_encode_options(repo::envelope::EncodeOptions {
-            zstd_level: Some(1),
-        });
+    let repo = Repository::open(
+        url,
+        &config.key,
+        Some(&identity),
+        Arc::new(Codec::new(2, 4)),
+    )
+    .await?
+    .with_encode_options(repo::envelope::EncodeOptions {
+        zstd_level: Some(1),
+    });
     let restart = answered(limit, ensure_slot(&mut conn, config)).await?;
     store_history(&mut conn, &repo, system.timeline, limit).await?;
     let mut tli = system.timeline;
