@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod envelope;
 pub mod keys;
+pub mod kms;
 pub mod manifest;
 pub mod objects;
 pub mod pack;
