@@ -23,7 +23,7 @@ pub const ENDPOINT_VAR: &str = "AWS_ENDPOINT_URL_KMS";
 /// Time to open a connection, per attempt.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Time for one attempt of a request.
-pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(8);
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time for a request, all attempts and the backoff between them.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts per request for transient failures.
@@ -296,6 +296,21 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// An error and its sources, one line: `dispatch failure: io error: ...: connection refused`.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut at = err.source();
+    while let Some(e) = at {
+        let part = e.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        at = e.source();
+    }
+    one_line(&text)
+}
+
 /// Classifies an SDK failure for `key_id`.
 fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
     key_id: &str,
@@ -305,10 +320,10 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>
     match &err {
         SdkError::TimeoutError(_) | SdkError::ResponseError(_) => KmsError::Unavailable {
             key_id,
-            detail: one_line(&aws_sdk_kms::error::DisplayErrorContext(&err).to_string()),
+            detail: chain(&err),
         },
         SdkError::DispatchFailure(failure) => {
-            let detail = one_line(&aws_sdk_kms::error::DisplayErrorContext(&err).to_string());
+            let detail = chain(&err);
             if failure.is_io() || failure.is_timeout() {
                 KmsError::Unavailable { key_id, detail }
             } else {
@@ -357,7 +372,7 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>
         }
         _ => KmsError::Other {
             key_id,
-            detail: one_line(&aws_sdk_kms::error::DisplayErrorContext(&err).to_string()),
+            detail: chain(&err),
         },
     }
 }
