@@ -6,12 +6,15 @@
 //! - [`S3Server`]: a real S3-compatible server (s3s + s3s-fs) speaking HTTP on a free
 //!   127.0.0.1 port and storing on disk, or an external endpoint named by the environment.
 //!
+//! - [`KmsServer`]: a real KMS-compatible server (moto's, from PyPI) on a free 127.0.0.1
+//!   port, installed into a venv on first use.
 //! - [`Proxy`]: a TCP proxy in front of a real server that can be told to go silent
 //!   without closing anything (a lost network path).
 //!
 //! Nothing here is a mock: tests talk to the real servers over real sockets.
 
 mod cluster;
+pub mod kms;
 mod os_user;
 mod pg_bin;
 mod port;
@@ -19,6 +22,7 @@ mod proxy;
 mod s3;
 
 pub use cluster::{Cluster, ClusterOptions, StopMode, PASSWORD, PASSWORD_ROLES, SUPERUSER};
+pub use kms::KmsServer;
 pub use os_user::OsUser;
 pub use pg_bin::PgBin;
 pub use port::free_port;

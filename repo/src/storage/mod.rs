@@ -21,6 +21,7 @@ pub use faulty::{Fault, FaultyStorage};
 pub use fs::FsStorage;
 pub use memory::MemStorage;
 pub use retry::{RetryPolicy, RetryingStorage};
+pub(crate) use s3::https_client;
 pub use s3::{ConditionalPut, PayloadSigning, S3Settings, S3Storage};
 
 /// An object's bytes, as a stream of chunks.
