@@ -73,6 +73,10 @@ fn batches(pg: &Cluster) -> String {
 fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
     let s3 = S3Server::start().unwrap();
     let url = s3.repo_url("enc");
+    // KMS on moto's server, reached with the S3 server's credentials (moto takes any).
+    let kms = testbed::kms::KmsServer::start().unwrap();
+    let kms_key = kms.create_key().unwrap();
+    let kms_endpoint = kms.endpoint();
     let keys = tempfile::tempdir().unwrap();
     let a = key_file(keys.path(), "a");
     let b = key_file(keys.path(), "b");
@@ -87,7 +91,7 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
     pg.os_user().give_tree(keys.path()).unwrap();
     let pitr = |key: &[(&str, &str)]| {
         let mut c = crate::pitr();
-        c.envs(s3.env());
+        c.envs(s3.env()).env("AWS_ENDPOINT_URL_KMS", &kms_endpoint);
         for (k, v) in key {
             c.env(k, v);
         }
@@ -95,7 +99,7 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
     };
     let by_a = [("PITR_KEY_FILE", a.to_str().unwrap())];
 
-    // Three slots at once: a key file, a key command, a passphrase.
+    // Four slots at once: a key file, a key command, a passphrase, a KMS key.
     let out = succeeds(
         pitr(&[("TEST_PASSPHRASE", PASSPHRASE)])
             .args(["init", "--json", "--encrypt", "--repo", &url, "--key-file"])
@@ -105,13 +109,15 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
                 &command,
                 "--passphrase-env",
                 "TEST_PASSPHRASE",
+                "--kms-key-id",
+                &kms_key,
             ])
             .arg("--data-dir")
             .arg(pg.data_dir()),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["encryption"], "xchacha20-poly1305");
-    assert_eq!(v["key_slots"], 3);
+    assert_eq!(v["key_slots"], 4);
 
     let bin = pg
         .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
@@ -166,7 +172,8 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
         .iter()
         .map(|s| s["kind"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["file", "command", "passphrase"]);
+    assert_eq!(kinds, ["file", "command", "passphrase", "kms"]);
+    assert_eq!(slots[3]["kms_key_id"], kms_key.as_str());
     assert!(!String::from_utf8_lossy(&out.stdout).contains("wrapped"));
     let slot_a = slots[0]["id"].as_str().unwrap().to_owned();
 
@@ -174,7 +181,9 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
     // The binary the restored servers' restore_command will name: one they can run.
     let restore = |to: &Path, key: &[(&str, &str)]| -> Output {
         let mut c = std::process::Command::new(&bin);
-        c.envs(s3.env()).envs(key.iter().copied());
+        c.envs(s3.env())
+            .env("AWS_ENDPOINT_URL_KMS", &kms_endpoint)
+            .envs(key.iter().copied());
         c.args(["restore", "--repo", &url, "--to"])
             .arg(to)
             .output()
@@ -182,10 +191,12 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
     };
     // Each kind of key restores, and the restored server's restore_command fetches WAL
     // with the same key source.
-    let kinds: [(&str, Vec<(&str, &str)>); 3] = [
+    // (KMS: no key setting at all, the slot names its key.)
+    let kinds: [(&str, Vec<(&str, &str)>); 4] = [
         ("file", by_a.to_vec()),
         ("command", vec![("PITR_KEY_COMMAND", command.as_str())]),
         ("passphrase", vec![("PITR_PASSPHRASE", PASSPHRASE)]),
+        ("kms", vec![]),
     ];
     for (kind, key) in &kinds {
         let to = dirs.path().join(kind);
@@ -218,9 +229,10 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
     assert!(stderr(&out).contains("no key slot"), "{}", stderr(&out));
     assert!(stderr(&out).contains("HINT"), "{}", stderr(&out));
     assert!(is_empty_or_absent(&to));
-    let out = restore(&to, &[]);
+    // No key set and KMS unreachable: the KMS slot cannot open, and says why.
+    let out = restore(&to, &[("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:9")]);
     assert_eq!(code(&out), Some(11), "{}", stderr(&out));
-    assert!(stderr(&out).contains("no key is set"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("KMS"), "{}", stderr(&out));
     assert!(is_empty_or_absent(&to));
     // wal-fetch with a wrong key: above 125, never "not found".
     let dest = dirs.path().join("fetched");
@@ -261,7 +273,7 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
     assert!(to.join("PG_VERSION").is_file());
     let out = succeeds(pitr(&[]).args(["key", "list", "--json", "--repo", &url]));
     let slots: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(slots.as_array().unwrap().len(), 3);
+    assert_eq!(slots.as_array().unwrap().len(), 4);
     assert!(slots
         .as_array()
         .unwrap()
