@@ -4,6 +4,7 @@
 #
 #   benches/wal-push.sh            # 64 segments of each kind of WAL
 #   SEGMENTS=128 KINDS=realistic AHEAD=0,4,8 benches/wal-push.sh
+#   ENCRYPTION=none,file,passphrase ...  # also encrypted repositories (default none,file)
 #   KEEP=1 ...                     # leave the work dir and servers up for a look
 #
 # For each kind of WAL ("realistic": rows of hex text that compress about 2x; "pgbench":
@@ -19,6 +20,7 @@ cd "$(dirname "$0")/.."
 SEGMENTS="${SEGMENTS:-64}"
 KINDS="${KINDS:-realistic pgbench}"
 AHEAD="${AHEAD:-0,8}"
+ENCRYPTION="${ENCRYPTION:-none,file}"
 # shellcheck source=benches/lib.sh
 . benches/lib.sh
 
@@ -76,6 +78,6 @@ CONF
   done
   echo "== $kind WAL" 
   "$PITR" bench wal-push --repo "s3://pitr-test/pitr-$kind" --from "$dir/archive" \
-    --segments "$SEGMENTS" --ahead "$AHEAD" --compress-level 1 --data-dir "$dir/stage" "${peers[@]}"
+    --segments "$SEGMENTS" --ahead "$AHEAD" --encryption "$ENCRYPTION" --compress-level 1 --data-dir "$dir/stage" "${peers[@]}"
   as_pg "$PGBIN/pg_ctl" -D "$dir/data" -m fast stop >/dev/null
 done

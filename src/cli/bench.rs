@@ -52,6 +52,16 @@ struct WalPushArgs {
     parallel: Option<usize>,
     #[command(flatten)]
     compress: CompressArgs,
+    /// One pitr run per push-ahead level and repository encryption: none (plaintext), file
+    /// (a key file), passphrase (PITR_PASSPHRASE, Argon2id at every process that opens the
+    /// key); encrypted runs are also reported as a ratio to the plaintext run
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "none",
+        value_name = "none|file|passphrase,..."
+    )]
+    encryption: Vec<String>,
     /// Another archive command run over the same segments, as NAME=COMMAND; %p and %f as in
     /// archive_command, run from the staging data directory. May be given several times
     #[arg(long = "peer", value_name = "NAME=COMMAND")]
@@ -79,6 +89,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
 struct RunResult {
     name: String,
     kind: &'static str,
+    /// pitr runs: the repository's encryption (none, file, passphrase).
+    encryption: String,
     ahead: Option<usize>,
     seconds: f64,
     /// CPU of the archive commands and what they waited for (not detached helpers).
@@ -257,8 +269,13 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// Initializes the scratch repository at `url` for the cluster that wrote WAL segment `first`.
-async fn init_scratch(url: &RepoUrl, first: &std::path::Path) -> Result<(), Failure> {
+/// Initializes the scratch repository at `url` for the cluster that wrote WAL segment
+/// `first`, encrypted with `slots` when there are any.
+async fn init_scratch(
+    url: &RepoUrl,
+    first: &std::path::Path,
+    slots: &[repo::slots::NewSlot],
+) -> Result<(), Failure> {
     let bytes = std::fs::read(first)
         .map_err(|e| bad(format!("could not read \"{}\": {e}", first.display())))?;
     let s = walfmt::summary::summarize(&bytes)
@@ -274,7 +291,7 @@ async fn init_scratch(url: &RepoUrl, first: &std::path::Path) -> Result<(), Fail
     repo::repository::Repository::init(
         url,
         &identity,
-        &[],
+        slots,
         std::sync::Arc::new(repo::codec::Codec::new(1, 2)),
     )
     .await
@@ -357,11 +374,46 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
         .map_or(0, |d| d.as_secs());
     let level = args.compress.compress_level;
 
-    let mut results = Vec::new();
+    // Key material for encrypted runs, made here and removed with the staging directory.
+    let key_file = stage_dir.join("bench-key");
+    const PASSPHRASE: &str = "pitr bench passphrase, not a secret";
+    let mut runs = Vec::new();
     for &ahead in &args.ahead {
-        let target = url.join(&format!("bench-{run_id}-ahead{ahead}"));
+        for enc in &args.encryption {
+            runs.push((ahead, enc.as_str()));
+        }
+    }
+    let mut results = Vec::new();
+    for (ahead, enc) in runs {
+        let (slots, key_words) = match enc {
+            "none" => (Vec::new(), String::new()),
+            "file" => {
+                std::fs::write(&key_file, repo::crypto::random::<32>())
+                    .map_err(|e| bad(format!("could not write the bench key: {e}")))?;
+                (
+                    vec![repo::slots::NewSlot::File(key_file.clone())],
+                    format!(" --key-file {}", sh_quote(&key_file.to_string_lossy())),
+                )
+            }
+            "passphrase" => (
+                vec![repo::slots::NewSlot::Passphrase(zeroize::Zeroizing::new(
+                    PASSPHRASE.to_owned(),
+                ))],
+                String::new(),
+            ),
+            other => {
+                return Err(bad(format!("unknown --encryption \"{other}\""))
+                    .hint("none, file or passphrase"))
+            }
+        };
+        let target = url.join(&format!("bench-{run_id}-ahead{ahead}-{enc}"));
+        let env = if enc == "passphrase" {
+            format!("PITR_PASSPHRASE={} ", sh_quote(PASSPHRASE))
+        } else {
+            String::new()
+        };
         let mut command = format!(
-            "{} wal-push --repo {} --ahead {ahead} --compress-level {level}",
+            "{env}{} wal-push --repo {} --ahead {ahead} --compress-level {level}{key_words}",
             sh_quote(&exe.to_string_lossy()),
             sh_quote(&target.to_string()),
         );
@@ -371,9 +423,9 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
         command.push_str(" %p");
         stage(&stage_dir, &from, &segments)?;
         // The bench's own scratch location: initialized here, like pitr init would.
-        runtime.block_on(init_scratch(&target, &from.join(&segments[0].0)))?;
+        runtime.block_on(init_scratch(&target, &from.join(&segments[0].0), &slots))?;
         if !args.json {
-            eprintln!("running pitr with --ahead {ahead} ...");
+            eprintln!("running pitr with --ahead {ahead}, encryption {enc} ...");
         }
         let outcome = drive(&stage_dir, &command, &segments);
         let stored = match &outcome {
@@ -387,9 +439,15 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
             }
         }
         let (seconds, cpu, busy) = outcome?;
+        let name = if enc == "none" {
+            format!("pitr ahead={ahead}")
+        } else {
+            format!("pitr ahead={ahead} {enc}")
+        };
         results.push(RunResult {
-            name: format!("pitr ahead={ahead}"),
+            name,
             kind: "pitr",
+            encryption: enc.to_owned(),
             ahead: Some(ahead),
             seconds,
             command_cpu_seconds: cpu,
@@ -406,6 +464,7 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
         results.push(RunResult {
             name: name.clone(),
             kind: "peer",
+            encryption: String::new(),
             ahead: None,
             seconds,
             command_cpu_seconds: cpu,
@@ -414,6 +473,7 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
         });
     }
     let _ = std::fs::remove_dir_all(stage_dir.join("pg_wal"));
+    let _ = std::fs::remove_file(&key_file);
 
     let n = segments.len() as f64;
     let rate = |r: &RunResult| n / r.seconds.max(1e-9);
@@ -421,6 +481,17 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
         .iter()
         .filter(|r| r.kind == "pitr")
         .max_by(|a, b| rate(a).total_cmp(&rate(b)));
+    // Encrypted against plaintext at the same push-ahead level, from the same run.
+    let encryption_ratios: Vec<(String, String, f64)> = results
+        .iter()
+        .filter(|r| r.kind == "pitr" && r.encryption != "none")
+        .filter_map(|e| {
+            let plain = results
+                .iter()
+                .find(|p| p.kind == "pitr" && p.encryption == "none" && p.ahead == e.ahead)?;
+            Some((e.name.clone(), plain.name.clone(), rate(e) / rate(plain)))
+        })
+        .collect();
     let ratios: Vec<(String, String, f64)> = match best_pitr {
         Some(best) => results
             .iter()
@@ -443,6 +514,7 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
                 json!({
                     "name": r.name,
                     "kind": r.kind,
+                    "encryption": (r.kind == "pitr").then_some(r.encryption.as_str()),
                     "ahead": r.ahead,
                     "seconds": r.seconds,
                     "segments_per_second": rate(r),
@@ -468,6 +540,10 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
             "cores": std::thread::available_parallelism().map_or(1, |c| c.get()),
             "runs": runs,
             "ratios": ratios,
+            "encryption_ratios": encryption_ratios
+                .iter()
+                .map(|(e, p, x)| json!({"encrypted": e, "plain": p, "segments_per_second_ratio": x}))
+                .collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
         return Ok(());
@@ -480,12 +556,12 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
         url
     );
     println!(
-        "{:<24} {:>8} {:>8} {:>8} {:>13} {:>6}",
+        "{:<30} {:>8} {:>8} {:>8} {:>13} {:>6}",
         "run", "seg/s", "MB/s", "ratio", "cpu ms/seg", "busy"
     );
     for r in &results {
         println!(
-            "{:<24} {:>8.2} {:>8.1} {:>8} {:>13.1} {:>5.0}%",
+            "{:<30} {:>8.2} {:>8.1} {:>8} {:>13.1} {:>5.0}%",
             r.name,
             rate(r),
             input_bytes as f64 / 1e6 / r.seconds.max(1e-9),
@@ -499,6 +575,9 @@ fn wal_push(args: WalPushArgs) -> Result<(), Failure> {
     }
     for (p, q, x) in &ratios {
         println!("{p} vs {q}: {x:.2}x segments/s");
+    }
+    for (e, p, x) in &encryption_ratios {
+        println!("{e} vs {p}: {x:.2}x segments/s");
     }
     println!("cpu ms/seg counts the archive commands and every helper they start (reaped after the run); busy is the whole machine, servers too");
     Ok(())
