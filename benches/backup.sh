@@ -72,6 +72,10 @@ for run in $(seq "$RUNS"); do
   "$PITR" init --repo "s3://pitr-test/pitr-$run" --pg "$conn" >/dev/null
   timed pitr "$PITR" backup --repo "s3://pitr-test/pitr-$run" --pg "$conn" --fast --wal
   timed pitr-again "$PITR" backup --repo "s3://pitr-test/pitr-$run" --pg "$conn" --fast --wal
+  # The same into an encrypted repository (a key file): what encryption costs.
+  head -c 32 /dev/urandom >"$work/key"
+  "$PITR" init --encrypt --key-file "$work/key" --repo "s3://pitr-test/pitr-enc-$run" --pg "$conn" >/dev/null
+  timed pitr-encrypted env PITR_KEY_FILE="$work/key" "$PITR" backup --repo "s3://pitr-test/pitr-enc-$run" --pg "$conn" --fast --wal
 done
 # And one that waits for its WAL to be archived by pitr wal-push, as pgBackRest's does.
 timed pitr-archived "$PITR" backup --repo "s3://pitr-test/pitr-archive" --pg "$conn" --fast
@@ -85,4 +89,6 @@ awk -v size="$size" '
       printf "%-24s %8.2f %9.0f %9.2f %7.0f MiB\n", t, w, size/1e6/w, cpu[t]/n[t], rss[t]/1024 }
     if (("pgbackrest" in wall) && ("pitr" in wall))
       printf "\npgbackrest / pitr time: %.2fx (mean of %d runs)\n", (wall["pgbackrest"]/n["pgbackrest"])/(wall["pitr"]/n["pitr"]), n["pitr"]
+    if (("pitr-encrypted" in wall) && ("pitr" in wall))
+      printf "pitr encrypted / plain time: %.2fx (mean of %d runs)\n", (wall["pitr-encrypted"]/n["pitr-encrypted"])/(wall["pitr"]/n["pitr"]), n["pitr"]
   }' "$results"

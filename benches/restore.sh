@@ -40,11 +40,16 @@ port = $port
 listen_addresses = ''
 unix_socket_directories = '$dir'
 archive_mode = on
-archive_command = '$work/pitr wal-push --repo s3://pitr-test/pitr-r %p && pgbackrest --config=$work/pgbackrest.conf --stanza=bench archive-push %p'
+archive_command = '$work/pitr wal-push --repo s3://pitr-test/pitr-r %p && $work/pitr wal-push --repo s3://pitr-test/pitr-renc --key-file $work/key --state-dir pg_wal/.pitr/push-enc %p && pgbackrest --config=$work/pgbackrest.conf --stanza=bench archive-push %p'
 max_wal_size = 4GB
 CONF
 export PITR_CACHE_DIR="$work/pitr-cache"
 "$PITR" init --repo s3://pitr-test/pitr-r --data-dir "$dir/data" >/dev/null
+# The same WAL and backup in an encrypted repository too (a key file), to time what
+# encryption costs a restore.
+head -c 32 /dev/urandom >"$work/key"
+[ "$(id -u)" -eq 0 ] && chown postgres "$work/key"
+"$PITR" init --encrypt --key-file "$work/key" --repo s3://pitr-test/pitr-renc --data-dir "$dir/data" >/dev/null
 as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
 clusters+=("$dir/data")
 psql() { as_pg "$PGBIN/psql" -X -q -t -A -v ON_ERROR_STOP=1 -h "$1" -p "$2" -U postgres -c "$3" postgres; }
@@ -54,6 +59,7 @@ as_pg "$PGBIN/pgbench" -q -i -s "$SCALE" -h "$dir" -p "$port" -U postgres postgr
 conn="host=$dir port=$port user=postgres"
 echo "backing up with both ..." >&2
 "$PITR" backup --repo s3://pitr-test/pitr-r --pg "$conn" --fast >/dev/null
+"$PITR" backup --repo s3://pitr-test/pitr-renc --key-file "$work/key" --pg "$conn" --fast >/dev/null
 as_pg pgbackrest --config="$work/pgbackrest.conf" --stanza=bench --type=full --start-fast backup
 start_lsn="$(psql "$dir" "$port" "SELECT pg_current_wal_lsn()")"
 echo "writing $WAL_MB MB of WAL ..." >&2
@@ -110,13 +116,15 @@ timed_pitr() { # NAME [restore args]: pitr restore, then the server started by t
   echo "$t $r $(echo "$t + $r" | bc)"
   settle "$work/restores/$name"
 }
-timed_start() { # NAME: pitr restore --start (pitr starts the server and promotes it at the
-  # target, without the waited end-of-recovery checkpoint), until the same probe write
-  local name="$1" t0 t total p
+timed_start() { # NAME [REPO [restore args]]: pitr restore --start (pitr starts the server and
+  # promotes it at the target, without the waited end-of-recovery checkpoint), until the
+  # same probe write
+  local name="$1" repo="${2:-s3://pitr-test/pitr-r}" t0 t total p
+  shift; shift || true
   p="$(free_port)"
   mkdir -p "$work/$name-run"; [ "$(id -u)" -eq 0 ] && chown postgres "$work/$name-run"
   t0=$(now)
-  as_pg "$work/pitr" restore --repo s3://pitr-test/pitr-r --to "$work/restores/$name" --target-time "$target" \
+  as_pg "$work/pitr" restore --repo "$repo" --to "$work/restores/$name" --target-time "$target" "$@" \
     --start --pg-bin "$PGBIN" --server-option "port=$p" --server-option "unix_socket_directories=$work/$name-run" \
     --server-option archive_mode=off --json >"$work/$name-restore.json"
   clusters+=("$work/restores/$name")
@@ -146,6 +154,7 @@ run() { # VARIANT: one timed run of it
     pitr) out=$(timed_pitr "pitr-$round") ;;
     staged) out=$(timed_pitr "staged-$round" --prefetch-wal) ;;
     start) out=$(timed_start "start-$round") ;;
+    encrypted) out=$(timed_start "encrypted-$round" s3://pitr-test/pitr-renc --key-file "$work/key") ;;
     pgbackrest) out=$(timed_pgbackrest "pgbackrest-$round") ;;
   esac
   runs[$1]="${runs[$1]:-}${runs[$1]:+, }$(echo "$out" | awk '{printf "%.2f", $3}')"
@@ -156,15 +165,15 @@ run() { # VARIANT: one timed run of it
 }
 settle
 for round in 1 2; do
-  if [ "$round" = 1 ]; then order="pitr staged start pgbackrest"; else order="pgbackrest start staged pitr"; fi
+  if [ "$round" = 1 ]; then order="pitr staged start encrypted pgbackrest"; else order="pgbackrest encrypted start staged pitr"; fi
   for v in $order; do run "$v"; done
 done
 
 echo
 printf '%-28s %9s %9s %9s   %s\n' tool restore recovery total "(both runs' totals)"
-for v in pitr staged start pgbackrest; do
+for v in pitr staged start encrypted pgbackrest; do
   case "$v" in
-    pitr) label="pitr" ;; staged) label="pitr --prefetch-wal" ;; start) label="pitr --start" ;; pgbackrest) label="pgbackrest" ;;
+    pitr) label="pitr" ;; staged) label="pitr --prefetch-wal" ;; start) label="pitr --start" ;; encrypted) label="pitr --start, encrypted" ;; pgbackrest) label="pgbackrest" ;;
   esac
   read -r t r tot <<<"${best[$v]}"
   printf '%-28s %8.2fs %8.2fs %8.2fs   (%s)\n' "$label" "$t" "$r" "$tot" "${runs[$v]}"
@@ -174,6 +183,8 @@ printf '\npgbackrest / pitr total: %.2fx, with --prefetch-wal %.2fx, with --star
   "$(echo "$pgb / $(echo "${best[pitr]}" | awk '{print $3}')" | bc -l)" \
   "$(echo "$pgb / $(echo "${best[staged]}" | awk '{print $3}')" | bc -l)" \
   "$(echo "$pgb / $(echo "${best[start]}" | awk '{print $3}')" | bc -l)"
+printf 'pitr --start encrypted / plain total: %.2fx\n' \
+  "$(echo "$(echo "${best[encrypted]}" | awk '{print $3}') / $(echo "${best[start]}" | awk '{print $3}')" | bc -l)"
 # Where the time went, in each variant's better run: pitr's phases, and each server's own
 # account of its recovery (redo, then the first checkpoint: the end-of-recovery one that
 # PostgreSQL waits for before it accepts writes, except after --start's promotion).

@@ -237,12 +237,13 @@ impl Argon2Params {
         p: 1,
     };
 
-    /// Parameters a reader accepts from a slot: enough to mean something, and bounded, so
-    /// a slot cannot make a reader allocate gigabytes or run for hours.
+    /// Parameters a reader accepts from a slot: enough to mean something, and bounded (at
+    /// most 1 GiB, 16 passes, 4 lanes), so a planted slot cannot make archive_command on a
+    /// database host allocate gigabytes or run for minutes.
     pub fn check(&self) -> Result<(), String> {
-        let ok = (8 * 1024..=4 * 1024 * 1024).contains(&self.m_kib)
-            && (1..=64).contains(&self.t)
-            && (1..=16).contains(&self.p);
+        let ok = (8 * 1024..=1024 * 1024).contains(&self.m_kib)
+            && (1..=16).contains(&self.t)
+            && (1..=4).contains(&self.p);
         if ok {
             Ok(())
         } else {

@@ -61,6 +61,9 @@ pub enum KeySetting {
     Command(String),
     /// A passphrase (from the environment).
     Passphrase(Zeroizing<String>),
+    /// Only KMS slots of this KMS key id or ARN (with nothing set, any KMS slot is tried;
+    /// naming the key pins it, and makes a plaintext repository an error like any key).
+    Kms(String),
 }
 
 impl std::fmt::Debug for KeySetting {
@@ -80,8 +83,10 @@ impl KeySetting {
         match self {
             KeySetting::None => "no key setting".into(),
             KeySetting::File(p) => format!("key file \"{}\"", p.display()),
-            KeySetting::Command(c) => format!("key command \"{c}\""),
+            // Not the command's text: it may carry a token, and messages reach server logs.
+            KeySetting::Command(_) => "key command (PITR_KEY_COMMAND, --key-command)".into(),
             KeySetting::Passphrase(_) => "the passphrase in PITR_PASSPHRASE".into(),
+            KeySetting::Kms(k) => format!("KMS key \"{k}\""),
         }
     }
 
@@ -91,6 +96,7 @@ impl KeySetting {
             KeySetting::File(_) => Some(SlotKind::File),
             KeySetting::Command(_) => Some(SlotKind::Command),
             KeySetting::Passphrase(_) => Some(SlotKind::Passphrase),
+            KeySetting::Kms(_) => Some(SlotKind::Kms),
         }
     }
 }
@@ -112,7 +118,7 @@ impl std::fmt::Debug for NewSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             NewSlot::File(p) => write!(f, "key file \"{}\"", p.display()),
-            NewSlot::Command(c) => write!(f, "key command \"{c}\""),
+            NewSlot::Command(_) => f.write_str("key command"),
             NewSlot::Passphrase(_) => f.write_str("passphrase"),
             NewSlot::Kms(k) => write!(f, "KMS key \"{k}\""),
         }
@@ -237,12 +243,22 @@ pub enum KeyError {
     /// Concurrent changes kept winning.
     #[error("the key slots changed concurrently {0} times; nothing was changed")]
     Busy(u32),
+    /// The new slot set is in force, but older ones (which may hold a removed slot) could
+    /// not be deleted.
+    #[error("the key slots changed, but older slot sets could not be deleted: {0}")]
+    Leftover(String),
+    /// A new key source that does not give the same key twice.
+    #[error("the {0} gave different keys when read twice; no slot was made for it")]
+    Unstable(String),
 }
 
 impl KeyError {
     /// Whether this is about the key (exit 11) rather than damage or storage.
     pub fn is_key_problem(&self) -> bool {
-        !matches!(self, KeyError::Damaged(_) | KeyError::Storage(_))
+        !matches!(
+            self,
+            KeyError::Damaged(_) | KeyError::Storage(_) | KeyError::Leftover(_)
+        )
     }
 
     /// What the operator can do about it.
@@ -257,6 +273,10 @@ impl KeyError {
             KeyError::LastSlot(_) => Some("add the new key first with pitr key add"),
             KeyError::UnknownSlot(_) => Some("pitr key list shows the slots' ids"),
             KeyError::Busy(_) => Some("run it again once the other change is done"),
+            KeyError::Leftover(_) => Some(
+                "until they are deleted, a removed key can still unwrap the data key from them; check the storage and delete the keys/ objects older than the newest",
+            ),
+            KeyError::Unstable(_) => Some("a key source must print the same key every time"),
             _ => None,
         }
     }
@@ -285,7 +305,9 @@ fn read_file(path: &std::path::Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     let what = || format!("key file \"{}\"", path.display());
     let file = std::fs::File::open(path)
         .map_err(|e| KeyError::Source(format!("could not open {}: {e}", what())))?;
-    let mut bytes = Zeroizing::new(Vec::new());
+    // Room for the largest accepted key up front: a growing buffer would leave copies of
+    // the key in freed memory.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MATERIAL_MAX + 1));
     file.take(MATERIAL_MAX as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| KeyError::Source(format!("could not read {}: {e}", what())))?;
@@ -385,6 +407,12 @@ pub async fn make_slot(source: &NewSlot, data: &DataKey) -> Result<Slot, KeyErro
     let (kind, fingerprint, wrapped, kdf, kms_key_id) = match source {
         NewSlot::File(path) => {
             let kek = WrappingKey::from_material(&read_file(path)?);
+            if WrappingKey::from_material(&read_file(path)?).fingerprint() != kek.fingerprint() {
+                return Err(KeyError::Unstable(format!(
+                    "key file \"{}\"",
+                    path.display()
+                )));
+            }
             (
                 SlotKind::File,
                 kek.fingerprint(),
@@ -395,6 +423,13 @@ pub async fn make_slot(source: &NewSlot, data: &DataKey) -> Result<Slot, KeyErro
         }
         NewSlot::Command(cmd) => {
             let kek = WrappingKey::from_material(&run_command(cmd).await?);
+            // A command that prints another key next time (a generator, not a store)
+            // would make a slot nothing can open again.
+            if WrappingKey::from_material(&run_command(cmd).await?).fingerprint()
+                != kek.fingerprint()
+            {
+                return Err(KeyError::Unstable("key command".into()));
+            }
             (
                 SlotKind::Command,
                 kek.fingerprint(),
@@ -450,41 +485,107 @@ async fn generations(storage: &dyn Storage) -> Result<Vec<u64>, KeyError> {
     Ok(g)
 }
 
-/// A stored set, parsed but not yet authenticated (None: gone meanwhile).
-async fn read_set(
-    storage: &dyn Storage,
-    generation: u64,
-) -> Result<Option<(SlotSet, StoredSet)>, KeyError> {
+/// Generations a reader looks at, newest first. Every change deletes the older ones, so
+/// more than a couple means someone else wrote them; each costs a reader a read (and for
+/// passphrase and KMS slots, a derivation or a call), so their number is bounded.
+const GENERATIONS_READ: usize = 8;
+/// The largest generation a key can name (ten digits).
+const GENERATION_MAX: u64 = 9_999_999_999;
+
+/// What reading one stored set gave.
+enum ReadSet {
+    /// Deleted between the listing and the read (a concurrent change).
+    Gone,
+    /// Not a slot set pitr wrote (unreadable, unknown format, malformed slots): ignored.
+    Unreadable(String),
+    /// A well-formed set, not yet authenticated.
+    Set(SlotSet, StoredSet),
+}
+
+/// Reads generation `generation`. Only a storage failure is an error: a set that does not
+/// parse is reported as [`ReadSet::Unreadable`] and skipped by readers, so a set planted by
+/// someone without the key cannot stop a repository from opening.
+async fn read_set(storage: &dyn Storage, generation: u64) -> Result<ReadSet, KeyError> {
     let key = set_key(generation);
     let bytes = match storage.get_range(&key, 0..SET_MAX + 4096).await {
         Ok(b) => b,
-        Err(e) if e.is_not_found() => return Ok(None),
-        Err(e) => return Err(ObjectError::from(e).into_key_error()),
+        Err(e) if e.is_not_found() => return Ok(ReadSet::Gone),
+        Err(e) => {
+            return match ObjectError::from(e) {
+                ObjectError::Storage(e) => Err(KeyError::Storage(e)),
+                other => Ok(ReadSet::Unreadable(other.to_string())),
+            }
+        }
     };
-    let damaged = |what: String| KeyError::Damaged(format!("\"{key}\": {what}"));
-    let (_, plain) =
-        envelope::decode_at_most(&bytes, SET_MAX).map_err(|e| damaged(e.to_string()))?;
-    let stored: StoredSet = serde_json::from_slice(&plain).map_err(|e| damaged(e.to_string()))?;
-    let set: SlotSet = serde_json::from_str(&stored.set).map_err(|e| damaged(e.to_string()))?;
-    if set.format != 1 {
-        return Err(damaged(format!(
-            "slot set format {} is not supported by this pitr",
-            set.format
-        )));
-    }
-    if set.slots.len() > SLOTS_MAX {
-        return Err(damaged(format!("{} slots", set.slots.len())));
-    }
-    Ok(Some((set, stored)))
+    Ok(match parse_set(generation, &bytes) {
+        Ok((set, stored)) => ReadSet::Set(set, stored),
+        Err(why) => ReadSet::Unreadable(format!("\"{key}\": {why}")),
+    })
 }
 
-impl ObjectError {
-    fn into_key_error(self) -> KeyError {
-        match self {
-            ObjectError::Storage(e) => KeyError::Storage(e),
-            other => KeyError::Damaged(other.to_string()),
+/// Parses and checks a stored set's shape (sans-IO): every field of every slot is what
+/// pitr writes, so nothing later trusts a length, a cost or a string it was told.
+fn parse_set(generation: u64, bytes: &[u8]) -> Result<(SlotSet, StoredSet), String> {
+    let (_, plain) = envelope::decode_at_most(bytes, SET_MAX).map_err(|e| e.to_string())?;
+    let stored: StoredSet = serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
+    let set: SlotSet = serde_json::from_str(&stored.set).map_err(|e| e.to_string())?;
+    if set.format != 1 {
+        return Err(format!(
+            "slot set format {} is not supported by this pitr",
+            set.format
+        ));
+    }
+    if set.generation != generation {
+        return Err(format!("it says generation {}", set.generation));
+    }
+    if set.slots.is_empty() || set.slots.len() > SLOTS_MAX {
+        return Err(format!("{} slots", set.slots.len()));
+    }
+    let hex_of = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    for slot in &set.slots {
+        let bad = |what: &str| format!("slot \"{}\": {what}", slot.id.escape_debug());
+        if !hex_of(&slot.id, 8) {
+            return Err(bad("its id is not 8 hex digits"));
+        }
+        if !hex_of(&slot.fingerprint, 16) {
+            return Err(bad("its fingerprint is not 16 hex digits"));
+        }
+        let wrapped_len = slot.wrapped.len() / 2;
+        if slot.wrapped.len() % 2 != 0 || hex::decode(&slot.wrapped).is_err() {
+            return Err(bad("its wrapped key is not hex"));
+        }
+        match slot.kind {
+            SlotKind::File | SlotKind::Command | SlotKind::Passphrase => {
+                if wrapped_len != crypto::NONCE_LEN + KEY_LEN + crypto::TAG_LEN {
+                    return Err(bad("its wrapped key has the wrong length"));
+                }
+            }
+            SlotKind::Kms => {
+                if wrapped_len > 8192 {
+                    return Err(bad("its KMS blob is too long"));
+                }
+            }
+        }
+        match (slot.kind, &slot.kdf, &slot.kms_key_id) {
+            (SlotKind::Passphrase, Some(kdf), None) => {
+                if kdf.algorithm != "argon2id" || kdf.version != 19 {
+                    return Err(bad("an unknown key derivation"));
+                }
+                kdf.params.check().map_err(|e| bad(&e))?;
+                if !(32..=128).contains(&kdf.salt.len()) || !hex_of(&kdf.salt, kdf.salt.len()) {
+                    return Err(bad("its salt is not 16..64 hex bytes"));
+                }
+            }
+            (SlotKind::Kms, None, Some(id)) => {
+                if id.is_empty() || id.len() > 2048 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(bad("its KMS key id is not printable"));
+                }
+            }
+            (SlotKind::File | SlotKind::Command, None, None) => {}
+            _ => return Err(bad("fields that do not belong to its kind")),
         }
     }
+    Ok((set, stored))
 }
 
 fn authentic(keys: &Keys, generation: u64, set: &SlotSet, stored: &StoredSet) -> bool {
@@ -496,26 +597,59 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Tries to unwrap `slot` with the setting's key; `cache` holds the wrapping key already
-/// made from the setting (file, command: one per setting).
+/// The newest [`GENERATIONS_READ`] sets that parse, newest first, and every generation
+/// listed. A listing whose sets all vanished before they were read (a concurrent change
+/// deleted them after writing a newer one) is listed again rather than taken for damage.
+async fn read_sets(
+    storage: &dyn Storage,
+) -> Result<(Vec<u64>, Vec<(u64, SlotSet, StoredSet)>, Vec<String>), KeyError> {
+    let mut attempt = 0;
+    loop {
+        let gens = generations(storage).await?;
+        let (mut sets, mut unreadable, mut gone) = (Vec::new(), Vec::new(), false);
+        for &g in gens.iter().take(GENERATIONS_READ) {
+            match read_set(storage, g).await? {
+                ReadSet::Set(set, stored) => sets.push((g, set, stored)),
+                ReadSet::Unreadable(why) => unreadable.push(why),
+                ReadSet::Gone => gone = true,
+            }
+        }
+        attempt += 1;
+        if !sets.is_empty() || !gone || attempt == 4 {
+            return Ok((gens, sets, unreadable));
+        }
+        tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+    }
+}
+
+/// Wrapping keys already made while opening, so that no derivation runs twice.
+#[derive(Default)]
+struct Derived {
+    /// From the key file or command (one per setting).
+    material: Option<WrappingKey>,
+    /// From the passphrase, by (salt, parameters).
+    stretched: Vec<(String, Argon2Params, WrappingKey)>,
+}
+
+/// Tries to unwrap `slot` with the setting's key.
 async fn try_slot(
     slot: &Slot,
     setting: &KeySetting,
-    material_key: &mut Option<WrappingKey>,
+    derived: &mut Derived,
 ) -> Result<Option<DataKey>, KeyError> {
-    let wrapped = hex::decode(&slot.wrapped)
-        .map_err(|_| KeyError::Damaged(format!("slot {}: wrapped key is not hex", slot.id)))?;
+    // parse_set checked the hex and the lengths.
+    let wrapped = hex::decode(&slot.wrapped).unwrap_or_default();
     match (slot.kind, setting) {
         (SlotKind::File, KeySetting::File(_)) | (SlotKind::Command, KeySetting::Command(_)) => {
-            if material_key.is_none() {
+            if derived.material.is_none() {
                 let material = match setting {
                     KeySetting::File(p) => read_file(p)?,
                     KeySetting::Command(c) => run_command(c).await?,
                     _ => unreachable!("matched above"),
                 };
-                *material_key = Some(WrappingKey::from_material(&material));
+                derived.material = Some(WrappingKey::from_material(&material));
             }
-            let kek = material_key.as_ref().expect("set above");
+            let kek = derived.material.as_ref().expect("set above");
             if kek.fingerprint() != slot.fingerprint {
                 return Ok(None);
             }
@@ -523,129 +657,156 @@ async fn try_slot(
         }
         (SlotKind::Passphrase, KeySetting::Passphrase(p)) => {
             let Some(kdf) = &slot.kdf else {
-                return Err(KeyError::Damaged(format!(
-                    "passphrase slot {} has no kdf",
-                    slot.id
-                )));
+                return Ok(None);
             };
-            let kek = stretch(p.clone(), kdf).await?;
+            let known = derived
+                .stretched
+                .iter()
+                .position(|(salt, params, _)| *salt == kdf.salt && *params == kdf.params);
+            let i = match known {
+                Some(i) => i,
+                None => {
+                    let kek = stretch(p.clone(), kdf).await?;
+                    derived.stretched.push((kdf.salt.clone(), kdf.params, kek));
+                    derived.stretched.len() - 1
+                }
+            };
+            let kek = &derived.stretched[i].2;
+            // The fingerprint first: the AEAD does not commit to its key, so a planted
+            // blob must not be what tells one passphrase from another.
+            if kek.fingerprint() != slot.fingerprint {
+                return Ok(None);
+            }
             Ok(kek.unwrap(&wrapped, &slot.id).ok())
         }
-        (SlotKind::Kms, KeySetting::None) => {
+        (SlotKind::Kms, KeySetting::None | KeySetting::Kms(_)) => {
             let Some(key_id) = &slot.kms_key_id else {
-                return Err(KeyError::Damaged(format!(
-                    "KMS slot {} has no key id",
-                    slot.id
-                )));
+                return Ok(None);
             };
-            let plain = crate::kms::decrypt(key_id, &wrapped, &[(KMS_CONTEXT_KEY, &slot.id)])
-                .await
-                .map_err(|e| KeyError::Kms(e.to_string()))?;
-            let bytes: [u8; KEY_LEN] = plain[..].try_into().map_err(|_| {
-                KeyError::Damaged(format!("KMS slot {} holds no data key", slot.id))
-            })?;
-            Ok(Some(DataKey::from_bytes(bytes)))
+            if matches!(setting, KeySetting::Kms(pinned) if pinned != key_id) {
+                return Ok(None);
+            }
+            let plain = Zeroizing::new(
+                crate::kms::decrypt(key_id, &wrapped, &[(KMS_CONTEXT_KEY, &slot.id)])
+                    .await
+                    .map_err(|e| KeyError::Kms(e.to_string()))?,
+            );
+            Ok(<[u8; KEY_LEN]>::try_from(&plain[..])
+                .ok()
+                .map(DataKey::from_bytes))
         }
         _ => Ok(None),
     }
 }
 
-/// Opens the repository's data key with `setting` (KMS slots when nothing is set): finds a
-/// slot it opens in any stored set (newest first), then the newest set that is authentic
-/// under that data key, which must still hold the slot.
+/// Opens the repository's data key with `setting` (KMS slots when nothing is set): a slot
+/// it opens in any of the newest stored sets, whose data key authenticates a set (the
+/// newest such set is the one in force), which must still hold that slot.
 pub async fn open(storage: &dyn Storage, setting: &KeySetting) -> Result<Opened, KeyError> {
-    let gens = generations(storage).await?;
-    let mut sets = Vec::new();
-    for &g in &gens {
-        if let Some(s) = read_set(storage, g).await? {
-            sets.push((g, s));
-        }
-    }
+    let (gens, sets, unreadable) = read_sets(storage).await?;
     if sets.is_empty() {
-        return Err(KeyError::Damaged(
-            "the repository is encrypted but holds no key slot set".into(),
-        ));
+        return Err(KeyError::Damaged(match unreadable.first() {
+            Some(why) => format!("no key slot set can be read: {why}"),
+            None => "the repository is encrypted but holds no key slot set".into(),
+        }));
     }
-    let mut material_key = None;
+    let wanted = setting.kind().unwrap_or(SlotKind::Kms);
+    let mut derived = Derived::default();
     let mut tried = std::collections::HashSet::new();
-    let mut found: Option<(DataKey, Slot)> = None;
     let mut kms_error = None;
-    'sets: for (_, (set, _)) in &sets {
+    let mut foreign = false;
+    for (_, set, _) in &sets {
         for slot in &set.slots {
-            let wanted = setting.kind().unwrap_or(SlotKind::Kms);
             if slot.kind != wanted || !tried.insert((slot.id.clone(), slot.wrapped.clone())) {
                 continue;
             }
-            match try_slot(slot, setting, &mut material_key).await {
-                Ok(Some(data)) => {
-                    found = Some((data, slot.clone()));
-                    break 'sets;
+            let data = match try_slot(slot, setting, &mut derived).await {
+                Ok(Some(data)) => data,
+                Ok(None) => continue,
+                Err(KeyError::Kms(e)) => {
+                    kms_error = Some(e);
+                    continue;
                 }
-                Ok(None) => {}
-                Err(KeyError::Kms(e)) => kms_error = Some(e),
                 Err(e) => return Err(e),
+            };
+            let keys = Keys::new(&data);
+            // A slot whose data key authenticates no set is not this repository's (a
+            // planted one): keep looking.
+            let Some((_, current, _)) = sets
+                .iter()
+                .find(|(g, set, stored)| authentic(&keys, *g, set, stored))
+            else {
+                foreign = true;
+                continue;
+            };
+            if !current
+                .slots
+                .iter()
+                .any(|s| s.id == slot.id && s.wrapped == slot.wrapped)
+            {
+                let what = match setting {
+                    KeySetting::None => format!("KMS key of slot {}", slot.id),
+                    s => s.describe(),
+                };
+                return Err(KeyError::Removed(what));
             }
+            return Ok(Opened {
+                keys: Arc::new(keys),
+                data,
+                current: current.clone(),
+                generations: gens,
+            });
         }
     }
-    let Some((data, slot)) = found else {
-        return Err(match (setting, kms_error) {
-            (KeySetting::None, Some(e)) => KeyError::Kms(e),
-            (KeySetting::None, None) => KeyError::NotSet,
-            (s, _) => KeyError::NoSlot(s.describe()),
-        });
-    };
-    let keys = Keys::new(&data);
-    let Some((_, (current, _))) = sets
-        .iter()
-        .find(|(g, (set, stored))| authentic(&keys, *g, set, stored))
-    else {
+    if foreign {
         return Err(KeyError::Damaged(
-            "no key slot set is authentic under the data key".into(),
+            "a key slot opened, but no key slot set is authentic under its data key".into(),
         ));
-    };
-    if !current
-        .slots
-        .iter()
-        .any(|s| s.id == slot.id && s.wrapped == slot.wrapped)
-    {
-        let what = match setting {
-            KeySetting::None => format!("KMS key of slot {}", slot.id),
-            s => s.describe(),
-        };
-        return Err(KeyError::Removed(what));
     }
-    Ok(Opened {
-        keys: Arc::new(keys),
-        data,
-        current: current.clone(),
-        generations: gens,
+    Err(match (setting, kms_error) {
+        (KeySetting::None | KeySetting::Kms(_), Some(e)) => KeyError::Kms(e),
+        (KeySetting::None, None) => KeyError::NotSet,
+        (s, _) => KeyError::NoSlot(s.describe()),
     })
 }
 
-/// The newest slot set as stored, not authenticated (`pitr key list` needs no key); with
-/// `opened`, the set in force.
+/// The newest slot set that parses (`pitr key list` needs no key), not authenticated:
+/// [`open`] gives the set in force.
 pub async fn list(storage: &dyn Storage) -> Result<SlotSet, KeyError> {
-    for g in generations(storage).await? {
-        if let Some((set, _)) = read_set(storage, g).await? {
-            return Ok(set);
-        }
+    let (_, sets, unreadable) = read_sets(storage).await?;
+    match sets.into_iter().next() {
+        Some((_, set, _)) => Ok(set),
+        None => Err(KeyError::Damaged(match unreadable.first() {
+            Some(why) => format!("no key slot set can be read: {why}"),
+            None => "the repository holds no key slot set".into(),
+        })),
     }
-    Err(KeyError::Damaged(
-        "the repository holds no key slot set".into(),
-    ))
 }
 
-/// Stores a new set: put-if-absent of `keys/<generation>`; true when stored.
+/// Stores a new set: put-if-absent of `keys/<generation>`; true when stored (also when a
+/// retried request finds the set it wrote itself there).
 async fn put_set(storage: &dyn Storage, keys: &Keys, set: &SlotSet) -> Result<bool, KeyError> {
     let text = serde_json::to_string(set).map_err(|e| KeyError::Damaged(e.to_string()))?;
     let mac = hex::encode(keys.slot_set_mac(text.as_bytes()));
-    let stored = serde_json::to_vec_pretty(&StoredSet { set: text, mac })
-        .map_err(|e| KeyError::Damaged(e.to_string()))?;
+    let stored = serde_json::to_vec_pretty(&StoredSet {
+        set: text.clone(),
+        mac: mac.clone(),
+    })
+    .map_err(|e| KeyError::Damaged(e.to_string()))?;
     let env = envelope::encode(&stored, EncodeOptions { zstd_level: None });
     let outcome = storage
         .put(&set_key(set.generation), env, PutMode::IfAbsent)
         .await?;
-    Ok(outcome == PutOutcome::Stored)
+    if outcome == PutOutcome::Stored {
+        return Ok(true);
+    }
+    // Taken: by a concurrent change, or by this one (a request that landed but whose
+    // answer was lost, then retried). The set's text names its creation time to the
+    // microsecond, so only our own write has our text.
+    Ok(matches!(
+        read_set(storage, set.generation).await?,
+        ReadSet::Set(_, theirs) if theirs.set == text && theirs.mac == mac
+    ))
 }
 
 /// The first slot set of a new encrypted repository (`pitr init --encrypt`): false when a
@@ -665,8 +826,9 @@ pub async fn create(
 }
 
 /// Applies `change` to the set in force and stores the result as the next generation,
-/// again from the newer set if a concurrent change got there first; then deletes the older
-/// generations. Returns the new set.
+/// again from the newer set if a concurrent change got there first. Once the new set reads
+/// back as the one in force, the older generations are deleted (they may hold a removed
+/// slot); a failure to delete them is reported. Returns the new set.
 async fn change(
     storage: &dyn Storage,
     setting: &KeySetting,
@@ -680,20 +842,45 @@ async fn change(
         if next.slots.is_empty() {
             return Err(KeyError::LastSlot(String::new()));
         }
-        next.generation = opened.generations.first().copied().unwrap_or(0) + 1;
-        next.created = now();
-        if put_set(storage, &opened.keys, &next).await? {
-            let older: Vec<String> = opened
-                .generations
-                .iter()
-                .filter(|g| **g < next.generation)
-                .map(|g| set_key(*g))
-                .collect();
-            // The new set is in force from here; a failure to delete the old ones leaves
-            // sets that are no longer used (and are deleted by the next change).
-            let _ = storage.delete(&older).await;
-            return Ok(next);
+        // The generation after the one in force, not after the newest listed: a planted
+        // set with a huge number must not push the next one past what keys can name.
+        next.generation = opened.current.generation + 1;
+        if next.generation > GENERATION_MAX {
+            return Err(KeyError::Damaged(
+                "the key slot sets' generations are used up".into(),
+            ));
         }
+        next.created = now();
+        if !put_set(storage, &opened.keys, &next).await? {
+            continue;
+        }
+        let after = open(storage, setting).await;
+        let in_force = match &after {
+            Ok(o) => o.current.generation == next.generation,
+            // Opened with a key that the change itself removed: the new set is read back
+            // by its generation instead.
+            Err(KeyError::Removed(_)) => true,
+            Err(_) => false,
+        };
+        if !in_force {
+            return Err(KeyError::Leftover(format!(
+                "the new set {} did not read back as the one in force",
+                set_key(next.generation)
+            )));
+        }
+        // The older generations go (they may hold a removed slot). Newer ones are left
+        // alone, even the ones found not authentic above: a concurrent change may have
+        // written one since, and deleting it could leave no set at all.
+        let others: Vec<String> = generations(storage)
+            .await?
+            .into_iter()
+            .filter(|g| *g < next.generation)
+            .map(set_key)
+            .collect();
+        if let Err(e) = storage.delete(&others).await {
+            return Err(KeyError::Leftover(e.to_string()));
+        }
+        return Ok(next);
     }
     Err(KeyError::Busy(ATTEMPTS))
 }
@@ -713,7 +900,10 @@ pub async fn add(
                 "the repository already has {SLOTS_MAX} key slots"
             )));
         }
-        set.slots.push(added.clone());
+        // A retried change that got its set stored already holds the slot.
+        if !set.slots.iter().any(|s| s.id == added.id) {
+            set.slots.push(added.clone());
+        }
         Ok(())
     })
     .await?;
@@ -850,6 +1040,119 @@ mod tests {
             open(&storage, &KeySetting::File(a.clone())).await,
             Err(KeyError::Removed(_))
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_removals_never_leave_zero_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..10 {
+            let storage = std::sync::Arc::new(MemStorage::new());
+            let a = key_file(dir.path(), "a", 1);
+            let b = key_file(dir.path(), "b", 2);
+            let data = DataKey::generate();
+            let slot_a = make_slot(&NewSlot::File(a.clone()), &data).await.unwrap();
+            let slot_b = make_slot(&NewSlot::File(b.clone()), &data).await.unwrap();
+            create(
+                storage.as_ref(),
+                &data,
+                vec![slot_a.clone(), slot_b.clone()],
+            )
+            .await
+            .unwrap();
+            // Each removes the other's slot, opening with its own key: one wins, the other
+            // finds its own slot gone or would leave none, and changes nothing.
+            let (sa, sb) = (storage.clone(), storage.clone());
+            let (ka, kb) = (KeySetting::File(a.clone()), KeySetting::File(b.clone()));
+            let (ida, idb) = (slot_b.id.clone(), slot_a.id.clone());
+            let (x, y) = tokio::join!(
+                tokio::spawn(async move { remove(sa.as_ref(), &ka, &ida).await }),
+                tokio::spawn(async move { remove(sb.as_ref(), &kb, &idb).await }),
+            );
+            let (x, y) = (x.unwrap(), y.unwrap());
+            assert!(x.is_ok() != y.is_ok(), "{x:?} {y:?}");
+            let left = list(storage.as_ref()).await.unwrap();
+            assert_eq!(left.slots.len(), 1);
+            let survivor = if x.is_ok() { &a } else { &b };
+            open(storage.as_ref(), &KeySetting::File(survivor.clone()))
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn planted_sets_neither_block_opening_nor_brick_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = MemStorage::new();
+        let a = key_file(dir.path(), "a", 1);
+        let b = key_file(dir.path(), "b", 2);
+        let data = DataKey::generate();
+        let slot_a = make_slot(&NewSlot::File(a.clone()), &data).await.unwrap();
+        create(&storage, &data, vec![slot_a.clone()]).await.unwrap();
+        let by_a = KeySetting::File(a.clone());
+        // Garbage at the highest generation a key can name, and a well-formed set below it,
+        // authentic under someone else's data key, with a slot for their own key.
+        storage
+            .put(
+                &set_key(GENERATION_MAX),
+                bytes::Bytes::from_static(b"junk"),
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
+        let theirs = DataKey::generate();
+        let forged = SlotSet {
+            format: 1,
+            generation: GENERATION_MAX - 1,
+            created: now(),
+            slots: vec![
+                make_slot(&NewSlot::File(key_file(dir.path(), "c", 3)), &theirs)
+                    .await
+                    .unwrap(),
+            ],
+        };
+        assert!(put_set(&storage, &Keys::new(&theirs), &forged)
+            .await
+            .unwrap());
+        let opened = open(&storage, &by_a).await.unwrap();
+        assert_eq!(opened.data.bytes(), data.bytes());
+        assert_eq!(opened.current.generation, 1);
+        // A change goes to the generation after the one in force, and deletes the older.
+        add(&storage, &by_a, &NewSlot::File(b.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            generations(&storage).await.unwrap(),
+            vec![GENERATION_MAX, GENERATION_MAX - 1, 2]
+        );
+        assert_eq!(
+            open(&storage, &KeySetting::File(b))
+                .await
+                .unwrap()
+                .data
+                .bytes(),
+            data.bytes()
+        );
+        // A set with hostile fields is skipped, not trusted: here, Argon2 at 4 GiB.
+        let mut costly = list(&storage).await.unwrap();
+        costly.generation = 3;
+        costly.slots[0].kind = SlotKind::Passphrase;
+        costly.slots[0].kdf = Some(Kdf {
+            algorithm: "argon2id".into(),
+            version: 19,
+            params: Argon2Params {
+                m_kib: 4 << 20,
+                t: 64,
+                p: 16,
+            },
+            salt: "00".repeat(16),
+        });
+        assert!(put_set(&storage, &Keys::new(&data), &costly).await.unwrap());
+        let pass = KeySetting::Passphrase(Zeroizing::new("whatever it is".into()));
+        assert!(matches!(
+            open(&storage, &pass).await,
+            Err(KeyError::NoSlot(_))
+        ));
+        assert_eq!(open(&storage, &by_a).await.unwrap().current.generation, 2);
     }
 
     #[tokio::test]

@@ -28,7 +28,8 @@ pub struct Args {
     data_dir: Option<PathBuf>,
     /// Encrypt every object, with a random data key kept in one key slot per key source
     /// given (--key-file, --key-command, --passphrase-env, --kms-key-id; without one, the
-    /// settings every command reads: PITR_KEY_FILE, PITR_KEY_COMMAND, PITR_PASSPHRASE)
+    /// settings every command reads: PITR_KEY_FILE, PITR_KEY_COMMAND, PITR_KEY_KMS,
+    /// PITR_PASSPHRASE)
     #[arg(long)]
     encrypt: bool,
     /// A key slot for the passphrase held in environment variable VAR (stretched with
@@ -54,6 +55,9 @@ fn sources(args: &Args) -> Result<Vec<NewSlot>, Failure> {
     }
     if let Some(c) = &args.repo.key.key_command {
         out.push(NewSlot::Command(c.clone()));
+    }
+    if let Some(k) = &args.repo.key.key_kms {
+        out.push(NewSlot::Kms(k.clone()));
     }
     if let Some(var) = &args.passphrase_env {
         let p = passphrase_from(var)?.ok_or_else(|| {

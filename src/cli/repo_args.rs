@@ -32,44 +32,60 @@ pub struct KeyArgs {
     /// is dropped)
     #[arg(long, env = "PITR_KEY_COMMAND", value_name = "CMD")]
     pub key_command: Option<String>,
+    /// An encrypted repository's key: only its KMS slots of this KMS key (id or ARN); with no
+    /// key setting at all, any KMS slot is tried
+    #[arg(long, env = "PITR_KEY_KMS", value_name = "ARN")]
+    pub key_kms: Option<String>,
+}
+
+/// Whether `value` is what environment variable `var` holds (a setting that came from the
+/// environment rather than the command line, as far as anyone can tell).
+fn from_env(var: &str, value: &std::ffi::OsStr) -> bool {
+    std::env::var_os(var).is_some_and(|v| v == value)
 }
 
 impl KeyArgs {
-    /// The flags that give a background worker (a process of this binary) the same key
-    /// setting: never the key itself (PITR_PASSPHRASE reaches it through the environment).
-    pub fn worker_flags(&self) -> Vec<std::ffi::OsString> {
+    /// The key settings given, each with whether it came from the command line.
+    fn given(&self) -> Result<Vec<(KeySetting, bool)>, Failure> {
         let mut out = Vec::new();
         if let Some(p) = &self.key_file {
-            out.push("--key-file".into());
-            out.push(std::path::absolute(p).unwrap_or_else(|_| p.clone()).into());
-        }
-        if let Some(c) = &self.key_command {
-            out.push("--key-command".into());
-            out.push(c.into());
-        }
-        out
-    }
-}
-
-/// The environment variable holding a passphrase that opens a repository.
-pub const PASSPHRASE_ENV: &str = "PITR_PASSPHRASE";
-
-impl KeyArgs {
-    /// The key setting: at most one of the key file, the key command and PITR_PASSPHRASE.
-    pub fn setting(&self) -> Result<KeySetting, Failure> {
-        let passphrase = passphrase_from(PASSPHRASE_ENV)?;
-        let mut given = Vec::new();
-        if let Some(p) = &self.key_file {
             // Absolute, so the restore_command a restore writes finds it from anywhere.
-            let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
-            given.push(KeySetting::File(p));
+            let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            out.push((
+                KeySetting::File(abs),
+                !from_env("PITR_KEY_FILE", p.as_os_str()),
+            ));
         }
         if let Some(c) = &self.key_command {
-            given.push(KeySetting::Command(c.clone()));
+            out.push((
+                KeySetting::Command(c.clone()),
+                !from_env("PITR_KEY_COMMAND", c.as_ref()),
+            ));
         }
-        if let Some(p) = passphrase {
-            given.push(KeySetting::Passphrase(p));
+        if let Some(k) = &self.key_kms {
+            out.push((
+                KeySetting::Kms(k.clone()),
+                !from_env("PITR_KEY_KMS", k.as_ref()),
+            ));
         }
+        if let Some(p) = passphrase_from(PASSPHRASE_ENV)? {
+            out.push((KeySetting::Passphrase(p), false));
+        }
+        Ok(out)
+    }
+
+    /// The key setting: at most one of the key file, the key command, the KMS key and
+    /// PITR_PASSPHRASE. One named on the command line wins over the environment's (the
+    /// restore_command a restore writes names its key; the server's environment may hold
+    /// another, for its archive_command).
+    pub fn setting(&self) -> Result<KeySetting, Failure> {
+        let all = self.given()?;
+        let explicit = all.iter().any(|(_, flag)| *flag);
+        let mut given: Vec<KeySetting> = all
+            .into_iter()
+            .filter(|(_, flag)| *flag || !explicit)
+            .map(|(s, _)| s)
+            .collect();
         match given.len() {
             0 => Ok(KeySetting::None),
             1 => Ok(given.remove(0)),
@@ -84,10 +100,40 @@ impl KeyArgs {
                         .join(", ")
                 ),
             )
-            .hint("set only one of PITR_KEY_FILE (--key-file), PITR_KEY_COMMAND (--key-command), PITR_PASSPHRASE")),
+            .hint("set only one of PITR_KEY_FILE (--key-file), PITR_KEY_COMMAND (--key-command), PITR_KEY_KMS (--key-kms), PITR_PASSPHRASE")),
         }
     }
+
+    /// The flags that give a background worker (a process of this binary) the same key
+    /// setting: only those given on the command line (the environment's reach it anyway),
+    /// and never the key itself.
+    pub fn worker_flags(&self) -> Vec<std::ffi::OsString> {
+        let mut out = Vec::new();
+        if let Ok(given) = self.given() {
+            for (setting, flag) in given {
+                match (setting, flag) {
+                    (KeySetting::File(p), true) => {
+                        out.push("--key-file".into());
+                        out.push(p.into());
+                    }
+                    (KeySetting::Command(c), true) => {
+                        out.push("--key-command".into());
+                        out.push(c.into());
+                    }
+                    (KeySetting::Kms(k), true) => {
+                        out.push("--key-kms".into());
+                        out.push(k.into());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
 }
+
+/// The environment variable holding a passphrase that opens a repository.
+pub const PASSPHRASE_ENV: &str = "PITR_PASSPHRASE";
 
 /// A passphrase from the environment variable `var`, if set and not empty.
 pub fn passphrase_from(var: &str) -> Result<Option<Zeroizing<String>>, Failure> {
@@ -104,7 +150,7 @@ pub fn passphrase_from(var: &str) -> Result<Option<Zeroizing<String>>, Failure> 
 pub fn key_failure(e: KeyError) -> Failure {
     let exit = match &e {
         KeyError::Damaged(_) => Exit::Corrupt,
-        KeyError::Storage(_) => Exit::Repository,
+        KeyError::Storage(_) | KeyError::Leftover(_) => Exit::Repository,
         _ => Exit::Key,
     };
     let hint = e.hint();

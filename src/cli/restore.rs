@@ -205,7 +205,7 @@ fn restore_failure(e: RestoreError, to: &Path) -> Failure {
 
 /// The restore_command: this binary by absolute path, with the repository and the
 /// non-secret S3 settings of this environment (credentials stay in the server's own).
-fn restore_command(repo: &str, key: &KeySetting) -> String {
+fn restore_command(repo: &str, key: &KeySetting) -> Result<String, Failure> {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "pitr".into());
@@ -228,22 +228,35 @@ fn restore_command(repo: &str, key: &KeySetting) -> String {
     words.push("--repo".into());
     words.push(shell_quote(repo));
     // The key's source, never the key: a passphrase reaches the server's restore_command
-    // only through its environment (PITR_PASSPHRASE), a KMS slot needs nothing. PostgreSQL
-    // reads `%` as a placeholder, so a literal one is doubled.
+    // only through its environment (PITR_PASSPHRASE); a KMS slot needs nothing unless one
+    // was named.
     match key {
         KeySetting::File(p) => {
             words.push("--key-file".into());
-            words.push(shell_quote(&p.display().to_string()).replace('%', "%%"));
+            words.push(shell_quote(&p.display().to_string()));
         }
         KeySetting::Command(c) => {
             words.push("--key-command".into());
-            words.push(shell_quote(c).replace('%', "%%"));
+            words.push(shell_quote(c));
+        }
+        KeySetting::Kms(k) => {
+            words.push("--key-kms".into());
+            words.push(shell_quote(k));
         }
         KeySetting::Passphrase(_) | KeySetting::None => {}
     }
-    words.push("%f".into());
-    words.push("%p".into());
-    words.join(" ")
+    if words.iter().any(|w| w.contains(['\n', '\r'])) {
+        return Err(Failure::new(
+            Exit::BadInput,
+            "the restore_command would hold a line break (in the key command, the repository or an S3 setting)",
+        )
+        .hint("PostgreSQL's configuration values are one line; use a key command without line breaks, or a script"));
+    }
+    // PostgreSQL reads `%` as a placeholder (16 and later refuse an unknown one): every
+    // literal one is doubled, then the two placeholders are added.
+    let mut command: String = words.join(" ").replace('%', "%%");
+    command.push_str(" %f %p");
+    Ok(command)
 }
 
 /// `--server-option NAME=VALUE`s, checked.
@@ -326,7 +339,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let key = args.repo.key()?;
     let options = RestoreOptions {
         url,
-        restore_command: restore_command(&args.repo.repo, &key),
+        restore_command: restore_command(&args.repo.repo, &key)?,
         key,
         to: args.to.clone(),
         backup: args.backup.clone(),

@@ -192,11 +192,12 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
     // Each kind of key restores, and the restored server's restore_command fetches WAL
     // with the same key source.
     // (KMS: no key setting at all, the slot names its key.)
-    let kinds: [(&str, Vec<(&str, &str)>); 4] = [
+    let kinds: [(&str, Vec<(&str, &str)>); 5] = [
         ("file", by_a.to_vec()),
         ("command", vec![("PITR_KEY_COMMAND", command.as_str())]),
         ("passphrase", vec![("PITR_PASSPHRASE", PASSPHRASE)]),
         ("kms", vec![]),
+        ("kms-pinned", vec![("PITR_KEY_KMS", kms_key.as_str())]),
     ];
     for (kind, key) in &kinds {
         let to = dirs.path().join(kind);
@@ -233,6 +234,17 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
     let out = restore(&to, &[("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:9")]);
     assert_eq!(code(&out), Some(11), "{}", stderr(&out));
     assert!(stderr(&out).contains("KMS"), "{}", stderr(&out));
+    assert!(is_empty_or_absent(&to));
+    // A KMS key named (pinned) that no slot has: refused, although a KMS slot exists.
+    let out = restore(
+        &to,
+        &[(
+            "PITR_KEY_KMS",
+            "arn:aws:kms:us-east-1:000000000000:key/other",
+        )],
+    );
+    assert_eq!(code(&out), Some(11), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no key slot"), "{}", stderr(&out));
     assert!(is_empty_or_absent(&to));
     // wal-fetch with a wrong key: above 125, never "not found".
     let dest = dirs.path().join("fetched");
