@@ -281,7 +281,11 @@ impl Repository {
         if let Some(first) = page.objects.first() {
             let what = if page.objects.iter().any(|o| o.key == CONFIG_KEY) {
                 "it holds a repository".to_owned()
-            } else if page.objects.iter().all(|o| o.key.starts_with(slots::SLOTS_PREFIX)) {
+            } else if page
+                .objects
+                .iter()
+                .all(|o| o.key.starts_with(slots::SLOTS_PREFIX))
+            {
                 format!(
                     "it holds only key slots (\"{}\"), left by a pitr init --encrypt that did not finish; delete them and run pitr init again",
                     first.key

@@ -293,11 +293,15 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
         .all(|s| s["id"] != slot_a.as_str()));
 }
 
-/// A cluster backed up (WAL included) into an encrypted file:// repository, whose objects
-/// the test can move, flip and re-seal as a writer to the bucket could.
+/// A cluster backed up (WAL included) into an encrypted repository on the bed's S3 server,
+/// whose objects the test moves, flips and re-seals through the S3 API, as anyone who can
+/// write to the bucket could.
 struct Sealed {
     _pg: Cluster,
-    dir: tempfile::TempDir,
+    s3: S3Server,
+    storage: std::sync::Arc<dyn repo::storage::Storage>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
     url: String,
     key: PathBuf,
     id: String,
@@ -309,45 +313,69 @@ impl Sealed {
         pg.start().unwrap();
         pg.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 50000) g")
             .unwrap();
+        let s3 = S3Server::start().unwrap();
+        let url = s3.repo_url("sealed");
+        let storage = crate::bed_s3_storage(&s3, &format!("{}/sealed", s3.prefix()));
         let dir = tempfile::tempdir().unwrap();
         let key = key_file(dir.path(), "key");
-        let url = format!("file://{}/r", dir.path().display());
         succeeds(
             crate::pitr()
+                .envs(s3.env())
                 .args(["init", "--encrypt", "--repo", &url, "--key-file"])
                 .arg(&key)
                 .arg("--data-dir")
                 .arg(pg.data_dir()),
         );
-        let out = succeeds(crate::pitr().env("PITR_KEY_FILE", &key).args([
-            "backup",
-            "--fast",
-            "--wal",
-            "--json",
-            "--repo",
-            &url,
-            "--pg",
-            &crate::socket(&pg),
-        ]));
+        let out = succeeds(
+            crate::pitr()
+                .envs(s3.env())
+                .env("PITR_KEY_FILE", &key)
+                .args([
+                    "backup",
+                    "--fast",
+                    "--wal",
+                    "--json",
+                    "--repo",
+                    &url,
+                    "--pg",
+                    &crate::socket(&pg),
+                ]),
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let id = v["id"].as_str().unwrap().to_owned();
         Sealed {
             _pg: pg,
-            dir,
+            s3,
+            storage,
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            _dir: dir,
             url,
             key,
             id,
         }
     }
 
-    fn path(&self, key: &str) -> PathBuf {
-        self.dir.path().join("r").join(key)
+    fn get(&self, key: &str) -> Vec<u8> {
+        self.rt
+            .block_on(repo::storage::get_bytes(self.storage.as_ref(), key))
+            .unwrap()
+            .to_vec()
+    }
+
+    fn put(&self, key: &str, bytes: Vec<u8>) {
+        self.rt
+            .block_on(
+                self.storage
+                    .put(key, bytes.into(), repo::storage::PutMode::Overwrite),
+            )
+            .unwrap();
     }
 
     fn restore(&self) -> (tempfile::TempDir, PathBuf, Output) {
         let dirs = tempfile::tempdir().unwrap();
         let to = dirs.path().join("r");
         let out = crate::pitr()
+            .envs(self.s3.env())
             .env("PITR_KEY_FILE", &self.key)
             .args(["restore", "--repo", &self.url, "--to"])
             .arg(&to)
@@ -356,24 +384,17 @@ impl Sealed {
         (dirs, to, out)
     }
 
-    /// Runs `damage` on the stored object at `key`, expects the restore to fail with exit
-    /// 5 and a message holding `says`, then puts the object back.
-    fn refused(&self, key: &str, says: &str, damage: impl FnOnce(&Path)) {
-        let path = self.path(key);
-        let kept = std::fs::read(&path).unwrap();
-        damage(&path);
+    /// Stores what `damage` makes of the object at `key` in its place, expects the restore
+    /// to fail with exit 5 and a message holding `says`, then puts the object back.
+    fn refused(&self, key: &str, says: &str, damage: impl FnOnce(Vec<u8>) -> Vec<u8>) {
+        let kept = self.get(key);
+        self.put(key, damage(kept.clone()));
         let (_dirs, to, out) = self.restore();
         assert_eq!(code(&out), Some(5), "{key}: {}", stderr(&out));
         assert!(stderr(&out).contains(says), "{key}: {}", stderr(&out));
         assert!(!to.join("global/pg_control").exists());
-        std::fs::write(&path, kept).unwrap();
+        self.put(key, kept);
     }
-}
-
-fn first_file(dir: &Path) -> PathBuf {
-    let mut all = files(dir);
-    all.sort();
-    all.remove(0)
 }
 
 #[test]
@@ -383,37 +404,32 @@ fn moved_flipped_and_resealed_objects_of_an_encrypted_repository_are_refused() {
     let piece = format!("backup/{}/chunks/000000", s.id);
 
     // Another object's bytes under the manifest's name.
-    let other = std::fs::read(s.path(&piece)).unwrap();
-    s.refused(&manifest, "authentication failed", |p| {
-        std::fs::write(p, &other).unwrap()
-    });
+    let other = s.get(&piece);
+    s.refused(&manifest, "authentication failed", |_| other);
 
     // A flipped byte in a pack.
-    let pack = first_file(&s.path("pack"));
-    let rel = pack
-        .strip_prefix(s.dir.path().join("r"))
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_owned();
-    s.refused(&rel, "corrupt", |p| {
-        let mut bytes = std::fs::read(p).unwrap();
+    let pack =
+        s.rt.block_on(repo::storage::list_all(s.storage.as_ref(), "pack/"))
+            .unwrap()
+            .remove(0)
+            .key;
+    s.refused(&pack, "corrupt", |mut bytes| {
         let mid = bytes.len() / 3;
         bytes[mid] ^= 0x40;
-        std::fs::write(p, bytes).unwrap();
+        bytes
     });
 
     // The manifest's plaintext edited and sealed again under a key of the attacker's.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let repo = rt
-        .block_on(repo::repository::Repository::open(
-            &s.url.parse().unwrap(),
+    let repo =
+        s.rt.block_on(repo::repository::Repository::open_on(
+            s.url.parse().unwrap(),
+            s.storage.clone(),
             &repo::slots::KeySetting::File(s.key.clone()),
             None,
             std::sync::Arc::new(repo::codec::Codec::new(1, 2)),
         ))
         .unwrap();
-    let (_, plain) = rt.block_on(repo.objects().get(&manifest)).unwrap();
+    let (_, plain) = s.rt.block_on(repo.objects().get(&manifest)).unwrap();
     let mut m: serde_json::Value = serde_json::from_slice(&plain).unwrap();
     m["label"] = "forged".into();
     let edited = serde_json::to_string(&m).unwrap();
@@ -424,14 +440,10 @@ fn moved_flipped_and_resealed_objects_of_an_encrypted_repository_are_refused() {
         &theirs,
         &manifest,
     );
-    s.refused(&manifest, "authentication failed", |p| {
-        std::fs::write(p, &forged).unwrap()
-    });
+    s.refused(&manifest, "authentication failed", |_| forged.to_vec());
     // A plaintext manifest in its place: refused too (no downgrade).
     let plain_env = envelope::encode(edited.as_bytes(), EncodeOptions::default());
-    s.refused(&manifest, "encryption is none", |p| {
-        std::fs::write(p, &plain_env).unwrap()
-    });
+    s.refused(&manifest, "encryption is none", |_| plain_env.to_vec());
 
     // And untouched, it restores.
     let (_dirs, to, out) = s.restore();
