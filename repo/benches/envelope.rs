@@ -1,11 +1,15 @@
 //! Envelope encode (zstd levels 1 and 3, + blake3) and decode (decompress + verify) on one core, on
-//! a real 16 MiB WAL segment written by the test bed's PostgreSQL.
+//! a real 16 MiB WAL segment written by the test bed's PostgreSQL; and at level 1 encrypted
+//! (keyed blake3 + AES-256-GCM under a per-object subkey), beside it.
 //! `cargo bench -p repo --bench envelope`.
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use repo::envelope::{decode, encode, EncodeOptions};
+use std::sync::Arc;
+
+use repo::crypto::{DataKey, Keys};
+use repo::envelope::{decode, decode_as, encode, encode_as, EncodeOptions, Protection};
 use testbed::{Cluster, ClusterOptions};
 
 fn real_segment() -> Vec<u8> {
@@ -39,6 +43,18 @@ fn bench(c: &mut Criterion) {
             b.iter(|| decode(&sealed).unwrap())
         });
     }
+    let encrypted = Protection::Encrypted(Arc::new(Keys::new(&DataKey::generate())));
+    let options = EncodeOptions {
+        zstd_level: Some(1),
+    };
+    let key = "wal/0000000100000000/000000010000000000000002";
+    let sealed = encode_as(&segment, options, &encrypted, key);
+    group.bench_function("encode_zstd1_encrypted_16MiB", |b| {
+        b.iter(|| encode_as(&segment, options, &encrypted, key))
+    });
+    group.bench_function("decode_zstd1_encrypted_16MiB", |b| {
+        b.iter(|| decode_as(&sealed, u64::MAX, &encrypted, key).unwrap())
+    });
     group.finish();
 }
 

@@ -1,17 +1,18 @@
-//! The repository's keys and the primitives every encrypted object uses: XChaCha20-Poly1305
-//! with random 192-bit nonces (collisions need about 2^96 objects under one key, far past any
-//! repository's life), keyed blake3 for content ids, and key derivation with blake3's
-//! `derive_key`. Byte layout: docs/FORMAT.md, "Encryption".
+//! The repository's keys and the primitives every encrypted object uses: AES-256-GCM under a
+//! key of its own for every object, picked by 192 random bits (a subkey from 96 of them, the
+//! GCM nonce from the other 96: a repeat needs about 2^96 objects, far past any repository's
+//! life), keyed blake3 for content ids, and key derivation with blake3's `derive_key`. Byte
+//! layout: docs/FORMAT.md, "Encryption".
 
-use chacha20poly1305::aead::{AeadInOut, KeyInit};
-use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
-use zeroize::{Zeroize, Zeroizing};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
+use zeroize::Zeroizing;
 
 /// Bytes of a data key, a key-encryption key and every derived key.
 pub const KEY_LEN: usize = 32;
-/// Bytes of an XChaCha20-Poly1305 nonce.
+/// Random bytes that seal one message: the first 12 pick its subkey, the last 12 are its GCM
+/// nonce.
 pub const NONCE_LEN: usize = 24;
-/// Bytes of a Poly1305 tag.
+/// Bytes of a GCM tag.
 pub const TAG_LEN: usize = 16;
 
 /// blake3 `derive_key` contexts (docs/FORMAT.md lists them).
@@ -66,7 +67,7 @@ impl DataKey {
 /// The keys derived from a data key, held by every command that opened an encrypted
 /// repository.
 pub struct Keys {
-    objects: XChaCha20Poly1305,
+    objects: Zeroizing<[u8; KEY_LEN]>,
     ids: Zeroizing<[u8; KEY_LEN]>,
     slot_sets: Zeroizing<[u8; KEY_LEN]>,
 }
@@ -80,11 +81,8 @@ impl std::fmt::Debug for Keys {
 impl Keys {
     /// Derives the object, id and slot-set keys from `data`.
     pub fn new(data: &DataKey) -> Keys {
-        let mut objects = blake3::derive_key(CONTEXT_OBJECTS, data.bytes());
-        let cipher = XChaCha20Poly1305::new(&objects.into());
-        objects.zeroize();
         Keys {
-            objects: cipher,
+            objects: Zeroizing::new(blake3::derive_key(CONTEXT_OBJECTS, data.bytes())),
             ids: Zeroizing::new(blake3::derive_key(CONTEXT_IDS, data.bytes())),
             slot_sets: Zeroizing::new(blake3::derive_key(CONTEXT_SLOT_SETS, data.bytes())),
         }
@@ -122,31 +120,45 @@ impl Keys {
     }
 }
 
+/// The AES-256-GCM key and nonce of one message under `key`: the subkey is
+/// `blake3::keyed_hash(key, nonce[..12])`, the GCM nonce `nonce[12..]`.
+fn message_key(key: &[u8; KEY_LEN], nonce: &[u8; NONCE_LEN]) -> (LessSafeKey, Nonce) {
+    let sub = Zeroizing::new(<[u8; KEY_LEN]>::from(blake3::keyed_hash(key, &nonce[..12])));
+    let cipher = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, &sub[..]).expect("AES-256 takes a 32-byte key"),
+    );
+    let mut gcm = [0u8; 12];
+    gcm.copy_from_slice(&nonce[12..]);
+    (cipher, Nonce::assume_unique_for_key(gcm))
+}
+
 fn seal_with(
-    cipher: &XChaCha20Poly1305,
+    key: &[u8; KEY_LEN],
     nonce: &[u8; NONCE_LEN],
     aad: &[u8],
     buf: &mut [u8],
 ) -> [u8; TAG_LEN] {
-    let nonce = XNonce::from(*nonce);
-    // Only messages past 256 GiB can fail; objects are far smaller.
+    let (cipher, gcm) = message_key(key, nonce);
+    // Only messages past 64 GiB can fail; objects are far smaller.
     let tag = cipher
-        .encrypt_inout_detached(&nonce, aad, buf.into())
-        .expect("an object within XChaCha20-Poly1305's length limit");
-    tag.into()
+        .seal_in_place_separate_tag(gcm, Aad::from(aad), buf)
+        .expect("an object within AES-GCM's length limit");
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(tag.as_ref());
+    out
 }
 
 fn open_with(
-    cipher: &XChaCha20Poly1305,
+    key: &[u8; KEY_LEN],
     nonce: &[u8; NONCE_LEN],
     aad: &[u8],
     buf: &mut [u8],
     tag: &[u8; TAG_LEN],
 ) -> Result<(), Unauthentic> {
-    let nonce = XNonce::from(*nonce);
-    let tag = Tag::from(*tag);
+    let (cipher, gcm) = message_key(key, nonce);
     cipher
-        .decrypt_inout_detached(&nonce, aad, buf.into(), &tag)
+        .open_in_place_separate_tag(gcm, Aad::from(aad), Tag::from(*tag), buf, 0..)
+        .map(|_| ())
         .map_err(|_| Unauthentic)
 }
 
@@ -182,14 +194,12 @@ impl WrappingKey {
 
     /// The data key sealed for slot `slot_id`: nonce, ciphertext, tag (72 bytes).
     pub fn wrap(&self, data: &DataKey, slot_id: &str) -> Vec<u8> {
-        let cipher = XChaCha20Poly1305::new(&(*self.0).into());
         let nonce: [u8; NONCE_LEN] = random();
-        let mut buf = data.bytes().to_vec();
-        let tag = seal_with(&cipher, &nonce, &wrap_aad(slot_id), &mut buf);
+        let mut buf = Zeroizing::new(*data.bytes());
+        let tag = seal_with(&self.0, &nonce, &wrap_aad(slot_id), &mut buf[..]);
         let mut out = nonce.to_vec();
-        out.extend_from_slice(&buf);
+        out.extend_from_slice(&buf[..]);
         out.extend_from_slice(&tag);
-        buf.zeroize();
         out
     }
 
@@ -198,14 +208,13 @@ impl WrappingKey {
         if wrapped.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
             return Err(Unauthentic);
         }
-        let cipher = XChaCha20Poly1305::new(&(*self.0).into());
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&wrapped[..NONCE_LEN]);
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         key.copy_from_slice(&wrapped[NONCE_LEN..NONCE_LEN + KEY_LEN]);
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&wrapped[NONCE_LEN + KEY_LEN..]);
-        open_with(&cipher, &nonce, &wrap_aad(slot_id), &mut key[..], &tag)?;
+        open_with(&self.0, &nonce, &wrap_aad(slot_id), &mut key[..], &tag)?;
         Ok(DataKey(key))
     }
 }

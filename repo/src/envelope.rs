@@ -32,9 +32,10 @@ pub enum Compression {
 pub enum Encryption {
     /// Plain.
     None = 0,
-    /// XChaCha20-Poly1305: the parameter block is the 24-byte nonce, the body the
-    /// ciphertext of the compressed plaintext followed by the 16-byte tag.
-    XChaCha20Poly1305 = 1,
+    /// AES-256-GCM under a per-object subkey: the parameter block is 24 random bytes (the
+    /// first 12 pick the subkey, the last 12 are the GCM nonce), the body the ciphertext of
+    /// the compressed plaintext followed by the 16-byte tag.
+    Aes256GcmSubkey = 1,
 }
 
 impl Encryption {
@@ -42,7 +43,7 @@ impl Encryption {
     pub fn name(self) -> &'static str {
         match self {
             Encryption::None => "none",
-            Encryption::XChaCha20Poly1305 => "xchacha20-poly1305",
+            Encryption::Aes256GcmSubkey => "aes-256-gcm-subkey",
         }
     }
 }
@@ -80,7 +81,7 @@ impl Protection {
     pub fn encryption(&self) -> Encryption {
         match self {
             Protection::Plain => Encryption::None,
-            Protection::Encrypted(_) => Encryption::XChaCha20Poly1305,
+            Protection::Encrypted(_) => Encryption::Aes256GcmSubkey,
         }
     }
 }
@@ -315,7 +316,7 @@ pub fn header(bytes: &[u8]) -> Result<Header, EnvelopeError> {
     };
     let encryption = match bytes[6] {
         0 => Encryption::None,
-        1 => Encryption::XChaCha20Poly1305,
+        1 => Encryption::Aes256GcmSubkey,
         e => return Err(EnvelopeError::UnknownEncryption(e)),
     };
     if bytes[7] != 0 {
@@ -325,7 +326,7 @@ pub fn header(bytes: &[u8]) -> Result<Header, EnvelopeError> {
     let mut hash = [0u8; 32];
     hash.copy_from_slice(&bytes[16..48]);
     let params = u16::from_le_bytes([bytes[48], bytes[49]]) as usize;
-    if encryption == Encryption::XChaCha20Poly1305 && params != NONCE_LEN {
+    if encryption == Encryption::Aes256GcmSubkey && params != NONCE_LEN {
         return Err(EnvelopeError::BadParameters(params));
     }
     let len = FIXED_HEADER_LEN + params;
@@ -573,7 +574,7 @@ mod tests {
             assert!(!env.windows(17).any(|w| w == b"the marker string"));
             let (h, back) = decode_as(&env, u64::MAX, &p, "wal/a").unwrap();
             assert_eq!(&back[..], &plain[..]);
-            assert_eq!(h.encryption, Encryption::XChaCha20Poly1305);
+            assert_eq!(h.encryption, Encryption::Aes256GcmSubkey);
             assert_eq!(h.hash, p.id(&plain));
             assert_ne!(h.hash, *blake3::hash(&plain).as_bytes());
             // Another name, another key, plaintext expected: each refused.

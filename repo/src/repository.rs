@@ -49,7 +49,7 @@ pub struct RepoConfig {
     pub pg_version: u32,
     /// wal_segment_size in bytes.
     pub wal_segment_size: u64,
-    /// Envelope encryption of every object: `none` or `xchacha20-poly1305`.
+    /// Envelope encryption of every object: `none` or `aes-256-gcm-subkey`.
     pub encryption: String,
     /// A random id of this repository (32 hex digits; absent in format 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -222,7 +222,7 @@ impl Repository {
                 return Err(KeyError::Plaintext(key.describe()).into())
             }
             Encryption::None => Protection::Plain,
-            Encryption::XChaCha20Poly1305 => {
+            Encryption::Aes256GcmSubkey => {
                 Protection::Encrypted(slots::open(storage.as_ref(), key).await?.keys)
             }
         };

@@ -224,7 +224,7 @@ async fn encrypted_repository_opens_only_with_its_key_and_refuses_downgrades() {
     )
     .await
     .unwrap();
-    assert_eq!(repo.config().encryption, "xchacha20-poly1305");
+    assert_eq!(repo.config().encryption, "aes-256-gcm-subkey");
     // Nothing stored names the cluster in plaintext.
     let config = std::fs::read(dir.path().join("repo/config")).unwrap();
     assert!(!config.windows(19).any(|w| w == b"7301000000000000001"));
@@ -288,5 +288,51 @@ async fn encrypted_repository_opens_only_with_its_key_and_refuses_downgrades() {
     assert!(
         matches!(downgraded, OpenError::Key(KeyError::Plaintext(_))),
         "{downgraded}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_1_repository_written_before_encryption_is_read_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let url: RepoUrl = format!("file://{}/repo", dir.path().display())
+        .parse()
+        .unwrap();
+    let storage = repo::repository::storage_to_init(&url).await.unwrap();
+    // The config exactly as the previous release wrote it.
+    let v1 = br#"{
+  "format": 1,
+  "system_identifier": "7301000000000000001",
+  "pg_version": 15,
+  "wal_segment_size": 16777216,
+  "encryption": "none",
+  "created": "2026-11-01T00:00:00.000000Z",
+  "created_by": "pitr 0.1.0"
+}"#;
+    ObjectStore::new(storage.clone(), codec(), EncodeOptions::default())
+        .put(CONFIG_KEY, Bytes::from_static(v1), PutMode::IfAbsent)
+        .await
+        .unwrap();
+    let first = cluster(7_301_000_000_000_000_001);
+    let repo = Repository::open_on(
+        url.clone(),
+        storage.clone(),
+        &KeySetting::None,
+        Some(&first),
+        codec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(repo.config().format, 1);
+    assert_eq!(repo.config().id, None);
+    assert_eq!(repo.config().encryption, "none");
+    // A key given for it is refused, as for any plaintext repository.
+    let dir_key = dir.path().join("key");
+    std::fs::write(&dir_key, [1u8; 32]).unwrap();
+    let err = Repository::open_on(url, storage, &KeySetting::File(dir_key), None, codec())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OpenError::Key(KeyError::Plaintext(_))),
+        "{err}"
     );
 }

@@ -116,7 +116,7 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
             .arg(pg.data_dir()),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["encryption"], "xchacha20-poly1305");
+    assert_eq!(v["encryption"], "aes-256-gcm-subkey");
     assert_eq!(v["key_slots"], 4);
 
     let bin = pg
