@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use repo::codec::Codec;
 use repo::repository::Repository;
-use repo::slots::NewSlot;
+use repo::slots::{KeySetting, NewSlot};
 use serde_json::json;
 
 use super::pg_args::{cluster_identity, connect, PgArgs};
-use super::repo_args::{open_failure, passphrase_from, RepoArgs, PASSPHRASE_ENV};
+use super::repo_args::{open_failure, passphrase_from, RepoArgs};
 use super::{Exit, Failure};
 
 #[derive(Debug, clap::Args)]
@@ -47,18 +47,22 @@ pub struct Args {
 
 /// The key sources `init --encrypt` makes slots for.
 fn sources(args: &Args) -> Result<Vec<NewSlot>, Failure> {
-    let mut out = Vec::new();
-    if let Some(p) = &args.repo.key.key_file {
-        out.push(NewSlot::File(
-            std::path::absolute(p).unwrap_or_else(|_| p.clone()),
-        ));
-    }
-    if let Some(c) = &args.repo.key.key_command {
-        out.push(NewSlot::Command(c.clone()));
-    }
-    if let Some(k) = &args.repo.key.key_kms {
-        out.push(NewSlot::Kms(k.clone()));
-    }
+    let slot_of = |setting: KeySetting| match setting {
+        KeySetting::File(p) => Some(NewSlot::File(p)),
+        KeySetting::Command(c) => Some(NewSlot::Command(c)),
+        KeySetting::Passphrase(p) => Some(NewSlot::Passphrase(p)),
+        KeySetting::Kms(k) => Some(NewSlot::Kms(k)),
+        KeySetting::None => None,
+    };
+    // The key sources named on the command line, each a slot.
+    let mut out: Vec<NewSlot> = args
+        .repo
+        .key
+        .given()?
+        .into_iter()
+        .filter(|(_, flag)| *flag)
+        .filter_map(|(s, _)| slot_of(s))
+        .collect();
     if let Some(var) = &args.passphrase_env {
         let p = passphrase_from(var)?.ok_or_else(|| {
             Failure::new(
@@ -69,10 +73,10 @@ fn sources(args: &Args) -> Result<Vec<NewSlot>, Failure> {
         out.push(NewSlot::Passphrase(p));
     }
     out.extend(args.kms_key_id.iter().cloned().map(NewSlot::Kms));
+    // None named: the one key setting every command reads (two in the environment are
+    // refused, as every command refuses them).
     if out.is_empty() {
-        if let Some(p) = passphrase_from(PASSPHRASE_ENV)? {
-            out.push(NewSlot::Passphrase(p));
-        }
+        out.extend(slot_of(args.repo.key.setting()?));
     }
     if !args.encrypt {
         if out.is_empty() {
@@ -82,7 +86,7 @@ fn sources(args: &Args) -> Result<Vec<NewSlot>, Failure> {
             Exit::Key,
             format!("a key is set ({:?}), but --encrypt is not given", out[0]),
         )
-        .hint("add --encrypt for an encrypted repository, or unset PITR_KEY_FILE, PITR_KEY_COMMAND and PITR_PASSPHRASE"));
+        .hint("add --encrypt for an encrypted repository, or unset PITR_KEY_FILE, PITR_KEY_COMMAND, PITR_KEY_KMS and PITR_PASSPHRASE"));
     }
     if out.is_empty() {
         return Err(Failure::new(Exit::Key, "--encrypt needs at least one key source")

@@ -46,7 +46,7 @@ fn from_env(var: &str, value: &std::ffi::OsStr) -> bool {
 
 impl KeyArgs {
     /// The key settings given, each with whether it came from the command line.
-    fn given(&self) -> Result<Vec<(KeySetting, bool)>, Failure> {
+    pub fn given(&self) -> Result<Vec<(KeySetting, bool)>, Failure> {
         let mut out = Vec::new();
         if let Some(p) = &self.key_file {
             // Absolute, so the restore_command a restore writes finds it from anywhere.

@@ -450,3 +450,61 @@ fn moved_flipped_and_resealed_objects_of_an_encrypted_repository_are_refused() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(to.join("global/pg_control").is_file());
 }
+
+#[test]
+fn init_takes_its_key_sources_from_flags_first_and_refuses_keys_without_encrypt() {
+    let pg = Cluster::init(ClusterOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key");
+    let init = |name: &str, args: &[&str], env: &[(&str, &str)]| {
+        let url = format!("file://{}/{name}", dir.path().display());
+        let out = crate::pitr()
+            .args(["init", "--json", "--repo", &url, "--data-dir"])
+            .arg(pg.data_dir())
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (url, out)
+    };
+    // --encrypt with no key source anywhere.
+    let (_, out) = init("none", &["--encrypt"], &[]);
+    assert_eq!(code(&out), Some(11), "{}", stderr(&out));
+    assert!(stderr(&out).contains("HINT"), "{}", stderr(&out));
+    // A key set without --encrypt: a plaintext repository with a key is refused.
+    let (_, out) = init("plain", &[], &[("PITR_KEY_FILE", key.to_str().unwrap())]);
+    assert_eq!(code(&out), Some(11), "{}", stderr(&out));
+    // A source named on the command line: the environment's is not also made a slot.
+    let (url, out) = init(
+        "named",
+        &["--encrypt", "--passphrase-env", "P"],
+        &[("P", PASSPHRASE), ("PITR_KEY_FILE", key.to_str().unwrap())],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = succeeds(crate::pitr().args(["key", "list", "--json", "--repo", &url]));
+    let slots: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(slots.as_array().unwrap().len(), 1);
+    assert_eq!(slots[0]["kind"], "passphrase");
+    // None named: the one key setting every command reads.
+    let (url, out) = init(
+        "from-env",
+        &["--encrypt"],
+        &[("PITR_KEY_FILE", key.to_str().unwrap())],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = succeeds(crate::pitr().args(["key", "list", "--json", "--repo", &url]));
+    let slots: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(slots[0]["kind"], "file");
+    // A plaintext repository has no slots to list, and no key opens it.
+    let (url, out) = init("plaintext", &[], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = succeeds(crate::pitr().args(["key", "list", "--json", "--repo", &url]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    let out = crate::pitr()
+        .env("PITR_KEY_FILE", &key)
+        .args(["info", "--repo", &url])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), Some(11), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not encrypted"), "{}", stderr(&out));
+}
