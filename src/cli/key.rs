@@ -18,7 +18,8 @@ pub struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum KeyCommand {
-    /// List the key slots (needs no key; shows no key material)
+    /// List the key slots (needs no key; shows no key material; with a key set, the slots
+    /// in force, authenticated)
     List {
         #[command(flatten)]
         repo: RepoArgs,
@@ -130,9 +131,16 @@ fn row(s: &Slot) -> serde_json::Value {
 
 fn list(repo: &RepoArgs, json: bool) -> Result<(), Failure> {
     let runtime = super::runtime(Exit::Repository)?;
+    // With a key set, the set in force (authenticated); without one, the newest stored set
+    // as it reads (no key is needed to list, and none can check it).
+    let key = repo.key()?;
     let set = runtime.block_on(async {
         match encrypted_storage(repo).await? {
             None => Ok(None),
+            Some(storage) if key.is_given() => slots::open(storage.as_ref(), &key)
+                .await
+                .map(|o| Some(o.current))
+                .map_err(key_failure),
             Some(storage) => slots::list(storage.as_ref())
                 .await
                 .map(Some)
