@@ -332,7 +332,8 @@ fn check_material(bytes: &[u8], what: &str) -> Result<(), KeyError> {
 
 /// Runs a key command through `sh -c` and takes what it prints, less one trailing newline.
 async fn run_command(command: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-    let what = format!("key command \"{command}\"");
+    // Not the command's text: it may carry a token, and messages reach server logs.
+    let what = "the key command (PITR_KEY_COMMAND, --key-command)".to_owned();
     let child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)

@@ -79,7 +79,13 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
     let kms_endpoint = kms.endpoint();
     let keys = tempfile::tempdir().unwrap();
     let a = key_file(keys.path(), "a");
-    let b = key_file(keys.path(), "b");
+    // What a secrets manager's CLI prints: text (hex), one line.
+    let b = keys.path().join("b");
+    let text: String = repo::crypto::random::<32>()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect();
+    std::fs::write(&b, format!("{text}\n")).unwrap();
     let wrong = key_file(keys.path(), "wrong");
     let d = key_file(keys.path(), "d");
     let command = format!("cat '{}'", b.display());
