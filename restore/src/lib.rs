@@ -10,4 +10,5 @@ pub mod restorer;
 pub mod spool;
 pub mod start;
 pub mod target;
+pub mod verify;
 pub mod wal_fetch;

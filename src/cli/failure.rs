@@ -32,6 +32,8 @@ pub enum Exit {
     /// from its slots, or the key source failed), or a key was given for a plaintext one.
     /// Nothing was written.
     Key = 11,
+    /// 12: `verify`: WAL a restore needs is missing, and nothing is damaged (damage: 5).
+    MissingWal = 12,
     /// 70: an internal error (a bug: the command panicked), as sysexits' EX_SOFTWARE.
     /// `wal-fetch` exits 200 instead.
     Internal = 70,

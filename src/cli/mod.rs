@@ -14,6 +14,7 @@ mod repo_args;
 mod restore;
 mod status;
 mod stream;
+mod verify;
 mod wal_fetch;
 mod wal_inspect;
 mod wal_push;
@@ -54,6 +55,8 @@ enum Command {
     Status(status::Args),
     /// Stream WAL from a replication slot into the repository, until stopped
     Stream(stream::Args),
+    /// Read every backup and the WAL each needs, check every byte, say what each restores to
+    Verify(verify::Args),
     /// Restore one WAL file from the repository (restore_command = 'pitr wal-fetch %f %p')
     WalFetch(wal_fetch::Args),
     /// The background worker wal-fetch starts to fill its spool
@@ -113,6 +116,7 @@ impl Command {
             Command::Restore(_) => ("restore", Exit::Internal),
             Command::Status(_) => ("status", Exit::Internal),
             Command::Stream(_) => ("stream", Exit::Internal),
+            Command::Verify(_) => ("verify", Exit::Internal),
             Command::WalFetch(_) => ("wal-fetch", Exit::FetchFailed),
             Command::WalPrefetch(_) => ("wal-prefetch", Exit::FetchFailed),
             Command::WalInspect(_) => ("wal-inspect", Exit::Internal),
@@ -180,6 +184,7 @@ pub fn run() -> ExitCode {
         Command::Restore(args) => restore::run(args),
         Command::Status(args) => status::run(args),
         Command::Stream(args) => stream::run(args),
+        Command::Verify(args) => verify::run(args),
         Command::WalFetch(args) => wal_fetch::run(args),
         Command::WalPrefetch(args) => wal_fetch::run_worker(args),
         Command::WalInspect(args) => wal_inspect::run(args),

@@ -229,6 +229,12 @@ fn an_encrypted_repository_shows_nothing_and_restores_with_each_kind_of_key() {
         );
     }
 
+    // verify reads the encrypted repository whole, as a restore does.
+    let out = succeeds(pitr(&by_a).args(["verify", "--json", "--repo", &url]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["backups"][0]["files_ok"], true, "{v}");
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+
     // A wrong or missing key: exit 11 with a HINT, nothing written.
     let to = dirs.path().join("wrong");
     let out = restore(&to, &[("PITR_KEY_FILE", wrong.to_str().unwrap())]);

@@ -12,6 +12,7 @@ mod internal_errors;
 mod restore;
 mod restore_hostile;
 mod stream;
+mod verify;
 mod wal_fetch;
 mod wal_inspect;
 mod wal_push;

@@ -1,0 +1,320 @@
+//! `pitr verify`: every backup read back and checked (each chunk against the hash its chunk
+//! table names, each file against PostgreSQL's own backup_manifest), and for each backup the
+//! WAL a restore from it would replay, each segment read whole and checked: what each backup
+//! can restore to, and every problem with what it breaks. Nothing is written.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use futures::StreamExt;
+use repo::keys::wal_key;
+use repo::manifest::{list_backups, BackupManifest};
+use repo::objects::ObjectError;
+use repo::repository::Repository;
+use repo::storage::StorageError;
+
+use crate::backup_files::{check_backup, CheckError};
+use crate::plan::{plan, PlanError, TimelineChoice};
+use crate::target::Target;
+use crate::wal_fetch::{streamed_segment, wal_file_max, FetchError};
+
+/// Segments read and checked at once.
+const WAL_READS: usize = 8;
+
+/// What to verify.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Only this backup (and its WAL).
+    pub backup: Option<String>,
+    /// Skip reading the backups' files.
+    pub wal_only: bool,
+    /// Skip the WAL.
+    pub backups_only: bool,
+}
+
+/// How bad a problem is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Stored bytes are damaged (or a manifest is inconsistent).
+    Damaged,
+    /// WAL a restore needs is not in the repository.
+    Missing,
+}
+
+/// One problem found, and what it breaks.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Problem {
+    /// Damage or missing WAL.
+    pub severity: Severity,
+    /// The backup concerned, if one.
+    pub backup: Option<String>,
+    /// What is wrong, one line.
+    pub message: String,
+}
+
+/// What one backup can restore to.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupReport {
+    /// Its id.
+    pub id: String,
+    /// Its files read back and checked (None when not read: `--wal-only`).
+    pub files_ok: Option<bool>,
+    /// Files and bytes read.
+    pub files: u64,
+    /// Plaintext bytes of its files.
+    pub bytes: u64,
+    /// Its files matched PostgreSQL's backup_manifest (count).
+    pub matched_pg_manifest: u64,
+    /// The timeline a restore to the end of the WAL recovers along.
+    pub timeline: Option<u32>,
+    /// Where its WAL begins and ends (segment names), when it can be restored at all.
+    pub first_segment: Option<String>,
+    /// See `first_segment`.
+    pub last_segment: Option<String>,
+    /// Restorable from its end (`stop_time`, the backup host's clock) ...
+    pub restorable_from: Option<String>,
+    /// ... to the last transaction in the WAL it reaches (None: no transaction after it).
+    pub restorable_to: Option<String>,
+}
+
+/// Everything verify found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    /// Per backup, oldest first.
+    pub backups: Vec<BackupReport>,
+    /// WAL segments read and checked.
+    pub segments: u64,
+    /// Plaintext bytes read and checked, backups and WAL.
+    pub bytes: u64,
+    /// Seconds it took.
+    pub seconds: f64,
+    /// Every problem.
+    pub problems: Vec<Problem>,
+}
+
+impl Report {
+    /// Whether anything is damaged.
+    pub fn damaged(&self) -> bool {
+        self.problems
+            .iter()
+            .any(|p| p.severity == Severity::Damaged)
+    }
+
+    /// Whether WAL is missing.
+    pub fn missing(&self) -> bool {
+        self.problems
+            .iter()
+            .any(|p| p.severity == Severity::Missing)
+    }
+}
+
+/// Why verify could not run at all (as opposed to problems it found).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// Listing failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The backup asked for is not there.
+    #[error("backup {0} is not in the repository")]
+    NoBackup(String),
+}
+
+/// Whether an error means stored bytes are damaged (rather than unreachable storage).
+fn object_damage(e: &ObjectError) -> bool {
+    matches!(e, ObjectError::Corrupt { .. })
+}
+
+/// Verifies the repository as `o` says, reporting each backup as it is done to `progress`.
+pub async fn verify(
+    repo: &Repository,
+    o: &VerifyOptions,
+    progress: &(dyn Fn(&BackupReport) + Sync),
+) -> Result<Report, VerifyError> {
+    let started = Instant::now();
+    let mut report = Report::default();
+    let mut ids = list_backups(repo.objects().storage().as_ref()).await?;
+    if let Some(only) = &o.backup {
+        if !ids.contains(only) {
+            return Err(VerifyError::NoBackup(only.clone()));
+        }
+        ids.retain(|i| i == only);
+    }
+    let mut wal_checked: HashSet<String> = HashSet::new();
+    for id in ids {
+        let mut b = BackupReport {
+            id: id.clone(),
+            files_ok: None,
+            files: 0,
+            bytes: 0,
+            matched_pg_manifest: 0,
+            timeline: None,
+            first_segment: None,
+            last_segment: None,
+            restorable_from: None,
+            restorable_to: None,
+        };
+        let problem = |severity, message: String| Problem {
+            severity,
+            backup: Some(id.clone()),
+            message,
+        };
+        if !o.wal_only {
+            match BackupManifest::load(repo.objects(), &id).await {
+                Err(e) => {
+                    b.files_ok = Some(false);
+                    report.problems.push(problem(
+                        Severity::Damaged,
+                        format!("its manifest cannot be read: {e}"),
+                    ));
+                }
+                Ok(m) => match check_backup(repo.objects(), &m).await {
+                    Ok(r) => {
+                        b.files_ok = Some(true);
+                        b.files = r.files;
+                        b.bytes = r.bytes;
+                        b.matched_pg_manifest = r.matched_pg_manifest;
+                        report.bytes += r.bytes;
+                    }
+                    Err(e) => {
+                        let storage = matches!(
+                            &e,
+                            CheckError::Read(crate::backup_files::ReadError::Object { source, .. })
+                                if !object_damage(source)
+                        );
+                        if storage {
+                            // Unreachable storage is not a verdict on the data.
+                            return Err(VerifyError::Storage(StorageError::new(
+                                repo::storage::ErrorKind::Transient,
+                                "verify",
+                                &id,
+                                e.to_string(),
+                            )));
+                        }
+                        b.files_ok = Some(false);
+                        report
+                            .problems
+                            .push(problem(Severity::Damaged, e.to_string()));
+                    }
+                },
+            }
+        }
+        if !o.backups_only {
+            match plan(
+                repo,
+                &Target::End,
+                false,
+                &TimelineChoice::Latest,
+                Some(&id),
+            )
+            .await
+            {
+                Ok(p) => {
+                    b.timeline = Some(p.timeline);
+                    b.first_segment = Some(p.first_segment.clone());
+                    b.last_segment = Some(p.last_segment.clone());
+                    b.restorable_from = Some(p.backup.stop_time.clone());
+                    b.restorable_to = p.last_xact_time.clone();
+                    if let Some((missing, newest)) = &p.stranded {
+                        report.problems.push(problem(
+                            Severity::Missing,
+                            format!(
+                                "segment {missing} is missing: WAL after it (up to {newest}) cannot be replayed from this backup; it restores only to points before {missing}"
+                            ),
+                        ));
+                    }
+                    let todo: Vec<String> = p
+                        .wal
+                        .iter()
+                        .filter(|n| wal_checked.insert((*n).clone()))
+                        .cloned()
+                        .collect();
+                    let checked: Vec<Result<u64, (String, FetchError)>> =
+                        futures::stream::iter(todo)
+                            .map(|name| async move {
+                                check_segment(repo, &name).await.map_err(|e| (name, e))
+                            })
+                            .buffered(WAL_READS)
+                            .collect()
+                            .await;
+                    for c in checked {
+                        match c {
+                            Ok(bytes) => {
+                                report.segments += 1;
+                                report.bytes += bytes;
+                            }
+                            Err((name, e)) => {
+                                let damaged =
+                                    matches!(&e, FetchError::Object(o) if object_damage(o));
+                                let missing = matches!(&e, FetchError::NotFound(_));
+                                if !damaged && !missing {
+                                    return Err(VerifyError::Storage(StorageError::new(
+                                        repo::storage::ErrorKind::Transient,
+                                        "verify",
+                                        &name,
+                                        e.to_string(),
+                                    )));
+                                }
+                                report.problems.push(problem(
+                                    if damaged {
+                                        Severity::Damaged
+                                    } else {
+                                        Severity::Missing
+                                    },
+                                    format!("WAL segment {name}: {e}"),
+                                ));
+                            }
+                        }
+                    }
+                }
+                Err(PlanError::Unreachable { message, hint }) => {
+                    report.problems.push(problem(
+                        Severity::Missing,
+                        format!("it cannot be restored: {message} ({hint})"),
+                    ));
+                }
+                Err(PlanError::Object(e)) if object_damage(&e) => {
+                    report
+                        .problems
+                        .push(problem(Severity::Damaged, e.to_string()));
+                }
+                Err(PlanError::Manifest(e)) => {
+                    report
+                        .problems
+                        .push(problem(Severity::Damaged, e.to_string()));
+                }
+                Err(PlanError::Bad(e)) => {
+                    report.problems.push(problem(Severity::Damaged, e));
+                }
+                Err(PlanError::NoBackup(e)) => return Err(VerifyError::NoBackup(e)),
+                Err(PlanError::Storage(e)) => return Err(VerifyError::Storage(e)),
+                Err(PlanError::Object(e)) => {
+                    return Err(VerifyError::Storage(StorageError::new(
+                        repo::storage::ErrorKind::Transient,
+                        "verify",
+                        &id,
+                        e.to_string(),
+                    )))
+                }
+            }
+        }
+        progress(&b);
+        report.backups.push(b);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Reads WAL file `name` whole and checks it (its envelope; a streamed segment's pieces):
+/// its plaintext bytes.
+async fn check_segment(repo: &Repository, name: &str) -> Result<u64, FetchError> {
+    let key = wal_key(name).ok_or_else(|| FetchError::BadName(name.to_owned()))?;
+    match repo.objects().get_at_most(&key, wal_file_max(repo)).await {
+        Ok((_, plain)) => Ok(plain.len() as u64),
+        Err(e) if e.is_not_found() => match streamed_segment(repo, name).await? {
+            Some(bytes) => Ok(bytes.len() as u64),
+            None => Err(FetchError::NotFound(name.to_owned())),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
