@@ -197,3 +197,22 @@ for v in pitr staged start pgbackrest; do
   run="$v-${best_round[$v]}-run"
   echo "$run: $(grep -o 'redo done at .*' "$work/$run/server.log" | grep -o 'elapsed: [0-9.]* s' | head -1 | sed 's/elapsed/redo/'); $(grep -o 'checkpoint complete: .*' "$work/$run/server.log" | head -1 | grep -o 'total=[0-9.]* s' | sed 's/total/first checkpoint/')"
 done
+# verify reads what a restore reads (the backup's files, the WAL to the end), minus the
+# writes: its plaintext MB/s beside the restore's file phase, and pgBackRest's verify.
+echo
+t0=$(now)
+as_pg "$work/pitr" verify --repo s3://pitr-test/pitr-r --json >"$work/verify.json" || true
+tv=$(echo "$(now) - $t0" | bc)
+t0=$(now)
+as_pg pgbackrest --config="$work/pgbackrest.conf" --stanza=bench verify >"$work/pgbackrest-verify.log" 2>&1 || true
+tp=$(echo "$(now) - $t0" | bc)
+python3 - "$work/verify.json" "$work/start-${best_round[start]}-restore.json" "$tv" "$tp" <<'PY'
+import json, sys
+v = json.load(open(sys.argv[1])); r = json.load(open(sys.argv[2]))
+tv, tp = float(sys.argv[3]), float(sys.argv[4])
+mb = v["bytes"] / 1e6
+restore_mb_s = r.get("bytes", 0) / 1e6 / max(r["write_seconds"], 1e-9)
+print("pitr verify: %.0f MB of plaintext (backup files and WAL) in %.2f s: %.0f MB/s; %d problem(s)" % (mb, tv, mb / tv, len(v["problems"])))
+print("pitr restore --start file phase: %.0f MB/s (fetch+write)" % restore_mb_s)
+print("pgbackrest verify: %.2f s; pgbackrest / pitr verify time: %.2fx" % (tp, tp / tv))
+PY

@@ -79,16 +79,32 @@ impl OsUser {
     }
 
     /// Hands `path` and everything below it to this user (symlinks themselves, not targets).
+    /// An entry that is gone by the time it is reached is skipped: a restored directory may
+    /// still have pitr's background workers renaming temporary files in it (the wal-fetch
+    /// spool), and a file that no longer exists needs no owner.
     pub fn give_tree(&self, path: &Path) -> Result<()> {
         let Some((uid, gid)) = self.switch_to else {
             return Ok(());
         };
-        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-            .with_context(|| format!("chown {}", path.display()))?;
-        let meta = std::fs::symlink_metadata(path)?;
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        match std::os::unix::fs::lchown(path, Some(uid), Some(gid)) {
+            Err(e) if gone(&e) => return Ok(()),
+            r => r.with_context(|| format!("chown {}", path.display()))?,
+        }
+        let meta = match std::fs::symlink_metadata(path) {
+            Err(e) if gone(&e) => return Ok(()),
+            r => r?,
+        };
         if meta.is_dir() {
-            for entry in std::fs::read_dir(path)? {
-                self.give_tree(&entry?.path())?;
+            let entries = match std::fs::read_dir(path) {
+                Err(e) if gone(&e) => return Ok(()),
+                r => r?,
+            };
+            for entry in entries {
+                match entry {
+                    Err(e) if gone(&e) => {}
+                    e => self.give_tree(&e?.path())?,
+                }
             }
         }
         Ok(())
