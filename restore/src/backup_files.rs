@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use repo::envelope::EnvelopeError;
 use repo::manifest::{BackupManifest, FileType, ManifestFile};
 use repo::objects::{ObjectError, ObjectStore};
 use repo::pack::fetch_chunk;
@@ -141,22 +142,131 @@ async fn pg_files(
     Ok(Some(out))
 }
 
+/// Bytes of one ranged read when a backup is checked (as a restore reads it).
+const CHECK_RANGE: u64 = 8 << 20;
+/// Ranged reads in flight when a backup is checked.
+const CHECK_READS: usize = 8;
+
 /// Reads every file of backup `m` back, checking each chunk's hash, and compares each with
 /// PostgreSQL's backup_manifest (size and CRC-32C) when the backup holds one: every file
-/// the server listed must be there, and nothing else but the WAL under `pg_wal/`.
+/// the server listed must be there, and nothing else but the WAL under `pg_wal/`. The packs
+/// are read as a restore reads them (large ranged reads in pack order, several at once,
+/// each chunk fetched once however many entries name it); each chunk's CRC-32C is kept and
+/// a file's is combined from its chunks' in order, so memory stays bounded by the chunk
+/// table, not the files.
 pub async fn check_backup(
     objects: &ObjectStore,
     m: &BackupManifest,
 ) -> Result<CheckReport, CheckError> {
     let mut listed = pg_files(objects, m).await?;
+    let (uses, ranges) = crate::files::plan(m, CHECK_RANGE);
+    // The chunk read for each entry: its CRC-32C, once checked.
+    let mut crcs: Vec<Option<u32>> = vec![None; m.chunks.len()];
+    let file_of = |ci: u32| {
+        uses.get(&ci)
+            .and_then(|u| u.first())
+            .and_then(|(fi, _, _)| m.files.get(*fi as usize))
+            .map_or_else(String::new, |f| f.path.clone())
+    };
+    let reads = futures::stream::iter(ranges)
+        .map(|r| async move {
+            let chunks: Vec<(u32, std::ops::Range<usize>, [u8; 32], u64)> = r
+                .chunks
+                .iter()
+                .map(|&ci| {
+                    let c = &m.chunks[ci as usize];
+                    let range = c.range();
+                    (
+                        ci,
+                        (range.start - r.start) as usize..(range.end - r.start) as usize,
+                        c.hash,
+                        u64::from(c.plain_len),
+                    )
+                })
+                .collect();
+            let Some(pack) = m.pack_key(r.pack) else {
+                return Err((r.chunks[0], None));
+            };
+            let bytes = match objects.storage().get_range(&pack, r.start..r.end).await {
+                Ok(b) => b,
+                Err(e) => return Err((r.chunks[0], Some(ObjectError::from(e)))),
+            };
+            let protection = objects.protection().clone();
+            let checked = objects
+                .codec()
+                .run(move || {
+                    let mut out = Vec::with_capacity(chunks.len());
+                    for (ci, rel, hash, plain_len) in chunks {
+                        let env = bytes.get(rel.clone()).ok_or((
+                            ci,
+                            EnvelopeError::Truncated(bytes.len()),
+                            rel.start,
+                        ))?;
+                        let plain = repo::pack::decode_chunk_of(env, &hash, plain_len, &protection)
+                            .map_err(|e| (ci, e, rel.start))?;
+                        out.push((ci, crc32c::crc32c(&plain)));
+                    }
+                    Ok(out)
+                })
+                .await
+                .map_err(|e| (r.chunks[0], Some(ObjectError::from(e))))?;
+            checked.map_err(|(ci, source, at): (u32, EnvelopeError, usize)| {
+                (
+                    ci,
+                    Some(ObjectError::Corrupt {
+                        key: format!("{pack}@{}", r.start + at as u64),
+                        source,
+                    }),
+                )
+            })
+        })
+        .buffer_unordered(CHECK_READS);
+    let mut reads = std::pin::pin!(reads);
+    while let Some(read) = reads.next().await {
+        match read {
+            Ok(done) => {
+                for (ci, crc) in done {
+                    crcs[ci as usize] = Some(crc);
+                }
+            }
+            Err((ci, None)) => return Err(ReadError::Manifest(file_of(ci)).into()),
+            Err((ci, Some(source))) => {
+                return Err(ReadError::Object {
+                    path: file_of(ci),
+                    source,
+                }
+                .into())
+            }
+        }
+    }
+    // Every entry naming a place another entry was read for must name the same chunk.
+    for (read, dests) in &uses {
+        let c = &m.chunks[*read as usize];
+        for &(fi, _, entry) in dests {
+            let e = &m.chunks[entry as usize];
+            if e.hash != c.hash || e.plain_len != c.plain_len || e.stored_len != c.stored_len {
+                return Err(ReadError::Object {
+                    path: m.files[fi as usize].path.clone(),
+                    source: ObjectError::Corrupt {
+                        key: format!("{}@{}", m.pack_key(c.pack()).unwrap_or_default(), c.offset),
+                        source: EnvelopeError::hash_mismatch(&e.hash, &c.hash),
+                    },
+                }
+                .into());
+            }
+            crcs[entry as usize] = crcs[*read as usize];
+        }
+    }
     let mut report = CheckReport::default();
     for f in m.files.iter().filter(|f| f.kind == FileType::File) {
         let (mut len, mut crc) = (0u64, 0u32);
-        let mut chunks = std::pin::pin!(file_chunks(objects, m, f));
-        while let Some(piece) = chunks.next().await {
-            let piece = piece?;
-            len += piece.len() as u64;
-            crc = crc32c::crc32c_append(crc, &piece);
+        for ci in f.chunks.indexes() {
+            let c = &m.chunks[ci];
+            let Some(chunk_crc) = crcs[ci] else {
+                return Err(ReadError::Manifest(f.path.clone()).into());
+            };
+            crc = crc32c::crc32c_combine(crc, chunk_crc, c.plain_len() as usize);
+            len += u64::from(c.plain_len());
         }
         let path = pg_path(f);
         if len != f.size {

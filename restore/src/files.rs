@@ -185,20 +185,22 @@ fn lay_out(m: &BackupManifest, places: &Places) -> Result<(), FilesError> {
 
 /// One ranged read: chunks that lie together in a pack.
 #[derive(Debug)]
-struct Range {
-    pack: usize,
-    start: u64,
-    end: u64,
-    chunks: Vec<u32>,
+pub(crate) struct Range {
+    pub(crate) pack: usize,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) chunks: Vec<u32>,
 }
 
 /// Where a chunk's plaintext goes: (file index, offset in the file, the chunk table entry
 /// that put it there), by the entry read for it (the first of those naming the same
 /// envelope: a chunk several files or places hold is fetched once, and checked against
 /// every entry that names it).
-type Uses = HashMap<u32, Vec<(u32, u64, u32)>>;
+pub(crate) type Uses = HashMap<u32, Vec<(u32, u64, u32)>>;
 
-fn plan(m: &BackupManifest, range_size: u64) -> (Uses, Vec<Range>) {
+/// The ranged reads that fetch every chunk of `m` once, in pack order, at most
+/// `range_size` bytes each (restore and verify read a backup this way).
+pub(crate) fn plan(m: &BackupManifest, range_size: u64) -> (Uses, Vec<Range>) {
     let mut uses: Uses = HashMap::new();
     let mut by_place: HashMap<(u32, u64), u32> = HashMap::new();
     for (fi, f) in m.files.iter().enumerate() {
