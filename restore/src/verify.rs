@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use futures::StreamExt;
-use repo::keys::wal_key;
+use repo::keys::{summary_key, wal_key};
 use repo::manifest::{list_backups, BackupManifest};
 use repo::objects::ObjectError;
 use repo::repository::Repository;
@@ -85,6 +85,11 @@ pub struct Report {
     pub backups: Vec<BackupReport>,
     /// WAL segments read and checked.
     pub segments: u64,
+    /// Their summaries read and checked (a segment without one is not a problem: readers
+    /// compute it from the segment).
+    pub summaries: u64,
+    /// Timeline history files read and checked.
+    pub histories: u64,
     /// Plaintext bytes read and checked, backups and WAL.
     pub bytes: u64,
     /// Seconds it took.
@@ -139,6 +144,9 @@ pub async fn verify(
             return Err(VerifyError::NoBackup(only.clone()));
         }
         ids.retain(|i| i == only);
+    }
+    if !o.backups_only {
+        check_histories(repo, &mut report).await?;
     }
     let mut wal_checked: HashSet<String> = HashSet::new();
     for id in ids {
@@ -229,19 +237,25 @@ pub async fn verify(
                         .filter(|n| wal_checked.insert((*n).clone()))
                         .cloned()
                         .collect();
-                    let checked: Vec<Result<u64, (String, FetchError)>> =
-                        futures::stream::iter(todo)
-                            .map(|name| async move {
-                                check_segment(repo, &name).await.map_err(|e| (name, e))
-                            })
-                            .buffered(WAL_READS)
-                            .collect()
-                            .await;
+                    let checked: Vec<SegmentChecked> = futures::stream::iter(todo)
+                        .map(|name| async move {
+                            check_segment(repo, &name).await.map_err(|e| (name, e))
+                        })
+                        .buffered(WAL_READS)
+                        .collect()
+                        .await;
                     for c in checked {
                         match c {
-                            Ok(bytes) => {
+                            Ok((bytes, summary)) => {
                                 report.segments += 1;
                                 report.bytes += bytes;
+                                match summary {
+                                    Ok(true) => report.summaries += 1,
+                                    Ok(false) => {}
+                                    Err(message) => {
+                                        report.problems.push(problem(Severity::Damaged, message))
+                                    }
+                                }
                             }
                             Err((name, e)) => {
                                 let damaged =
@@ -305,16 +319,77 @@ pub async fn verify(
     Ok(report)
 }
 
-/// Reads WAL file `name` whole and checks it (its envelope; a streamed segment's pieces):
-/// its plaintext bytes.
-async fn check_segment(repo: &Repository, name: &str) -> Result<u64, FetchError> {
+/// A segment checked: its plaintext bytes and how its summary fared (checked, absent, or
+/// damaged: the message), or why the segment itself failed.
+type SegmentChecked = Result<(u64, Result<bool, String>), (String, FetchError)>;
+
+/// Reads WAL file `name` whole and checks it (its envelope; a streamed segment's pieces),
+/// and its summary when there is one: the segment's plaintext bytes, and whether a summary
+/// was checked (a damaged one: why).
+async fn check_segment(
+    repo: &Repository,
+    name: &str,
+) -> Result<(u64, Result<bool, String>), FetchError> {
     let key = wal_key(name).ok_or_else(|| FetchError::BadName(name.to_owned()))?;
-    match repo.objects().get_at_most(&key, wal_file_max(repo)).await {
-        Ok((_, plain)) => Ok(plain.len() as u64),
-        Err(e) if e.is_not_found() => match streamed_segment(repo, name).await? {
-            Some(bytes) => Ok(bytes.len() as u64),
-            None => Err(FetchError::NotFound(name.to_owned())),
+    let bytes = match repo.objects().get_at_most(&key, wal_file_max(repo)).await {
+        Ok((_, plain)) => plain.len() as u64,
+        // Streamed: no summary until the segment is stored whole.
+        Err(e) if e.is_not_found() => {
+            return match streamed_segment(repo, name).await? {
+                Some(bytes) => Ok((bytes.len() as u64, Ok(false))),
+                None => Err(FetchError::NotFound(name.to_owned())),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(skey) = summary_key(name) else {
+        return Ok((bytes, Ok(false)));
+    };
+    let summary = match repo.objects().get_at_most(&skey, 64 << 20).await {
+        Ok((_, plain)) => match serde_json::from_slice::<serde_json::Value>(&plain) {
+            Ok(v) if v.get("end_lsn").is_some_and(|e| e.is_string()) => Ok(true),
+            _ => Err(format!(
+                "the summary of WAL segment {name} (\"{skey}\") is not a summary"
+            )),
         },
-        Err(e) => Err(e.into()),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e @ ObjectError::Corrupt { .. }) => Err(e.to_string()),
+        Err(e) => return Err(e.into()),
+    };
+    Ok((bytes, summary))
+}
+
+/// Reads every timeline history file and checks it parses.
+async fn check_histories(repo: &Repository, report: &mut Report) -> Result<(), VerifyError> {
+    let listed = repo::storage::list_all(repo.objects().storage().as_ref(), "wal/history/").await?;
+    for o in listed {
+        let name = o.key.rsplit('/').next().unwrap_or_default().to_owned();
+        let walfmt::ArchiveFileKind::History(tli) = walfmt::ArchiveFileKind::of(&name) else {
+            continue;
+        };
+        let problem = |message: String| Problem {
+            severity: Severity::Damaged,
+            backup: None,
+            message,
+        };
+        match repo.objects().get_at_most(&o.key, wal_file_max(repo)).await {
+            Ok((_, text)) => match walfmt::TimelineHistory::parse(tli, &text) {
+                Ok(_) => report.histories += 1,
+                Err(e) => report
+                    .problems
+                    .push(problem(format!("history file {name} does not parse: {e}"))),
+            },
+            Err(e @ ObjectError::Corrupt { .. }) => report.problems.push(problem(e.to_string())),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                return Err(VerifyError::Storage(StorageError::new(
+                    repo::storage::ErrorKind::Transient,
+                    "verify",
+                    &o.key,
+                    e.to_string(),
+                )))
+            }
+        }
     }
+    Ok(())
 }

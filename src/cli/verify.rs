@@ -102,9 +102,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
             }
         }
         println!(
-            "verified {} backup(s) and {} WAL segment(s), {} in {:.1} s ({:.0} MB/s); {} problem(s)",
+            "verified {} backup(s), {} WAL segment(s) ({} summaries), {} history file(s), {} in {:.1} s ({:.0} MB/s); {} problem(s)",
             report.backups.len(),
             report.segments,
+            report.summaries,
+            report.histories,
             mb(report.bytes),
             report.seconds,
             report.bytes as f64 / 1e6 / report.seconds.max(1e-6),

@@ -90,6 +90,7 @@ fn verify_reads_everything_and_names_what_a_problem_breaks() {
         assert_eq!(b["timeline"], 1);
     }
     assert!(v["segments"].as_u64().unwrap() >= 5, "{v}");
+    assert!(v["summaries"].as_u64().unwrap() >= 4, "{v}");
     assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
 
     let storage = crate::bed_s3_storage(&s3, &format!("{}/verify", s3.prefix()));
@@ -126,6 +127,22 @@ fn verify_reads_everything_and_names_what_a_problem_breaks() {
         "{stdout}"
     );
     put(&pack, kept.to_vec());
+
+    // A damaged segment summary (the restore planner reads them for time targets): exit 5.
+    let skey = repo::keys::summary_key(&between[0]).unwrap();
+    let kept = get(&skey);
+    let mut bad = kept.to_vec();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x01;
+    put(&skey, bad);
+    let out = pitr()
+        .args(["verify", "--repo", &url, "--wal-only"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(code(&out), Some(5), "{stdout}");
+    assert!(stdout.contains(&skey), "{stdout}");
+    put(&skey, kept.to_vec());
 
     // A segment between the backups deleted: exit 12; the first backup is cut short at
     // it, the second (which starts after it) restores to the end.
