@@ -115,7 +115,13 @@ impl Reporter {
         let line = match &p.phase {
             Phase::Checkpoint => "waiting for the checkpoint".to_owned(),
             Phase::Data => {
-                let mut l = format!("{} at {}/s", mb(p.bytes), mb(rate as u64));
+                // A rate over the first moments says nothing (the first report can come with
+                // many megabytes already counted: "96.9 MB at 96916 MB/s" was printed).
+                let mut l = if elapsed >= 0.5 {
+                    format!("{} at {}/s", mb(p.bytes), mb(rate as u64))
+                } else {
+                    mb(p.bytes)
+                };
                 if let Some(total) = p.total.filter(|&t| t > 0) {
                     let pct = (p.bytes as f64 / total as f64 * 100.0).min(100.0);
                     l = format!("{l}, {pct:.0}% of {}", mb(total));
