@@ -169,6 +169,30 @@ fn verify_reads_everything_and_names_what_a_problem_breaks() {
             .contains(gone.as_str()),
         "{v}"
     );
+    // The second backup alone does not need that segment: it checks out.
+    let out = pitr()
+        .args(["verify", "--json", "--repo", &url, "--backup", &second])
+        .output()
+        .unwrap();
+    assert_eq!(
+        code(&out),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["backups"].as_array().unwrap().len(), 1);
+    // An unknown backup is bad input.
+    let out = pitr()
+        .args(["verify", "--repo", &url, "--backup", "20000101T000000Z"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        code(&out),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Human-readable too.
     let out = pitr().args(["verify", "--repo", &url]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
