@@ -96,6 +96,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 Failure::new(Exit::BadInput, format!("could not listen on {addr}: {e}"))
             })?;
+            // The address as bound: with port 0, the one the kernel chose.
+            if let Ok(bound) = listener.local_addr() {
+                eprintln!("pitr: stream: metrics on http://{bound}/metrics");
+            }
             tokio::spawn(serve(listener, metrics.clone()));
         }
         let (tx, rx) = watch::channel(false);

@@ -39,6 +39,9 @@ struct Local {
     root: tempfile::TempDir,
     addr: SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
+    /// While stopped: a socket bound to the port but not listening, so connections are
+    /// refused (the outage) and no other process can take the port before the restart.
+    held: Option<TcpSocket>,
 }
 
 impl S3Server {
@@ -69,6 +72,7 @@ impl S3Server {
                 root,
                 addr,
                 runtime: Some(runtime),
+                held: None,
             }),
         })
     }
@@ -170,6 +174,17 @@ impl S3Server {
         };
         if let Some(rt) = local.runtime.take() {
             shut_down(rt);
+            // The port stays ours while stopped (a test that restarts the server once lost
+            // it to another process's connection in between).
+            for _ in 0..50 {
+                match hold(local.addr) {
+                    Ok(socket) => {
+                        local.held = Some(socket);
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
         }
         Ok(())
     }
@@ -180,6 +195,11 @@ impl S3Server {
             bail!("an external S3 endpoint cannot be restarted by the bed");
         };
         if local.runtime.is_some() {
+            return Ok(());
+        }
+        if let Some(socket) = local.held.take() {
+            let (rt, _) = serve_socket(local.root.path(), socket)?;
+            local.runtime = Some(rt);
             return Ok(());
         }
         // The port was ours a moment ago; give the kernel a few tries to release it.
@@ -216,9 +236,24 @@ fn shut_down(runtime: tokio::runtime::Runtime) {
     let _ = stopper.join();
 }
 
+/// A socket bound to `addr` (with SO_REUSEADDR), not listening yet.
+fn hold(addr: SocketAddr) -> Result<TcpSocket> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("bind the S3 server to {addr}"))?;
+    Ok(socket)
+}
+
 /// Serves the s3s-fs tree at `root` on `addr` from a new runtime; returns it and the bound
 /// address. The S3 server binary (`pitr-test-s3`) runs the same code.
 pub fn serve(root: &Path, addr: SocketAddr) -> Result<(tokio::runtime::Runtime, SocketAddr)> {
+    serve_socket(root, hold(addr)?)
+}
+
+/// [`serve`] on a socket already bound.
+fn serve_socket(root: &Path, socket: TcpSocket) -> Result<(tokio::runtime::Runtime, SocketAddr)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("testbed-s3")
@@ -234,11 +269,6 @@ pub fn serve(root: &Path, addr: SocketAddr) -> Result<(tokio::runtime::Runtime, 
     // No block_on: this may be called from inside a test's own runtime.
     let listener = {
         let _context = runtime.enter();
-        let socket = TcpSocket::new_v4()?;
-        socket.set_reuseaddr(true)?;
-        socket
-            .bind(addr)
-            .with_context(|| format!("bind the S3 server to {addr}"))?;
         socket.listen(1024)?
     };
     let bound = listener.local_addr()?;

@@ -123,7 +123,38 @@ impl Bed {
     }
 
     fn stream_with(&self, sync: bool, extra: &[&str]) -> Streamer {
+        self.stream_logged(sync, extra, None)
+    }
+
+    /// A stream on metrics port 0 (the kernel picks a free one, so no other process can
+    /// take it between a test choosing it and the stream binding it), its stderr in a
+    /// file; returns it and the metrics address it printed.
+    fn stream_with_metrics(&self) -> (Streamer, String) {
+        let log = self.dir.path().join("stream-metrics.log");
+        let streamer = self.stream_logged(false, &["--metrics-addr", "127.0.0.1:0"], Some(&log));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(addr) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("pitr: stream: metrics on http://"))
+                .and_then(|rest| rest.strip_suffix("/metrics"))
+            {
+                return (streamer, addr.to_owned());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no metrics address printed: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stream_logged(&self, sync: bool, extra: &[&str], log: Option<&Path>) -> Streamer {
         let mut c = self.pitr();
+        if let Some(log) = log {
+            c.stderr(std::fs::File::create(log).unwrap());
+        }
         c.args([
             "stream",
             "--slot",
@@ -356,10 +387,6 @@ fn without_sync_the_loss_is_what_was_not_yet_durable() {
 fn a_stream_killed_midway_and_started_again_leaves_no_gap() {
     // Beside archive_command into the same repository: the same segments from both.
     let bed = Bed::with("restart", true);
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
     let first = bed.stream(false);
     bed.backup();
     let loader = std::thread::scope(|s| {
@@ -367,11 +394,11 @@ fn a_stream_killed_midway_and_started_again_leaves_no_gap() {
         std::thread::sleep(Duration::from_secs(4));
         first.kill();
         std::thread::sleep(Duration::from_secs(2));
-        let second = bed.stream_with(false, &["--metrics-addr", &metrics]);
+        let second = bed.stream_with_metrics();
         let committed = h.join().unwrap();
         (committed, second)
     });
-    let (committed, second) = loader;
+    let (committed, (second, metrics)) = loader;
     bed.caught_up();
     // The server's flush position now; the stream's durable position must reach it. (Read
     // before the status, not after: the server writes WAL of its own meanwhile, such as
