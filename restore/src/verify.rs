@@ -76,6 +76,28 @@ pub struct BackupReport {
     pub restorable_from: Option<String>,
     /// ... to the last transaction in the WAL it reaches (None: no transaction after it).
     pub restorable_to: Option<String>,
+    /// Also restorable along its own timeline, when that is not the newest.
+    pub also: Vec<AlsoReach>,
+}
+
+/// How far a backup restores along another timeline (`--target-timeline current`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AlsoReach {
+    /// The timeline.
+    pub timeline: u32,
+    /// Its last segment a restore replays.
+    pub last_segment: String,
+    /// The last transaction in that WAL.
+    pub restorable_to: Option<String>,
+}
+
+/// What one plan of a backup's WAL found.
+struct Reach {
+    timeline: u32,
+    first_segment: String,
+    last_segment: String,
+    from: String,
+    to: Option<String>,
 }
 
 /// Everything verify found.
@@ -161,6 +183,7 @@ pub async fn verify(
             last_segment: None,
             restorable_from: None,
             restorable_to: None,
+            also: Vec::new(),
         };
         let problem = |severity, message: String| Problem {
             severity,
@@ -208,107 +231,42 @@ pub async fn verify(
             }
         }
         if !o.backups_only {
-            match plan(
+            // Along the newest timeline (what a restore does by default), and along the
+            // backup's own when that is another (`--target-timeline current`).
+            let newest = check_wal(
                 repo,
-                &Target::End,
-                false,
+                &id,
                 &TimelineChoice::Latest,
-                Some(&id),
+                &mut wal_checked,
+                &mut report,
             )
-            .await
-            {
-                Ok(p) => {
-                    b.timeline = Some(p.timeline);
-                    b.first_segment = Some(p.first_segment.clone());
-                    b.last_segment = Some(p.last_segment.clone());
-                    b.restorable_from = Some(p.backup.stop_time.clone());
-                    b.restorable_to = p.last_xact_time.clone();
-                    if let Some((missing, newest)) = &p.stranded {
-                        report.problems.push(problem(
-                            Severity::Missing,
-                            format!(
-                                "segment {missing} is missing: WAL after it (up to {newest}) cannot be replayed from this backup; it restores only to points before {missing}"
-                            ),
-                        ));
-                    }
-                    let todo: Vec<String> = p
-                        .wal
-                        .iter()
-                        .filter(|n| wal_checked.insert((*n).clone()))
-                        .cloned()
-                        .collect();
-                    let checked: Vec<SegmentChecked> = futures::stream::iter(todo)
-                        .map(|name| async move {
-                            check_segment(repo, &name).await.map_err(|e| (name, e))
-                        })
-                        .buffered(WAL_READS)
-                        .collect()
-                        .await;
-                    for c in checked {
-                        match c {
-                            Ok((bytes, summary)) => {
-                                report.segments += 1;
-                                report.bytes += bytes;
-                                match summary {
-                                    Ok(true) => report.summaries += 1,
-                                    Ok(false) => {}
-                                    Err(message) => {
-                                        report.problems.push(problem(Severity::Damaged, message))
-                                    }
-                                }
-                            }
-                            Err((name, e)) => {
-                                let damaged =
-                                    matches!(&e, FetchError::Object(o) if object_damage(o));
-                                let missing = matches!(&e, FetchError::NotFound(_));
-                                if !damaged && !missing {
-                                    return Err(VerifyError::Storage(StorageError::new(
-                                        repo::storage::ErrorKind::Transient,
-                                        "verify",
-                                        &name,
-                                        e.to_string(),
-                                    )));
-                                }
-                                report.problems.push(problem(
-                                    if damaged {
-                                        Severity::Damaged
-                                    } else {
-                                        Severity::Missing
-                                    },
-                                    format!("WAL segment {name}: {e}"),
-                                ));
-                            }
-                        }
-                    }
-                }
-                Err(PlanError::Unreachable { message, hint }) => {
-                    report.problems.push(problem(
-                        Severity::Missing,
-                        format!("it cannot be restored: {message} ({hint})"),
-                    ));
-                }
-                Err(PlanError::Object(e)) if object_damage(&e) => {
-                    report
-                        .problems
-                        .push(problem(Severity::Damaged, e.to_string()));
-                }
-                Err(PlanError::Manifest(e)) => {
-                    report
-                        .problems
-                        .push(problem(Severity::Damaged, e.to_string()));
-                }
-                Err(PlanError::Bad(e)) => {
-                    report.problems.push(problem(Severity::Damaged, e));
-                }
-                Err(PlanError::NoBackup(e)) => return Err(VerifyError::NoBackup(e)),
-                Err(PlanError::Storage(e)) => return Err(VerifyError::Storage(e)),
-                Err(PlanError::Object(e)) => {
-                    return Err(VerifyError::Storage(StorageError::new(
-                        repo::storage::ErrorKind::Transient,
-                        "verify",
-                        &id,
-                        e.to_string(),
-                    )))
+            .await?;
+            if let Some(r) = &newest {
+                b.timeline = Some(r.timeline);
+                b.first_segment = Some(r.first_segment.clone());
+                b.last_segment = Some(r.last_segment.clone());
+                b.restorable_from = Some(r.from.clone());
+                b.restorable_to = r.to.clone();
+            }
+            let own = BackupManifest::load_header(repo.objects(), &id)
+                .await
+                .map(|m| m.timeline)
+                .ok();
+            if own.is_some() && own != newest.as_ref().map(|r| r.timeline) {
+                if let Some(r) = check_wal(
+                    repo,
+                    &id,
+                    &TimelineChoice::Current,
+                    &mut wal_checked,
+                    &mut report,
+                )
+                .await?
+                {
+                    b.also.push(AlsoReach {
+                        timeline: r.timeline,
+                        last_segment: r.last_segment,
+                        restorable_to: r.to,
+                    });
                 }
             }
         }
@@ -317,6 +275,122 @@ pub async fn verify(
     }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Plans a restore of backup `id` to the end of the WAL along `timeline`, and reads and
+/// checks every segment it would replay that no earlier plan covered: how far it reaches
+/// (None when it cannot be restored that way; the problem is in `report`).
+async fn check_wal(
+    repo: &Repository,
+    id: &str,
+    timeline: &TimelineChoice,
+    wal_checked: &mut HashSet<String>,
+    report: &mut Report,
+) -> Result<Option<Reach>, VerifyError> {
+    let along = match timeline {
+        TimelineChoice::Current => " along its own timeline",
+        _ => "",
+    };
+    let problem = |severity, message: String| Problem {
+        severity,
+        backup: Some(id.to_owned()),
+        message,
+    };
+    let p = match plan(repo, &Target::End, false, timeline, Some(id)).await {
+        Ok(p) => p,
+        Err(PlanError::Unreachable { message, hint }) => {
+            report.problems.push(problem(
+                Severity::Missing,
+                format!("it cannot be restored{along}: {message} ({hint})"),
+            ));
+            return Ok(None);
+        }
+        Err(PlanError::Object(e)) if object_damage(&e) => {
+            report
+                .problems
+                .push(problem(Severity::Damaged, e.to_string()));
+            return Ok(None);
+        }
+        Err(PlanError::Manifest(e)) => {
+            report
+                .problems
+                .push(problem(Severity::Damaged, e.to_string()));
+            return Ok(None);
+        }
+        Err(PlanError::Bad(e)) => {
+            report.problems.push(problem(Severity::Damaged, e));
+            return Ok(None);
+        }
+        Err(PlanError::NoBackup(e)) => return Err(VerifyError::NoBackup(e)),
+        Err(PlanError::Storage(e)) => return Err(VerifyError::Storage(e)),
+        Err(PlanError::Object(e)) => {
+            return Err(VerifyError::Storage(StorageError::new(
+                repo::storage::ErrorKind::Transient,
+                "verify",
+                id,
+                e.to_string(),
+            )))
+        }
+    };
+    if let Some((missing, newest)) = &p.stranded {
+        report.problems.push(problem(
+            Severity::Missing,
+            format!(
+                "segment {missing} is missing: WAL after it (up to {newest}) cannot be replayed from this backup{along}; it restores only to points before {missing}"
+            ),
+        ));
+    }
+    let todo: Vec<String> = p
+        .wal
+        .iter()
+        .filter(|n| wal_checked.insert((*n).clone()))
+        .cloned()
+        .collect();
+    let checked: Vec<SegmentChecked> = futures::stream::iter(todo)
+        .map(|name| async move { check_segment(repo, &name).await.map_err(|e| (name, e)) })
+        .buffered(WAL_READS)
+        .collect()
+        .await;
+    for c in checked {
+        match c {
+            Ok((bytes, summary)) => {
+                report.segments += 1;
+                report.bytes += bytes;
+                match summary {
+                    Ok(true) => report.summaries += 1,
+                    Ok(false) => {}
+                    Err(message) => report.problems.push(problem(Severity::Damaged, message)),
+                }
+            }
+            Err((name, e)) => {
+                let damaged = matches!(&e, FetchError::Object(o) if object_damage(o));
+                let missing = matches!(&e, FetchError::NotFound(_));
+                if !damaged && !missing {
+                    return Err(VerifyError::Storage(StorageError::new(
+                        repo::storage::ErrorKind::Transient,
+                        "verify",
+                        &name,
+                        e.to_string(),
+                    )));
+                }
+                report.problems.push(problem(
+                    if damaged {
+                        Severity::Damaged
+                    } else {
+                        Severity::Missing
+                    },
+                    format!("WAL segment {name}: {e}"),
+                ));
+            }
+        }
+    }
+    Ok(Some(Reach {
+        timeline: p.timeline,
+        first_segment: p.first_segment,
+        last_segment: p.last_segment,
+        from: p.backup.stop_time,
+        to: p.last_xact_time,
+    }))
 }
 
 /// A segment checked: its plaintext bytes and how its summary fared (checked, absent, or

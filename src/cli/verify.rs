@@ -53,7 +53,20 @@ fn line(b: &BackupReport) -> String {
         ),
         _ => "WAL not checked".into(),
     };
-    format!("backup {}: {files}; {range}", b.id)
+    let also: String = b
+        .also
+        .iter()
+        .map(|a| {
+            format!(
+                "; along its own timeline {}: to {}",
+                a.timeline,
+                a.restorable_to
+                    .as_deref()
+                    .unwrap_or("its end (no transaction after it)")
+            )
+        })
+        .collect();
+    format!("backup {}: {files}; {range}{also}", b.id)
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {

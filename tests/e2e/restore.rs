@@ -642,6 +642,23 @@ fn after_a_promote_a_restore_to_a_time_on_the_new_timeline_gets_its_writes() {
     let pg = start_restored(&src, &second, false);
     assert_eq!(batches(&pg), ["1", "2"]);
     assert_eq!(timeline(&pg), "4");
+
+    // verify follows the newest timeline and reports the backup's own beside it.
+    let out = src
+        .pitr()
+        .args(["verify", "--json", "--repo", &src.url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = &v["backups"][0];
+    assert_eq!(b["timeline"], 3, "{v}");
+    assert_eq!(b["also"][0]["timeline"], 1, "{v}");
+    assert_eq!(v["histories"], 2, "{v}");
 }
 
 /// `pitr restore --start`, run as the server's OS user: the restore starts PostgreSQL on
