@@ -165,7 +165,34 @@ async fn pagination_and_deletes(s: &dyn Storage) {
     assert_eq!(storage::list_all(s, "page/").await.unwrap().len(), 999);
 }
 
+/// head and list say when an object was last written, by the storage's clock (checked
+/// against this host's loosely: the point is that storage time is there to be read).
+async fn last_written(s: &dyn Storage) {
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(600);
+    s.put("when/a", Bytes::from_static(b"a"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let head = s.head("when/a").await.unwrap().unwrap();
+    let at = head.modified.expect("head gives the last-written time");
+    assert!(at > before, "{at:?}");
+    assert!(at < std::time::SystemTime::now() + std::time::Duration::from_secs(600));
+    let listed = storage::list_all(s, "when/").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    let listed_at = listed[0]
+        .modified
+        .expect("listings give the last-written time");
+    let apart = listed_at
+        .duration_since(at)
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        apart < std::time::Duration::from_secs(2),
+        "{listed_at:?} vs {at:?}"
+    );
+    s.delete(&["when/a".to_owned()]).await.unwrap();
+}
+
 async fn contract(s: &dyn Storage) {
+    last_written(s).await;
     round_trips(s).await;
     put_if_absent_never_overwrites(s).await;
     ranges_and_absence(s).await;

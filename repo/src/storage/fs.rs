@@ -192,9 +192,11 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> std
                 walk(root, &path, prefix, out)?;
             }
         } else if ty.is_file() && key.starts_with(prefix) {
+            let meta = entry.metadata()?;
             out.push(ObjectMeta {
                 key,
-                size: entry.metadata()?.len(),
+                size: meta.len(),
+                modified: meta.modified().ok(),
             });
         }
     }
@@ -319,6 +321,7 @@ impl Storage for FsStorage {
             Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
                 key: key.to_owned(),
                 size: m.len(),
+                modified: m.modified().ok(),
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == IoKind::NotFound => Ok(None),

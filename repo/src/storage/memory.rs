@@ -15,7 +15,7 @@ use super::{
 /// Objects in a map; never hold the lock across an await (there is none inside).
 #[derive(Debug, Default)]
 pub struct MemStorage {
-    objects: Mutex<BTreeMap<String, Bytes>>,
+    objects: Mutex<BTreeMap<String, (Bytes, std::time::SystemTime)>>,
 }
 
 impl MemStorage {
@@ -24,7 +24,7 @@ impl MemStorage {
         MemStorage::default()
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Bytes>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Bytes, std::time::SystemTime)>> {
         self.objects.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -37,7 +37,7 @@ impl Storage for MemStorage {
         if mode == PutMode::IfAbsent && map.contains_key(key) {
             return Ok(PutOutcome::AlreadyExists);
         }
-        map.insert(key.to_owned(), body);
+        map.insert(key.to_owned(), (body, std::time::SystemTime::now()));
         Ok(PutOutcome::Stored)
     }
 
@@ -45,7 +45,7 @@ impl Storage for MemStorage {
         let body = self
             .map()
             .get(key)
-            .cloned()
+            .map(|(b, _)| b.clone())
             .ok_or_else(|| StorageError::not_found("get", key))?;
         Ok(Box::pin(futures::stream::once(async move { Ok(body) })))
     }
@@ -54,7 +54,7 @@ impl Storage for MemStorage {
         let body = self
             .map()
             .get(key)
-            .cloned()
+            .map(|(b, _)| b.clone())
             .ok_or_else(|| StorageError::not_found("get", key))?;
         let end = (range.end as usize).min(body.len());
         let start = (range.start as usize).min(end);
@@ -62,9 +62,10 @@ impl Storage for MemStorage {
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
-        Ok(self.map().get(key).map(|b| ObjectMeta {
+        Ok(self.map().get(key).map(|(b, t)| ObjectMeta {
             key: key.to_owned(),
             size: b.len() as u64,
+            modified: Some(*t),
         }))
     }
 
@@ -77,9 +78,10 @@ impl Storage for MemStorage {
             .map()
             .range(prefix.to_owned()..)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| ObjectMeta {
+            .map(|(k, (v, t))| ObjectMeta {
                 key: k.clone(),
                 size: v.len() as u64,
+                modified: Some(*t),
             })
             .collect();
         Ok(page_of(objects, token.as_deref()))

@@ -48,13 +48,16 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
-/// A stored object's key and size.
+/// A stored object's key, size and when it was last written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {
     /// Its key.
     pub key: String,
     /// Its size in bytes.
     pub size: u64,
+    /// When it was last written, by the storage's clock (S3's LastModified, the file's
+    /// mtime), not the reader's; None where the storage does not say.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// One page of a listing.

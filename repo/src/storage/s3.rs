@@ -788,6 +788,9 @@ impl Storage for S3Storage {
             Ok(out) => Ok(Some(ObjectMeta {
                 key: key.to_owned(),
                 size: out.content_length().unwrap_or(0).max(0) as u64,
+                modified: out
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
             })),
             Err(e) => {
                 let e = classify("head", key, e);
@@ -828,6 +831,9 @@ impl Storage for S3Storage {
                 Some(ObjectMeta {
                     key,
                     size: o.size().unwrap_or(0).max(0) as u64,
+                    modified: o
+                        .last_modified()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
                 })
             })
             .collect();
