@@ -52,7 +52,8 @@ pub fn ready_files(pg_wal: &Path, except: &str) -> Vec<String> {
 pub struct Record {
     /// The repository (its URL as given).
     pub repo: String,
-    /// blake3 of the file, hex.
+    /// The stored envelope's hash of the file, hex: blake3, or its keyed content id in an
+    /// encrypted repository.
     pub blake3: String,
     /// The file as it was when hashed; the same identity now means the same bytes (a
     /// segment is never rewritten in place once ready, and a recycled one is renamed and

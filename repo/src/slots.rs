@@ -202,9 +202,11 @@ pub struct SlotSet {
 
 /// The stored form: the set's JSON text and its authenticator.
 #[derive(Debug, Serialize, Deserialize)]
-struct StoredSet {
-    set: String,
-    mac: String,
+pub struct StoredSet {
+    /// The slot set's JSON, as text (what the MAC covers).
+    pub set: String,
+    /// keyed blake3 of `set` under the slot-set key, hex.
+    pub mac: String,
 }
 
 /// Why a key could not be had or used.
@@ -524,9 +526,10 @@ async fn read_set(storage: &dyn Storage, generation: u64) -> Result<ReadSet, Key
     })
 }
 
-/// Parses and checks a stored set's shape (sans-IO): every field of every slot is what
-/// pitr writes, so nothing later trusts a length, a cost or a string it was told.
-fn parse_set(generation: u64, bytes: &[u8]) -> Result<(SlotSet, StoredSet), String> {
+/// Parses and checks the stored bytes of slot set `generation` (sans-IO; not yet
+/// authenticated): every field of every slot is what pitr writes, so nothing later trusts a
+/// length, a cost or a string it was told.
+pub fn parse_set(generation: u64, bytes: &[u8]) -> Result<(SlotSet, StoredSet), String> {
     let (_, plain) = envelope::decode_at_most(bytes, SET_MAX).map_err(|e| e.to_string())?;
     let stored: StoredSet = serde_json::from_slice(&plain).map_err(|e| e.to_string())?;
     let set: SlotSet = serde_json::from_str(&stored.set).map_err(|e| e.to_string())?;
