@@ -25,6 +25,10 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const FORMAT_OLDEST: u32 = 1;
 /// Key of the config object.
 pub const CONFIG_KEY: &str = "config";
+/// Bytes of the config object read at most: its plaintext is at most 1 MiB (a few hundred
+/// bytes in practice), so a larger object is damage, found when the truncated envelope does
+/// not check, and is never read whole.
+const CONFIG_READ_MAX: u64 = 2 << 20;
 
 /// The cluster a repository belongs to, as read from its WAL or pg_control.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,7 +206,7 @@ impl Repository {
         cluster: Option<&ClusterIdentity>,
         codec: Arc<Codec>,
     ) -> Result<Repository, OpenError> {
-        let stored = match crate::storage::get_bytes(storage.as_ref(), CONFIG_KEY).await {
+        let stored = match storage.get_range(CONFIG_KEY, 0..CONFIG_READ_MAX).await {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
                 return Err(OpenError::NotInitialized {
@@ -342,7 +346,8 @@ impl Repository {
         }
         // Read back: the stored config is the one that counts, and reading it back narrows
         // the window on servers whose If-None-Match is not atomic.
-        let stored = crate::storage::get_bytes(storage.as_ref(), CONFIG_KEY)
+        let stored = storage
+            .get_range(CONFIG_KEY, 0..CONFIG_READ_MAX)
             .await
             .map_err(ObjectError::from)?;
         Repository::finish_open(url, objects, stored, Some(cluster)).await
