@@ -123,7 +123,11 @@ async fn pg_files(
         id: m.id.clone(),
         reason,
     };
-    let (_, bytes) = objects.get(key).await.map_err(|e| bad(e.to_string()))?;
+    // Unreadable (the storage) and damaged or gone are told apart by the caller.
+    let (_, bytes) = objects.get(key).await.map_err(|source| ReadError::Object {
+        path: key.clone(),
+        source,
+    })?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
     let files = v["Files"]
         .as_array()

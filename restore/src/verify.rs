@@ -147,9 +147,35 @@ pub enum VerifyError {
     NoBackup(String),
 }
 
-/// Whether an error means stored bytes are damaged (rather than unreachable storage).
+/// Whether an error means stored data is damaged or gone (rather than unreachable storage):
+/// an object a manifest names that is not there is damage to the repository.
 fn object_damage(e: &ObjectError) -> bool {
-    matches!(e, ObjectError::Corrupt { .. })
+    matches!(e, ObjectError::Corrupt { .. }) || e.is_not_found()
+}
+
+/// Whether a problem is already on record for backup `id`.
+fn report_has(report: &Report, id: &str) -> bool {
+    report
+        .problems
+        .iter()
+        .any(|p| p.backup.as_deref() == Some(id))
+}
+
+/// What a manifest that cannot be read means: damage (bad, corrupt, gone), or a verdict
+/// verify cannot give (storage unreachable, a newer pitr's format).
+fn manifest_verdict(e: repo::manifest::ManifestError) -> Result<String, VerifyError> {
+    use repo::manifest::ManifestError as M;
+    match e {
+        M::Object(o) if object_damage(&o) => Ok(o.to_string()),
+        e @ M::Bad { .. } => Ok(e.to_string()),
+        M::Storage(s) => Err(VerifyError::Storage(s)),
+        other => Err(VerifyError::Storage(StorageError::new(
+            repo::storage::ErrorKind::Permanent,
+            "verify",
+            "backup manifest",
+            other.to_string(),
+        ))),
+    }
 }
 
 /// Verifies the repository as `o` says, reporting each backup as it is done to `progress`.
@@ -193,10 +219,11 @@ pub async fn verify(
         if !o.wal_only {
             match BackupManifest::load(repo.objects(), &id).await {
                 Err(e) => {
+                    let why = manifest_verdict(e)?;
                     b.files_ok = Some(false);
                     report.problems.push(problem(
                         Severity::Damaged,
-                        format!("its manifest cannot be read: {e}"),
+                        format!("its manifest cannot be read: {why}"),
                     ));
                 }
                 Ok(m) => match check_backup(repo.objects(), &m).await {
@@ -232,7 +259,9 @@ pub async fn verify(
         }
         if !o.backups_only {
             // Along the newest timeline (what a restore does by default), and along the
-            // backup's own when that is another (`--target-timeline current`).
+            // backup's own when that is another (`--target-timeline current`). A newest
+            // timeline that branched off before this backup ended is not one it can be
+            // restored along: no problem, its own timeline is what counts then.
             let newest = check_wal(
                 repo,
                 &id,
@@ -241,19 +270,15 @@ pub async fn verify(
                 &mut report,
             )
             .await?;
-            if let Some(r) = &newest {
-                b.timeline = Some(r.timeline);
-                b.first_segment = Some(r.first_segment.clone());
-                b.last_segment = Some(r.last_segment.clone());
-                b.restorable_from = Some(r.from.clone());
-                b.restorable_to = r.to.clone();
-            }
-            let own = BackupManifest::load_header(repo.objects(), &id)
-                .await
-                .map(|m| m.timeline)
-                .ok();
-            if own.is_some() && own != newest.as_ref().map(|r| r.timeline) {
-                if let Some(r) = check_wal(
+            let own = match BackupManifest::load_header(repo.objects(), &id).await {
+                Ok(m) => Some(m.timeline),
+                Err(e) => {
+                    manifest_verdict(e)?;
+                    None
+                }
+            };
+            let along_own = if own.is_some() && own != newest.as_ref().map(|r| r.timeline) {
+                check_wal(
                     repo,
                     &id,
                     &TimelineChoice::Current,
@@ -261,13 +286,32 @@ pub async fn verify(
                     &mut report,
                 )
                 .await?
-                {
-                    b.also.push(AlsoReach {
-                        timeline: r.timeline,
-                        last_segment: r.last_segment,
-                        restorable_to: r.to,
-                    });
-                }
+            } else {
+                None
+            };
+            if newest.is_none() && along_own.is_none() && !report_has(&report, &id) {
+                report.problems.push(problem(
+                    Severity::Missing,
+                    "it cannot be restored along any timeline the repository holds".into(),
+                ));
+            }
+            let (primary, also) = match (newest, along_own) {
+                (Some(n), o) => (Some(n), o),
+                (None, o) => (o, None),
+            };
+            if let Some(r) = primary {
+                b.timeline = Some(r.timeline);
+                b.first_segment = Some(r.first_segment.clone());
+                b.last_segment = Some(r.last_segment.clone());
+                b.restorable_from = Some(r.from.clone());
+                b.restorable_to = r.to.clone();
+            }
+            if let Some(r) = also {
+                b.also.push(AlsoReach {
+                    timeline: r.timeline,
+                    last_segment: r.last_segment,
+                    restorable_to: r.to,
+                });
             }
         }
         progress(&b);
@@ -312,16 +356,17 @@ async fn check_wal(
             return Ok(None);
         }
         Err(PlanError::Manifest(e)) => {
-            report
-                .problems
-                .push(problem(Severity::Damaged, e.to_string()));
+            let why = manifest_verdict(e)?;
+            report.problems.push(problem(Severity::Damaged, why));
             return Ok(None);
         }
         Err(PlanError::Bad(e)) => {
             report.problems.push(problem(Severity::Damaged, e));
             return Ok(None);
         }
-        Err(PlanError::NoBackup(e)) => return Err(VerifyError::NoBackup(e)),
+        // Not restorable along this timeline (it branched off before the backup ended):
+        // the caller decides whether that is a problem.
+        Err(PlanError::NoBackup(_)) => return Ok(None),
         Err(PlanError::Storage(e)) => return Err(VerifyError::Storage(e)),
         Err(PlanError::Object(e)) => {
             return Err(VerifyError::Storage(StorageError::new(

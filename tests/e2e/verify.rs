@@ -126,6 +126,19 @@ fn verify_reads_everything_and_names_what_a_problem_breaks() {
         stdout.contains(&format!("backup {first}")) || stdout.contains(&format!("backup {second}")),
         "{stdout}"
     );
+    // A pack gone altogether is damage too (exit 5), not an unreachable repository.
+    rt.block_on(storage.delete(std::slice::from_ref(&pack)))
+        .unwrap();
+    let out = pitr()
+        .args(["verify", "--repo", &url, "--backups-only"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        code(&out),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     put(&pack, kept.to_vec());
 
     // A damaged segment summary (the restore planner reads them for time targets): exit 5.
