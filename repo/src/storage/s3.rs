@@ -771,8 +771,28 @@ impl Storage for S3Storage {
             Err(e) if status_of(&e) == Some(416) => return Ok(Bytes::new()),
             Err(e) => return Err(classify("get", key, e)),
         };
+        // A server (or proxy) that ignores Range answers 200 with the whole object: refused
+        // before its body is read, as it would be read whole and taken for the range.
+        let want = range.end - range.start;
+        let ignored = |len: u64| {
+            StorageError::new(
+                ErrorKind::Permanent,
+                "get",
+                key,
+                format!("the server ignored the Range header: {len} bytes for a range of {want}"),
+            )
+        };
+        if out.content_range().is_none() {
+            if let Some(len) = out.content_length().filter(|&l| l > 0 && l as u64 > want) {
+                return Err(ignored(len as u64));
+            }
+        }
         let data = out.body.collect().await.map_err(|e| body_error(key, e))?;
-        Ok(data.into_bytes())
+        let data = data.into_bytes();
+        if data.len() as u64 > want {
+            return Err(ignored(data.len() as u64));
+        }
+        Ok(data)
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StorageError> {
