@@ -6,7 +6,6 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::envelope::{self, chunk_identity, EncodeOptions, EnvelopeError, Protection};
-use crate::objects::{ObjectError, ObjectStore};
 
 /// The last four bytes of every pack.
 pub const PACK_MAGIC: [u8; 4] = *b"PKIX";
@@ -221,37 +220,6 @@ pub fn decode_chunk_of(
         return Err(EnvelopeError::hash_mismatch(hash, &header.hash));
     }
     Ok(plain)
-}
-
-/// Reads one chunk from its pack (a ranged read), verifies it on a codec thread
-/// ([`decode_chunk_of`] with the entry's hash and length); damage is a corruption error
-/// naming the pack and the offset.
-pub async fn fetch_chunk(
-    objects: &ObjectStore,
-    pack: &str,
-    chunk: &crate::manifest::ChunkRef,
-) -> Result<Bytes, ObjectError> {
-    let range = chunk.range();
-    let (hash, plain_len) = (chunk.hash, u64::from(chunk.plain_len));
-    let offset = range.start;
-    let want = range.end - range.start;
-    let bytes = objects.storage().get_range(pack, range).await?;
-    let name = || format!("{pack}@{offset}");
-    if bytes.len() as u64 != want {
-        return Err(ObjectError::Corrupt {
-            key: name(),
-            source: EnvelopeError::Truncated(bytes.len()),
-        });
-    }
-    let protection = objects.protection().clone();
-    objects
-        .codec()
-        .run(move || decode_chunk_of(&bytes, &hash, plain_len, &protection))
-        .await?
-        .map_err(|source| ObjectError::Corrupt {
-            key: name(),
-            source,
-        })
 }
 
 #[cfg(test)]

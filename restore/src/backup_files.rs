@@ -1,16 +1,11 @@
-//! A backup's files read back from the repository: each chunk fetched from its pack with a
-//! ranged read and checked against the hash the manifest names, several at a time. Restore
-//! and verify build on this.
+//! A backup's files read back from the repository and checked: every chunk against the
+//! hash its chunk table names, every file against PostgreSQL's own backup_manifest. verify
+//! and the backup tests build on this.
 
-use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use repo::envelope::EnvelopeError;
 use repo::manifest::{BackupManifest, FileType, ManifestFile};
 use repo::objects::{ObjectError, ObjectStore};
-use repo::pack::fetch_chunk;
-
-/// Chunks of one file fetched at once.
-pub const CHUNK_READS: usize = 16;
 
 /// Why a file could not be read back.
 #[derive(Debug, thiserror::Error)]
@@ -26,42 +21,6 @@ pub enum ReadError {
     /// The manifest points outside itself.
     #[error("file \"{0}\": the manifest names a chunk or pack it does not hold")]
     Manifest(String),
-}
-
-/// The chunks of `file` of backup `m` in order, each verified, [`CHUNK_READS`] fetched at
-/// once: memory stays bounded whatever the file's size.
-pub fn file_chunks<'a>(
-    objects: &'a ObjectStore,
-    m: &'a BackupManifest,
-    file: &'a ManifestFile,
-) -> impl futures::Stream<Item = Result<Bytes, ReadError>> + 'a {
-    futures::stream::iter(file.chunks.indexes())
-        .map(move |i| async move {
-            let bad = || ReadError::Manifest(file.path.clone());
-            let c = m.chunks.get(i).ok_or_else(bad)?;
-            let pack = m.pack_key(c.pack()).ok_or_else(bad)?;
-            fetch_chunk(objects, &pack, c)
-                .await
-                .map_err(|source| ReadError::Object {
-                    path: file.path.clone(),
-                    source,
-                })
-        })
-        .buffered(CHUNK_READS)
-}
-
-/// The contents of `file` of backup `m`, verified chunk by chunk.
-pub async fn read_file(
-    objects: &ObjectStore,
-    m: &BackupManifest,
-    file: &ManifestFile,
-) -> Result<Vec<u8>, ReadError> {
-    let pieces: Vec<Bytes> = file_chunks(objects, m, file).try_collect().await?;
-    let mut out = Vec::with_capacity(file.size as usize);
-    for p in pieces {
-        out.extend_from_slice(&p);
-    }
-    Ok(out)
 }
 
 /// What [`check_backup`] read.
