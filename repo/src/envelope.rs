@@ -426,9 +426,10 @@ pub fn decode_as(
             max,
         });
     }
-    let opened;
-    let body = match protection {
-        Protection::Plain => &bytes[h.len..],
+    // Encrypted: the body is opened in a buffer of its own, which an uncompressed object
+    // then keeps as its plaintext (no second copy).
+    let opened: Option<Vec<u8>> = match protection {
+        Protection::Plain => None,
         Protection::Encrypted(keys) => {
             let sealed = &bytes[h.len..];
             if sealed.len() < TAG_LEN {
@@ -447,12 +448,15 @@ pub fn decode_as(
                 &tag_bytes,
             )
             .map_err(|_| EnvelopeError::Unauthentic)?;
-            opened = buf;
-            &opened[..]
+            Some(buf)
         }
     };
+    let body = opened.as_deref().unwrap_or(&bytes[h.len..]);
     let plain = match h.compression {
-        Compression::None => Bytes::copy_from_slice(body),
+        Compression::None => match opened {
+            Some(buf) => Bytes::from(buf),
+            None => Bytes::copy_from_slice(body),
+        },
         // The declared size is trusted for the buffer only when the reader bounded it.
         Compression::Zstd if h.plain_len <= BULK_DECODE_MAX.min(max) => {
             // One pass into a buffer of the declared size (bounded, so a lying header

@@ -207,7 +207,8 @@ pub async fn check_backup(
         let c = &m.chunks[*read as usize];
         for &(fi, _, entry) in dests {
             let e = &m.chunks[entry as usize];
-            if e.hash != c.hash || e.plain_len != c.plain_len || e.stored_len != c.stored_len {
+            // Same place by construction: the whole entry must be the one checked.
+            if e != c {
                 return Err(ReadError::Object {
                     path: m.files[fi as usize].path.clone(),
                     source: ObjectError::Corrupt {

@@ -316,11 +316,10 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
                 .map_err(corrupt)?;
         for &(fi, offset, entry) in dests {
             // Another entry naming the same place in the same pack must name the same
-            // chunk: its hash and lengths are compared with what was checked.
+            // chunk: the whole entry (hash and lengths; the place is the same by
+            // construction) is compared with the one checked.
             let e = &s.manifest.chunks[entry as usize];
-            if entry != ci
-                && (e.hash != c.hash || e.plain_len != c.plain_len || e.stored_len != c.stored_len)
-            {
+            if entry != ci && e != c {
                 return Err(corrupt_in(
                     fi,
                     EnvelopeError::hash_mismatch(&e.hash, &c.hash),

@@ -145,6 +145,14 @@ pub enum VerifyError {
     /// The backup asked for is not there.
     #[error("backup {0} is not in the repository")]
     NoBackup(String),
+    /// Something could not be read (the storage failed, or it is in a format this pitr
+    /// does not read): no verdict on it.
+    #[error("could not read {0}: {1}")]
+    Unreadable(String, String),
+}
+
+fn unreadable(what: &str, e: impl std::fmt::Display) -> VerifyError {
+    VerifyError::Unreadable(what.to_owned(), e.to_string())
 }
 
 /// Whether an error means stored data is damaged or gone (rather than unreachable storage):
@@ -169,12 +177,7 @@ fn manifest_verdict(e: repo::manifest::ManifestError) -> Result<String, VerifyEr
         M::Object(o) if object_damage(&o) => Ok(o.to_string()),
         e @ M::Bad { .. } => Ok(e.to_string()),
         M::Storage(s) => Err(VerifyError::Storage(s)),
-        other => Err(VerifyError::Storage(StorageError::new(
-            repo::storage::ErrorKind::Permanent,
-            "verify",
-            "backup manifest",
-            other.to_string(),
-        ))),
+        other => Err(unreadable("a backup manifest", other)),
     }
 }
 
@@ -216,8 +219,14 @@ pub async fn verify(
             backup: Some(id.clone()),
             message,
         };
+        // The backup's own timeline, from its manifest when the files were checked.
+        let mut own_timeline = None;
         if !o.wal_only {
-            match BackupManifest::load(repo.objects(), &id).await {
+            let loaded = BackupManifest::load(repo.objects(), &id).await;
+            if let Ok(m) = &loaded {
+                own_timeline = Some(m.timeline);
+            }
+            match loaded {
                 Err(e) => {
                     let why = manifest_verdict(e)?;
                     b.files_ok = Some(false);
@@ -242,12 +251,7 @@ pub async fn verify(
                         );
                         if storage {
                             // Unreachable storage is not a verdict on the data.
-                            return Err(VerifyError::Storage(StorageError::new(
-                                repo::storage::ErrorKind::Transient,
-                                "verify",
-                                &id,
-                                e.to_string(),
-                            )));
+                            return Err(unreadable(&format!("backup {id}"), e));
                         }
                         b.files_ok = Some(false);
                         report
@@ -270,12 +274,15 @@ pub async fn verify(
                 &mut report,
             )
             .await?;
-            let own = match BackupManifest::load_header(repo.objects(), &id).await {
-                Ok(m) => Some(m.timeline),
-                Err(e) => {
-                    manifest_verdict(e)?;
-                    None
-                }
+            let own = match own_timeline {
+                Some(t) => Some(t),
+                None => match BackupManifest::load_header(repo.objects(), &id).await {
+                    Ok(m) => Some(m.timeline),
+                    Err(e) => {
+                        manifest_verdict(e)?;
+                        None
+                    }
+                },
             };
             let along_own = if own.is_some() && own != newest.as_ref().map(|r| r.timeline) {
                 check_wal(
@@ -368,14 +375,7 @@ async fn check_wal(
         // the caller decides whether that is a problem.
         Err(PlanError::NoBackup(_)) => return Ok(None),
         Err(PlanError::Storage(e)) => return Err(VerifyError::Storage(e)),
-        Err(PlanError::Object(e)) => {
-            return Err(VerifyError::Storage(StorageError::new(
-                repo::storage::ErrorKind::Transient,
-                "verify",
-                id,
-                e.to_string(),
-            )))
-        }
+        Err(PlanError::Object(e)) => return Err(unreadable(&format!("backup {id}"), e)),
     };
     if let Some((missing, newest)) = &p.stranded {
         report.problems.push(problem(
@@ -411,12 +411,7 @@ async fn check_wal(
                 let damaged = matches!(&e, FetchError::Object(o) if object_damage(o));
                 let missing = matches!(&e, FetchError::NotFound(_));
                 if !damaged && !missing {
-                    return Err(VerifyError::Storage(StorageError::new(
-                        repo::storage::ErrorKind::Transient,
-                        "verify",
-                        &name,
-                        e.to_string(),
-                    )));
+                    return Err(unreadable(&format!("WAL segment {name}"), e));
                 }
                 report.problems.push(problem(
                     if damaged {
@@ -500,14 +495,7 @@ async fn check_histories(repo: &Repository, report: &mut Report) -> Result<(), V
             },
             Err(e @ ObjectError::Corrupt { .. }) => report.problems.push(problem(e.to_string())),
             Err(e) if e.is_not_found() => {}
-            Err(e) => {
-                return Err(VerifyError::Storage(StorageError::new(
-                    repo::storage::ErrorKind::Transient,
-                    "verify",
-                    &o.key,
-                    e.to_string(),
-                )))
-            }
+            Err(e) => return Err(unreadable(&format!("\"{}\"", o.key), e)),
         }
     }
     Ok(())

@@ -94,8 +94,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 VerifyError::NoBackup(_) => {
                     Failure::new(Exit::BadInput, e.to_string()).hint("pitr list shows the backups")
                 }
-                VerifyError::Storage(_) => Failure::new(Exit::Repository, e.to_string())
-                    .hint("the repository could not be read; nothing was judged: run verify again"),
+                VerifyError::Storage(_) | VerifyError::Unreadable(..) => {
+                    Failure::new(Exit::Repository, e.to_string()).hint(
+                        "the repository could not be read; nothing was judged: run verify again",
+                    )
+                }
             })
     })?;
     if json {
