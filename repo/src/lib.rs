@@ -11,6 +11,7 @@ pub mod envelope;
 pub mod keys;
 pub mod kms;
 pub mod manifest;
+pub mod markers;
 pub mod objects;
 pub mod pack;
 pub mod pieces;

@@ -3,6 +3,7 @@
 
 pub mod backup_files;
 pub mod dest;
+pub mod expire;
 pub mod files;
 pub mod plan;
 pub mod recovery;

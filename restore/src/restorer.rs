@@ -139,6 +139,9 @@ pub enum RestoreError {
     /// The files are restored, but the server did not come up or could not be promoted.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// The backup chosen is being removed by a running expire or delete (nothing written).
+    #[error("backup {0} is being removed by a running pitr expire or delete")]
+    Busy(String),
 }
 
 /// Restores as `o` says (module docs), reporting to `progress`.
@@ -165,6 +168,28 @@ pub async fn restore(
         o.backup.as_deref(),
     )
     .await?;
+    let marker = repo::markers::for_reader(
+        repo.objects(),
+        "restore",
+        vec![plan.backup.id.clone()],
+        Some(plan.first_segment.clone()),
+    )
+    .await
+    .map_err(|ids| RestoreError::Busy(ids.join(", ")))?;
+    let result = restore_planned(o, progress, &repo, plan, started).await;
+    if let Some(marker) = marker {
+        marker.finish().await;
+    }
+    result
+}
+
+async fn restore_planned(
+    o: &RestoreOptions,
+    progress: &dyn Progress,
+    repo: &Repository,
+    plan: Plan,
+    started: Instant,
+) -> Result<Restored, RestoreError> {
     let m = &plan.backup;
     let mut files_options = FilesOptions::new(o.to.clone());
     files_options.tablespace_map = o.tablespace_map.clone();
@@ -184,8 +209,7 @@ pub async fn restore(
 
     let written = Arc::new(AtomicU64::new(0));
     progress.writing(&plan, written.clone());
-    let files =
-        write_with_staging(&repo, &plan, o, &files_options, places, written, progress).await;
+    let files = write_with_staging(repo, &plan, o, &files_options, places, written, progress).await;
     progress.written();
     let (mut report, laid_out) = files?;
 

@@ -34,6 +34,10 @@ pub enum Exit {
     Key = 11,
     /// 12: `verify`: WAL a restore needs is missing, and nothing is damaged (damage: 5).
     MissingWal = 12,
+    /// 14: busy: `delete` of a backup a running command relies on (a restore, a backup
+    /// using it as its dedup base), nothing removed; `restore` or `verify` of a backup a
+    /// running expire or delete is removing, nothing written.
+    Busy = 14,
     /// 70: an internal error (a bug: the command panicked), as sysexits' EX_SOFTWARE.
     /// `wal-fetch` exits 200 instead.
     Internal = 70,

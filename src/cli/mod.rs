@@ -4,6 +4,7 @@
 mod backup;
 mod bench;
 mod check;
+mod expire;
 mod failure;
 mod info;
 mod init;
@@ -37,6 +38,10 @@ struct Cli {
 enum Command {
     /// Take a base backup of the server into the repository
     Backup(backup::Args),
+    /// Remove one backup and what only it referenced
+    Delete(expire::DeleteArgs),
+    /// Remove the backups a retention policy does not keep, and what only they referenced
+    Expire(expire::Args),
     /// Measure archiving throughput against real WAL, beside other tools
     Bench(bench::Args),
     /// Check the server can be reached for replication and the repository is its own
@@ -108,6 +113,8 @@ impl Command {
         match self {
             Command::Backup(_) => ("backup", Exit::Internal),
             Command::Bench(_) => ("bench", Exit::Internal),
+            Command::Delete(_) => ("delete", Exit::Internal),
+            Command::Expire(_) => ("expire", Exit::Internal),
             Command::Check(_) => ("check", Exit::Internal),
             Command::Info(_) => ("info", Exit::Internal),
             Command::Init(_) => ("init", Exit::Internal),
@@ -176,6 +183,8 @@ pub fn run() -> ExitCode {
     let outcome = match cli.command {
         Command::Backup(args) => backup::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Delete(args) => expire::run_delete(args),
+        Command::Expire(args) => expire::run(args),
         Command::Check(args) => check::run(args),
         Command::Info(args) => info::run(args),
         Command::Key(args) => key::run(args),

@@ -188,6 +188,9 @@ fn restore_failure(e: RestoreError, to: &Path) -> Failure {
         RestoreError::NoServer(_) => Failure::new(Exit::BadInput, e.to_string())
             .hint("name the directory of the server binaries with --pg-bin or PITR_PG_BIN"),
         RestoreError::Files(e) => files_failure(e, to),
+        RestoreError::Busy(_) => Failure::new(Exit::Busy, e.to_string()).hint(
+            "nothing was written; run the restore again: it chooses among the backups that stay",
+        ),
         RestoreError::Start(e @ StartError::Promote(_)) => {
             Failure::new(Exit::StartFailed, e.to_string()).hint(format!(
                 "the server is running on {}, recovering (or paused at the target): promote it with pg_ctl promote -D {} once the cause is fixed",

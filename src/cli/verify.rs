@@ -91,6 +91,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         verify(&repo, &options, &progress)
             .await
             .map_err(|e| match e {
+                VerifyError::Busy(_) => Failure::new(Exit::Busy, e.to_string()),
                 VerifyError::NoBackup(_) => {
                     Failure::new(Exit::BadInput, e.to_string()).hint("pitr list shows the backups")
                 }

@@ -6,6 +6,7 @@ mod bench;
 mod check;
 mod cli;
 mod encryption;
+mod expire;
 mod info;
 mod init;
 mod internal_errors;

@@ -15,15 +15,15 @@ use crate::succeeds;
 
 /// A cluster archiving into a repository with pitr wal-push, and pitr where its server can
 /// run it (the restore_command names the binary that wrote it).
-struct Source {
-    s3: S3Server,
-    url: String,
-    pg: Cluster,
+pub(crate) struct Source {
+    pub(crate) s3: S3Server,
+    pub(crate) url: String,
+    pub(crate) pg: Cluster,
     bin: PathBuf,
 }
 
 impl Source {
-    fn new(name: &str) -> Source {
+    pub(crate) fn new(name: &str) -> Source {
         let s3 = S3Server::start().unwrap();
         let url = s3.repo_url(name);
         let options = ClusterOptions::default()
@@ -43,17 +43,17 @@ impl Source {
         Source { s3, url, pg, bin }
     }
 
-    fn pitr(&self) -> std::process::Command {
+    pub(crate) fn pitr(&self) -> std::process::Command {
         let mut c = std::process::Command::new(&self.bin);
         c.envs(self.s3.env());
         c
     }
 
-    fn socket(&self) -> String {
+    pub(crate) fn socket(&self) -> String {
         crate::socket(&self.pg)
     }
 
-    fn backup(&self) -> serde_json::Value {
+    pub(crate) fn backup(&self) -> serde_json::Value {
         let out = succeeds(self.pitr().args([
             "backup",
             "--fast",
@@ -67,14 +67,14 @@ impl Source {
     }
 
     /// Switches to a new segment and waits until everything so far is archived.
-    fn archive_all(&self) {
+    pub(crate) fn archive_all(&self) {
         let seg = self.pg.switch_wal().unwrap();
         self.pg
             .wait_archived(&seg, Duration::from_secs(60))
             .unwrap();
     }
 
-    fn restore(&self, to: &Path, args: &[&str]) -> Output {
+    pub(crate) fn restore(&self, to: &Path, args: &[&str]) -> Output {
         self.pitr()
             .args(["restore", "--repo", &self.url, "--to"])
             .arg(to)
@@ -86,7 +86,7 @@ impl Source {
 
 /// Starts a restored directory and waits until recovery is over (the target reached and
 /// the server promoted).
-fn start_restored(src: &Source, dir: &Path, archive: bool) -> Cluster {
+pub(crate) fn start_restored(src: &Source, dir: &Path, archive: bool) -> Cluster {
     let options =
         ClusterOptions::default().setting("archive_mode", if archive { "on" } else { "off" });
     let mut pg = Cluster::adopt(dir, crate::s3_server_env(options, &src.s3, &src.url)).unwrap();
@@ -95,7 +95,7 @@ fn start_restored(src: &Source, dir: &Path, archive: bool) -> Cluster {
     pg
 }
 
-fn batches(pg: &Cluster) -> Vec<String> {
+pub(crate) fn batches(pg: &Cluster) -> Vec<String> {
     pg.sql("SELECT coalesce(string_agg(DISTINCT batch::text, ',' ORDER BY batch::text), '') FROM t")
         .unwrap()
         .split(',')
@@ -105,7 +105,7 @@ fn batches(pg: &Cluster) -> Vec<String> {
 }
 
 /// Commits batch `k` (100 rows) and returns its commit time and the WAL position after it.
-fn commit_batch(pg: &Cluster, k: u32) -> (String, String) {
+pub(crate) fn commit_batch(pg: &Cluster, k: u32) -> (String, String) {
     pg.sql(&format!(
         "INSERT INTO t SELECT {k}, g FROM generate_series(1, 100) g"
     ))

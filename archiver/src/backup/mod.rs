@@ -20,6 +20,7 @@ use repo::manifest::{
     id_taken, list_backups, pg_manifest_key, BackupManifest, ChunkSpan, FileType, ManifestError,
     ManifestFile, TableReader, TablespaceEntry, MANIFEST_FORMAT,
 };
+use repo::markers::{Marker, MarkerBody};
 use repo::objects::ObjectError;
 use repo::repository::Repository;
 use repo::storage::{PutMode, StorageError};
@@ -112,6 +113,10 @@ pub enum BackupError {
     /// Something the server said makes no sense.
     #[error("{0}")]
     Protocol(String),
+    /// The backup's marker could not be rewritten for too long: a concurrent expire may
+    /// not have seen it, and may have removed what the backup relies on.
+    #[error("the backup's marker in the repository was not rewritten for over {} minutes; no manifest was written", repo::markers::LAPSE.as_secs() / 60)]
+    MarkerLapsed,
 }
 
 impl BackupError {
@@ -145,12 +150,26 @@ struct Previous {
 }
 
 impl Previous {
-    async fn load(repo: &Repository) -> Result<Option<Previous>, BackupError> {
+    /// The newest backup, to compare with; the marker names it first, and it is not used
+    /// when a running expire or delete is removing it.
+    async fn load(repo: &Repository, marker: &Marker) -> Result<Option<Previous>, BackupError> {
         let ids = list_backups(repo.objects().storage().as_ref()).await?;
         let Some(last) = ids.last() else {
             return Ok(None);
         };
-        let m = BackupManifest::load_header(repo.objects(), last).await?;
+        marker.update(|b| b.backups = vec![last.clone()]).await?;
+        if !marker.condemned().await?.is_empty() {
+            marker.update(|b| b.backups.clear()).await?;
+            return Ok(None);
+        }
+        let m = match BackupManifest::load_header(repo.objects(), last).await {
+            Ok(m) => m,
+            // Removed by a delete that came first.
+            Err(ManifestError::Object(ObjectError::Storage(e))) if e.is_not_found() => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(Some(Previous {
             files: m
                 .files
@@ -215,7 +234,6 @@ pub async fn take(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<BackupManifest, BackupError> {
     let storage = repo.objects().storage().clone();
-    let server_version = conn.server_version().unwrap_or("").to_owned();
     let start_time = host_now();
     let mut id = id_of(start_time);
     let mut n = 2;
@@ -223,7 +241,29 @@ pub async fn take(
         id = format!("{}-{n}", id_of(start_time));
         n += 1;
     }
-    let mut prev = Previous::load(repo).await?;
+    // The marker says what this backup relies on (the id it writes, the backup it
+    // compares with, the WAL from its start), so a concurrent expire leaves those alone.
+    let mut body = MarkerBody::new("backup");
+    body.writing = Some(id.clone());
+    let marker = Marker::start(repo.objects(), body).await?;
+    let result = take_marked(conn, repo, config, progress, id, start_time, &marker).await;
+    marker.finish().await;
+    result
+}
+
+async fn take_marked(
+    conn: &mut ReplicationConn,
+    repo: &Repository,
+    config: &BackupConfig,
+    progress: &mut dyn FnMut(&Progress),
+    id: String,
+    start_time: PgTimestamp,
+    marker: &Marker,
+) -> Result<BackupManifest, BackupError> {
+    let server_version = conn.server_version().unwrap_or("").to_owned();
+    let seg = WalSegmentSize::new(repo.config().wal_segment_size)
+        .map_err(|e| BackupError::Protocol(e.to_string()))?;
+    let mut prev = Previous::load(repo, marker).await?;
     let mut pipeline = Pipeline::start(repo.objects().clone(), &id, config.pipeline);
     let options = BackupOptions {
         label: config.label.clone(),
@@ -248,7 +288,13 @@ pub async fn take(
     let mut last_report = Instant::now();
     while let Some(event) = backup.next().await? {
         match event {
-            BackupEvent::Started { lsn, timeline } => start = Some((lsn, timeline)),
+            BackupEvent::Started { lsn, timeline } => {
+                start = Some((lsn, timeline));
+                let first = SegmentName::new(TimelineId(timeline), lsn.segment_number(seg), seg);
+                marker
+                    .update(|b| b.wal_from = Some(first.to_string()))
+                    .await?;
+            }
             BackupEvent::Ended { lsn, timeline } => stop = Some((lsn, timeline)),
             BackupEvent::Tablespaces(list) => {
                 report.total = list.iter().map(|t| t.size).sum();
@@ -300,8 +346,6 @@ pub async fn take(
     };
 
     if !config.include_wal {
-        let seg = WalSegmentSize::new(repo.config().wal_segment_size)
-            .map_err(|e| BackupError::Protocol(e.to_string()))?;
         wait_for_wal(
             repo,
             (timeline, stop_timeline),
@@ -396,6 +440,9 @@ pub async fn take(
         files,
         created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
     };
+    if marker.lapsed() {
+        return Err(BackupError::MarkerLapsed);
+    }
     manifest.store(repo.objects()).await?;
     Ok(manifest)
 }

@@ -1,0 +1,411 @@
+//! `pitr expire` and `pitr delete` end to end on the bed's S3 server: backups at known
+//! points with WAL between; after expiring, the kept backups restore to exact rows, points
+//! only expired backups reached are refused, the bucket shrank and verify passes. A
+//! file:// repository is expired with the process killed after each deletion in turn:
+//! every kept backup still verifies, and the next expire ends where an uninterrupted one does.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use testbed::{Cluster, ClusterOptions};
+
+use crate::restore::{batches, commit_batch, start_restored, Source};
+use crate::succeeds;
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Stored bytes and keys under the repository's prefix.
+fn bucket(src: &Source, name: &str) -> (u64, Vec<String>) {
+    let storage = crate::bed_s3_storage(&src.s3, &format!("{}/{name}", src.s3.prefix()));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let all = rt
+        .block_on(repo::storage::list_all(storage.as_ref(), ""))
+        .unwrap();
+    (
+        all.iter().map(|o| o.size).sum(),
+        all.into_iter().map(|o| o.key).collect(),
+    )
+}
+
+fn listed(src: &Source) -> Vec<String> {
+    let out = succeeds(src.pitr().args(["list", "--json", "--repo", &src.url]));
+    json(&out)["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn restored_batches(src: &Source, target: &str) -> Result<Vec<String>, i32> {
+    let dirs = tempfile::tempdir().unwrap();
+    let to = dirs.path().join("r");
+    let out = src.restore(
+        &to,
+        &["--target-action", "promote", "--target-time", target],
+    );
+    if !out.status.success() {
+        return Err(out.status.code().unwrap_or(-1));
+    }
+    let pg = start_restored(src, &to, false);
+    Ok(batches(&pg))
+}
+
+#[test]
+fn expire_keeps_the_newest_backups_and_the_wal_they_need() {
+    let src = Source::new("expire");
+    src.pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    let mut ids = Vec::new();
+    let mut commits = Vec::new();
+    for k in 1..=4 {
+        commits.push(commit_batch(&src.pg, k));
+        src.archive_all();
+        ids.push(src.backup()["id"].as_str().unwrap().to_owned());
+        // Backup ids are start times to the second.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    commits.push(commit_batch(&src.pg, 5));
+    src.archive_all();
+    let (before, _) = bucket(&src, "expire");
+
+    // No rule: refused.
+    let out = src
+        .pitr()
+        .args(["expire", "--repo", &src.url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+
+    // A dry run says what would go and why the rest stays, and removes nothing.
+    let out = succeeds(src.pitr().args([
+        "expire",
+        "--repo",
+        &src.url,
+        "--keep-last",
+        "2",
+        "--dry-run",
+        "--json",
+    ]));
+    let v = json(&out);
+    let kept: Vec<bool> = v["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["kept"].as_bool().unwrap())
+        .collect();
+    assert_eq!(kept, [false, false, true, true], "{v}");
+    assert_eq!(v["backups"][3]["reasons"][0], "keep-last 1", "{v}");
+    assert_eq!(v["removed"]["backups"], 2, "{v}");
+    assert_eq!(bucket(&src, "expire").0, before);
+    assert_eq!(listed(&src), ids);
+
+    let out = succeeds(src.pitr().args([
+        "expire",
+        "--repo",
+        &src.url,
+        "--keep-last",
+        "2",
+        "--grace",
+        "0s",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("removed 2 backup(s)"), "{text}");
+    assert_eq!(listed(&src), ids[2..]);
+    let (after, keys) = bucket(&src, "expire");
+    assert!(after < before, "{after} >= {before}");
+    // Nothing of the expired backups is left, and no WAL older than the third's start.
+    for id in &ids[..2] {
+        assert!(!keys.iter().any(|k| k.contains(id.as_str())), "{keys:?}");
+    }
+    assert!(!keys.iter().any(|k| k.starts_with("running/")), "{keys:?}");
+
+    // After the third backup: exact. Only the expired ones reached before it: refused.
+    assert_eq!(
+        restored_batches(&src, &commits[3].0),
+        Ok(vec!["1".into(), "2".into(), "3".into(), "4".into()])
+    );
+    assert_eq!(restored_batches(&src, &commits[1].0), Err(9));
+    succeeds(src.pitr().args(["verify", "--repo", &src.url]));
+
+    // Once more: nothing left to remove.
+    let out = succeeds(src.pitr().args([
+        "expire",
+        "--repo",
+        &src.url,
+        "--keep-last",
+        "2",
+        "--grace",
+        "0s",
+        "--json",
+    ]));
+    let v = json(&out);
+    assert_eq!(v["removed"]["backups"], 0, "{v}");
+    assert_eq!(v["removed"]["wal_files"], 0, "{v}");
+    assert_eq!(v["removed"]["packs"], 0, "{v}");
+
+    // delete: one backup; the last one only with --force.
+    succeeds(src.pitr().args(["delete", "--repo", &src.url, &ids[2]]));
+    assert_eq!(listed(&src), ids[3..]);
+    let out = src
+        .pitr()
+        .args(["delete", "--repo", &src.url, &ids[3]])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let out = src
+        .pitr()
+        .args(["delete", "--repo", &src.url, "nosuch"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    succeeds(src.pitr().args(["verify", "--repo", &src.url]));
+    assert_eq!(
+        restored_batches(&src, &commits[4].0),
+        Ok(vec![
+            "1".into(),
+            "2".into(),
+            "3".into(),
+            "4".into(),
+            "5".into()
+        ])
+    );
+}
+
+#[test]
+fn keep_within_keeps_every_point_of_the_window_restorable() {
+    let src = Source::new("within");
+    src.pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    commit_batch(&src.pg, 1);
+    src.archive_all();
+    let first = src.backup()["id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (early, _) = commit_batch(&src.pg, 2);
+    src.archive_all();
+    let second = src.backup()["id"].as_str().unwrap().to_owned();
+    let second_done = SystemTime::now();
+    // The window will start 1 s after the second backup; batch 3, 3 s after it, is the
+    // oldest point inside it.
+    std::thread::sleep(Duration::from_secs(3));
+    let (inside, _) = commit_batch(&src.pg, 3);
+    src.archive_all();
+    std::thread::sleep(Duration::from_millis(1100));
+    let third = src.backup()["id"].as_str().unwrap().to_owned();
+    commit_batch(&src.pg, 4);
+    src.archive_all();
+
+    let window = SystemTime::now()
+        .duration_since(second_done + Duration::from_secs(1))
+        .unwrap();
+    let window = format!("{}ms", window.as_millis());
+    let out = succeeds(src.pitr().args([
+        "expire",
+        "--repo",
+        &src.url,
+        "--keep-within",
+        &window,
+        "--grace",
+        "0s",
+        "--json",
+    ]));
+    let v = json(&out);
+    let reasons: Vec<String> = v["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["reasons"].to_string())
+        .collect();
+    assert_eq!(listed(&src), [second.clone(), third.clone()], "{reasons:?}");
+    assert!(reasons[1].contains("window's start"), "{reasons:?}");
+    assert_ne!(first, second);
+    assert_eq!(
+        restored_batches(&src, &inside),
+        Ok(vec!["1".into(), "2".into(), "3".into()])
+    );
+    // Before the second backup: only the first reached it, and it is gone.
+    assert_eq!(restored_batches(&src, &early), Err(9));
+    succeeds(src.pitr().args(["verify", "--repo", &src.url]));
+}
+
+/// A cluster archiving into a file:// repository of its own (handed to the server's user,
+/// as pitr init run by it would leave it).
+fn file_source() -> (Cluster, String, PathBuf, PathBuf) {
+    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let bin = pg
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    let root = pg.server_dir("repo").unwrap();
+    let url = format!("file://{}", root.display());
+    crate::init_repo(&url, &pg, None);
+    pg.os_user().give_tree(&root).unwrap();
+    pg.set_config(
+        "archive_command",
+        &format!("'{}' wal-push --repo '{url}' %p", bin.display()),
+    )
+    .unwrap();
+    pg.start().unwrap();
+    (pg, url, root, bin)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn keys_of(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let k = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                if !k.starts_with("running/") && !k.contains(".tmp-") {
+                    out.push(k);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn expire_killed_after_any_deletion_leaves_kept_backups_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pg, url, root, bin) = file_source();
+    pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    let mut ids = Vec::new();
+    for k in 1..=4 {
+        pg.sql(&format!(
+            "INSERT INTO t SELECT {k}, g FROM generate_series(1, 20000) g"
+        ))
+        .unwrap();
+        let seg = pg.switch_wal().unwrap();
+        pg.wait_archived(&seg, Duration::from_secs(60)).unwrap();
+        let out = succeeds(crate::pitr().args([
+            "backup",
+            "--fast",
+            "--json",
+            "--repo",
+            &url,
+            "--pg",
+            &crate::socket(&pg),
+        ]));
+        ids.push(json(&out)["id"].as_str().unwrap().to_owned());
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    pg.sql("INSERT INTO t SELECT 5, g FROM generate_series(1, 100) g")
+        .unwrap();
+    let seg = pg.switch_wal().unwrap();
+    pg.wait_archived(&seg, Duration::from_secs(60)).unwrap();
+    pg.stop(testbed::StopMode::Fast).unwrap();
+
+    let policy = ["--keep-last", "2", "--grace", "0s"];
+    let expire = |url: &str, stop: Option<u64>| {
+        let mut c = crate::pitr();
+        c.args(["expire", "--json", "--repo", url]).args(policy);
+        c.env("PITR_DEBUG_EXPIRE_BATCH", "1");
+        if let Some(k) = stop {
+            c.env("PITR_DEBUG_EXPIRE_STOP", k.to_string());
+        }
+        c.output().unwrap()
+    };
+    // What an uninterrupted expire leaves, and how many deletions it takes.
+    let reference = pg.server_dir("reference").unwrap().join("repo");
+    copy_tree(&root, &reference);
+    let reference_url = format!("file://{}", reference.display());
+    let out = expire(&reference_url, None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = &json(&out)["removed"];
+    let total = [
+        "backups",
+        "backup_objects",
+        "packs",
+        "wal_files",
+        "stream_pieces",
+    ]
+    .iter()
+    .map(|k| r[k].as_u64().unwrap())
+    .sum::<u64>();
+    // The manifests count once each as backups.
+    assert!(total > 20, "{r}");
+    let expected = keys_of(&reference);
+
+    // 20 stopping points spread over every phase, the first and last deletion included.
+    let points: Vec<u64> = (0..20).map(|i| 1 + i * (total - 1) / 19).collect();
+    for (n, k) in points.into_iter().enumerate() {
+        let copy = dir.path().join(format!("killed-{n}"));
+        copy_tree(&root, &copy);
+        let copy_url = format!("file://{}", copy.display());
+        let out = expire(&copy_url, Some(k));
+        assert_eq!(out.status.code(), None, "not killed at {k}");
+        // Every backup still listed is whole, its WAL there.
+        let out = crate::pitr()
+            .args(["verify", "--repo", &copy_url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "killed after deletion {k}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The next expire finishes the job.
+        let out = expire(&copy_url, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(keys_of(&copy), expected, "killed after deletion {k}");
+        std::fs::remove_dir_all(&copy).unwrap();
+    }
+    // And the kept backups restore, from the reference: the newest to its end (run by the
+    // binary the server can run: the restore_command names it).
+    let to = dir.path().join("restored");
+    let out = std::process::Command::new(&bin)
+        .args(["restore", "--repo", &reference_url, "--to"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let options = ClusterOptions::default().setting("archive_mode", "off");
+    let mut restored = Cluster::adopt(&to, options).unwrap();
+    restored.os_user().give_tree(&reference).unwrap();
+    restored.start().unwrap();
+    crate::wait_promoted(&restored);
+    assert_eq!(
+        restored.sql("SELECT count(DISTINCT batch) FROM t").unwrap(),
+        "5"
+    );
+    assert_eq!(listed_at(&reference_url), ids[2..]);
+}
+
+fn listed_at(url: &str) -> Vec<String> {
+    let out = succeeds(crate::pitr().args(["list", "--json", "--repo", url]));
+    json(&out)["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_owned())
+        .collect()
+}
