@@ -218,7 +218,11 @@ impl Marker {
     /// Stops rewriting the marker and deletes it.
     pub async fn finish(self) {
         self.refresher.abort();
-        let _ = self.objects.storage().delete(std::slice::from_ref(&self.key)).await;
+        let _ = self
+            .objects
+            .storage()
+            .delete(std::slice::from_ref(&self.key))
+            .await;
     }
 }
 

@@ -283,6 +283,45 @@ fn decide(c: &[Candidate], p: &Policy, now: SystemTime) -> (Vec<Vec<String>>, Op
     (reasons, from)
 }
 
+/// Where the last expire says which WAL it keeps (docs/FORMAT.md, "Expiring").
+pub const WAL_RETENTION_KEY: &str = "retention";
+
+/// What the last expire kept of the WAL: everything from `wal_kept_from` (a segment
+/// position, the name's last 16 digits) on, and below it only `ranges` (inclusive). A
+/// segment missing below it and outside the ranges was expired, not lost.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WalRetention {
+    /// The position from which all WAL is kept.
+    pub wal_kept_from: String,
+    /// Older ranges kept (older backups' own WAL).
+    #[serde(default)]
+    pub ranges: Vec<(String, String)>,
+}
+
+impl WalRetention {
+    /// Whether the segment `name` was expired on purpose.
+    pub fn expired(&self, name: &str) -> bool {
+        let Some(pos) = position(name) else {
+            return false;
+        };
+        pos < self.wal_kept_from.as_str()
+            && !self
+                .ranges
+                .iter()
+                .any(|(a, b)| a.as_str() <= pos && pos <= b.as_str())
+    }
+
+    /// Reads the record (None: expire never ran, or it cannot be read).
+    pub async fn load(repo: &Repository) -> Option<WalRetention> {
+        let (_, plain) = repo
+            .objects()
+            .get_at_most(WAL_RETENTION_KEY, 16 << 20)
+            .await
+            .ok()?;
+        serde_json::from_slice(&plain).ok()
+    }
+}
+
 /// What is kept of the WAL.
 #[derive(Debug, Clone, Default)]
 struct WalKeep {
@@ -369,7 +408,7 @@ fn protected(found: &Markers, own: &str) -> Result<Protected, ExpireError> {
                 p.wal_from = Some(pos.to_owned());
             }
         }
-        if b.writing.is_some() || b.command == "backup" || b.command == "stream" {
+        if b.writing.is_some() || b.command == "backup" {
             // A writer whose start is unknown yet (its first write) started about now.
             let s = b
                 .started
@@ -734,9 +773,24 @@ async fn run(
     removed.packs = packs.len() as u64;
     del.delete(&packs, &mut removed).await?;
 
-    // 4. WAL no kept backup needs, oldest first (what is left is always a run to the end);
+    // 4. Say what of the WAL is kept on purpose (verify reads it: a gap there is expired
+    // WAL, not lost WAL), then remove the WAL no kept backup needs, oldest first (what is left is always a run to the end);
     // streamed pieces with it. History files stay: they are small and say how timelines
     // descend.
+    if let (Some(from), false) = (&d.wal.from, options.dry_run) {
+        let record = WalRetention {
+            wal_kept_from: from.clone(),
+            ranges: d.wal.ranges.clone(),
+        };
+        objects
+            .put(
+                WAL_RETENTION_KEY,
+                bytes::Bytes::from(serde_json::to_vec(&record).unwrap_or_default()),
+                repo::storage::PutMode::Overwrite,
+            )
+            .await
+            .map_err(|e| ExpireError::Unreadable(WAL_RETENTION_KEY.into(), e.to_string()))?;
+    }
     let mut wal = Vec::new();
     for o in list_all(storage.as_ref(), "wal/").await? {
         let name = o.key.rsplit('/').next().unwrap_or("");

@@ -78,6 +78,10 @@ pub struct BackupReport {
     pub restorable_to: Option<String>,
     /// Also restorable along its own timeline, when that is not the newest.
     pub also: Vec<AlsoReach>,
+    /// The WAL after its stop ends at a gap that `pitr expire` made on purpose (a backup
+    /// kept by a calendar rule keeps its own WAL only): the missing segment. Points after
+    /// it are restored from newer backups, or not at all; not a problem.
+    pub wal_ends_before: Option<String>,
 }
 
 /// How far a backup restores along another timeline (`--target-timeline current`).
@@ -93,6 +97,7 @@ pub struct AlsoReach {
 
 /// What one plan of a backup's WAL found.
 struct Reach {
+    ends_before: Option<String>,
     timeline: u32,
     first_segment: String,
     last_segment: String,
@@ -235,6 +240,8 @@ async fn verify_ids(
         check_histories(repo, &mut report).await?;
     }
     let mut wal_checked: HashSet<String> = HashSet::new();
+    // What the last expire removed of the WAL on purpose: a gap there is not a problem.
+    let retention = crate::expire::WalRetention::load(repo).await;
     for id in ids {
         let mut b = BackupReport {
             id: id.clone(),
@@ -248,6 +255,7 @@ async fn verify_ids(
             restorable_from: None,
             restorable_to: None,
             also: Vec::new(),
+            wal_ends_before: None,
         };
         let problem = |severity, message: String| Problem {
             severity,
@@ -306,6 +314,7 @@ async fn verify_ids(
                 &id,
                 &TimelineChoice::Latest,
                 &mut wal_checked,
+                &retention,
                 &mut report,
             )
             .await?;
@@ -325,6 +334,7 @@ async fn verify_ids(
                     &id,
                     &TimelineChoice::Current,
                     &mut wal_checked,
+                    &retention,
                     &mut report,
                 )
                 .await?
@@ -347,6 +357,7 @@ async fn verify_ids(
                 b.last_segment = Some(r.last_segment.clone());
                 b.restorable_from = Some(r.from.clone());
                 b.restorable_to = r.to.clone();
+                b.wal_ends_before = r.ends_before.clone();
             }
             if let Some(r) = also {
                 b.also.push(AlsoReach {
@@ -371,6 +382,7 @@ async fn check_wal(
     id: &str,
     timeline: &TimelineChoice,
     wal_checked: &mut HashSet<String>,
+    retention: &Option<crate::expire::WalRetention>,
     report: &mut Report,
 ) -> Result<Option<Reach>, VerifyError> {
     let along = match timeline {
@@ -412,7 +424,14 @@ async fn check_wal(
         Err(PlanError::Storage(e)) => return Err(VerifyError::Storage(e)),
         Err(PlanError::Object(e)) => return Err(unreadable(&format!("backup {id}"), e)),
     };
-    if let Some((missing, newest)) = &p.stranded {
+    let mut ends_before = None;
+    if let Some((missing, _)) = &p.stranded {
+        // Expired on purpose (an older backup kept with its own WAL only).
+        if retention.as_ref().is_some_and(|r| r.expired(missing)) {
+            ends_before = Some(missing.clone());
+        }
+    }
+    if let (Some((missing, newest)), None) = (&p.stranded, &ends_before) {
         report.problems.push(problem(
             Severity::Missing,
             format!(
@@ -465,6 +484,7 @@ async fn check_wal(
         last_segment: p.last_segment,
         from: p.backup.stop_time,
         to: p.last_xact_time,
+        ends_before,
     }))
 }
 

@@ -66,7 +66,13 @@ fn line(b: &BackupReport) -> String {
             )
         })
         .collect();
-    format!("backup {}: {files}; {range}{also}", b.id)
+    let gap = match &b.wal_ends_before {
+        Some(s) => format!(
+            "; its WAL ends before segment {s}, expired on purpose (later points restore from newer backups)"
+        ),
+        None => String::new(),
+    };
+    format!("backup {}: {files}; {range}{gap}{also}", b.id)
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
