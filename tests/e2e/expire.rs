@@ -455,3 +455,133 @@ fn listed_at(url: &str) -> Vec<String> {
         .map(|b| b["id"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// A child process killed when dropped (a test that fails must not leave it running).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn expire_in_a_loop_beside_backups_archiving_and_a_stream_loses_nothing() {
+    let src = Source::new("busy");
+    src.pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
+    // Every segment the archiver was told is stored, in a log the server appends to.
+    let acks = src.pg.server_dir("acks").unwrap().join("log");
+    let command = format!(
+        "{} wal-push %p && echo %f >> {}",
+        src.bin.display(),
+        acks.display()
+    );
+    src.pg
+        .sql(&format!("ALTER SYSTEM SET archive_command = '{command}'"))
+        .unwrap();
+    src.pg.sql("SELECT pg_reload_conf()").unwrap();
+    src.archive_all();
+    src.backup();
+
+    let stream = Reaped(
+        src.pitr()
+            .args([
+                "stream",
+                "--slot",
+                "pitr",
+                "--create-slot",
+                "--repo",
+                &src.url,
+                "--pg",
+                &src.socket(),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut expired_runs = 0;
+    let taken: Vec<String> = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            src.pg.pgbench(&["-n", "-c", "2", "-T", "12"]).unwrap();
+        });
+        let backups = s.spawn(|| {
+            let mut ids = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Every backup succeeds though expire runs all along with no grace period:
+                // its base and its new packs are protected by its marker.
+                ids.push(src.backup()["id"].as_str().unwrap().to_owned());
+                std::thread::sleep(Duration::from_millis(1100));
+            }
+            ids
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(14);
+        while std::time::Instant::now() < deadline {
+            succeeds(src.pitr().args([
+                "expire",
+                "--repo",
+                &src.url,
+                "--keep-last",
+                "1",
+                "--grace",
+                "0s",
+            ]));
+            expired_runs += 1;
+        }
+        load.join().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        backups.join().unwrap()
+    });
+    assert!(taken.len() >= 2, "{taken:?}");
+    assert!(expired_runs >= 3, "{expired_runs}");
+    src.archive_all();
+    drop(stream);
+
+    // One more expire, then: the backup kept is whole with its WAL, and every segment the
+    // archiver was told is stored from its start on is in the repository.
+    let out = succeeds(src.pitr().args([
+        "expire",
+        "--repo",
+        &src.url,
+        "--keep-last",
+        "1",
+        "--grace",
+        "0s",
+        "--json",
+    ]));
+    let kept_from = json(&out)["wal_kept_from"].as_str().unwrap().to_owned();
+    assert_eq!(listed(&src), [taken.last().unwrap().clone()]);
+    succeeds(src.pitr().args(["verify", "--repo", &src.url]));
+    let (_, keys) = bucket(&src, "busy");
+    let acked = std::fs::read_to_string(&acks).unwrap();
+    let mut checked = 0;
+    for name in acked.lines().filter(|n| n.len() == 24) {
+        if name[8..] >= *kept_from {
+            let key = repo::keys::wal_key(name).unwrap();
+            assert!(
+                keys.contains(&key),
+                "{name} acknowledged, not in the repository"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "{acked}");
+    // And it restores: every pgbench transaction that committed is there.
+    let history = src.pg.sql("SELECT count(*) FROM pgbench_history").unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let to = dirs.path().join("r");
+    let out = src.restore(&to, &["--target-action", "promote"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = start_restored(&src, &to, false);
+    assert_eq!(
+        restored
+            .sql("SELECT count(*) FROM pgbench_history")
+            .unwrap(),
+        history
+    );
+}

@@ -19,7 +19,7 @@ pub(crate) struct Source {
     pub(crate) s3: S3Server,
     pub(crate) url: String,
     pub(crate) pg: Cluster,
-    bin: PathBuf,
+    pub(crate) bin: PathBuf,
 }
 
 impl Source {
