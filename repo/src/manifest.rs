@@ -20,6 +20,10 @@ use crate::storage::{self, PutMode, PutOutcome, Storage, StorageError};
 /// The manifest format this build writes and reads.
 pub const MANIFEST_FORMAT: u32 = 2;
 
+/// The format of a manifest of generation 2 or later (written by expire's repacking: the
+/// same fields, and `generation`).
+pub const MANIFEST_FORMAT_GENERATIONS: u32 = 3;
+
 /// Chunk entries per piece of the chunk table (a piece is then about 3.4 MB).
 pub const CHUNKS_PER_PIECE: u32 = 65536;
 
@@ -44,6 +48,59 @@ pub fn manifest_key(id: &str) -> String {
 /// The key of piece `n` of a backup's chunk table.
 pub fn chunk_table_key(id: &str, n: usize) -> String {
     format!("{BACKUP_PREFIX}{id}/chunks/{n:06}")
+}
+
+/// The key of generation `generation` of a backup's manifest: the first is
+/// [`manifest_key`], later ones `manifest.<ten digits>`.
+pub fn manifest_key_at(id: &str, generation: u32) -> String {
+    if generation <= 1 {
+        manifest_key(id)
+    } else {
+        format!("{BACKUP_PREFIX}{id}/manifest.{generation:010}")
+    }
+}
+
+/// The key of piece `n` of generation `generation` of a backup's chunk table: the first is
+/// [`chunk_table_key`], later ones under `chunks.<ten digits>/`.
+pub fn chunk_table_key_at(id: &str, generation: u32, n: usize) -> String {
+    if generation <= 1 {
+        chunk_table_key(id, n)
+    } else {
+        format!("{BACKUP_PREFIX}{id}/chunks.{generation:010}/{n:06}")
+    }
+}
+
+/// The backup id and generation a manifest's key names (None: not a manifest's key).
+pub fn parse_manifest_key(key: &str) -> Option<(&str, u32)> {
+    let (id, name) = key.strip_prefix(BACKUP_PREFIX)?.split_once('/')?;
+    if id.is_empty() || name.contains('/') {
+        return None;
+    }
+    if name == "manifest" {
+        return Some((id, 1));
+    }
+    let digits = name.strip_prefix("manifest.")?;
+    if digits.len() != 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let g: u32 = digits.parse().ok()?;
+    (g >= 2).then_some((id, g))
+}
+
+/// The generations of backup `id`'s manifest that are stored, ascending.
+pub async fn generations(storage: &dyn Storage, id: &str) -> Result<Vec<u32>, StorageError> {
+    let prefix = format!("{BACKUP_PREFIX}{id}/manifest");
+    let mut g: Vec<u32> = storage::list_all(storage, &prefix)
+        .await?
+        .iter()
+        .filter_map(|o| {
+            parse_manifest_key(&o.key)
+                .filter(|(i, _)| *i == id)
+                .map(|(_, g)| g)
+        })
+        .collect();
+    g.sort_unstable();
+    Ok(g)
 }
 
 /// The key of the copy of PostgreSQL's own backup_manifest.
@@ -258,6 +315,13 @@ pub struct BackupManifest {
     pub packs: Vec<String>,
     /// Where the chunk table is.
     pub chunk_table: ChunkTable,
+    /// Which generation of the backup's manifest this is: 1 as the backup wrote it, more
+    /// once expire repacked its chunks (absent in the JSON when 1).
+    #[serde(
+        default = "first_generation",
+        skip_serializing_if = "is_first_generation"
+    )]
+    pub generation: u32,
     /// The chunk table, once read ([`BackupManifest::load`]); not part of the JSON.
     #[serde(skip)]
     pub chunks: Arc<Vec<ChunkRef>>,
@@ -265,6 +329,14 @@ pub struct BackupManifest {
     pub files: Vec<ManifestFile>,
     /// `pitr <version>`.
     pub created_by: String,
+}
+
+fn first_generation() -> u32 {
+    1
+}
+
+fn is_first_generation(g: &u32) -> bool {
+    *g == 1
 }
 
 /// Why a manifest cannot be used.
@@ -391,14 +463,12 @@ impl BackupManifest {
 
     /// Stores the manifest (put-if-absent): from now on the backup exists.
     pub async fn store(&self, objects: &ObjectStore) -> Result<(), ManifestError> {
+        let key = manifest_key_at(&self.id, self.generation);
         let json = serde_json::to_vec(self).map_err(|e| ManifestError::Bad {
-            key: manifest_key(&self.id),
+            key: key.clone(),
             reason: e.to_string(),
         })?;
-        match objects
-            .put(&manifest_key(&self.id), json.into(), PutMode::IfAbsent)
-            .await?
-        {
+        match objects.put(&key, json.into(), PutMode::IfAbsent).await? {
             PutOutcome::Stored => Ok(()),
             PutOutcome::AlreadyExists => Err(ManifestError::Exists(self.id.clone())),
         }
@@ -420,7 +490,7 @@ impl BackupManifest {
     ) -> Result<BackupManifest, ManifestError> {
         let table = self.chunk_table.clone();
         let mut pieces = futures::stream::iter(0..table.pieces.len())
-            .map(|n| read_piece(objects, &self.id, &table, n))
+            .map(|n| read_piece(objects, &self.id, self.generation, &table, n))
             .buffered(4);
         // The count is the manifest's word: room grows with the pieces really read.
         let mut chunks = Vec::with_capacity(table.count.min(u64::from(CHUNKS_PER_PIECE)) as usize);
@@ -434,7 +504,7 @@ impl BackupManifest {
         drop(pieces);
         self.chunks = Arc::new(chunks);
         self.check().map_err(|reason| ManifestError::Bad {
-            key: manifest_key(&self.id),
+            key: manifest_key_at(&self.id, self.generation),
             reason,
         })?;
         Ok(self)
@@ -442,13 +512,40 @@ impl BackupManifest {
 
     /// Reads the manifest of backup `id` without its chunk table (`chunks` stays empty):
     /// what a reader needs that goes through the table a piece at a time ([`TableReader`]).
+    /// Its newest generation is read (the older ones stay only until no running command
+    /// may still be reading them; see docs/FORMAT.md, "Repacking").
     pub async fn load_header(
         objects: &ObjectStore,
         id: &str,
     ) -> Result<BackupManifest, ManifestError> {
-        let key = manifest_key(id);
+        let newest = generations(objects.storage().as_ref(), id).await?.pop();
+        match newest {
+            Some(g) => BackupManifest::load_header_at(objects, id, g).await,
+            None => Err(ManifestError::Object(ObjectError::Storage(
+                StorageError::not_found("get", &manifest_key(id)),
+            ))),
+        }
+    }
+
+    /// Reads generation `generation` of backup `id`'s manifest without its chunk table.
+    pub async fn load_header_at(
+        objects: &ObjectStore,
+        id: &str,
+        generation: u32,
+    ) -> Result<BackupManifest, ManifestError> {
+        let key = manifest_key_at(id, generation);
         let (_, plain) = objects.get_at_most(&key, MANIFEST_MAX).await?;
-        BackupManifest::parse(&key, &plain)
+        let m = BackupManifest::parse(&key, &plain)?;
+        if m.generation != generation || m.id != id {
+            return Err(ManifestError::Bad {
+                key,
+                reason: format!(
+                    "it says it is generation {} of backup {}",
+                    m.generation, m.id
+                ),
+            });
+        }
+        Ok(m)
     }
 
     /// Parses a manifest's JSON, as read from `key` (sans-IO: what [`BackupManifest::load_header`]
@@ -470,13 +567,21 @@ impl BackupManifest {
         let format = serde_json::from_slice::<Format>(plain)
             .map_err(|e| bad(e.to_string()))?
             .format;
-        if format != u64::from(MANIFEST_FORMAT) {
+        if format != u64::from(MANIFEST_FORMAT) && format != u64::from(MANIFEST_FORMAT_GENERATIONS)
+        {
             return Err(ManifestError::UnknownFormat {
                 key,
                 found: u32::try_from(format).unwrap_or(u32::MAX),
             });
         }
         let m: BackupManifest = serde_json::from_slice(plain).map_err(|e| bad(e.to_string()))?;
+        // Format 2 is the first generation; later generations are format 3.
+        if (m.generation == 1) != (format == u64::from(MANIFEST_FORMAT)) {
+            return Err(bad(format!(
+                "generation {} in a manifest of format {format}",
+                m.generation
+            )));
+        }
         let t = &m.chunk_table;
         let per = u64::from(t.per_piece);
         if per == 0
@@ -499,10 +604,11 @@ impl BackupManifest {
 async fn read_piece(
     objects: &ObjectStore,
     id: &str,
+    generation: u32,
     table: &ChunkTable,
     n: usize,
 ) -> Result<Bytes, ManifestError> {
-    let key = chunk_table_key(id, n);
+    let key = chunk_table_key_at(id, generation, n);
     let (header, plain) = objects
         .get_at_most(&key, piece_len(table, n) as u64)
         .await?;
@@ -547,6 +653,7 @@ pub fn check_piece(
 pub struct TableReader {
     objects: ObjectStore,
     id: String,
+    generation: u32,
     table: ChunkTable,
     cache: Vec<(usize, Bytes)>,
 }
@@ -560,6 +667,7 @@ impl TableReader {
         TableReader {
             objects,
             id: m.id.clone(),
+            generation: m.generation,
             table: m.chunk_table.clone(),
             cache: Vec::new(),
         }
@@ -577,7 +685,8 @@ impl TableReader {
             let hit = self.cache.remove(pos);
             self.cache.push(hit);
         } else {
-            let piece = read_piece(&self.objects, &self.id, &self.table, n).await?;
+            let piece =
+                read_piece(&self.objects, &self.id, self.generation, &self.table, n).await?;
             if self.cache.len() >= Self::KEEP {
                 self.cache.remove(0);
             }
@@ -645,16 +754,11 @@ impl TableWriter {
 pub async fn list_backups(storage: &dyn Storage) -> Result<Vec<String>, StorageError> {
     let mut ids: Vec<String> = storage::list_all(storage, BACKUP_PREFIX)
         .await?
-        .into_iter()
-        .filter_map(|o| {
-            o.key
-                .strip_prefix(BACKUP_PREFIX)?
-                .strip_suffix("/manifest")
-                .filter(|id| !id.contains('/'))
-                .map(str::to_owned)
-        })
+        .iter()
+        .filter_map(|o| parse_manifest_key(&o.key).map(|(id, _)| id.to_owned()))
         .collect();
     ids.sort();
+    ids.dedup();
     Ok(ids)
 }
 
@@ -695,6 +799,7 @@ mod tests {
             server_start_time: None,
             tablespaces: vec![],
             packs: vec!["ab".repeat(32)],
+            generation: 1,
             chunk_table: ChunkTable {
                 count: 1,
                 per_piece: CHUNKS_PER_PIECE,
@@ -719,6 +824,48 @@ mod tests {
             }],
             created_by: "pitr test".into(),
         }
+    }
+
+    #[test]
+    fn manifest_keys_name_their_backup_and_generation() {
+        assert_eq!(parse_manifest_key("backup/B1/manifest"), Some(("B1", 1)));
+        assert_eq!(
+            parse_manifest_key(&manifest_key_at("B1", 7)),
+            Some(("B1", 7))
+        );
+        assert_eq!(manifest_key_at("B1", 1), manifest_key("B1"));
+        assert_eq!(
+            chunk_table_key_at("B1", 12, 3),
+            "backup/B1/chunks.0000000012/000003"
+        );
+        for bad in [
+            "backup/B1/manifest.0000000001",
+            "backup/B1/manifest.12",
+            "backup/B1/manifest.00000000x2",
+            "backup//manifest",
+            "backup/B1/chunks/manifest",
+            "backup/B1/backup_manifest",
+        ] {
+            assert_eq!(parse_manifest_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_generation_must_match_its_format() {
+        let mut m = sample();
+        m.chunk_table.pieces = vec!["00".repeat(32)];
+        m.generation = 2;
+        let json = serde_json::to_vec(&m).unwrap();
+        assert!(matches!(
+            BackupManifest::parse("k", &json),
+            Err(ManifestError::Bad { .. })
+        ));
+        m.format = MANIFEST_FORMAT_GENERATIONS;
+        let json = serde_json::to_vec(&m).unwrap();
+        assert_eq!(BackupManifest::parse("k", &json).unwrap().generation, 2);
+        // The first generation is written as before (no `generation` field).
+        let first = serde_json::to_string(&sample()).unwrap();
+        assert!(!first.contains("generation"));
     }
 
     #[test]

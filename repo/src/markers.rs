@@ -232,28 +232,38 @@ impl Drop for Marker {
     }
 }
 
-/// A reader's marker (restore, verify): names the backups it reads and the WAL from a
-/// segment on, then checks no live expire or delete is removing them. `Ok(None)` when the
-/// marker cannot be written (read-only credentials, say): the reader goes on unprotected.
-/// `Err` names the backups being removed (the marker is gone again).
-pub async fn for_reader(
-    objects: &ObjectStore,
-    command: &str,
-    backups: Vec<String>,
-    wal_from: Option<String>,
-) -> Result<Option<Marker>, Vec<String>> {
-    let mut body = MarkerBody::new(command);
-    body.backups = backups;
-    body.wal_from = wal_from;
-    let Ok(marker) = Marker::start(objects, body).await else {
-        return Ok(None);
-    };
-    match marker.condemned().await {
-        Ok(c) if !c.is_empty() => {
-            marker.finish().await;
-            Err(c)
+/// A reader's marker (restore, verify), written before the reader looks at anything, so
+/// that what it reads is protected from the moment it could have read it (an expire keeps
+/// the manifest generations a command that started before their successor may be reading).
+/// None when it cannot be written (read-only credentials, say): the reader goes on
+/// unprotected.
+pub async fn reader(objects: &ObjectStore, command: &str) -> Option<Marker> {
+    Marker::start(objects, MarkerBody::new(command)).await.ok()
+}
+
+impl Marker {
+    /// Names what this reader relies on, then checks no live expire or delete is removing
+    /// those backups: `Err` names the ones it is.
+    pub async fn rely_on(
+        &self,
+        backups: Vec<String>,
+        wal_from: Option<String>,
+    ) -> Result<(), Vec<String>> {
+        if self
+            .update(|b| {
+                b.backups = backups;
+                b.wal_from = wal_from;
+            })
+            .await
+            .is_err()
+        {
+            // Not written: as unprotected as a reader without a marker.
+            return Ok(());
         }
-        _ => Ok(Some(marker)),
+        match self.condemned().await {
+            Ok(c) if !c.is_empty() => Err(c),
+            _ => Ok(()),
+        }
     }
 }
 

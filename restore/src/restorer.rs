@@ -160,22 +160,38 @@ pub async fn restore(
         Arc::new(Codec::with_default_threads()),
     )
     .await?;
-    let plan = plan(
+    let marker = repo::markers::reader(repo.objects(), "restore").await;
+    let planned = plan(
         &repo,
         &o.target,
         o.exclusive,
         &o.timeline,
         o.backup.as_deref(),
     )
-    .await?;
-    let marker = repo::markers::for_reader(
-        repo.objects(),
-        "restore",
-        vec![plan.backup.id.clone()],
-        Some(plan.first_segment.clone()),
-    )
-    .await
-    .map_err(|ids| RestoreError::Busy(ids.join(", ")))?;
+    .await;
+    let plan = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(m) = marker {
+                m.finish().await;
+            }
+            return Err(e.into());
+        }
+    };
+    if let Some(m) = &marker {
+        let relied = m
+            .rely_on(
+                vec![plan.backup.id.clone()],
+                Some(plan.first_segment.clone()),
+            )
+            .await;
+        if let Err(ids) = relied {
+            if let Some(m) = marker {
+                m.finish().await;
+            }
+            return Err(RestoreError::Busy(ids.join(", ")));
+        }
+    }
     let result = restore_planned(o, progress, &repo, plan, started).await;
     if let Some(marker) = marker {
         marker.finish().await;

@@ -197,27 +197,41 @@ pub async fn verify(
 ) -> Result<Report, VerifyError> {
     let started = Instant::now();
     let report = Report::default();
-    let mut ids = list_backups(repo.objects().storage().as_ref()).await?;
+    let marker = repo::markers::reader(repo.objects(), "verify").await;
+    let listed = list_backups(repo.objects().storage().as_ref()).await;
+    let mut ids = match listed {
+        Ok(ids) => ids,
+        Err(e) => {
+            if let Some(m) = marker {
+                m.finish().await;
+            }
+            return Err(e.into());
+        }
+    };
     if let Some(only) = &o.backup {
         if !ids.contains(only) {
+            if let Some(m) = marker {
+                m.finish().await;
+            }
             return Err(VerifyError::NoBackup(only.clone()));
         }
         ids.retain(|i| i == only);
     }
     // The marker names every backup read (and so the WAL from the oldest one's start); a
     // backup a running expire is removing is left out rather than reported missing.
-    let mut marker = None;
-    for _ in 0..3 {
-        match repo::markers::for_reader(repo.objects(), "verify", ids.clone(), None).await {
-            Ok(m) => {
-                marker = m;
-                break;
-            }
-            Err(condemned) => {
-                if o.backup.as_ref().is_some_and(|b| condemned.contains(b)) {
-                    return Err(VerifyError::Busy(condemned.join(", ")));
+    if let Some(m) = &marker {
+        for _ in 0..3 {
+            match m.rely_on(ids.clone(), None).await {
+                Ok(()) => break,
+                Err(condemned) => {
+                    if o.backup.as_ref().is_some_and(|b| condemned.contains(b)) {
+                        if let Some(m) = marker {
+                            m.finish().await;
+                        }
+                        return Err(VerifyError::Busy(condemned.join(", ")));
+                    }
+                    ids.retain(|i| !condemned.contains(i));
                 }
-                ids.retain(|i| !condemned.contains(i));
             }
         }
     }

@@ -436,6 +436,7 @@ async fn take_marked(
             .collect(),
         packs: stored.packs,
         chunk_table: stored.table,
+        generation: 1,
         chunks: Default::default(),
         files,
         created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),
