@@ -322,6 +322,11 @@ pub struct BackupManifest {
         skip_serializing_if = "is_first_generation"
     )]
     pub generation: u32,
+    /// Later generations: when the first was stored, by the storage's clock (its
+    /// LastModified, Unix seconds), which dates the backup for retention once the first
+    /// generation is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_at: Option<u64>,
     /// The chunk table, once read ([`BackupManifest::load`]); not part of the JSON.
     #[serde(skip)]
     pub chunks: Arc<Vec<ChunkRef>>,
@@ -800,6 +805,7 @@ mod tests {
             tablespaces: vec![],
             packs: vec!["ab".repeat(32)],
             generation: 1,
+            stored_at: None,
             chunk_table: ChunkTable {
                 count: 1,
                 per_piece: CHUNKS_PER_PIECE,

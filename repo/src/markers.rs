@@ -87,6 +87,18 @@ pub fn unix_seconds(t: SystemTime) -> u64 {
 struct Shared {
     body: MarkerBody,
     last_ok: Instant,
+    /// A write once came more than [`LAPSE`] after the one before: the marker may have
+    /// been dead for a while, whatever happened since.
+    lapsed: bool,
+}
+
+impl Shared {
+    fn written(&mut self) {
+        if self.last_ok.elapsed() > LAPSE {
+            self.lapsed = true;
+        }
+        self.last_ok = Instant::now();
+    }
 }
 
 /// This process's marker, rewritten in the background until [`Marker::finish`] (or drop,
@@ -95,6 +107,9 @@ pub struct Marker {
     key: String,
     objects: ObjectStore,
     shared: Arc<Mutex<Shared>>,
+    /// Held across every write, so writes land in the order their bodies were taken (a
+    /// rewrite in flight cannot land after a newer update and undo it).
+    writing: Arc<tokio::sync::Mutex<()>>,
     now: SystemTime,
     refresher: tokio::task::JoinHandle<()>,
 }
@@ -144,15 +159,23 @@ impl Marker {
         let shared = Arc::new(Mutex::new(Shared {
             body,
             last_ok: Instant::now(),
+            lapsed: false,
         }));
+        let writing = Arc::new(tokio::sync::Mutex::new(()));
         let refresher = tokio::spawn({
-            let (objects, key, shared) = (objects.clone(), key.clone(), shared.clone());
+            let (objects, key, shared, writing) = (
+                objects.clone(),
+                key.clone(),
+                shared.clone(),
+                writing.clone(),
+            );
             async move {
                 loop {
                     tokio::time::sleep(REFRESH).await;
+                    let _turn = writing.lock().await;
                     let body = locked(&shared).body.clone();
                     if write(&objects, &key, &body).await.is_ok() {
-                        locked(&shared).last_ok = Instant::now();
+                        locked(&shared).written();
                     }
                 }
             }
@@ -161,6 +184,7 @@ impl Marker {
             key,
             objects: objects.clone(),
             shared,
+            writing,
             now,
             refresher,
         })
@@ -178,26 +202,52 @@ impl Marker {
 
     /// Changes what the marker says, and writes it now.
     pub async fn update(&self, change: impl FnOnce(&mut MarkerBody)) -> Result<(), ObjectError> {
+        let _turn = self.writing.lock().await;
         let body = {
             let mut s = locked(&self.shared);
             change(&mut s.body);
             s.body.clone()
         };
         write(&self.objects, &self.key, &body).await?;
-        locked(&self.shared).last_ok = Instant::now();
+        locked(&self.shared).written();
         Ok(())
     }
 
-    /// Whether the marker may have died unseen: its last successful write is older than
-    /// [`LAPSE`]. What it protected may be gone.
-    pub fn lapsed(&self) -> bool {
-        locked(&self.shared).last_ok.elapsed() > LAPSE
+    /// A handle that changes what the marker says, written with the next rewrite (within
+    /// [`REFRESH`]): for what may lag (a stream's position), from another task.
+    pub fn handle(&self) -> MarkerHandle {
+        MarkerHandle(self.shared.clone())
     }
 
-    /// The backups this marker relies on that a live expire or delete is removing.
+    /// Whether the marker may have died unseen: its last successful write is older than
+    /// [`LAPSE`], or once was. What it protected may be gone.
+    pub fn lapsed(&self) -> bool {
+        let s = locked(&self.shared);
+        s.lapsed || s.last_ok.elapsed() > LAPSE
+    }
+
+    /// The storage's time now: the LastModified of this marker, rewritten for the purpose.
+    pub async fn storage_now(&self) -> Result<SystemTime, ObjectError> {
+        self.update(|_| {}).await?;
+        let now = self
+            .objects
+            .storage()
+            .head(&self.key)
+            .await?
+            .and_then(|m| m.modified)
+            .unwrap_or(self.now);
+        Ok(now.max(self.now))
+    }
+
+    /// The backups this marker relies on that a live expire or delete is removing (marker
+    /// ages judged by the storage's clock, not this host's).
     pub async fn condemned(&self) -> Result<Vec<String>, StorageError> {
         let body = locked(&self.shared).body.clone();
-        let now = SystemTime::now().max(self.now);
+        let now = match self.storage_now().await {
+            Ok(t) => t,
+            Err(ObjectError::Storage(e)) => return Err(e),
+            Err(_) => self.now,
+        };
         let running = live(&self.objects, now).await?;
         let mut out = Vec::new();
         for r in running.live {
@@ -215,14 +265,33 @@ impl Marker {
         Ok(out)
     }
 
-    /// Stops rewriting the marker and deletes it.
+    /// Stops rewriting the marker and deletes it (after any rewrite in flight has landed,
+    /// so none brings it back).
     pub async fn finish(self) {
+        let _turn = self.writing.lock().await;
         self.refresher.abort();
         let _ = self
             .objects
             .storage()
             .delete(std::slice::from_ref(&self.key))
             .await;
+    }
+}
+
+/// See [`Marker::handle`].
+#[derive(Clone)]
+pub struct MarkerHandle(Arc<Mutex<Shared>>);
+
+impl MarkerHandle {
+    /// Changes what the marker says from its next rewrite on.
+    pub fn set(&self, change: impl FnOnce(&mut MarkerBody)) {
+        change(&mut locked(&self.0).body);
+    }
+}
+
+impl std::fmt::Debug for MarkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MarkerHandle")
     }
 }
 

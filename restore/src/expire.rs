@@ -4,16 +4,18 @@
 //! command is killed at any point, and beside other commands that run at the same time
 //! (docs/FORMAT.md, "Running commands" and "Expiring").
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use repo::manifest::{list_backups, manifest_key, BackupManifest, ManifestError, BACKUP_PREFIX};
+use repo::manifest::{
+    manifest_key_at, parse_manifest_key, BackupManifest, ManifestError, BACKUP_PREFIX,
+};
 use repo::markers::{self, unix_seconds, Marker, MarkerBody, Markers};
 use repo::objects::ObjectError;
 use repo::pack::is_pack_id;
 use repo::repository::Repository;
 use repo::storage::{list_all, ObjectMeta, StorageError};
-use walfmt::{Lsn, SegmentName, TimelineId, WalSegmentSize};
+use walfmt::{Lsn, SegmentName, TimelineHistory, TimelineId, WalSegmentSize};
 
 /// Which backups to keep.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -154,6 +156,9 @@ pub enum ExpireError {
     /// A live marker could not be read: what it protects is unknown.
     #[error("the marker {0} of a running command could not be read")]
     MarkerUnreadable(String),
+    /// Concurrent commands kept naming what it meant to remove.
+    #[error("running commands kept changing what may be removed; nothing was removed")]
+    Unsettled,
     /// This command's own marker could not be kept fresh: others may not see what it removes.
     #[error("this expire's marker was not rewritten for too long; stopped before removing more")]
     Lapsed,
@@ -185,15 +190,21 @@ impl ExpireError {
 struct Candidate {
     id: String,
     stop_time: String,
-    /// `stop_time` parsed.
+    /// When it was stored, by the storage's clock (its first manifest's LastModified,
+    /// carried into later generations as `stored_at`): orders the backups and dates them
+    /// for the calendar rules; no host's clock does.
     time: SystemTime,
-    /// The later of `time` and its manifest's storage time: when it became consistent at
-    /// the latest, whichever clock is behind.
+    /// The later of `time` and `stop_time`: for the window, whichever clock is ahead, so
+    /// a backup never counts as older than it is.
     latest: SystemTime,
     /// Segment positions (the name's last 16 digits: log and segment, the same on every
     /// timeline) of its start and of the segment holding the byte before its stop.
     start_pos: String,
     stop_pos: String,
+    /// Where it becomes consistent: which timelines a restore from it can follow.
+    stop_timeline: u32,
+    stop_lsn: Lsn,
+    /// The packs every stored generation of its manifest lists.
     packs: Vec<String>,
 }
 
@@ -210,10 +221,39 @@ fn utc_date(secs: u64) -> String {
 /// The calendar period (its name) a time in Unix seconds falls in.
 type BucketOf = fn(u64) -> String;
 
+/// The timelines the policy must look after.
+#[derive(Debug, Default)]
+struct Timelines {
+    /// The newest timeline holding WAL (where a restore goes by default, and where the
+    /// server archives now).
+    newest: Option<u32>,
+    /// Timelines WAL was stored on within the window (by the storage's clock).
+    in_window: Vec<u32>,
+    /// Their histories; a timeline whose history is unknown counts as reached by every
+    /// backup (so keeps more).
+    histories: HashMap<u32, TimelineHistory>,
+}
+
+impl Timelines {
+    fn reaches(&self, b: &Candidate, t: u32) -> bool {
+        if t == 1 {
+            return b.stop_timeline == 1;
+        }
+        self.histories
+            .get(&t)
+            .is_none_or(|h| h.descends_from(TimelineId(b.stop_timeline), b.stop_lsn))
+    }
+}
+
 /// Which backups the policy keeps, and why: per candidate (sorted oldest first), its
 /// reasons (none: it goes); and the index of the oldest backup whose WAL to the end of the
 /// archive is kept. Pure: `now` is the storage's time.
-fn decide(c: &[Candidate], p: &Policy, now: SystemTime) -> (Vec<Vec<String>>, Option<usize>) {
+fn decide(
+    c: &[Candidate],
+    p: &Policy,
+    now: SystemTime,
+    tl: &Timelines,
+) -> (Vec<Vec<String>>, Option<usize>) {
     let n = c.len();
     let mut reasons = vec![Vec::<String>::new(); n];
     if let Some(k) = p.keep_last {
@@ -221,23 +261,41 @@ fn decide(c: &[Candidate], p: &Policy, now: SystemTime) -> (Vec<Vec<String>>, Op
             reasons[i].push(format!("keep-last {}", rank + 1));
         }
     }
-    let mut anchor = None;
+    let mut anchors = Vec::new();
     if let Some(d) = p.keep_within {
         let start = now.checked_sub(d).unwrap_or(UNIX_EPOCH);
         for i in 0..n {
             if c[i].latest > start {
                 reasons[i].push("keep-within".into());
-            } else {
-                anchor = Some(i);
             }
         }
-        if let Some(a) = anchor {
-            reasons[a]
-                .push("keep-within (the newest backup at or before the window's start)".into());
+        // On every timeline written within the window, the newest backup that reaches it
+        // at or before the window's start: a restore to the window's first moment there
+        // replays from it.
+        let timelines: Vec<Option<u32>> = if tl.in_window.is_empty() {
+            vec![None]
+        } else {
+            tl.in_window.iter().copied().map(Some).collect()
+        };
+        for t in &timelines {
+            let found = (0..n)
+                .rev()
+                .find(|&i| c[i].latest <= start && t.is_none_or(|t| tl.reaches(&c[i], t)));
+            let Some(a) = found else { continue };
+            let why = match t {
+                Some(t) if timelines.len() > 1 => format!(
+                    "keep-within (the newest backup at or before the window's start, on timeline {t})"
+                ),
+                _ => "keep-within (the newest backup at or before the window's start)".to_owned(),
+            };
+            if !reasons[a].contains(&why) {
+                reasons[a].push(why);
+            }
+            anchors.push(a);
         }
     }
     let buckets: [(Option<usize>, &str, BucketOf); 3] = [
-        (p.keep_daily, "keep-daily", |s| utc_date(s)),
+        (p.keep_daily, "keep-daily", utc_date),
         (p.keep_weekly, "keep-weekly", |s| {
             let days = s / 86400;
             format!(
@@ -265,6 +323,20 @@ fn decide(c: &[Candidate], p: &Policy, now: SystemTime) -> (Vec<Vec<String>>, Op
             }
         }
     }
+    // Whatever the rules say, the newest backup a restore of the newest timeline can start
+    // from stays (after a point-in-time restore onto a new timeline, the newest backups
+    // may all lie on the abandoned one).
+    let mut guard = None;
+    if let Some(t) = tl.newest {
+        if let Some(i) = (0..n).rev().find(|&i| tl.reaches(&c[i], t)) {
+            if reasons[i].is_empty() {
+                reasons[i].push(format!(
+                    "the newest backup reaching timeline {t}, the newest"
+                ));
+            }
+            guard = Some(i);
+        }
+    }
     let mut kept = reasons.iter().filter(|r| !r.is_empty()).count();
     for i in (0..n).rev() {
         if kept >= p.min_backups {
@@ -276,9 +348,13 @@ fn decide(c: &[Candidate], p: &Policy, now: SystemTime) -> (Vec<Vec<String>>, Op
         }
     }
     // Without a window, the oldest kept backup restores to any point after it.
-    let from = match (p.keep_within, anchor) {
-        (Some(_), Some(a)) => Some(a),
+    let from = match (p.keep_within, anchors.iter().min()) {
+        (Some(_), Some(&a)) => Some(a),
         _ => reasons.iter().position(|r| !r.is_empty()),
+    };
+    let from = match (from, guard) {
+        (Some(f), Some(g)) => Some(f.min(g)),
+        (f, g) => f.or(g),
     };
     (reasons, from)
 }
@@ -360,17 +436,23 @@ fn segment_pos(lsn: &str, tli: u32, seg: WalSegmentSize, before: bool) -> Option
 fn candidate(
     m: &BackupManifest,
     stored: Option<SystemTime>,
+    packs: Vec<String>,
     seg: WalSegmentSize,
 ) -> Option<Candidate> {
-    let time = humantime::parse_rfc3339_weak(&m.stop_time).ok()?;
+    let stop = humantime::parse_rfc3339_weak(&m.stop_time).ok()?;
+    let time = stored
+        .or_else(|| m.stored_at.map(|s| UNIX_EPOCH + Duration::from_secs(s)))
+        .unwrap_or(stop);
     Some(Candidate {
         id: m.id.clone(),
         stop_time: m.stop_time.clone(),
         time,
-        latest: stored.map_or(time, |s| s.max(time)),
+        latest: time.max(stop),
         start_pos: segment_pos(&m.start_lsn, m.timeline, seg, false)?,
         stop_pos: segment_pos(&m.stop_lsn, m.stop_timeline, seg, true)?,
-        packs: m.packs.clone(),
+        stop_timeline: m.stop_timeline,
+        stop_lsn: m.stop_lsn.parse().ok()?,
+        packs,
     })
 }
 
@@ -383,8 +465,32 @@ struct Protected {
     writing: HashSet<String>,
     /// The lowest `wal_from` position.
     wal_from: Option<String>,
-    /// The earliest start (storage seconds) of a running writer.
+    /// The earliest start (storage seconds) of a running writer (a backup writing packs
+    /// and chunk table pieces, an expire writing repacked ones).
     writer_started: Option<u64>,
+    /// The earliest start of any running command (one that began before a manifest
+    /// generation's successor may still be reading it).
+    any_started: Option<u64>,
+}
+
+impl Protected {
+    fn merge(&mut self, o: Protected) {
+        for (k, v) in o.backups {
+            self.backups.entry(k).or_insert(v);
+        }
+        self.writing.extend(o.writing);
+        if let Some(w) = o.wal_from {
+            if self.wal_from.as_deref().is_none_or(|f| w.as_str() < f) {
+                self.wal_from = Some(w);
+            }
+        }
+        let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.writer_started = min(self.writer_started, o.writer_started);
+        self.any_started = min(self.any_started, o.any_started);
+    }
 }
 
 fn protected(found: &Markers, own: &str) -> Result<Protected, ExpireError> {
@@ -408,11 +514,15 @@ fn protected(found: &Markers, own: &str) -> Result<Protected, ExpireError> {
                 p.wal_from = Some(pos.to_owned());
             }
         }
-        if b.writing.is_some() || b.command == "backup" {
-            // A writer whose start is unknown yet (its first write) started about now.
-            let s = b
-                .started
-                .unwrap_or_else(|| r.modified.map_or(0, unix_seconds));
+        // A marker whose start is not written yet (its first write) started about now.
+        let s = b
+            .started
+            .unwrap_or_else(|| r.modified.map_or(0, unix_seconds));
+        // A stream reads no manifest.
+        if b.command != "stream" {
+            p.any_started = Some(p.any_started.map_or(s, |w| w.min(s)));
+        }
+        if b.writing.is_some() || b.command == "backup" || b.command == "expire" {
             p.writer_started = Some(p.writer_started.map_or(s, |w| w.min(s)));
         }
     }
@@ -432,24 +542,26 @@ fn decision(
     mode: &Mode,
     now: SystemTime,
     prot: &Protected,
+    tl: &Timelines,
 ) -> Result<Decision, ExpireError> {
     let (mut reasons, mut from) = match mode {
-        Mode::Policy(p) => decide(c, p, now),
+        Mode::Policy(p) => decide(c, p, now, tl),
         Mode::Delete { id, force } => {
-            let Some(i) = c.iter().position(|b| &b.id == id) else {
-                return Err(ExpireError::NoBackup(id.clone()));
-            };
-            if c.len() == 1 && !force {
-                return Err(ExpireError::LastBackup(id.clone()));
-            }
-            if let Some(by) = prot.backups.get(id) {
-                return Err(ExpireError::InUse {
-                    id: id.clone(),
-                    by: by.clone(),
-                });
-            }
             let mut r = vec![vec!["not named by delete".to_owned()]; c.len()];
-            r[i].clear();
+            // A backup whose manifest a killed delete removed already: only its leftovers
+            // go (see `run`).
+            if let Some(i) = c.iter().position(|b| &b.id == id) {
+                if c.len() == 1 && !force {
+                    return Err(ExpireError::LastBackup(id.clone()));
+                }
+                if let Some(by) = prot.backups.get(id) {
+                    return Err(ExpireError::InUse {
+                        id: id.clone(),
+                        by: by.clone(),
+                    });
+                }
+                r[i].clear();
+            }
             let from = r.iter().position(|r| !r.is_empty());
             (r, from)
         }
@@ -500,62 +612,149 @@ fn decision(
     Ok(d)
 }
 
-/// Reads what expire decides from: each backup's manifest (without its chunk table).
+/// The manifests stored: (backup id, generation) -> LastModified.
+async fn manifests(
+    storage: &dyn repo::storage::Storage,
+) -> Result<BTreeMap<(String, u32), Option<SystemTime>>, StorageError> {
+    Ok(list_all(storage, BACKUP_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            let (id, g) = parse_manifest_key(&o.key)?;
+            Some(((id.to_owned(), g), o.modified))
+        })
+        .collect())
+}
+
+fn manifest_failure(key: String, e: ManifestError) -> ExpireError {
+    match e {
+        ManifestError::Storage(e) | ManifestError::Object(ObjectError::Storage(e)) => {
+            ExpireError::Unreadable(key, e.to_string())
+        }
+        e @ ManifestError::UnknownFormat { .. } => ExpireError::Unreadable(key, e.to_string()),
+        e => ExpireError::Damaged(e.to_string()),
+    }
+}
+
+/// Reads what expire decides from: every generation of each backup's manifest (without
+/// its chunk table); `skip_unreadable` (a delete's backup) may be damaged. Also returns
+/// which manifests were read.
 async fn candidates(
     repo: &Repository,
     seg: WalSegmentSize,
     skip_unreadable: Option<&str>,
-) -> Result<Vec<Candidate>, ExpireError> {
-    let storage = repo.objects().storage();
-    let stored: BTreeMap<String, Option<SystemTime>> = list_all(storage.as_ref(), BACKUP_PREFIX)
-        .await?
-        .into_iter()
-        .filter(|o| o.key.ends_with("/manifest"))
-        .map(|o| (o.key, o.modified))
-        .collect();
+) -> Result<(Vec<Candidate>, HashSet<(String, u32)>), ExpireError> {
+    let stored = manifests(repo.objects().storage().as_ref()).await?;
+    let mut by_id: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (id, g) in stored.keys() {
+        by_id.entry(id.clone()).or_default().push(*g);
+    }
     let mut out = Vec::new();
-    for id in list_backups(storage.as_ref()).await? {
-        let key = manifest_key(&id);
-        let m = match BackupManifest::load_header(repo.objects(), &id).await {
-            Ok(m) => m,
-            Err(e) if skip_unreadable == Some(id.as_str()) => {
-                // `delete` of a damaged backup: what it referenced is found from the others.
-                let _ = e;
-                out.push(Candidate {
-                    id: id.clone(),
-                    stop_time: String::new(),
-                    time: UNIX_EPOCH,
-                    latest: UNIX_EPOCH,
-                    start_pos: String::new(),
-                    stop_pos: String::new(),
-                    packs: vec![],
-                });
-                continue;
+    let mut read = HashSet::new();
+    for (id, gens) in by_id {
+        let mut packs: Vec<String> = Vec::new();
+        let mut newest = None;
+        let mut damaged = None;
+        for &g in &gens {
+            match BackupManifest::load_header_at(repo.objects(), &id, g).await {
+                Ok(m) => {
+                    packs.extend(m.packs.iter().cloned());
+                    newest = Some(m);
+                    read.insert((id.clone(), g));
+                }
+                // Removed since the listing (by a concurrent expire or delete).
+                Err(ManifestError::Object(ObjectError::Storage(e))) if e.is_not_found() => {}
+                Err(e) => damaged = Some(manifest_failure(manifest_key_at(&id, g), e)),
             }
-            Err(ManifestError::Object(ObjectError::Storage(e))) if e.is_not_found() => continue,
-            Err(e @ (ManifestError::Storage(_) | ManifestError::UnknownFormat { .. })) => {
-                return Err(ExpireError::Unreadable(key, e.to_string()))
-            }
-            Err(ManifestError::Object(ObjectError::Storage(e))) => {
-                return Err(ExpireError::Unreadable(key, e.to_string()))
-            }
-            Err(e) => return Err(ExpireError::Damaged(e.to_string())),
-        };
-        if m.id != id {
-            return Err(ExpireError::Damaged(format!(
-                "backup manifest \"{key}\" names backup {}",
-                m.id
-            )));
         }
-        let c = candidate(&m, stored.get(&key).copied().flatten(), seg).ok_or_else(|| {
+        if let Some(e) = damaged {
+            if skip_unreadable != Some(id.as_str()) {
+                return Err(e);
+            }
+            // `delete` of a damaged backup: what it referenced is found from the others.
+            out.push(Candidate {
+                id: id.clone(),
+                stop_time: String::new(),
+                time: UNIX_EPOCH,
+                latest: UNIX_EPOCH,
+                start_pos: String::new(),
+                stop_pos: String::new(),
+                stop_timeline: 0,
+                stop_lsn: Lsn(0),
+                packs: vec![],
+            });
+            continue;
+        }
+        let Some(m) = newest else { continue };
+        packs.sort();
+        packs.dedup();
+        let first = stored.get(&(id.clone(), 1)).copied().flatten();
+        let c = candidate(&m, first, packs, seg).ok_or_else(|| {
             ExpireError::Damaged(format!(
-                "backup manifest \"{key}\" has an unreadable stop time or LSN"
+                "backup manifest \"{}\" has an unreadable stop time or LSN",
+                manifest_key_at(&id, m.generation)
             ))
         })?;
         out.push(c);
     }
     out.sort_by(|a, b| a.time.cmp(&b.time).then_with(|| a.id.cmp(&b.id)));
-    Ok(out)
+    Ok((out, read))
+}
+
+/// Which timelines hold WAL, which were written within the window, and their histories.
+async fn timelines(
+    repo: &Repository,
+    window_start: Option<SystemTime>,
+) -> Result<Timelines, ExpireError> {
+    let storage = repo.objects().storage();
+    let mut tl = Timelines::default();
+    let mut in_window = std::collections::BTreeSet::new();
+    let mut wal = list_all(storage.as_ref(), "wal/").await?;
+    wal.extend(list_all(storage.as_ref(), "stream/").await?);
+    for o in &wal {
+        if o.key.starts_with("wal/history/") {
+            continue;
+        }
+        let name = if o.key.starts_with("stream/") {
+            o.key.split('/').nth(2).unwrap_or("")
+        } else {
+            o.key.rsplit('/').next().unwrap_or("")
+        };
+        if position(name).is_none() {
+            continue;
+        }
+        let Ok(t) = u32::from_str_radix(&name[..8], 16) else {
+            continue;
+        };
+        tl.newest = Some(tl.newest.map_or(t, |n| n.max(t)));
+        if let Some(ws) = window_start {
+            if o.modified.is_none_or(|m| m >= ws) {
+                in_window.insert(t);
+            }
+        }
+    }
+    tl.in_window = in_window.into_iter().collect();
+    let mut wanted: Vec<u32> = tl.in_window.clone();
+    wanted.extend(tl.newest);
+    for t in wanted {
+        if t <= 1 || tl.histories.contains_key(&t) {
+            continue;
+        }
+        let name = TimelineId(t).history_file_name();
+        let key = repo::keys::wal_key(&name).unwrap_or_default();
+        match repo.objects().get_at_most(&key, 1 << 20).await {
+            Ok((_, text)) => {
+                if let Ok(h) = TimelineHistory::parse(TimelineId(t), &text) {
+                    tl.histories.insert(t, h);
+                }
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(ObjectError::Storage(e)) => return Err(e.into()),
+            // A damaged history: unknown, so every backup counts as reaching it.
+            Err(_) => {}
+        }
+    }
+    Ok(tl)
 }
 
 /// Whether an unreferenced object written at `modified` may go: older than the grace
@@ -592,21 +791,21 @@ fn batch_size() -> usize {
 
 struct Deleter<'a> {
     repo: &'a Repository,
-    marker: &'a Marker,
-    dry_run: bool,
+    marker: Option<&'a Marker>,
     batches: u64,
     stop: Option<u64>,
 }
 
 impl Deleter<'_> {
+    /// Deletes `objects` (with `--dry-run`, no marker: only counts them).
     async fn delete(
         &mut self,
         objects: &[ObjectMeta],
         removed: &mut Removed,
     ) -> Result<(), ExpireError> {
         for batch in objects.chunks(batch_size()) {
-            if !self.dry_run {
-                if self.marker.lapsed() {
+            if let Some(marker) = self.marker {
+                if marker.lapsed() {
                     return Err(ExpireError::Lapsed);
                 }
                 let keys: Vec<String> = batch.iter().map(|o| o.key.clone()).collect();
@@ -623,7 +822,8 @@ impl Deleter<'_> {
     }
 }
 
-/// Runs expire (or delete) on `repo`.
+/// Runs expire (or delete) on `repo`. With `--dry-run` nothing is written, not even a
+/// marker: "now" is this host's clock then.
 pub async fn expire(repo: &Repository, options: &ExpireOptions) -> Result<Report, ExpireError> {
     let began = Instant::now();
     let seg = WalSegmentSize::new(repo.config().wal_segment_size)
@@ -633,12 +833,22 @@ pub async fn expire(repo: &Repository, options: &ExpireOptions) -> Result<Report
         Mode::Policy(_) => "expire",
         Mode::Delete { .. } => "delete",
     };
-    let marker = Marker::start(objects, MarkerBody::new(command))
-        .await
-        .map_err(|e| ExpireError::Unreadable(markers::RUNNING_PREFIX.into(), e.to_string()))?;
-    let now = marker.now();
-    let result = run(repo, options, seg, &marker, now).await;
-    marker.finish().await;
+    let marker = if options.dry_run {
+        None
+    } else {
+        Some(
+            Marker::start(objects, MarkerBody::new(command))
+                .await
+                .map_err(|e| {
+                    ExpireError::Unreadable(markers::RUNNING_PREFIX.into(), e.to_string())
+                })?,
+        )
+    };
+    let now = marker.as_ref().map_or_else(SystemTime::now, Marker::now);
+    let result = run(repo, options, seg, marker.as_ref(), now).await;
+    if let Some(m) = marker {
+        m.finish().await;
+    }
     let mut report = result?;
     report.seconds = began.elapsed().as_secs_f64();
     Ok(report)
@@ -648,24 +858,49 @@ async fn run(
     repo: &Repository,
     options: &ExpireOptions,
     seg: WalSegmentSize,
-    marker: &Marker,
+    marker: Option<&Marker>,
     now: SystemTime,
 ) -> Result<Report, ExpireError> {
     let objects = repo.objects();
     let storage = objects.storage().clone();
+    let own = marker.map_or("", Marker::key);
+    // The markers first: a command that ends before the manifests are read has left its
+    // manifest there; one still running is seen here.
+    let mut found = markers::live(objects, now).await?;
+    let mut prot = protected(&found, own)?;
     let skip = match &options.mode {
         Mode::Delete { id, .. } => Some(id.as_str()),
         Mode::Policy(_) => None,
     };
-    let c = candidates(repo, seg, skip).await?;
+    let (c, mut read) = candidates(repo, seg, skip).await?;
+    // `delete` of a backup that has no manifest (a killed delete removed it): its leftovers.
+    let mut leftover_of = None;
+    if let Mode::Delete { id, .. } = &options.mode {
+        if !c.iter().any(|b| &b.id == id) {
+            let page = storage
+                .list_page(&format!("{BACKUP_PREFIX}{id}/"), None)
+                .await?;
+            if page.objects.is_empty() {
+                return Err(ExpireError::NoBackup(id.clone()));
+            }
+            leftover_of = Some(id.clone());
+        }
+    }
+    let window_start = match &options.mode {
+        Mode::Policy(p) => p
+            .keep_within
+            .map(|d| now.checked_sub(d).unwrap_or(UNIX_EPOCH)),
+        Mode::Delete { .. } => None,
+    };
+    let tl = timelines(repo, window_start).await?;
+    let mut d = decision(&c, &options.mode, now, &prot, &tl)?;
 
-    // Decide, say what goes in the marker, then look at the markers again: a command that
-    // wrote its marker before ours was written is seen now and what it names is spared;
-    // one that writes after sees ours and stays away from what it names.
-    let mut found = markers::live(objects, now).await?;
-    let mut prot = protected(&found, marker.key())?;
-    let mut d = decision(&c, &options.mode, now, &prot)?;
-    if !options.dry_run {
+    // Say what goes in the marker, then look at the markers again: a command that wrote
+    // its marker before ours was written is seen now and what it names is spared; one
+    // that writes after sees ours and stays away from what it names. Protection only
+    // grows, so the decision settles; one that does not settle in a few rounds stops.
+    if let Some(marker) = marker {
+        let mut settled = false;
         for _ in 0..5 {
             let condemned = d.condemned.clone();
             marker
@@ -673,13 +908,17 @@ async fn run(
                 .await
                 .map_err(|e| ExpireError::Unreadable(marker.key().into(), e.to_string()))?;
             found = markers::live(objects, now).await?;
-            prot = protected(&found, marker.key())?;
-            let again = decision(&c, &options.mode, now, &prot)?;
+            prot.merge(protected(&found, own)?);
+            let again = decision(&c, &options.mode, now, &prot, &tl)?;
             let same = again.condemned == d.condemned && again.wal.from == d.wal.from;
             d = again;
             if same {
+                settled = true;
                 break;
             }
+        }
+        if !settled {
+            return Err(ExpireError::Unsettled);
         }
     }
 
@@ -692,32 +931,37 @@ async fn run(
     let mut del = Deleter {
         repo,
         marker,
-        dry_run: options.dry_run,
         batches: 0,
         stop: stop_point(),
     };
     let mut removed = Removed::default();
 
-    // 1. Manifests: a backup ceases to exist before anything it names goes.
+    // 1. Manifests, every generation: a backup ceases to exist before anything it names
+    // goes.
     let condemned: HashSet<&str> = d.condemned.iter().map(String::as_str).collect();
-    let manifests: Vec<ObjectMeta> = list_all(storage.as_ref(), BACKUP_PREFIX)
-        .await?
-        .into_iter()
-        .filter(|o| {
-            o.key
-                .strip_prefix(BACKUP_PREFIX)
-                .and_then(|k| k.strip_suffix("/manifest"))
-                .is_some_and(|id| condemned.contains(id))
-        })
+    let listing = list_all(storage.as_ref(), BACKUP_PREFIX).await?;
+    let doomed: Vec<ObjectMeta> = listing
+        .iter()
+        .filter(|o| parse_manifest_key(&o.key).is_some_and(|(id, _)| condemned.contains(id)))
+        .cloned()
         .collect();
-    del.delete(&manifests, &mut removed).await?;
+    del.delete(&doomed, &mut removed).await?;
     removed.backups = d.condemned.len() as u64;
 
-    // 2. What lies under backups without a manifest: those just expired, and leftovers of
-    // backups that never finished (unless one is still being written).
-    let mut dirs: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
-    let mut with_manifest = HashSet::new();
-    for o in list_all(storage.as_ref(), BACKUP_PREFIX).await? {
+    // 2. What lies under backups without a manifest (those just expired, leftovers of
+    // backups that never finished unless one is still being written), and chunk table
+    // pieces of a generation without a manifest (a repack that never finished).
+    let mut generations: HashSet<(String, u32)> = HashSet::new();
+    for o in &listing {
+        if let Some((id, g)) = parse_manifest_key(&o.key) {
+            if !condemned.contains(id) {
+                generations.insert((id.to_owned(), g));
+            }
+        }
+    }
+    let has_manifest: HashSet<&str> = generations.iter().map(|(id, _)| id.as_str()).collect();
+    let mut leftovers = Vec::new();
+    for o in listing {
         let Some((id, rest)) = o
             .key
             .strip_prefix(BACKUP_PREFIX)
@@ -725,38 +969,47 @@ async fn run(
         else {
             continue;
         };
-        let id = id.to_owned();
-        if rest == "manifest" && !condemned.contains(id.as_str()) {
-            with_manifest.insert(id);
+        if parse_manifest_key(&o.key).is_some() {
             continue;
         }
-        dirs.entry(id).or_default().push(o);
-    }
-    let mut leftovers = Vec::new();
-    for (id, objs) in dirs {
-        if with_manifest.contains(&id) {
+        let (id, rest) = (id.to_owned(), rest.to_owned());
+        let expired = condemned.contains(id.as_str()) || leftover_of.as_deref() == Some(&id);
+        let belongs = has_manifest.contains(id.as_str())
+            && match piece_generation(&rest) {
+                Some(g) => generations.contains(&(id.clone(), g)),
+                None => true,
+            };
+        if expired && !prot.writing.contains(&id) {
+            leftovers.push(o);
+        } else if belongs || prot.writing.contains(&id) {
             continue;
-        }
-        let expired = condemned.contains(id.as_str());
-        let abandoned = !prot.writing.contains(&id)
-            && objs
-                .iter()
-                .all(|o| old_enough(o.modified, now, options.grace, &prot));
-        if expired || abandoned {
-            leftovers.extend(objs);
+        } else if old_enough(o.modified, now, options.grace, &prot) {
+            leftovers.push(o);
         } else {
-            report.deferred += objs.len() as u64;
+            report.deferred += 1;
         }
     }
     removed.backup_objects = leftovers.len() as u64;
     del.delete(&leftovers, &mut removed).await?;
 
-    // 3. Packs no kept backup lists.
-    let mut referenced: HashSet<&str> = HashSet::new();
+    // 3. Packs no remaining manifest lists: those read above, and any stored since (a
+    // backup that finished meanwhile lists its new packs and its base's).
+    let mut referenced: HashSet<String> = HashSet::new();
     for b in &c {
         if !condemned.contains(b.id.as_str()) {
-            referenced.extend(b.packs.iter().map(String::as_str));
+            referenced.extend(b.packs.iter().cloned());
         }
+    }
+    for ((id, g), _) in manifests(storage.as_ref()).await? {
+        if condemned.contains(id.as_str()) || read.contains(&(id.clone(), g)) {
+            continue;
+        }
+        match BackupManifest::load_header_at(objects, &id, g).await {
+            Ok(m) => referenced.extend(m.packs.iter().cloned()),
+            Err(ManifestError::Object(ObjectError::Storage(e))) if e.is_not_found() => {}
+            Err(e) => return Err(manifest_failure(manifest_key_at(&id, g), e)),
+        }
+        read.insert((id, g));
     }
     let mut packs = Vec::new();
     for o in list_all(storage.as_ref(), "pack/").await? {
@@ -774,10 +1027,10 @@ async fn run(
     del.delete(&packs, &mut removed).await?;
 
     // 4. Say what of the WAL is kept on purpose (verify reads it: a gap there is expired
-    // WAL, not lost WAL), then remove the WAL no kept backup needs, oldest first (what is left is always a run to the end);
-    // streamed pieces with it. History files stay: they are small and say how timelines
-    // descend.
-    if let (Some(from), false) = (&d.wal.from, options.dry_run) {
+    // WAL, not lost WAL), then remove the WAL no kept backup needs, in key order (oldest
+    // first on each timeline, so what remains of one is a run to its end), streamed
+    // pieces with it. History files stay: they are small and say how timelines descend.
+    if let (Some(from), Some(_)) = (&d.wal.from, marker) {
         let record = WalRetention {
             wal_kept_from: from.clone(),
             ranges: d.wal.ranges.clone(),
@@ -813,21 +1066,41 @@ async fn run(
     removed.stream_pieces = pieces.len() as u64;
     del.delete(&pieces, &mut removed).await?;
 
-    // 5. Markers of commands long gone.
-    let dead: Vec<ObjectMeta> = found
-        .dead
-        .iter()
-        .map(|k| ObjectMeta {
-            key: k.clone(),
-            size: 0,
-            modified: None,
-        })
-        .collect();
-    removed.markers = dead.len() as u64;
-    del.delete(&dead, &mut removed).await?;
+    // 5. Markers of commands long gone, judged again by the storage's time now.
+    if let Some(marker) = marker {
+        let now = marker
+            .storage_now()
+            .await
+            .map_err(|e| ExpireError::Unreadable(marker.key().into(), e.to_string()))?;
+        let dead: Vec<ObjectMeta> = markers::live(objects, now)
+            .await?
+            .dead
+            .into_iter()
+            .map(|key| ObjectMeta {
+                key,
+                size: 0,
+                modified: None,
+            })
+            .collect();
+        removed.markers = dead.len() as u64;
+        del.delete(&dead, &mut removed).await?;
+    }
 
     report.removed = removed;
     Ok(report)
+}
+
+/// The generation whose chunk table a key under `backup/<id>/` belongs to: `chunks/…` the
+/// first, `chunks.<g>/…` later ones; None for anything else (PostgreSQL's backup_manifest).
+fn piece_generation(rest: &str) -> Option<u32> {
+    let (dir, _) = rest.split_once('/')?;
+    if dir == "chunks" {
+        return Some(1);
+    }
+    let digits = dir.strip_prefix("chunks.")?;
+    (digits.len() == 10 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
 }
 
 #[cfg(test)]
@@ -845,6 +1118,8 @@ mod tests {
             latest: t,
             start_pos: format!("{:016X}", start),
             stop_pos: format!("{:016X}", stop),
+            stop_timeline: 1,
+            stop_lsn: Lsn(stop << 24),
             packs: vec![],
         }
     }
@@ -866,10 +1141,22 @@ mod tests {
             min_backups: 1,
             ..Policy::default()
         };
-        let (r, from) = decide(&c, &p, UNIX_EPOCH + Duration::from_secs(T0 + 5 * 3600));
+        let (r, from) = decide(
+            &c,
+            &p,
+            UNIX_EPOCH + Duration::from_secs(T0 + 5 * 3600),
+            &Timelines::default(),
+        );
         assert_eq!(kept(&r), vec![false, false, true, true]);
         assert_eq!(from, Some(2));
-        let d = decision(&c, &Mode::Policy(p), UNIX_EPOCH, &Protected::default()).unwrap();
+        let d = decision(
+            &c,
+            &Mode::Policy(p),
+            UNIX_EPOCH,
+            &Protected::default(),
+            &Timelines::default(),
+        )
+        .unwrap();
         assert_eq!(d.condemned, vec!["B0", "B1"]);
         assert_eq!(d.wal.from.as_deref(), Some("0000000000000014"));
     }
@@ -886,7 +1173,7 @@ mod tests {
         };
         // Now is 2 h after B3: the window starts 23 h before B3, after B2.
         let now = UNIX_EPOCH + Duration::from_secs(T0 + 3 * DAY + 7200);
-        let (r, from) = decide(&c, &p, now);
+        let (r, from) = decide(&c, &p, now, &Timelines::default());
         assert_eq!(kept(&r), vec![false, false, true, true]);
         assert_eq!(from, Some(2));
         assert!(r[2][0].contains("window"));
@@ -914,7 +1201,7 @@ mod tests {
             ..Policy::default()
         };
         let now = UNIX_EPOCH + Duration::from_secs(T0 + 70 * DAY);
-        let (r, from) = decide(&c, &p, now);
+        let (r, from) = decide(&c, &p, now, &Timelines::default());
         let daily: Vec<_> = r
             .iter()
             .enumerate()
@@ -943,7 +1230,14 @@ mod tests {
         // The window: 2 days back, the backup at its start and after.
         let from = from.unwrap();
         assert_eq!(from, 135);
-        let d = decision(&c, &Mode::Policy(p), now, &Protected::default()).unwrap();
+        let d = decision(
+            &c,
+            &Mode::Policy(p),
+            now,
+            &Protected::default(),
+            &Timelines::default(),
+        )
+        .unwrap();
         // The monthly of 2026-12 keeps only its own WAL.
         let dec = d
             .backups
@@ -970,7 +1264,7 @@ mod tests {
         let mut prot = Protected::default();
         prot.backups
             .insert("B0".into(), "restore (pid 1 on h)".into());
-        let d = decision(&c, &Mode::Policy(p), now, &prot).unwrap();
+        let d = decision(&c, &Mode::Policy(p), now, &prot, &Timelines::default()).unwrap();
         let kept: Vec<_> = d.backups.iter().map(|b| b.kept).collect();
         assert_eq!(kept, vec![true, true, true]);
         assert!(d.condemned.is_empty());
@@ -986,37 +1280,101 @@ mod tests {
             force: false,
         };
         assert!(matches!(
-            decision(&one, &m, UNIX_EPOCH, &Protected::default()),
+            decision(
+                &one,
+                &m,
+                UNIX_EPOCH,
+                &Protected::default(),
+                &Timelines::default()
+            ),
             Err(ExpireError::LastBackup(_))
         ));
         let forced = Mode::Delete {
             id: "B0".into(),
             force: true,
         };
-        let d = decision(&one, &forced, UNIX_EPOCH, &Protected::default()).unwrap();
+        let d = decision(
+            &one,
+            &forced,
+            UNIX_EPOCH,
+            &Protected::default(),
+            &Timelines::default(),
+        )
+        .unwrap();
         assert_eq!(d.condemned, vec!["B0"]);
         assert!(d.wal.from.is_none(), "with no backup left, all WAL stays");
         let two = vec![cand("B0", T0, 0, 1), cand("B1", T0 + 1, 5, 6)];
         let mut prot = Protected::default();
         prot.backups.insert("B0".into(), "restore".into());
         assert!(matches!(
-            decision(&two, &m, UNIX_EPOCH, &prot),
+            decision(&two, &m, UNIX_EPOCH, &prot, &Timelines::default()),
             Err(ExpireError::InUse { .. })
         ));
-        let d = decision(&two, &m, UNIX_EPOCH, &Protected::default()).unwrap();
+        let d = decision(
+            &two,
+            &m,
+            UNIX_EPOCH,
+            &Protected::default(),
+            &Timelines::default(),
+        )
+        .unwrap();
         assert_eq!(d.wal.from.as_deref(), Some("0000000000000005"));
-        assert!(matches!(
-            decision(
-                &two,
-                &Mode::Delete {
-                    id: "B9".into(),
-                    force: false
-                },
-                UNIX_EPOCH,
-                &Protected::default()
-            ),
-            Err(ExpireError::NoBackup(_))
-        ));
+        // An id without a manifest (its leftovers, see `run`): every backup stays.
+        let d = decision(
+            &two,
+            &Mode::Delete {
+                id: "B9".into(),
+                force: false,
+            },
+            UNIX_EPOCH,
+            &Protected::default(),
+            &Timelines::default(),
+        )
+        .unwrap();
+        assert!(d.condemned.is_empty());
+    }
+
+    #[test]
+    fn a_new_timeline_keeps_the_backups_that_reach_it() {
+        // B1 on timeline 1; a restore from it to 0x30 made timeline 2; B2 was taken on
+        // timeline 1 after that point (on the abandoned branch), B3 not yet.
+        let mut b1 = cand("B1", T0, 0x10, 0x11);
+        b1.stop_lsn = Lsn(0x11 << 24);
+        let mut b2 = cand("B2", T0 + DAY, 0x90, 0x91);
+        b2.stop_lsn = Lsn(0x91 << 24);
+        let c = vec![b1, b2];
+        let history = TimelineHistory::parse(TimelineId(2), b"1\t0/30000000\tpoint\n").unwrap();
+        let mut tl = Timelines {
+            newest: Some(2),
+            in_window: vec![2],
+            histories: HashMap::new(),
+        };
+        tl.histories.insert(2, history);
+        assert!(tl.reaches(&c[0], 2) && !tl.reaches(&c[1], 2));
+        // keep-last 1 alone would keep only B2: the newest timeline keeps B1, and its WAL.
+        let p = Policy {
+            keep_last: Some(1),
+            min_backups: 1,
+            ..Policy::default()
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(T0 + 2 * DAY);
+        let d = decision(&c, &Mode::Policy(p), now, &Protected::default(), &tl).unwrap();
+        assert!(d.condemned.is_empty(), "{:?}", d.backups);
+        assert!(
+            d.backups[0].reasons[0].contains("timeline 2"),
+            "{:?}",
+            d.backups
+        );
+        assert_eq!(d.wal.from.as_deref(), Some("0000000000000010"));
+        // A window on timeline 2 starting after B2: B1 is what reaches the window there.
+        let p = Policy {
+            keep_within: Some(Duration::from_secs(DAY / 2)),
+            min_backups: 1,
+            ..Policy::default()
+        };
+        let (r, from) = decide(&c, &p, now, &tl);
+        assert!(r[0].iter().any(|x| x.contains("window")), "{r:?}");
+        assert_eq!(from, Some(0));
     }
 
     #[test]

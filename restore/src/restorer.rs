@@ -185,10 +185,21 @@ pub async fn restore(
                 Some(plan.first_segment.clone()),
             )
             .await;
-        if let Err(ids) = relied {
+        // Named now; and still there (an expire that removed it before this marker was
+        // seen has finished: nothing here is read from it then).
+        let still = match &relied {
+            Ok(()) => {
+                repo::manifest::generations(repo.objects().storage().as_ref(), &plan.backup.id)
+                    .await
+                    .map_or(true, |g| g.contains(&plan.backup.generation))
+            }
+            Err(_) => false,
+        };
+        if !still {
             if let Some(m) = marker {
                 m.finish().await;
             }
+            let ids = relied.err().unwrap_or_else(|| vec![plan.backup.id.clone()]);
             return Err(RestoreError::Busy(ids.join(", ")));
         }
     }

@@ -234,12 +234,26 @@ pub async fn verify(
                 }
             }
         }
+        // What an expire removed before this marker was seen is gone: not damage.
+        if let Ok(now) = list_backups(repo.objects().storage().as_ref()).await {
+            if let Some(only) = o.backup.as_ref().filter(|b| !now.contains(b)) {
+                m_finish(marker).await;
+                return Err(VerifyError::Busy(only.clone()));
+            }
+            ids.retain(|i| now.contains(i));
+        }
     }
     let result = verify_ids(repo, o, progress, ids, started, report).await;
     if let Some(m) = marker {
         m.finish().await;
     }
     result
+}
+
+async fn m_finish(marker: Option<repo::markers::Marker>) {
+    if let Some(m) = marker {
+        m.finish().await;
+    }
 }
 
 async fn verify_ids(

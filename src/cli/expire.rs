@@ -140,6 +140,7 @@ fn failure(e: ExpireError) -> Failure {
         ExpireError::Storage(_)
         | ExpireError::Unreadable(..)
         | ExpireError::MarkerUnreadable(_)
+        | ExpireError::Unsettled
         | ExpireError::Lapsed => Exit::Repository,
     };
     let hint = e.hint();

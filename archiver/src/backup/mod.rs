@@ -437,6 +437,7 @@ async fn take_marked(
         packs: stored.packs,
         chunk_table: stored.table,
         generation: 1,
+        stored_at: None,
         chunks: Default::default(),
         files,
         created_by: format!("pitr {}", env!("CARGO_PKG_VERSION")),

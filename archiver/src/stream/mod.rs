@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use repo::codec::Codec;
+use repo::markers::{Marker, MarkerBody};
 use repo::objects::ObjectError;
 use repo::repository::{ClusterIdentity, OpenError, Repository};
 use repo::slots::KeySetting;
@@ -302,8 +303,8 @@ async fn session(
     });
     let restart = answered(limit, ensure_slot(&mut conn, config)).await?;
     store_history(&mut conn, &repo, system.timeline, limit).await?;
-    let mut tli = system.timeline;
-    let mut start = match durable_end(&repo, tli, seg).await? {
+    let tli = system.timeline;
+    let start = match durable_end(&repo, tli, seg).await? {
         Some(end) => end,
         // Nothing yet: from the start of the segment holding the slot's restart point (or
         // the server's position), so the first segment is stored from its first byte.
@@ -311,6 +312,49 @@ async fn session(
     };
     metrics.durable(start.0);
     metrics.received_lsn.store(start.0, Ordering::Relaxed);
+    // The marker names the segment the stream writes (moved on as it goes), so an expire
+    // leaves its pieces alone even when it lags behind the newest backup.
+    let segment_of = move |tli: u64, lsn: u64| {
+        SegmentName::new(TimelineId(tli as u32), Lsn(lsn).segment_number(seg), seg).to_string()
+    };
+    let mut body = MarkerBody::new("stream");
+    body.wal_from = Some(segment_of(u64::from(tli), start.0));
+    let marker = Marker::start(repo.objects(), body).await?;
+    let follow = tokio::spawn({
+        let (handle, metrics) = (marker.handle(), metrics.clone());
+        async move {
+            loop {
+                tokio::time::sleep(repo::markers::REFRESH / 2).await;
+                let at = segment_of(
+                    metrics.timeline.load(Ordering::Relaxed),
+                    metrics.durable_lsn.load(Ordering::Relaxed),
+                );
+                handle.set(|b| b.wal_from = Some(at));
+            }
+        }
+    });
+    let result = stream_session(
+        &mut conn, &repo, config, metrics, stop, backoff, tli, start, seg, limit,
+    )
+    .await;
+    follow.abort();
+    marker.finish().await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_session(
+    conn: &mut ReplicationConn,
+    repo: &Repository,
+    config: &StreamConfig,
+    metrics: &Arc<Metrics>,
+    stop: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+    mut tli: u32,
+    mut start: Lsn,
+    seg: WalSegmentSize,
+    limit: Option<Duration>,
+) -> Result<(), StreamError> {
     let mut writer = SegmentWriter::new(repo.clone(), tli, start, seg, metrics.clone());
     loop {
         metrics.timeline.store(u64::from(tli), Ordering::Relaxed);
@@ -345,11 +389,11 @@ async fn session(
             Err(e) => return Err(e),
         }
         metrics.connected.store(1, Ordering::Relaxed);
-        match stream_timeline(&mut conn, &mut writer, config, metrics, stop, backoff).await? {
+        match stream_timeline(conn, &mut writer, config, metrics, stop, backoff).await? {
             None => return Ok(()),
             Some((next_tli, next_start)) => {
                 eprintln!("pitr: stream: timeline {tli} ends at {next_start}; following timeline {next_tli}");
-                store_history(&mut conn, &repo, next_tli, limit).await?;
+                store_history(conn, repo, next_tli, limit).await?;
                 writer = writer.next_timeline(next_tli, next_start).await?;
                 tli = next_tli;
                 start = next_start;
