@@ -69,6 +69,8 @@ pub struct ExpireOptions {
     /// A pack or a leftover of a backup that never finished is removed only once it is
     /// this old (by the storage's clock), on top of what running commands' markers protect.
     pub grace: Duration,
+    /// Packs kept backups use less than this share of are repacked (0: never).
+    pub repack_below: f64,
 }
 
 /// One backup, and whether it stays.
@@ -122,6 +124,10 @@ pub struct Report {
     /// Objects left although unreferenced, because they are newer than the grace period or
     /// a running command may still need them.
     pub deferred: u64,
+    /// Packs whose live chunks were moved, and the new generations written for that.
+    pub repacked: crate::repack::Repacked,
+    /// Older manifest generations removed (their packs go once no generation lists them).
+    pub generations_retired: u64,
     /// Seconds it took.
     pub seconds: f64,
 }
@@ -206,6 +212,9 @@ struct Candidate {
     stop_lsn: Lsn,
     /// The packs every stored generation of its manifest lists.
     packs: Vec<String>,
+    /// Its newest generation, and the packs that one lists.
+    generation: u32,
+    newest_packs: Vec<String>,
 }
 
 fn position(name: &str) -> Option<&str> {
@@ -372,6 +381,9 @@ pub struct WalRetention {
     /// Older ranges kept (older backups' own WAL).
     #[serde(default)]
     pub ranges: Vec<(String, String)>,
+    /// Packs to look at again for repacking (over the last run's limit).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_repack: Vec<String>,
 }
 
 impl WalRetention {
@@ -453,6 +465,8 @@ fn candidate(
         stop_timeline: m.stop_timeline,
         stop_lsn: m.stop_lsn.parse().ok()?,
         packs,
+        generation: m.generation,
+        newest_packs: m.packs.clone(),
     })
 }
 
@@ -643,14 +657,14 @@ async fn candidates(
     repo: &Repository,
     seg: WalSegmentSize,
     skip_unreadable: Option<&str>,
-) -> Result<(Vec<Candidate>, HashSet<(String, u32)>), ExpireError> {
+) -> Result<(Vec<Candidate>, HashMap<(String, u32), Vec<String>>), ExpireError> {
     let stored = manifests(repo.objects().storage().as_ref()).await?;
     let mut by_id: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for (id, g) in stored.keys() {
         by_id.entry(id.clone()).or_default().push(*g);
     }
     let mut out = Vec::new();
-    let mut read = HashSet::new();
+    let mut read = HashMap::new();
     for (id, gens) in by_id {
         let mut packs: Vec<String> = Vec::new();
         let mut newest = None;
@@ -659,8 +673,8 @@ async fn candidates(
             match BackupManifest::load_header_at(repo.objects(), &id, g).await {
                 Ok(m) => {
                     packs.extend(m.packs.iter().cloned());
+                    read.insert((id.clone(), g), m.packs.clone());
                     newest = Some(m);
-                    read.insert((id.clone(), g));
                 }
                 // Removed since the listing (by a concurrent expire or delete).
                 Err(ManifestError::Object(ObjectError::Storage(e))) if e.is_not_found() => {}
@@ -682,6 +696,8 @@ async fn candidates(
                 stop_timeline: 0,
                 stop_lsn: Lsn(0),
                 packs: vec![],
+                generation: 0,
+                newest_packs: vec![],
             });
             continue;
         }
@@ -775,10 +791,22 @@ fn old_enough(
 }
 
 /// Test hooks, not for users: `PITR_DEBUG_EXPIRE_STOP=N` SIGKILLs the process after N
-/// batches of deletions; `PITR_DEBUG_EXPIRE_BATCH=N` deletes N keys per batch (default
-/// 1000), so that every deletion can be a stopping point.
+/// steps (batches of deletions, objects repacking wrote); `PITR_DEBUG_EXPIRE_BATCH=N`
+/// deletes N keys per batch (default 1000), so that every deletion can be a stopping point.
 fn stop_point() -> Option<u64> {
     std::env::var("PITR_DEBUG_EXPIRE_STOP").ok()?.parse().ok()
+}
+
+static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// One step of expire's changes done (a batch of deletions, an object repacking wrote):
+/// with `PITR_DEBUG_EXPIRE_STOP=N`, the Nth ends the process as a SIGKILL would.
+pub(crate) fn step() {
+    let n = STEPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    if stop_point() == Some(n) {
+        let me = rustix::process::getpid();
+        let _ = rustix::process::kill_process(me, rustix::process::Signal::KILL);
+    }
 }
 
 fn batch_size() -> usize {
@@ -792,8 +820,6 @@ fn batch_size() -> usize {
 struct Deleter<'a> {
     repo: &'a Repository,
     marker: Option<&'a Marker>,
-    batches: u64,
-    stop: Option<u64>,
 }
 
 impl Deleter<'_> {
@@ -810,11 +836,7 @@ impl Deleter<'_> {
                 }
                 let keys: Vec<String> = batch.iter().map(|o| o.key.clone()).collect();
                 self.repo.objects().storage().delete(&keys).await?;
-                self.batches += 1;
-                if self.stop == Some(self.batches) {
-                    let me = rustix::process::getpid();
-                    let _ = rustix::process::kill_process(me, rustix::process::Signal::KILL);
-                }
+                step();
             }
             removed.bytes += batch.iter().map(|o| o.size).sum::<u64>();
         }
@@ -928,12 +950,7 @@ async fn run(
         wal_kept_from: d.wal.from.clone(),
         ..Report::default()
     };
-    let mut del = Deleter {
-        repo,
-        marker,
-        batches: 0,
-        stop: stop_point(),
-    };
+    let mut del = Deleter { repo, marker };
     let mut removed = Removed::default();
 
     // 1. Manifests, every generation: a backup ceases to exist before anything it names
@@ -948,9 +965,91 @@ async fn run(
     del.delete(&doomed, &mut removed).await?;
     removed.backups = d.condemned.len() as u64;
 
+    // Repack: the packs the expired backups listed that kept ones list too lost live
+    // chunks; with those a previous run left for later, the ones kept backups use less
+    // than `repack_below` of have their live chunks moved and the kept backups a new
+    // generation (the old one and the old packs go below, once nothing may read them).
+    let previous = WalRetention::load(repo).await.unwrap_or_default();
+    if options.repack_below > 0.0 {
+        let kept: Vec<crate::repack::KeptBackup> = c
+            .iter()
+            .filter(|b| !condemned.contains(b.id.as_str()) && b.generation > 0)
+            .map(|b| crate::repack::KeptBackup {
+                id: b.id.clone(),
+                generation: b.generation,
+                packs: b.newest_packs.clone(),
+                stored_at: unix_seconds(b.time),
+            })
+            .collect();
+        let live: HashSet<&str> = kept
+            .iter()
+            .flat_map(|k| k.packs.iter().map(String::as_str))
+            .collect();
+        let mut wanted: Vec<&str> = c
+            .iter()
+            .filter(|b| condemned.contains(b.id.as_str()))
+            .flat_map(|b| b.packs.iter().map(String::as_str))
+            .chain(previous.pending_repack.iter().map(String::as_str))
+            .filter(|p| live.contains(p))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let wanted: HashSet<&str> = wanted.into_iter().collect();
+        let sizes: Vec<(String, u64)> = list_all(storage.as_ref(), "pack/")
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                let id = o.key.rsplit('/').next()?.to_owned();
+                wanted.contains(id.as_str()).then_some((id, o.size))
+            })
+            .collect();
+        report.repacked = crate::repack::repack(repo, &kept, &sizes, options.repack_below, marker)
+            .await
+            .map_err(|e| ExpireError::Unreadable("packs to repack".into(), e.0))?;
+    }
+    // Older generations go once no running command that started before their successor
+    // was stored may be reading them (the markers looked at again, by the storage's time).
+    if let Some(marker) = marker {
+        let now = marker
+            .storage_now()
+            .await
+            .map_err(|e| ExpireError::Unreadable(marker.key().into(), e.to_string()))?;
+        prot.merge(protected(&markers::live(objects, now).await?, own)?);
+        let mut gens: BTreeMap<String, Vec<(u32, Option<SystemTime>)>> = BTreeMap::new();
+        for ((id, g), modified) in manifests(storage.as_ref()).await? {
+            if !condemned.contains(id.as_str()) {
+                gens.entry(id).or_default().push((g, modified));
+            }
+        }
+        let mut retired = Vec::new();
+        for (id, list) in gens {
+            if prot.backups.contains_key(&id) {
+                continue;
+            }
+            for pair in list.windows(2) {
+                let (g, _) = pair[0];
+                let successor = pair[1].1;
+                let unread = successor.is_some_and(|s| {
+                    prot.any_started
+                        .is_none_or(|a| a > unix_seconds(s).saturating_add(1))
+                });
+                if unread {
+                    retired.push(ObjectMeta {
+                        key: manifest_key_at(&id, g),
+                        size: 0,
+                        modified: None,
+                    });
+                }
+            }
+        }
+        report.generations_retired = retired.len() as u64;
+        del.delete(&retired, &mut removed).await?;
+    }
+
     // 2. What lies under backups without a manifest (those just expired, leftovers of
     // backups that never finished unless one is still being written), and chunk table
     // pieces of a generation without a manifest (a repack that never finished).
+    let listing = list_all(storage.as_ref(), BACKUP_PREFIX).await?;
     let mut generations: HashSet<(String, u32)> = HashSet::new();
     for o in &listing {
         if let Some((id, g)) = parse_manifest_key(&o.key) {
@@ -992,24 +1091,25 @@ async fn run(
     removed.backup_objects = leftovers.len() as u64;
     del.delete(&leftovers, &mut removed).await?;
 
-    // 3. Packs no remaining manifest lists: those read above, and any stored since (a
-    // backup that finished meanwhile lists its new packs and its base's).
+    // 3. Packs no remaining manifest lists: any generation stored now (the manifests are
+    // listed again: a backup that finished meanwhile lists its new packs and its base's).
     let mut referenced: HashSet<String> = HashSet::new();
-    for b in &c {
-        if !condemned.contains(b.id.as_str()) {
-            referenced.extend(b.packs.iter().cloned());
-        }
-    }
     for ((id, g), _) in manifests(storage.as_ref()).await? {
-        if condemned.contains(id.as_str()) || read.contains(&(id.clone(), g)) {
+        if condemned.contains(id.as_str()) {
+            continue;
+        }
+        if let Some(p) = read.get(&(id.clone(), g)) {
+            referenced.extend(p.iter().cloned());
             continue;
         }
         match BackupManifest::load_header_at(objects, &id, g).await {
-            Ok(m) => referenced.extend(m.packs.iter().cloned()),
+            Ok(m) => {
+                referenced.extend(m.packs.iter().cloned());
+                read.insert((id, g), m.packs);
+            }
             Err(ManifestError::Object(ObjectError::Storage(e))) if e.is_not_found() => {}
             Err(e) => return Err(manifest_failure(manifest_key_at(&id, g), e)),
         }
-        read.insert((id, g));
     }
     let mut packs = Vec::new();
     for o in list_all(storage.as_ref(), "pack/").await? {
@@ -1034,6 +1134,7 @@ async fn run(
         let record = WalRetention {
             wal_kept_from: from.clone(),
             ranges: d.wal.ranges.clone(),
+            pending_repack: report.repacked.pending.clone(),
         };
         objects
             .put(
@@ -1121,6 +1222,8 @@ mod tests {
             stop_timeline: 1,
             stop_lsn: Lsn(stop << 24),
             packs: vec![],
+            generation: 1,
+            newest_packs: vec![],
         }
     }
 

@@ -7,6 +7,7 @@ pub mod expire;
 pub mod files;
 pub mod plan;
 pub mod recovery;
+pub mod repack;
 pub mod restorer;
 pub mod spool;
 pub mod start;

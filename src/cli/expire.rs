@@ -66,6 +66,16 @@ struct Common {
     /// (by the storage's clock)
     #[arg(long, value_name = "DURATION", default_value = GRACE, value_parser = humantime::parse_duration)]
     grace: Duration,
+    /// Repack a pack the kept backups use less than this share of (0 to 1; 0: never)
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.5, value_parser = fraction)]
+    repack_below: f64,
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
@@ -114,6 +124,7 @@ fn go(repo_args: &RepoArgs, mode: Mode, common: &Common) -> Result<(), Failure> 
         mode,
         dry_run: common.dry_run,
         grace: common.grace,
+        repack_below: common.repack_below,
     };
     let report = runtime.block_on(async {
         let repo = Repository::open(&url, &key, None, Arc::new(Codec::with_default_threads()))
@@ -177,6 +188,33 @@ fn print(r: &Report) {
             &p[8..]
         ),
         None => println!("WAL: all kept"),
+    }
+    let p = &r.repacked;
+    if p.packs > 0 {
+        println!(
+            "{} {} pack(s) ({} of live chunks into {} new pack(s), freeing {} once the old generations of {} backup(s) go){}",
+            if r.dry_run { "would repack" } else { "repacked" },
+            p.packs,
+            mb(p.bytes_moved),
+            p.new_packs,
+            mb(p.bytes_freed),
+            p.backups,
+            if r.generations_retired > 0 {
+                format!("; {} old generation(s) removed", r.generations_retired)
+            } else {
+                String::new()
+            }
+        );
+    }
+    for d in &p.damaged {
+        eprintln!(
+            "pitr: {}: WARNING: not repacked, a chunk in it is damaged: {d}",
+            if r.dry_run {
+                "expire --dry-run"
+            } else {
+                "expire"
+            }
+        );
     }
     let x = &r.removed;
     println!(

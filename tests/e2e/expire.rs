@@ -187,9 +187,9 @@ fn keep_within_keeps_every_point_of_the_window_restorable() {
     src.archive_all();
     let second = src.backup()["id"].as_str().unwrap().to_owned();
     let second_done = SystemTime::now();
-    // The window will start 1 s after the second backup; batch 3, 3 s after it, is the
+    // The window will start 1 s after the second backup; batch 3, 5 s after it, is the
     // oldest point inside it.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(5));
     let (inside, _) = commit_batch(&src.pg, 3);
     src.archive_all();
     std::thread::sleep(Duration::from_millis(1100));
@@ -248,7 +248,13 @@ fn keep_within_keeps_every_point_of_the_window_restorable() {
     assert_eq!(batches(&start_restored(&src, &to, false)), ["1"]);
     assert_eq!(restored_batches(&src, &early), Err(9));
 
-    // The window alone: the first backup goes.
+    // The window alone: the first backup goes. (The window measured again: the restores
+    // above took their time, and the window's start must stay between the second and the
+    // third backup.)
+    let window = SystemTime::now()
+        .duration_since(second_done + Duration::from_secs(1))
+        .unwrap();
+    let window = format!("{}ms", window.as_millis());
     let out = succeeds(src.pitr().args([
         "expire",
         "--repo",
@@ -583,5 +589,183 @@ fn expire_in_a_loop_beside_backups_archiving_and_a_stream_loses_nothing() {
             .sql("SELECT count(*) FROM pgbench_history")
             .unwrap(),
         history
+    );
+}
+
+/// Sums the stored bytes of the packs in a file:// repository.
+fn pack_bytes(root: &Path) -> u64 {
+    keys_of(root)
+        .iter()
+        .filter(|k| k.starts_with("pack/"))
+        .map(|k| std::fs::metadata(root.join(k)).unwrap().len())
+        .sum()
+}
+
+#[test]
+fn repacking_moves_live_chunks_out_of_mostly_dead_packs_and_survives_a_kill_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pg, url, root, bin) = file_source();
+    pg.pgbench(&["-i", "-s", "4", "-q"]).unwrap();
+    let backup = |pg: &Cluster| {
+        let seg = pg.switch_wal().unwrap();
+        pg.wait_archived(&seg, Duration::from_secs(60)).unwrap();
+        let out = succeeds(crate::pitr().args([
+            "backup",
+            "--fast",
+            "--json",
+            "--repo",
+            &url,
+            "--pg",
+            &crate::socket(pg),
+        ]));
+        json(&out)["id"].as_str().unwrap().to_owned()
+    };
+    let first = backup(&pg);
+    // Every page of the big table changes; the catalogs and small tables do not: the
+    // first backup's packs end up mostly dead, a few chunks in each still used.
+    pg.sql("UPDATE pgbench_accounts SET abalance = abalance + 7")
+        .unwrap();
+    pg.sql("VACUUM FULL pgbench_accounts").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let second = backup(&pg);
+    let sum = pg
+        .sql("SELECT sum(abalance) FROM pgbench_accounts")
+        .unwrap();
+    let seg = pg.switch_wal().unwrap();
+    pg.wait_archived(&seg, Duration::from_secs(60)).unwrap();
+    pg.stop(testbed::StopMode::Fast).unwrap();
+
+    let expire = |url: &str, stop: Option<u64>, extra: &[&str]| {
+        let mut c = crate::pitr();
+        c.args([
+            "expire",
+            "--json",
+            "--repo",
+            url,
+            "--keep-last",
+            "1",
+            "--grace",
+            "0s",
+        ])
+        .args(extra);
+        if let Some(k) = stop {
+            c.env("PITR_DEBUG_EXPIRE_STOP", k.to_string());
+        }
+        c.output().unwrap()
+    };
+    // What it would do, changing nothing.
+    let before = keys_of(&root);
+    let out = expire(&url, None, &["--dry-run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    assert!(v["repacked"]["packs"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(keys_of(&root), before);
+
+    // Killed after each step in turn (deletions, and every object repacking writes), on
+    // copies: the kept backup always verifies, and a later expire gets it repacked.
+    let mut k = 1;
+    loop {
+        let copy = dir.path().join(format!("killed-{k}"));
+        copy_tree(&root, &copy);
+        let copy_url = format!("file://{}", copy.display());
+        let out = expire(&copy_url, Some(k), &[]);
+        if out.status.success() {
+            break;
+        }
+        assert_eq!(out.status.code(), None, "not killed at step {k}");
+        let out = crate::pitr()
+            .args(["verify", "--repo", &copy_url])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "killed after step {k}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = expire(&copy_url, None, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        succeeds(crate::pitr().args(["verify", "--repo", &copy_url]));
+        assert_eq!(listed_at(&copy_url), std::slice::from_ref(&second));
+        std::fs::remove_dir_all(&copy).unwrap();
+        k += 1;
+        assert!(k < 200, "expire never finished");
+    }
+    assert!(k > 3, "only {k} steps");
+
+    // The real thing.
+    let packs_before = pack_bytes(&root);
+    let out = expire(&url, None, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    assert_eq!(v["removed"]["backups"], 1, "{v}");
+    assert_eq!(v["repacked"]["backups"], 1, "{v}");
+    assert_eq!(v["generations_retired"], 1, "{v}");
+    let keys = keys_of(&root);
+    let id = &second;
+    assert!(
+        keys.contains(&format!("backup/{id}/manifest.0000000002")),
+        "{keys:?}"
+    );
+    assert!(!keys.contains(&format!("backup/{id}/manifest")), "{keys:?}");
+    assert!(!keys
+        .iter()
+        .any(|k| k.starts_with(&format!("backup/{id}/chunks/"))));
+    assert!(!keys.iter().any(|k| k.contains(first.as_str())));
+    let packs_after = pack_bytes(&root);
+    assert!(
+        packs_after < packs_before,
+        "{packs_after} >= {packs_before}"
+    );
+    // Every pack left is mostly used: once more finds nothing to repack.
+    let v = json(&expire(&url, None, &[]));
+    assert_eq!(v["repacked"]["packs"], 0, "{v}");
+    succeeds(crate::pitr().args(["verify", "--repo", &url]));
+
+    // And it restores, from its new generation.
+    let to = dir.path().join("restored");
+    let out = std::process::Command::new(&bin)
+        .args([
+            "restore",
+            "--target-immediate",
+            "--target-action",
+            "promote",
+            "--repo",
+            &url,
+            "--to",
+        ])
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut restored = Cluster::adopt(
+        &to,
+        ClusterOptions::default().setting("archive_mode", "off"),
+    )
+    .unwrap();
+    restored.os_user().give_tree(&root).unwrap();
+    restored.start().unwrap();
+    crate::wait_promoted(&restored);
+    assert_eq!(
+        restored
+            .sql("SELECT sum(abalance) FROM pgbench_accounts")
+            .unwrap(),
+        sum
     );
 }
