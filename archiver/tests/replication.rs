@@ -370,6 +370,13 @@ async fn tls_as_sslmode_says() {
         .await
         .unwrap();
     conn.close().await;
+    // Its walsender goes away too (asynchronously: waited for, or the count below could
+    // still see it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while encrypted(&pg) > 0 {
+        assert!(std::time::Instant::now() < deadline, "walsenders linger");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let err = ReplicationConn::connect(&tcp("verify-ca", &other_ca.path().join("ca.crt")))
         .await
         .unwrap_err();
