@@ -216,3 +216,24 @@ print("pitr verify: %.0f MB of plaintext (backup files and WAL) in %.2f s: %.0f 
 print("pitr restore --start file phase: %.0f MB/s (fetch+write)" % restore_mb_s)
 print("pgbackrest verify: %.2f s; pgbackrest / pitr verify time: %.2fx" % (tp, tp / tv))
 PY
+# expire beside pgBackRest's: the source comes back, both take a second full backup, and
+# each removes the first one and the WAL before the second (pitr expire --keep-last 1,
+# which also repacks; pgbackrest expire --repo1-retention-full=1).
+echo
+as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+as_pg "$PGBIN/pgbench" -n -c 4 -j 2 -T 10 -h "$dir" -p "$port" -U postgres postgres >/dev/null 2>&1
+"$PITR" backup --repo s3://pitr-test/pitr-r --pg "$conn" --fast >/dev/null
+as_pg pgbackrest --config="$work/pgbackrest.conf" --stanza=bench --type=full --start-fast backup
+t0=$(now)
+"$PITR" expire --repo s3://pitr-test/pitr-r --keep-last 1 --grace 0s --json >"$work/expire.json"
+te=$(echo "$(now) - $t0" | bc)
+t0=$(now)
+as_pg pgbackrest --config="$work/pgbackrest.conf" --stanza=bench --repo1-retention-full=1 expire >"$work/pgbackrest-expire.log" 2>&1
+tpe=$(echo "$(now) - $t0" | bc)
+python3 - "$work/expire.json" "$te" "$tpe" <<'PY'
+import json, sys
+v = json.load(open(sys.argv[1])); te, tp = float(sys.argv[2]), float(sys.argv[3])
+r = v["removed"]
+print("pitr expire --keep-last 1: %.2f s, removed %d backup(s), %d WAL file(s), %d pack(s), %.0f MB; repacked %d pack(s)" % (te, r["backups"], r["wal_files"], r["packs"], r["bytes"] / 1e6, v["repacked"]["packs"]))
+print("pgbackrest expire --repo1-retention-full=1: %.2f s; pgbackrest / pitr expire time: %.2fx" % (tp, tp / te))
+PY

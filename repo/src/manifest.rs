@@ -24,6 +24,12 @@ pub const MANIFEST_FORMAT: u32 = 2;
 /// same fields, and `generation`).
 pub const MANIFEST_FORMAT_GENERATIONS: u32 = 3;
 
+/// The highest generation a manifest may have (ten digits in its key, with room to spare).
+pub const GENERATION_MAX: u32 = 1_000_000_000;
+
+/// The latest `stored_at` a manifest may say: 9999-12-31T23:59:59Z.
+pub const STORED_AT_MAX: u64 = 253_402_300_799;
+
 /// Chunk entries per piece of the chunk table (a piece is then about 3.4 MB).
 pub const CHUNKS_PER_PIECE: u32 = 65536;
 
@@ -523,13 +529,32 @@ impl BackupManifest {
         objects: &ObjectStore,
         id: &str,
     ) -> Result<BackupManifest, ManifestError> {
-        let newest = generations(objects.storage().as_ref(), id).await?.pop();
-        match newest {
-            Some(g) => BackupManifest::load_header_at(objects, id, g).await,
-            None => Err(ManifestError::Object(ObjectError::Storage(
-                StorageError::not_found("get", &manifest_key(id)),
-            ))),
+        let gens = generations(objects.storage().as_ref(), id).await?;
+        let mut first_error = None;
+        // The newest readable one: a damaged newest generation leaves the one before it
+        // (whose packs stay as long as it does) usable.
+        for &g in gens.iter().rev() {
+            match BackupManifest::load_header_at(objects, id, g).await {
+                Ok(m) => return Ok(m),
+                Err(
+                    e
+                    @ (ManifestError::Storage(_) | ManifestError::Object(ObjectError::Storage(_))),
+                ) => {
+                    if first_error.is_none() {
+                        return Err(e);
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
+        Err(first_error.unwrap_or_else(|| {
+            ManifestError::Object(ObjectError::Storage(StorageError::not_found(
+                "get",
+                &manifest_key(id),
+            )))
+        }))
     }
 
     /// Reads generation `generation` of backup `id`'s manifest without its chunk table.
@@ -580,11 +605,24 @@ impl BackupManifest {
             });
         }
         let m: BackupManifest = serde_json::from_slice(plain).map_err(|e| bad(e.to_string()))?;
-        // Format 2 is the first generation; later generations are format 3.
-        if (m.generation == 1) != (format == u64::from(MANIFEST_FORMAT)) {
+        // Format 2 is the first generation; later generations are format 3, numbered
+        // from 2 to GENERATION_MAX.
+        let later = format == u64::from(MANIFEST_FORMAT_GENERATIONS);
+        let ok = if later {
+            (2..=GENERATION_MAX).contains(&m.generation)
+        } else {
+            m.generation == 1
+        };
+        if !ok {
             return Err(bad(format!(
                 "generation {} in a manifest of format {format}",
                 m.generation
+            )));
+        }
+        if m.stored_at.is_some_and(|t| t > STORED_AT_MAX) {
+            return Err(bad(format!(
+                "stored_at {:?} is past the year 9999",
+                m.stored_at
             )));
         }
         let t = &m.chunk_table;
@@ -869,6 +907,17 @@ mod tests {
         m.format = MANIFEST_FORMAT_GENERATIONS;
         let json = serde_json::to_vec(&m).unwrap();
         assert_eq!(BackupManifest::parse("k", &json).unwrap().generation, 2);
+        // Hostile numbers: a generation 0 (or past the cap) in format 3, a stored_at past
+        // the year 9999 (which date arithmetic would panic on).
+        for g in [0, 1, GENERATION_MAX + 1, u32::MAX] {
+            m.generation = g;
+            let json = serde_json::to_vec(&m).unwrap();
+            assert!(BackupManifest::parse("k", &json).is_err(), "{g}");
+        }
+        m.generation = 2;
+        m.stored_at = Some(u64::MAX);
+        let json = serde_json::to_vec(&m).unwrap();
+        assert!(BackupManifest::parse("k", &json).is_err());
         // The first generation is written as before (no `generation` field).
         let first = serde_json::to_string(&sample()).unwrap();
         assert!(!first.contains("generation"));

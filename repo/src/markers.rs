@@ -87,6 +87,9 @@ pub fn unix_seconds(t: SystemTime) -> u64 {
 struct Shared {
     body: MarkerBody,
     last_ok: Instant,
+    /// The same by the wall clock, which (unlike `Instant`) also counts time the host was
+    /// suspended: a lapse by either counts.
+    last_ok_wall: SystemTime,
     /// A write once came more than [`LAPSE`] after the one before: the marker may have
     /// been dead for a while, whatever happened since.
     lapsed: bool,
@@ -94,10 +97,19 @@ struct Shared {
 
 impl Shared {
     fn written(&mut self) {
-        if self.last_ok.elapsed() > LAPSE {
+        if self.since() > LAPSE {
             self.lapsed = true;
         }
         self.last_ok = Instant::now();
+        self.last_ok_wall = SystemTime::now();
+    }
+
+    /// Time since the last successful write, the longer of the two clocks' say.
+    fn since(&self) -> Duration {
+        let wall = SystemTime::now()
+            .duration_since(self.last_ok_wall)
+            .unwrap_or_default();
+        self.last_ok.elapsed().max(wall)
     }
 }
 
@@ -159,6 +171,7 @@ impl Marker {
         let shared = Arc::new(Mutex::new(Shared {
             body,
             last_ok: Instant::now(),
+            last_ok_wall: SystemTime::now(),
             lapsed: false,
         }));
         let writing = Arc::new(tokio::sync::Mutex::new(()));
@@ -223,7 +236,7 @@ impl Marker {
     /// [`LAPSE`], or once was. What it protected may be gone.
     pub fn lapsed(&self) -> bool {
         let s = locked(&self.shared);
-        s.lapsed || s.last_ok.elapsed() > LAPSE
+        s.lapsed || s.since() > LAPSE
     }
 
     /// The storage's time now: the LastModified of this marker, rewritten for the purpose.

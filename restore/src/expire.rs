@@ -223,7 +223,7 @@ fn position(name: &str) -> Option<&str> {
 }
 
 fn utc_date(secs: u64) -> String {
-    let t = UNIX_EPOCH + Duration::from_secs(secs);
+    let t = UNIX_EPOCH + Duration::from_secs(secs.min(repo::manifest::STORED_AT_MAX));
     humantime::format_rfc3339_seconds(t).to_string()[..10].to_owned()
 }
 
@@ -345,6 +345,22 @@ fn decide(
             }
             guard = Some(i);
         }
+        // Its history unknown (missing, damaged): any timeline's newest backup may be the
+        // one that reaches it.
+        if t > 1 && !tl.histories.contains_key(&t) {
+            let mut seen = HashSet::new();
+            for i in (0..n).rev() {
+                if seen.insert(c[i].stop_timeline) {
+                    if reasons[i].is_empty() {
+                        reasons[i].push(format!(
+                            "the newest backup of timeline {}, which may reach timeline {t} (its history is not readable)",
+                            c[i].stop_timeline
+                        ));
+                    }
+                    guard = Some(guard.map_or(i, |g: usize| g.min(i)));
+                }
+            }
+        }
     }
     let mut kept = reasons.iter().filter(|r| !r.is_empty()).count();
     for i in (0..n).rev() {
@@ -453,7 +469,10 @@ fn candidate(
 ) -> Option<Candidate> {
     let stop = humantime::parse_rfc3339_weak(&m.stop_time).ok()?;
     let time = stored
-        .or_else(|| m.stored_at.map(|s| UNIX_EPOCH + Duration::from_secs(s)))
+        .or_else(|| {
+            m.stored_at
+                .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        })
         .unwrap_or(stop);
     Some(Candidate {
         id: m.id.clone(),
@@ -536,7 +555,9 @@ fn protected(found: &Markers, own: &str) -> Result<Protected, ExpireError> {
         if b.command != "stream" {
             p.any_started = Some(p.any_started.map_or(s, |w| w.min(s)));
         }
-        if b.writing.is_some() || b.command == "backup" || b.command == "expire" {
+        // Commands that write objects no manifest lists yet: a backup (packs, pieces), an
+        // expire or delete repacking (packs, a generation's pieces).
+        if b.writing.is_some() || matches!(b.command.as_str(), "backup" | "expire" | "delete") {
             p.writer_started = Some(p.writer_started.map_or(s, |w| w.min(s)));
         }
     }
@@ -985,11 +1006,24 @@ async fn run(
             .iter()
             .flat_map(|k| k.packs.iter().map(String::as_str))
             .collect();
+        // The packs expired backups listed, those the last run left for later, and those an
+        // older generation of a kept backup lists but its newest does not (a repack killed
+        // before it rewrote every backup using them).
+        let moved_out = c
+            .iter()
+            .filter(|b| !condemned.contains(b.id.as_str()))
+            .flat_map(|b| {
+                b.packs
+                    .iter()
+                    .filter(|p| !b.newest_packs.contains(p))
+                    .map(String::as_str)
+            });
         let mut wanted: Vec<&str> = c
             .iter()
             .filter(|b| condemned.contains(b.id.as_str()))
             .flat_map(|b| b.packs.iter().map(String::as_str))
             .chain(previous.pending_repack.iter().map(String::as_str))
+            .chain(moved_out)
             .filter(|p| live.contains(p))
             .collect();
         wanted.sort_unstable();
@@ -1026,20 +1060,29 @@ async fn run(
             if prot.backups.contains_key(&id) {
                 continue;
             }
-            for pair in list.windows(2) {
-                let (g, _) = pair[0];
-                let successor = pair[1].1;
-                let unread = successor.is_some_and(|s| {
-                    prot.any_started
-                        .is_none_or(|a| a > unix_seconds(s).saturating_add(1))
+            let Some(&(newest, successor)) = list.last() else {
+                continue;
+            };
+            if list.len() < 2 {
+                continue;
+            }
+            // No running command may have started reading before the newest generation
+            // was visible (a minute's margin: a large manifest becomes visible some time
+            // after its LastModified), and the newest is whole: its chunk table as its
+            // manifest says and every pack it lists there. Then every older one goes.
+            let unread = successor.is_some_and(|s| {
+                prot.any_started
+                    .is_none_or(|a| a > unix_seconds(s).saturating_add(RETIRE_MARGIN))
+            });
+            if !unread || !generation_whole(repo, &id, newest).await? {
+                continue;
+            }
+            for &(g, _) in &list[..list.len() - 1] {
+                retired.push(ObjectMeta {
+                    key: manifest_key_at(&id, g),
+                    size: 0,
+                    modified: None,
                 });
-                if unread {
-                    retired.push(ObjectMeta {
-                        key: manifest_key_at(&id, g),
-                        size: 0,
-                        modified: None,
-                    });
-                }
             }
         }
         report.generations_retired = retired.len() as u64;
@@ -1189,6 +1232,52 @@ async fn run(
 
     report.removed = removed;
     Ok(report)
+}
+
+/// Seconds after a generation's LastModified during which a command that started may still
+/// have listed only the generation before it.
+const RETIRE_MARGIN: u64 = 60;
+
+/// Whether generation `g` of backup `id` is whole: its manifest reads, its chunk table
+/// pieces are there with the hashes it names and agree with it, and every pack it lists is
+/// stored. Only then do older generations go.
+async fn generation_whole(repo: &Repository, id: &str, g: u32) -> Result<bool, ExpireError> {
+    let objects = repo.objects();
+    let m = match BackupManifest::load_header_at(objects, id, g).await {
+        Ok(m) => m,
+        Err(ManifestError::Storage(e) | ManifestError::Object(ObjectError::Storage(e)))
+            if !e.is_not_found() =>
+        {
+            return Err(e.into())
+        }
+        Err(_) => return Ok(false),
+    };
+    // A piece at a time: memory stays bounded by a piece.
+    let mut table = repo::manifest::TableReader::new(objects.clone(), &m);
+    for i in 0..m.chunk_table.count {
+        match table.get(i).await {
+            Ok(Some(e)) if e.pack() < m.packs.len() => {}
+            Ok(_) => return Ok(false),
+            Err(ManifestError::Storage(e) | ManifestError::Object(ObjectError::Storage(e)))
+                if !e.is_not_found() =>
+            {
+                return Err(e.into())
+            }
+            Err(_) => return Ok(false),
+        }
+    }
+    for p in &m.packs {
+        if !is_pack_id(p)
+            || objects
+                .storage()
+                .head(&repo::pack::pack_key(p))
+                .await?
+                .is_none()
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// The generation whose chunk table a key under `backup/<id>/` belongs to: `chunks/…` the

@@ -19,7 +19,7 @@ use repo::manifest::{chunk_table_key_at, BackupManifest, ChunkRef, TableReader, 
 use repo::markers::Marker;
 use repo::pack::{decode_chunk_of, pack_key, read_index, PackBuilder};
 use repo::repository::Repository;
-use repo::storage::{get_bytes, PutMode};
+use repo::storage::PutMode;
 
 /// Packs looked at in one run.
 pub const MAX_PACKS_PER_RUN: usize = 1024;
@@ -177,11 +177,18 @@ pub async fn repack(
     for &c in &chosen {
         let (id, size) = &now[c as usize];
         if *size > PACK_READ_MAX {
-            out.pending.push(id.clone());
+            // Not a pack pitr writes: left as it is.
             continue;
         }
         let key = pack_key(id);
-        let bytes = get_bytes(storage.as_ref(), &key).await.map_err(err)?;
+        // At most the size listed (an object replaced meanwhile by a larger one is not read
+        // whole).
+        let bytes = storage.get_range(&key, 0..*size).await.map_err(err)?;
+        if bytes.len() as u64 != *size {
+            out.damaged
+                .push(format!("{key}: {} bytes read, {size} listed", bytes.len()));
+            continue;
+        }
         let offsets: Vec<(u64, u32)> = live
             .iter()
             .filter(|((k, _), _)| *k == c)
@@ -207,7 +214,7 @@ pub async fn repack(
             out.bytes_moved += envelope.len() as u64;
             if builder.len() >= PACK_TARGET {
                 let full = std::mem::take(&mut builder);
-                new_packs.push(store_pack(repo, full, options, &protection).await?);
+                new_packs.push(store_pack(repo, marker, full, options, &protection).await?);
             }
         }
         out.packs += 1;
@@ -215,7 +222,7 @@ pub async fn repack(
         done.push(c);
     }
     if !builder.is_empty() {
-        new_packs.push(store_pack(repo, builder, options, &protection).await?);
+        new_packs.push(store_pack(repo, marker, builder, options, &protection).await?);
     }
     out.new_packs = new_packs.len() as u64;
     if done.is_empty() {
@@ -231,7 +238,7 @@ pub async fn repack(
         {
             continue;
         }
-        new_generation(repo, k, &index, &done, &moved, &new_packs).await?;
+        new_generation(repo, marker, k, &index, &done, &moved, &new_packs).await?;
         out.backups += 1;
     }
     Ok(out)
@@ -265,12 +272,25 @@ fn check_live(
     Ok(out)
 }
 
+/// Stops when the marker may have died unseen: another expire may then have taken what this
+/// one writes for garbage.
+fn still_marked(marker: &Marker) -> Result<(), RepackError> {
+    if marker.lapsed() {
+        return Err(err(
+            "this expire's marker was not rewritten for too long; stopped before writing more",
+        ));
+    }
+    Ok(())
+}
+
 async fn store_pack(
     repo: &Repository,
+    marker: &Marker,
     builder: PackBuilder,
     options: repo::envelope::EncodeOptions,
     protection: &repo::envelope::Protection,
 ) -> Result<String, RepackError> {
+    still_marked(marker)?;
     let pack = builder.finish(options, protection);
     // The same id is the same bytes: a pack already there (a repack killed after storing
     // it, run again) is as good.
@@ -288,6 +308,7 @@ async fn store_pack(
 /// first stands, and what this one wrote is left to be collected).
 async fn new_generation(
     repo: &Repository,
+    marker: &Marker,
     k: &KeptBackup,
     index: &HashMap<&str, u32>,
     done: &[u32],
@@ -300,7 +321,22 @@ async fn new_generation(
     // The next generation number nothing is stored under yet (a repack killed before its
     // manifest left pieces under the one after this one's).
     let storage = repo.objects().storage();
-    let mut generation = m.generation + 1;
+    let newer = |gens: &[u32]| gens.iter().any(|&g| g > k.generation);
+    let stored = repo::manifest::generations(storage.as_ref(), &m.id)
+        .await
+        .map_err(err)?;
+    if newer(&stored) {
+        return Err(err(format!(
+            "backup {} got a newer generation meanwhile (another expire)",
+            m.id
+        )));
+    }
+    let next = |g: u32| {
+        g.checked_add(1)
+            .filter(|&g| g <= repo::manifest::GENERATION_MAX)
+            .ok_or_else(|| err(format!("backup {}: no generation after {g}", m.id)))
+    };
+    let mut generation = next(m.generation)?;
     loop {
         let pieces = format!(
             "{}{}/chunks.{generation:010}/",
@@ -321,7 +357,7 @@ async fn new_generation(
         if !taken {
             break;
         }
-        generation += 1;
+        generation = next(generation)?;
     }
     // The packs it keeps, in their order, then the new ones as they are used.
     let mut packs: Vec<String> = Vec::new();
@@ -339,6 +375,7 @@ async fn new_generation(
     let put_piece = |n: usize, piece: Bytes| {
         let key = chunk_table_key_at(&m.id, generation, n);
         async move {
+            still_marked(marker)?;
             match repo.objects().put(&key, piece, PutMode::IfAbsent).await {
                 Ok(repo::storage::PutOutcome::Stored) => {
                     crate::expire::step();
@@ -364,6 +401,15 @@ async fn new_generation(
                         m.id, e.offset
                     ))
                 })?;
+                // The chunk moved is the one this entry names (the pack's index was checked
+                // against the chunk; this checks the index against the table).
+                if at.hash != e.hash || at.plain_len != e.plain_len || at.stored_len != e.stored_len
+                {
+                    return Err(err(format!(
+                        "backup {}: its chunk table entry {i} disagrees with pack {old}'s index; not repacked (pitr verify says more)",
+                        m.id
+                    )));
+                }
                 let pack = match new_index.get(n) {
                     Some(&p) => p,
                     None => {
@@ -402,6 +448,16 @@ async fn new_generation(
     next.stored_at = Some(k.stored_at);
     next.packs = packs;
     next.chunk_table = chunk_table;
+    still_marked(marker)?;
+    let stored = repo::manifest::generations(storage.as_ref(), &m.id)
+        .await
+        .map_err(err)?;
+    if stored.iter().any(|&g| g > k.generation) {
+        return Err(err(format!(
+            "backup {} got a newer generation meanwhile (another expire)",
+            m.id
+        )));
+    }
     next.store(repo.objects()).await.map_err(err)?;
     crate::expire::step();
     Ok(())

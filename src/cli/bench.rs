@@ -25,7 +25,24 @@ pub struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum What {
     /// Archive real WAL segments as PostgreSQL's archiver would, with pitr and with peers
-    WalPush(WalPushArgs),
+    WalPush(Box<WalPushArgs>),
+    /// Make a synthetic file:// repository of many backups and WAL segments, one backup a
+    /// day back from now, for timing expire (benches/expire.sh)
+    #[command(hide = true)]
+    SynthRepo(SynthArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SynthArgs {
+    /// The directory to create the repository in (must not exist)
+    #[arg(long, value_name = "DIR")]
+    to: PathBuf,
+    /// Backups, one a day
+    #[arg(long, default_value_t = 1000)]
+    backups: u64,
+    /// WAL segments (16 MiB each as named; a few bytes each as stored: expire never reads them)
+    #[arg(long, default_value_t = 100_000)]
+    segments: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -80,8 +97,120 @@ struct WalPushArgs {
 
 pub fn run(args: Args) -> Result<(), Failure> {
     match args.what {
-        What::WalPush(args) => wal_push(args),
+        What::WalPush(args) => wal_push(*args),
+        What::SynthRepo(args) => synth_repo(args),
     }
+}
+
+/// A synthetic repository: `config` (plaintext), `segments` WAL files spread evenly over
+/// `backups` days, one backup a day (its manifest, a chunk table-less file list, a pack of
+/// its own), each object's modification time the day it stands for, so that expire sees
+/// them as stored then.
+fn synth_repo(a: SynthArgs) -> Result<(), Failure> {
+    use repo::manifest::{BackupManifest, ChunkTable, CHUNKS_PER_PIECE, MANIFEST_FORMAT};
+    use std::sync::Arc;
+    let fail = |e: &dyn std::fmt::Display| Failure::new(Exit::BadInput, format!("synth-repo: {e}"));
+    let url: RepoUrl = format!("file://{}", a.to.display())
+        .parse()
+        .map_err(|e: repo::url::RepoUrlError| fail(&e))?;
+    let seg = walfmt::WalSegmentSize::new(16 << 20).map_err(|e| fail(&e))?;
+    let identity = repo::repository::ClusterIdentity {
+        system_identifier: 7_000_000_000_000_000_001,
+        pg_version: 15,
+        wal_segment_size: 16 << 20,
+    };
+    let runtime = super::runtime(Exit::Repository)?;
+    let day = Duration::from_secs(86_400);
+    let now = std::time::SystemTime::now();
+    let at = |i: u64| now - day * (a.backups - i) as u32;
+    let touch = |path: &Path, t: std::time::SystemTime| -> Result<(), Failure> {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(t))
+            .map_err(|e| fail(&e))
+    };
+    runtime.block_on(async {
+        let repo = repo::repository::Repository::init(
+            &url,
+            &identity,
+            &[],
+            Arc::new(repo::codec::Codec::with_default_threads()),
+        )
+        .await
+        .map_err(|e| fail(&e))?;
+        let per_backup = (a.segments / a.backups.max(1)).max(1);
+        // WAL: plain files where wal-push would put them (expire lists, never reads them).
+        for n in 0..a.segments {
+            let name = walfmt::SegmentName::new(walfmt::TimelineId(1), n + 1, seg).to_string();
+            let key = repo::keys::wal_key(&name).unwrap_or_default();
+            let path = a.to.join(&key);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+            }
+            std::fs::write(&path, b"synthetic").map_err(|e| fail(&e))?;
+            touch(&path, at((n / per_backup).min(a.backups - 1)))?;
+        }
+        for i in 0..a.backups {
+            let t = at(i);
+            let stop = humantime::format_rfc3339_micros(t).to_string();
+            let first = 1 + i * per_backup;
+            let lsn = |segno: u64| walfmt::Lsn(segno * (16 << 20) + 40).to_string();
+            let pack = format!("{:064x}", u128::from(i) + 1);
+            let pack_path = a.to.join(repo::pack::pack_key(&pack));
+            if let Some(dir) = pack_path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+            }
+            std::fs::write(&pack_path, vec![0u8; 4096]).map_err(|e| fail(&e))?;
+            touch(&pack_path, t)?;
+            let id = format!("{}", humantime::format_rfc3339_seconds(t)).replace(['-', ':'], "");
+            let m = BackupManifest {
+                format: MANIFEST_FORMAT,
+                id: id.clone(),
+                label: "synthetic".into(),
+                system_identifier: identity.system_identifier.to_string(),
+                pg_version: 15,
+                server_version: "15".into(),
+                timeline: 1,
+                start_lsn: lsn(first),
+                stop_lsn: lsn(first),
+                stop_timeline: 1,
+                start_time: stop.clone(),
+                stop_time: stop,
+                server_start_time: None,
+                checkpoint: "fast".into(),
+                wal: "archive".into(),
+                chunk_size: 65536,
+                compression: "zstd-1".into(),
+                size: 0,
+                stored_new: 4096,
+                stored_total: 4096,
+                pg_manifest: None,
+                tablespaces: vec![],
+                packs: vec![pack],
+                chunk_table: ChunkTable {
+                    count: 0,
+                    per_piece: CHUNKS_PER_PIECE,
+                    pieces: vec![],
+                },
+                generation: 1,
+                stored_at: None,
+                chunks: Default::default(),
+                files: vec![],
+                created_by: "pitr bench synth-repo".into(),
+            };
+            m.store(repo.objects()).await.map_err(|e| fail(&e))?;
+            touch(&a.to.join(repo::manifest::manifest_key(&id)), t)?;
+        }
+        Ok::<_, Failure>(())
+    })?;
+    println!(
+        "{}: {} backups, {} WAL segments",
+        a.to.display(),
+        a.backups,
+        a.segments
+    );
+    Ok(())
 }
 
 /// One archiver run's figures.

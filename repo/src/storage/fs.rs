@@ -348,14 +348,37 @@ impl Storage for FsStorage {
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
+        let mut paths = Vec::with_capacity(keys.len());
         for key in keys {
-            let path = self.path("delete", key)?;
-            match tokio::fs::remove_file(&path).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == IoKind::NotFound => {}
-                Err(e) => return Err(io_err("delete", key, e)),
-            }
+            paths.push((key.clone(), self.path("delete", key)?));
         }
-        Ok(())
+        // One blocking task for the batch, not one per file.
+        tokio::task::spawn_blocking(move || {
+            for (key, path) in paths {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == IoKind::NotFound => {}
+                    Err(e) => return Err(io_err("delete", &key, e)),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| blocking_err("delete", keys.first().map_or("", String::as_str), e))?
+    }
+
+    /// One walk of the tree, not one per page.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let root = self.root.clone();
+        let p = prefix.to_owned();
+        let mut objects = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            walk(&root, &root, &p, &mut out).map(|()| out)
+        })
+        .await
+        .map_err(|e| blocking_err("list", prefix, e))?
+        .map_err(|e| io_err("list", prefix, e))?;
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
     }
 }

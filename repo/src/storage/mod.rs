@@ -181,6 +181,21 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Deletes the keys; absent ones are not an error.
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError>;
+
+    /// Every object under `prefix`, in key order: the pages one after another, or (a
+    /// backend that can) everything in one pass.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.list_page(prefix, token).await?;
+            out.extend(page.objects);
+            match page.next {
+                Some(next) => token = Some(next),
+                None => return Ok(out),
+            }
+        }
+    }
 }
 
 /// Reads a whole object into memory.
@@ -198,16 +213,7 @@ pub async fn list_all(
     storage: &dyn Storage,
     prefix: &str,
 ) -> Result<Vec<ObjectMeta>, StorageError> {
-    let mut out = Vec::new();
-    let mut token = None;
-    loop {
-        let page = storage.list_page(prefix, token).await?;
-        out.extend(page.objects);
-        match page.next {
-            Some(next) => token = Some(next),
-            None => return Ok(out),
-        }
-    }
+    storage.list(prefix).await
 }
 
 /// Checks a key is a clean relative path: no empty, `.` or `..` parts, no backslash or NUL.

@@ -126,4 +126,8 @@ impl Storage for RetryingStorage {
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
         self.policy.run(|| self.inner.delete(keys)).await
     }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        self.policy.run(|| self.inner.list(prefix)).await
+    }
 }
