@@ -514,13 +514,46 @@ fn expire_in_a_loop_beside_backups_archiving_and_a_stream_loses_nothing() {
         });
         let backups = s.spawn(|| {
             let mut ids = Vec::new();
+            let mut n = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // Every backup succeeds though expire runs all along with no grace period:
                 // its base and its new packs are protected by its marker.
-                ids.push(src.backup()["id"].as_str().unwrap().to_owned());
+                let id = src.backup()["id"].as_str().unwrap().to_owned();
+                // And checks out, read back whole while the expires run: verify, and a
+                // restore of its files (both protected by their markers).
+                succeeds(
+                    src.pitr()
+                        .args(["verify", "--repo", &src.url, "--backup", &id]),
+                );
+                n += 1;
+                let dirs = tempfile::tempdir().unwrap();
+                let out = src.restore(&dirs.path().join(format!("r{n}")), &["--backup", &id]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                ids.push(id);
                 std::thread::sleep(Duration::from_millis(1100));
             }
             ids
+        });
+        // Another expire with another policy at the same time.
+        let other = s.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                succeeds(src.pitr().args([
+                    "expire",
+                    "--repo",
+                    &src.url,
+                    "--keep-last",
+                    "2",
+                    "--grace",
+                    "0s",
+                ]));
+                runs += 1;
+            }
+            runs
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(14);
         while std::time::Instant::now() < deadline {
@@ -537,6 +570,7 @@ fn expire_in_a_loop_beside_backups_archiving_and_a_stream_loses_nothing() {
         }
         load.join().unwrap();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        expired_runs += other.join().unwrap();
         backups.join().unwrap()
     });
     assert!(taken.len() >= 2, "{taken:?}");
