@@ -197,26 +197,24 @@ fn keep_within_keeps_every_point_of_the_window_restorable() {
     commit_batch(&src.pg, 4);
     src.archive_all();
 
-    let window = SystemTime::now()
-        .duration_since(second_done + Duration::from_secs(1))
-        .unwrap();
-    let window = format!("{}ms", window.as_millis());
+    // Expires with a window starting 1 s after the second backup, measured at each call
+    // (the restores between calls take their time; the start must stay between the second
+    // and the third backup).
+    let expire_within = |extra: &[&str]| {
+        let window = SystemTime::now()
+            .duration_since(second_done + Duration::from_secs(1))
+            .unwrap();
+        let window = format!("{}ms", window.as_millis());
+        let mut c = src.pitr();
+        c.args(["expire", "--json", "--grace", "0s", "--repo", &src.url])
+            .args(["--keep-within", &window])
+            .args(extra);
+        json(&succeeds(&mut c))
+    };
 
     // keep-last 3 keeps the first backup too, but it is older than the window's start: it
     // keeps only the WAL that makes it consistent.
-    let out = succeeds(src.pitr().args([
-        "expire",
-        "--repo",
-        &src.url,
-        "--keep-within",
-        &window,
-        "--keep-last",
-        "3",
-        "--grace",
-        "0s",
-        "--json",
-    ]));
-    let v = json(&out);
+    let v = expire_within(&["--keep-last", "3"]);
     assert_eq!(listed(&src), [first.clone(), second.clone(), third.clone()]);
     assert_eq!(v["backups"][0]["wal_to_end"], false, "{v}");
     assert_eq!(v["backups"][1]["wal_to_end"], true, "{v}");
@@ -248,24 +246,8 @@ fn keep_within_keeps_every_point_of_the_window_restorable() {
     assert_eq!(batches(&start_restored(&src, &to, false)), ["1"]);
     assert_eq!(restored_batches(&src, &early), Err(9));
 
-    // The window alone: the first backup goes. (The window measured again: the restores
-    // above took their time, and the window's start must stay between the second and the
-    // third backup.)
-    let window = SystemTime::now()
-        .duration_since(second_done + Duration::from_secs(1))
-        .unwrap();
-    let window = format!("{}ms", window.as_millis());
-    let out = succeeds(src.pitr().args([
-        "expire",
-        "--repo",
-        &src.url,
-        "--keep-within",
-        &window,
-        "--grace",
-        "0s",
-        "--json",
-    ]));
-    let v = json(&out);
+    // The window alone: the first backup goes.
+    let v = expire_within(&[]);
     let reasons: Vec<String> = v["backups"]
         .as_array()
         .unwrap()

@@ -334,17 +334,7 @@ impl Storage for FsStorage {
         prefix: &str,
         token: Option<String>,
     ) -> Result<ListPage, StorageError> {
-        let root = self.root.clone();
-        let p = prefix.to_owned();
-        let mut objects = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            walk(&root, &root, &p, &mut out).map(|()| out)
-        })
-        .await
-        .map_err(|e| blocking_err("list", prefix, e))?
-        .map_err(|e| io_err("list", prefix, e))?;
-        objects.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(page_of(objects, token.as_deref()))
+        Ok(page_of(self.list(prefix).await?, token.as_deref()))
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
