@@ -161,8 +161,18 @@ pub async fn storage_to_init(url: &RepoUrl) -> Result<Arc<dyn Storage>, StorageE
 
 async fn backend(url: &RepoUrl, create_root: bool) -> Result<Arc<dyn Storage>, StorageError> {
     let inner: Arc<dyn Storage> = match url {
-        RepoUrl::S3 { bucket, prefix } => {
-            Arc::new(S3Storage::connect(S3Settings::new(bucket, prefix)).await)
+        RepoUrl::S3 {
+            bucket,
+            prefix,
+            options,
+        } => {
+            // The URL's own settings win over the environment's.
+            let mut settings = S3Settings::new(bucket, prefix);
+            settings.endpoint = options.endpoint.clone().or(settings.endpoint);
+            settings.region = options.region.clone().or(settings.region);
+            settings.path_style = options.path_style.unwrap_or(settings.path_style);
+            settings.profile = options.profile.clone();
+            Arc::new(S3Storage::connect(settings).await)
         }
         RepoUrl::File { path } if create_root => Arc::new(FsStorage::create(path.clone())?),
         RepoUrl::File { path } => Arc::new(FsStorage::new(path.clone())?),

@@ -1,5 +1,7 @@
 //! Repository locations: `s3://bucket/prefix` or `file:///absolute/path`, from `--repo` or
-//! `PITR_REPO`.
+//! `PITR_REPO`. An S3 URL may carry its own settings as query parameters
+//! (`?endpoint=https://host:port&region=eu-west-1&path-style=true&profile=NAME`), which win
+//! over every other source of the same setting; credentials are never taken from a URL.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -14,12 +16,155 @@ pub enum RepoUrl {
         bucket: String,
         /// The prefix, without leading or trailing slashes.
         prefix: String,
+        /// Settings given in the URL.
+        options: S3Options,
     },
     /// A local directory.
     File {
         /// Its absolute path.
         path: PathBuf,
     },
+}
+
+/// S3 settings a repository URL carries for itself; each wins over the same setting from a
+/// flag, the environment or a config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Options {
+    /// `endpoint=`: the server (`http://` or `https://`, host, port).
+    pub endpoint: Option<String>,
+    /// `region=`.
+    pub region: Option<String>,
+    /// `path-style=true|false`.
+    pub path_style: Option<bool>,
+    /// `profile=`: the AWS profile whose credentials (and region) are used.
+    pub profile: Option<String>,
+}
+
+impl S3Options {
+    fn parse(query: &str) -> Result<S3Options, &'static str> {
+        let mut o = S3Options::default();
+        for pair in query.split('&') {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or("a query parameter needs a value (name=value)")?;
+            let value = percent_decode(value)?;
+            let set = |slot: &mut Option<String>, v: String| {
+                if slot.is_some() {
+                    return Err("a query parameter is given twice");
+                }
+                *slot = Some(v);
+                Ok(())
+            };
+            match key {
+                "endpoint" => {
+                    let ok = (value.starts_with("http://") || value.starts_with("https://"))
+                        && !value.contains(char::is_whitespace);
+                    if !ok {
+                        return Err("endpoint= must be an http:// or https:// URL");
+                    }
+                    set(&mut o.endpoint, value)?;
+                }
+                "region" => {
+                    let ok = !value.is_empty()
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                    if !ok {
+                        return Err("region= must be a region name (letters, digits, -)");
+                    }
+                    set(&mut o.region, value)?;
+                }
+                "path-style" => {
+                    let v = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err("path-style= must be true or false"),
+                    };
+                    if o.path_style.replace(v).is_some() {
+                        return Err("a query parameter is given twice");
+                    }
+                }
+                "profile" => {
+                    let ok = !value.is_empty()
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.+@".contains(&b));
+                    if !ok {
+                        return Err("profile= must be an AWS profile name");
+                    }
+                    set(&mut o.profile, value)?;
+                }
+                k if ["key", "secret", "token", "password", "credential"]
+                    .iter()
+                    .any(|w| k.to_ascii_lowercase().contains(w)) =>
+                {
+                    return Err(
+                        "credentials are never taken from a URL (use profile= or the AWS chain)",
+                    )
+                }
+                _ => return Err("unknown query parameter (endpoint, region, path-style, profile)"),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// `%XX` escapes decoded (UTF-8).
+fn percent_decode(s: &str) -> Result<String, &'static str> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .ok_or("a % escape needs two hex digits")?;
+            let text = std::str::from_utf8(hex).map_err(|_| "a % escape needs two hex digits")?;
+            out.push(u8::from_str_radix(text, 16).map_err(|_| "a % escape needs two hex digits")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "a % escape is not UTF-8")
+}
+
+/// A query value with everything but unreserved characters and `:` `/` escaped.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~:/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl fmt::Display for S3Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut sep = '?';
+        let mut put = |f: &mut fmt::Formatter<'_>, k: &str, v: &str| {
+            let r = write!(f, "{sep}{k}={}", percent_encode(v));
+            sep = '&';
+            r
+        };
+        if let Some(v) = &self.endpoint {
+            put(f, "endpoint", v)?;
+        }
+        if let Some(v) = &self.region {
+            put(f, "region", v)?;
+        }
+        if let Some(v) = self.path_style {
+            put(f, "path-style", if v { "true" } else { "false" })?;
+        }
+        if let Some(v) = &self.profile {
+            put(f, "profile", v)?;
+        }
+        Ok(())
+    }
 }
 
 /// A repository URL that does not parse; `hint` says what would.
@@ -46,6 +191,10 @@ impl FromStr for RepoUrl {
             reason,
         };
         if let Some(rest) = s.strip_prefix("s3://") {
+            let (rest, options) = match rest.split_once('?') {
+                Some((rest, query)) => (rest, S3Options::parse(query).map_err(err)?),
+                None => (rest, S3Options::default()),
+            };
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             let valid_bucket = (3..=63).contains(&bucket.len())
                 && bucket.bytes().all(|b| {
@@ -61,9 +210,13 @@ impl FromStr for RepoUrl {
             return Ok(RepoUrl::S3 {
                 bucket: bucket.to_owned(),
                 prefix: prefix.to_owned(),
+                options,
             });
         }
         if let Some(rest) = s.strip_prefix("file://") {
+            if rest.contains('?') {
+                return Err(err("file:// URLs take no settings (and no ? in the path)"));
+            }
             if !rest.starts_with('/') {
                 return Err(err(
                     "the path must be absolute (file:///path has three slashes)",
@@ -87,13 +240,23 @@ impl RepoUrl {
     pub fn join(&self, name: &str) -> RepoUrl {
         let name = name.trim_matches('/');
         match self {
-            RepoUrl::S3 { bucket, prefix } if prefix.is_empty() => RepoUrl::S3 {
+            RepoUrl::S3 {
+                bucket,
+                prefix,
+                options,
+            } if prefix.is_empty() => RepoUrl::S3 {
                 bucket: bucket.clone(),
                 prefix: name.to_owned(),
+                options: options.clone(),
             },
-            RepoUrl::S3 { bucket, prefix } => RepoUrl::S3 {
+            RepoUrl::S3 {
+                bucket,
+                prefix,
+                options,
+            } => RepoUrl::S3 {
                 bucket: bucket.clone(),
                 prefix: format!("{prefix}/{name}"),
+                options: options.clone(),
             },
             RepoUrl::File { path } => RepoUrl::File {
                 path: path.join(name),
@@ -105,8 +268,16 @@ impl RepoUrl {
 impl fmt::Display for RepoUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RepoUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
-            RepoUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            RepoUrl::S3 {
+                bucket,
+                prefix,
+                options,
+            } if prefix.is_empty() => write!(f, "s3://{bucket}{options}"),
+            RepoUrl::S3 {
+                bucket,
+                prefix,
+                options,
+            } => write!(f, "s3://{bucket}/{prefix}{options}"),
             RepoUrl::File { path } => write!(f, "file://{}", path.display()),
         }
     }
@@ -126,19 +297,61 @@ mod tests {
     }
 
     #[test]
+    fn s3_urls_carry_their_own_settings() {
+        let text = "s3://b-1/x?endpoint=https://h.example:9000&region=eu-west-1&path-style=true&profile=off%2Bsite";
+        let url: RepoUrl = text.parse().unwrap();
+        let RepoUrl::S3 {
+            options, prefix, ..
+        } = &url
+        else {
+            panic!()
+        };
+        assert_eq!(prefix, "x");
+        assert_eq!(options.endpoint.as_deref(), Some("https://h.example:9000"));
+        assert_eq!(options.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(options.path_style, Some(true));
+        assert_eq!(options.profile.as_deref(), Some("off+site"));
+        // Written back the same (what a restore_command names), and kept below it.
+        assert_eq!(url.to_string(), text);
+        assert_eq!(url.to_string().parse::<RepoUrl>().unwrap(), url);
+        assert!(url
+            .join("sub")
+            .to_string()
+            .starts_with("s3://b-1/x/sub?endpoint="));
+        for bad in [
+            "s3://b-1/x?endpoint=ftp://h",
+            "s3://b-1/x?region=eu west",
+            "s3://b-1/x?path-style=yes",
+            "s3://b-1/x?secret_access_key=abc",
+            "s3://b-1/x?aws_access_key_id=abc",
+            "s3://b-1/x?colour=blue",
+            "s3://b-1/x?region=a&region=b",
+            "s3://b-1/x?region",
+            "s3://b-1/x?profile=%zz",
+            "file:///r?endpoint=http://h",
+        ] {
+            assert!(bad.parse::<RepoUrl>().is_err(), "{bad}");
+        }
+        let e = "s3://b-1/x?aws_secret=1".parse::<RepoUrl>().unwrap_err();
+        assert!(e.to_string().contains("credentials"), "{e}");
+    }
+
+    #[test]
     fn parses_both_schemes() {
         assert_eq!(
             "s3://my-bucket/pitr/prod/".parse::<RepoUrl>().unwrap(),
             RepoUrl::S3 {
                 bucket: "my-bucket".into(),
-                prefix: "pitr/prod".into()
+                prefix: "pitr/prod".into(),
+                options: S3Options::default(),
             }
         );
         assert_eq!(
             "s3://my-bucket".parse::<RepoUrl>().unwrap(),
             RepoUrl::S3 {
                 bucket: "my-bucket".into(),
-                prefix: String::new()
+                prefix: String::new(),
+                options: S3Options::default(),
             }
         );
         assert_eq!(

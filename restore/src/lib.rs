@@ -2,6 +2,7 @@
 //! (`backup_files`), and later restore, verify and drill.
 
 pub mod backup_files;
+pub mod copy;
 pub mod dest;
 pub mod expire;
 pub mod files;

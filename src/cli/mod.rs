@@ -4,6 +4,7 @@
 mod backup;
 mod bench;
 mod check;
+mod copy;
 mod expire;
 mod failure;
 mod info;
@@ -38,6 +39,8 @@ struct Cli {
 enum Command {
     /// Take a base backup of the server into the repository
     Backup(backup::Args),
+    /// Bring another repository (another region or store) in step with this one
+    Copy(copy::Args),
     /// Remove one backup and what only it referenced
     Delete(expire::DeleteArgs),
     /// Remove the backups a retention policy does not keep, and what only they referenced
@@ -113,6 +116,7 @@ impl Command {
         match self {
             Command::Backup(_) => ("backup", Exit::Internal),
             Command::Bench(_) => ("bench", Exit::Internal),
+            Command::Copy(_) => ("copy", Exit::Internal),
             Command::Delete(_) => ("delete", Exit::Internal),
             Command::Expire(_) => ("expire", Exit::Internal),
             Command::Check(_) => ("check", Exit::Internal),
@@ -183,6 +187,7 @@ pub fn run() -> ExitCode {
     let outcome = match cli.command {
         Command::Backup(args) => backup::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Copy(args) => copy::run(args),
         Command::Delete(args) => expire::run_delete(args),
         Command::Expire(args) => expire::run(args),
         Command::Check(args) => check::run(args),

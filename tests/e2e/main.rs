@@ -5,6 +5,7 @@ mod backup;
 mod bench;
 mod check;
 mod cli;
+mod copy;
 mod encryption;
 mod expire;
 mod info;

@@ -35,8 +35,11 @@ pub struct S3Settings {
     pub region: Option<String>,
     /// Path-style addressing (`PITR_S3_PATH_STYLE=true`), for most S3-compatible servers.
     pub path_style: bool,
-    /// Static credentials (else the AWS chain).
+    /// Static credentials (else the profile, else the AWS chain).
     pub credentials: Option<(String, String)>,
+    /// An AWS profile whose credentials and region are used (a repository URL's
+    /// `profile=`), rather than the chain's first find.
+    pub profile: Option<String>,
     /// Send checksums only when an operation requires them (some servers reject others).
     pub checksums_when_required: bool,
     /// Whether object bodies go up without a SHA-256 in the signature
@@ -97,6 +100,7 @@ impl S3Settings {
             region: None,
             path_style: flag("PITR_S3_PATH_STYLE"),
             credentials: None,
+            profile: None,
             checksums_when_required: std::env::var("PITR_S3_CHECKSUMS")
                 .is_ok_and(|v| v == "when_required"),
             payload_signing: match on_off("PITR_S3_PAYLOAD_SIGNING") {
@@ -315,9 +319,10 @@ impl S3Storage {
             .clone()
             .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
             .filter(|e| !e.is_empty());
-        let env_keys = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
-            .iter()
-            .all(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
+        let env_keys = settings.profile.is_none()
+            && ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+                .iter()
+                .all(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
         let own_credentials = settings.credentials.is_some() || env_keys;
         // Building a TLS configuration parses every trusted certificate; a wal-push call is a
         // process of its own, so build none for a plain-HTTP endpoint and only one otherwise.
@@ -328,7 +333,7 @@ impl S3Storage {
             _ => https_client(),
         };
         let mut loader =
-            aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
+            aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http.clone());
         if let Some((id, secret)) = &settings.credentials {
             loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
                 id,
@@ -337,6 +342,16 @@ impl S3Storage {
                 None,
                 "pitr-settings",
             ));
+        } else if let Some(profile) = &settings.profile {
+            // The profile's, whatever else the environment holds.
+            let config = aws_config::provider_config::ProviderConfig::default()
+                .with_http_client(http.clone());
+            loader = loader.profile_name(profile).credentials_provider(
+                aws_config::profile::ProfileFileCredentialsProvider::builder()
+                    .configure(&config)
+                    .profile_name(profile)
+                    .build(),
+            );
         } else if env_keys {
             // What the default chain would find first, without building the rest of it
             // (its web-identity provider makes an STS client, with a TLS configuration).

@@ -1,0 +1,515 @@
+//! `pitr copy`: keeps a second repository (another region, another store) in step with this
+//! one. Objects are copied as they are stored (an encrypted repository's stay sealed: the
+//! copy has the same key slots and opens with the same keys), each checked before it is
+//! copied (its envelope opened and verified, a pack's index and every chunk in it) and read
+//! back from the target after, with put-if-absent: a target object that differs is damage,
+//! reported, never overwritten. A backup appears in the target only once whole: its packs,
+//! then its chunk table and PostgreSQL's backup_manifest, then its manifest (docs/FORMAT.md,
+//! "Copies").
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use repo::envelope::Protection;
+use repo::manifest::{parse_manifest_key, BackupManifest, BACKUP_PREFIX, MANIFEST_MAX};
+use repo::pack::{decode_chunk_of, is_pack_id, pack_key, read_index};
+use repo::repository::{storage_to_init, Repository, CONFIG_KEY};
+use repo::slots::SLOTS_PREFIX;
+use repo::storage::{get_bytes, list_all, ObjectMeta, PutMode, PutOutcome, Storage, StorageError};
+use repo::url::RepoUrl;
+
+use crate::expire::{WalRetention, WAL_RETENTION_KEY};
+
+/// How copy runs.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// Objects copied at once.
+    pub parallel: usize,
+}
+
+/// What a copy did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CopyReport {
+    /// The target was made a copy of the source by this run.
+    pub initialized: bool,
+    /// Objects copied.
+    pub objects: u64,
+    /// Their stored bytes.
+    pub bytes: u64,
+    /// Objects already in the target.
+    pub present: u64,
+    /// Backup (manifest generations) that appeared in the target.
+    pub backups: u64,
+    /// Objects not copied because the target's own expire removed them (backups older than
+    /// its oldest, WAL its retention record says it expired).
+    pub skipped: u64,
+    /// Key slot sets removed from the target because the source removed them.
+    pub key_sets_removed: u64,
+    /// Damage found: objects of the source that do not check out, target objects that
+    /// differ from the source's (by their bytes when both were written at once, else by
+    /// their size). None of them was copied or overwritten.
+    pub problems: Vec<String>,
+    /// Seconds it took.
+    pub seconds: f64,
+}
+
+/// Why a copy could not run (as opposed to damage it found and reported).
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// Listing, reading or writing failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The target is something else.
+    #[error("{0}")]
+    NotACopy(String),
+}
+
+impl CopyError {
+    /// What the operator can do.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            CopyError::NotACopy(_) => Some(
+                "copy into an empty location, or into one an earlier pitr copy made from this repository",
+            ),
+            CopyError::Storage(_) => Some("run copy again: it continues where it stopped"),
+        }
+    }
+}
+
+/// What one object is, for the check before copying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// An envelope of at most this much plaintext.
+    Envelope(u64),
+    /// A key slot set: a plaintext envelope whatever the repository's protection.
+    SlotSet,
+    /// A pack: its index and every chunk.
+    Pack,
+}
+
+/// Copies `source` into the repository at `target`.
+pub async fn copy(
+    source: &Repository,
+    target: &RepoUrl,
+    o: &CopyOptions,
+) -> Result<CopyReport, CopyError> {
+    let started = Instant::now();
+    let mut report = CopyReport::default();
+    let from = source.objects().storage().clone();
+    let to = storage_to_init(target).await?;
+
+    // The target is this repository's copy (the same config, byte for byte), or empty.
+    let config = get_bytes(from.as_ref(), CONFIG_KEY).await?;
+    match to.head(CONFIG_KEY).await? {
+        Some(_) => {
+            let theirs = get_bytes(to.as_ref(), CONFIG_KEY).await?;
+            if theirs != config {
+                return Err(CopyError::NotACopy(format!(
+                    "{target} holds another repository (its config differs from this one's)"
+                )));
+            }
+        }
+        None => {
+            if !to.list_page("", None).await?.objects.is_empty() {
+                return Err(CopyError::NotACopy(format!(
+                    "{target} is not empty and holds no pitr repository"
+                )));
+            }
+            report.initialized = true;
+        }
+    }
+
+    let copier = Copier {
+        source,
+        from: from.as_ref(),
+        to: to.as_ref(),
+        copied: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        present: AtomicU64::new(0),
+    };
+    let mut problems = Vec::new();
+
+    // 1. Key slot sets (before the config, as init writes them), then the config.
+    let source_sets = list_all(from.as_ref(), SLOTS_PREFIX).await?;
+    copier
+        .all(&source_sets, Kind::SlotSet, o.parallel, &mut problems)
+        .await?;
+    if report.initialized {
+        copier
+            .one(
+                &ObjectMeta {
+                    key: CONFIG_KEY.to_owned(),
+                    size: config.len() as u64,
+                    modified: None,
+                },
+                Kind::Envelope(MANIFEST_MAX),
+            )
+            .await
+            .map_err(|e| match e {
+                Problem::Storage(e) => CopyError::Storage(e),
+                Problem::Damage(d) => CopyError::NotACopy(d),
+            })?;
+    }
+    // Sets the source no longer has are gone from it on purpose (a removed key must not
+    // unwrap the data key from an old set in the copy).
+    let kept: HashSet<&str> = source_sets.iter().map(|o| o.key.as_str()).collect();
+    let newest = source_sets.iter().map(|o| o.key.as_str()).max();
+    let stale: Vec<String> = list_all(to.as_ref(), SLOTS_PREFIX)
+        .await?
+        .into_iter()
+        .filter(|o| !kept.contains(o.key.as_str()) && newest.is_some_and(|n| o.key.as_str() < n))
+        .map(|o| o.key)
+        .collect();
+    if !stale.is_empty() {
+        to.delete(&stale).await?;
+        report.key_sets_removed = stale.len() as u64;
+    }
+
+    // 2. WAL and streamed pieces the target lacks, except what its own expire removed.
+    let retention = target_retention(source, to.as_ref()).await;
+    let mut wal = Vec::new();
+    for o in list_all(from.as_ref(), "wal/").await? {
+        let name = o.key.rsplit('/').next().unwrap_or("");
+        let expired = !o.key.starts_with("wal/history/")
+            && retention.as_ref().is_some_and(|r| r.expired(name));
+        if expired {
+            report.skipped += 1;
+        } else {
+            wal.push(o);
+        }
+    }
+    let max = crate::wal_fetch::wal_file_max(source);
+    copier
+        .all(&wal, Kind::Envelope(max), o.parallel, &mut problems)
+        .await?;
+    let pieces = list_all(from.as_ref(), "stream/").await?;
+    copier
+        .all(&pieces, Kind::Envelope(max), o.parallel, &mut problems)
+        .await?;
+
+    // 3. Backups, oldest first, each generation whole before its manifest: the packs it
+    // lists, its chunk table pieces and PostgreSQL's backup_manifest, then the manifest.
+    // Backups older than the target's oldest (its own expire removed them) are not brought
+    // back.
+    let listing = list_all(from.as_ref(), BACKUP_PREFIX).await?;
+    let theirs: HashSet<String> = list_all(to.as_ref(), BACKUP_PREFIX)
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    let target_oldest = theirs
+        .iter()
+        .filter_map(|k| parse_manifest_key(k).map(|(id, _)| id.to_owned()))
+        .min();
+    let expired_there = retention.is_some();
+    let mut by_backup: BTreeMap<String, Vec<ObjectMeta>> = BTreeMap::new();
+    for o in listing {
+        if let Some((id, _)) = o
+            .key
+            .strip_prefix(BACKUP_PREFIX)
+            .and_then(|k| k.split_once('/'))
+        {
+            by_backup.entry(id.to_owned()).or_default().push(o);
+        }
+    }
+    let packs_there: HashSet<String> = list_all(to.as_ref(), "pack/")
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    let packs_here: BTreeMap<String, ObjectMeta> = list_all(from.as_ref(), "pack/")
+        .await?
+        .into_iter()
+        .map(|o| (o.key.clone(), o))
+        .collect();
+    for (id, objects) in by_backup {
+        let manifests: Vec<&ObjectMeta> = objects
+            .iter()
+            .filter(|o| parse_manifest_key(&o.key).is_some())
+            .collect();
+        if manifests.is_empty() {
+            // Not a backup (yet): a running or failed one's pieces.
+            continue;
+        }
+        if expired_there
+            && target_oldest
+                .as_ref()
+                .is_some_and(|t| id.as_str() < t.as_str())
+        {
+            report.skipped += objects.len() as u64;
+            continue;
+        }
+        let missing: Vec<&ObjectMeta> = manifests
+            .iter()
+            .copied()
+            .filter(|o| !theirs.contains(&o.key))
+            .collect();
+        if missing.is_empty() {
+            copier
+                .present
+                .fetch_add(objects.len() as u64, Ordering::Relaxed);
+            continue;
+        }
+        // The packs every missing generation lists.
+        let mut packs = Vec::new();
+        let mut bad = false;
+        for m in &missing {
+            let Some((_, g)) = parse_manifest_key(&m.key) else {
+                continue;
+            };
+            match BackupManifest::load_header_at(source.objects(), &id, g).await {
+                Ok(manifest) => {
+                    for p in &manifest.packs {
+                        let key = pack_key(p);
+                        if !is_pack_id(p) {
+                            bad = true;
+                            problems.push(format!("backup {id}: its manifest names pack {p:?}"));
+                        } else if !packs_there.contains(&key) {
+                            match packs_here.get(&key) {
+                                Some(meta) => packs.push(meta.clone()),
+                                None => {
+                                    bad = true;
+                                    problems.push(format!(
+                                        "backup {id}: pack {key} it lists is not in the source"
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(repo::manifest::ManifestError::Storage(e))
+                | Err(repo::manifest::ManifestError::Object(
+                    repo::objects::ObjectError::Storage(e),
+                )) if !e.is_not_found() => return Err(e.into()),
+                Err(e) => {
+                    bad = true;
+                    problems.push(format!("backup {id}: {e}"));
+                }
+            }
+        }
+        if bad {
+            continue;
+        }
+        packs.sort_by(|a, b| a.key.cmp(&b.key));
+        packs.dedup_by(|a, b| a.key == b.key);
+        let before = problems.len();
+        copier
+            .all(&packs, Kind::Pack, o.parallel, &mut problems)
+            .await?;
+        let rest: Vec<ObjectMeta> = objects
+            .iter()
+            .filter(|o| parse_manifest_key(&o.key).is_none())
+            .cloned()
+            .collect();
+        copier
+            .all(
+                &rest,
+                Kind::Envelope(MANIFEST_MAX),
+                o.parallel,
+                &mut problems,
+            )
+            .await?;
+        if problems.len() > before {
+            // Something of it is damaged or differs: its manifest is not copied, so the
+            // backup does not appear half-made.
+            continue;
+        }
+        let mut manifests: Vec<ObjectMeta> = missing.into_iter().cloned().collect();
+        manifests.sort_by_key(|o| parse_manifest_key(&o.key).map(|(_, g)| g));
+        copier
+            .all(&manifests, Kind::Envelope(MANIFEST_MAX), 1, &mut problems)
+            .await?;
+        if problems.len() == before {
+            report.backups += manifests.len() as u64;
+        }
+    }
+
+    report.objects = copier.copied.load(Ordering::Relaxed);
+    report.bytes = copier.bytes.load(Ordering::Relaxed);
+    report.present = copier.present.load(Ordering::Relaxed);
+    report.problems = problems;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The target's retention record, read with the source's keys (the copy has the same).
+async fn target_retention(source: &Repository, to: &dyn Storage) -> Option<WalRetention> {
+    let bytes = get_bytes(to, WAL_RETENTION_KEY).await.ok()?;
+    let (_, plain) = source
+        .objects()
+        .decode_at_most(WAL_RETENTION_KEY, bytes, 16 << 20)
+        .await
+        .ok()?;
+    serde_json::from_slice(&plain).ok()
+}
+
+enum Problem {
+    Storage(StorageError),
+    Damage(String),
+}
+
+struct Copier<'a> {
+    source: &'a Repository,
+    from: &'a dyn Storage,
+    to: &'a dyn Storage,
+    copied: AtomicU64,
+    bytes: AtomicU64,
+    present: AtomicU64,
+}
+
+impl Copier<'_> {
+    /// Copies `objects` (`parallel` at once); damage goes to `problems`, a storage failure
+    /// stops the copy.
+    async fn all(
+        &self,
+        objects: &[ObjectMeta],
+        kind: Kind,
+        parallel: usize,
+        problems: &mut Vec<String>,
+    ) -> Result<(), CopyError> {
+        let theirs: std::collections::HashMap<String, u64> = match objects.first() {
+            Some(_) => {
+                // One listing of the target per kind of object, not a HEAD each.
+                let prefix = common_prefix(objects);
+                list_all(self.to, &prefix)
+                    .await?
+                    .into_iter()
+                    .map(|o| (o.key, o.size))
+                    .collect()
+            }
+            None => return Ok(()),
+        };
+        // An object already there was read back when it was copied; one of another size
+        // than the source's is not the same object. (Other differences are for verify on
+        // the target.)
+        let mut todo: Vec<&ObjectMeta> = Vec::new();
+        for o in objects {
+            match theirs.get(&o.key) {
+                None => todo.push(o),
+                Some(&size) if size == o.size => {
+                    self.present.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(&size) => problems.push(format!(
+                    "object \"{}\" in the target differs from the source's ({size} bytes there, {} here); not overwritten",
+                    o.key, o.size
+                )),
+            }
+        }
+        let mut results = futures::stream::iter(todo)
+            .map(|o| self.one(o, kind))
+            .buffer_unordered(parallel.max(1));
+        while let Some(r) = results.next().await {
+            match r {
+                Ok(()) => {}
+                Err(Problem::Damage(d)) => problems.push(d),
+                Err(Problem::Storage(e)) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies one object: read, checked, stored if absent, read back.
+    async fn one(&self, o: &ObjectMeta, kind: Kind) -> Result<(), Problem> {
+        let key = o.key.as_str();
+        let bytes = match get_bytes(self.from, key).await {
+            Ok(b) => b,
+            // Gone from the source since the listing (an expire there): nothing to copy.
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(Problem::Storage(e)),
+        };
+        self.check(key, &bytes, kind).await?;
+        match self.to.put(key, bytes.clone(), PutMode::IfAbsent).await {
+            Ok(PutOutcome::Stored) => {}
+            Ok(PutOutcome::AlreadyExists) => {
+                let theirs = get_bytes(self.to, key).await.map_err(Problem::Storage)?;
+                if theirs != bytes {
+                    return Err(Problem::Damage(format!(
+                        "object \"{key}\" in the target differs from the source's; not overwritten"
+                    )));
+                }
+                self.present.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(e) => return Err(Problem::Storage(e)),
+        }
+        let back = get_bytes(self.to, key).await.map_err(Problem::Storage)?;
+        if back != bytes {
+            return Err(Problem::Damage(format!(
+                "object \"{key}\" reads back from the target other than it was written"
+            )));
+        }
+        self.copied.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Checks an object of the source before it is copied: an envelope opens (with the
+    /// source's keys when encrypted) to the plaintext its header names; a pack's index and
+    /// every chunk in it do.
+    async fn check(&self, key: &str, bytes: &Bytes, kind: Kind) -> Result<(), Problem> {
+        let damage = |e: &dyn std::fmt::Display| {
+            Problem::Damage(format!(
+                "object \"{key}\" in the source is damaged: {e}; not copied"
+            ))
+        };
+        match kind {
+            Kind::Envelope(max) => {
+                match self
+                    .source
+                    .objects()
+                    .decode_at_most(key, bytes.clone(), max)
+                    .await
+                {
+                    Ok(_) => Ok(()),
+                    Err(repo::objects::ObjectError::Storage(e)) => Err(Problem::Storage(e)),
+                    Err(e) => Err(damage(&e)),
+                }
+            }
+            Kind::SlotSet => repo::envelope::decode_at_most(bytes, 1 << 20)
+                .map(|_| ())
+                .map_err(|e| damage(&e)),
+            Kind::Pack => {
+                let protection: Protection = self.source.objects().protection().clone();
+                let (bytes, key) = (bytes.clone(), key.to_owned());
+                let checked = tokio::task::spawn_blocking(move || {
+                    let entries =
+                        read_index(&bytes, &key, &protection).map_err(|e| e.to_string())?;
+                    for e in entries {
+                        let range =
+                            e.offset as usize..(e.offset + u64::from(e.stored_len)) as usize;
+                        decode_chunk_of(
+                            &bytes[range],
+                            &e.hash,
+                            u64::from(e.plain_len),
+                            &protection,
+                        )
+                        .map_err(|x| format!("chunk at offset {}: {x}", e.offset))?;
+                    }
+                    Ok::<(), String>(())
+                })
+                .await
+                .map_err(|e| damage(&e))?;
+                checked.map_err(|e| damage(&e))
+            }
+        }
+    }
+}
+
+/// The longest `/`-ending prefix all keys share (for one listing of the target).
+fn common_prefix(objects: &[ObjectMeta]) -> String {
+    let first = objects.first().map(|o| o.key.as_str()).unwrap_or("");
+    let mut prefix = first.rsplit_once('/').map_or("", |(p, _)| p).to_owned();
+    for o in objects {
+        while !o.key.starts_with(&format!("{prefix}/")) && !prefix.is_empty() {
+            prefix = prefix.rsplit_once('/').map_or("", |(p, _)| p).to_owned();
+        }
+    }
+    if prefix.is_empty() {
+        prefix
+    } else {
+        format!("{prefix}/")
+    }
+}

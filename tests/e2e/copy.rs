@@ -1,0 +1,334 @@
+//! `pitr copy` end to end between two instances of the bed's S3 server, each named by a
+//! repository URL carrying its own endpoint (and, for the copy, an AWS profile whose name
+//! needs a `%` escape): a cluster archives into A and is backed up; the copy in B restores to
+//! exact rows after A's server is gone, its restore_command reading B through a URL with `&`
+//! and `%` in it. A second copy copies nothing again; damage in A is not copied, an object in
+//! B that differs is not overwritten; an encrypted repository's copy is the same ciphertext.
+
+use std::path::Path;
+use std::time::Duration;
+
+use testbed::{Cluster, ClusterOptions, S3Server, StopMode};
+
+use crate::succeeds;
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A repository URL on `s3` that names its endpoint itself, and the environment's other
+/// settings (credentials, region) without an endpoint.
+fn own_url(s3: &S3Server, name: &str, extra: &str) -> String {
+    format!(
+        "s3://{}/{}/{name}?endpoint={}&path-style=true{extra}",
+        s3.bucket(),
+        s3.prefix(),
+        s3.endpoint()
+    )
+}
+
+/// Every object under a server's prefix, with its bytes, as stored.
+fn stored(s3: &S3Server, name: &str) -> Vec<(String, Vec<u8>)> {
+    let storage = crate::bed_s3_storage(s3, &format!("{}/{name}", s3.prefix()));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let all = rt
+        .block_on(repo::storage::list_all(storage.as_ref(), ""))
+        .unwrap();
+    all.into_iter()
+        .filter(|o| !o.key.starts_with("running/"))
+        .map(|o| {
+            let b = rt
+                .block_on(repo::storage::get_bytes(storage.as_ref(), &o.key))
+                .unwrap();
+            (o.key, b.to_vec())
+        })
+        .collect()
+}
+
+fn put(s3: &S3Server, name: &str, key: &str, bytes: Vec<u8>) {
+    let storage = crate::bed_s3_storage(s3, &format!("{}/{name}", s3.prefix()));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(storage.put(key, bytes.into(), repo::storage::PutMode::Overwrite))
+        .unwrap();
+}
+
+#[test]
+fn a_copy_in_another_store_restores_when_the_first_is_gone() {
+    let mut a = S3Server::start_local().unwrap();
+    let b = S3Server::start_local().unwrap();
+    // The copy's server is reached with a profile of its own (named with a `+`, which its
+    // URL escapes as %2B), in files the server's user can read.
+    let url_a = own_url(&a, "a", "");
+    let url_b = own_url(&b, "b", "&profile=pitr%2Bcopy");
+    let mut options = ClusterOptions::default()
+        .wal_segment_size_mb(1)
+        .setting("track_commit_timestamp", "on")
+        .env("PITR_REPO", &url_a);
+    for (k, v) in S3Server::static_env() {
+        options = options.env(k, v);
+    }
+    let mut pg = Cluster::init(options).unwrap();
+    let aws = pg.server_dir("aws").unwrap();
+    std::fs::write(
+        aws.join("credentials"),
+        format!(
+            "[pitr+copy]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            b.access_key(),
+            b.secret_key()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        aws.join("config"),
+        "[profile pitr+copy]\nregion = us-east-1\n",
+    )
+    .unwrap();
+    pg.os_user().give_tree(&aws).unwrap();
+    let aws_env = [
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            aws.join("credentials").display().to_string(),
+        ),
+        ("AWS_CONFIG_FILE", aws.join("config").display().to_string()),
+    ];
+    let pitr = || {
+        let mut c = crate::pitr();
+        c.envs(S3Server::static_env()).envs(aws_env.clone());
+        c
+    };
+    succeeds(
+        pitr()
+            .args(["init", "--repo", &url_a, "--data-dir"])
+            .arg(pg.data_dir()),
+    );
+    let bin = pg
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    pg.set_config(
+        "archive_command",
+        &format!("'{}' wal-push %p", bin.display()),
+    )
+    .unwrap();
+    pg.start().unwrap();
+    pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    let commit = |k: u32| {
+        pg.sql(&format!(
+            "INSERT INTO t SELECT {k}, g FROM generate_series(1, 100) g"
+        ))
+        .unwrap();
+        pg.sql(&format!(
+            "SELECT to_char(pg_xact_commit_timestamp(xmin) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00' FROM t WHERE batch = {k} LIMIT 1"
+        ))
+        .unwrap()
+    };
+    commit(1);
+    succeeds(pitr().args([
+        "backup",
+        "--fast",
+        "--repo",
+        &url_a,
+        "--pg",
+        &crate::socket(&pg),
+    ]));
+    commit(2);
+    let target = commit(3);
+    commit(4);
+    let seg = pg.switch_wal().unwrap();
+    pg.wait_archived(&seg, Duration::from_secs(60)).unwrap();
+
+    let copy = || {
+        pitr()
+            .args(["copy", "--json", "--repo", &url_a, "--to", &url_b])
+            .output()
+            .unwrap()
+    };
+    let out = copy();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    assert_eq!(v["initialized"], true, "{v}");
+    assert_eq!(v["backups"], 1, "{v}");
+    assert!(v["objects"].as_u64().unwrap() > 10, "{v}");
+    // Again: nothing is copied twice.
+    let v = json(&copy());
+    assert_eq!(v["objects"], 0, "{v}");
+    assert_eq!(v["initialized"], false, "{v}");
+    // What B holds is what A holds, byte for byte (markers aside).
+    assert_eq!(stored(&a, "a"), stored(&b, "b"));
+
+    // Damage in A is not copied; an object in B that differs is not overwritten.
+    let seg = pg.switch_wal().unwrap();
+    pg.wait_archived(&seg, Duration::from_secs(60)).unwrap();
+    let key = repo::keys::wal_key(&seg).unwrap();
+    let (_, good) = stored(&a, "a")
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .unwrap();
+    let mut bad = good.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x40;
+    put(&a, "a", &key, bad);
+    let out = copy();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    assert!(v["problems"][0].as_str().unwrap().contains(&key), "{v}");
+    assert!(!stored(&b, "b").iter().any(|(k, _)| *k == key));
+    put(&a, "a", &key, good.clone());
+    let mut other = good.clone();
+    other.push(0);
+    put(&b, "b", &key, other.clone());
+    let out = copy();
+    assert_eq!(out.status.code(), Some(5));
+    assert!(json(&out)["problems"][0]
+        .as_str()
+        .unwrap()
+        .contains("differs"));
+    let theirs = stored(&b, "b")
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .unwrap()
+        .1;
+    assert_eq!(theirs, other, "overwritten");
+    put(&b, "b", &key, good);
+    succeeds(&mut copy_cmd(&pitr, &url_a, &url_b));
+
+    // A's server is gone: the copy restores to the target, its restore_command reading B.
+    pg.stop(StopMode::Immediate).unwrap();
+    a.stop().unwrap();
+    succeeds(pitr().args(["verify", "--repo", &url_b]));
+    let dirs = tempfile::tempdir().unwrap();
+    let to = dirs.path().join("r");
+    let out = std::process::Command::new(&bin)
+        .envs(S3Server::static_env())
+        .envs(aws_env.clone())
+        .args([
+            "restore",
+            "--repo",
+            &url_b,
+            "--target-time",
+            &target,
+            "--target-action",
+            "promote",
+            "--to",
+        ])
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conf = std::fs::read_to_string(to.join("postgresql.auto.conf")).unwrap();
+    assert!(conf.contains("%%2B"), "{conf}");
+    let mut options = ClusterOptions::default().setting("archive_mode", "off");
+    for (k, v) in S3Server::static_env()
+        .into_iter()
+        .chain(aws_env.iter().map(|(k, v)| (k.to_string(), v.clone())))
+    {
+        options = options.env(k, v);
+    }
+    let mut restored = Cluster::adopt(&to, options).unwrap();
+    restored.start().unwrap();
+    crate::wait_promoted(&restored);
+    assert_eq!(
+        restored
+            .sql("SELECT string_agg(DISTINCT batch::text, ',' ORDER BY batch::text) FROM t")
+            .unwrap(),
+        "1,2,3"
+    );
+    assert!(
+        restored.server_log().contains("restored log file"),
+        "{}",
+        restored.server_log()
+    );
+}
+
+fn copy_cmd(
+    pitr: &dyn Fn() -> std::process::Command,
+    from: &str,
+    to: &str,
+) -> std::process::Command {
+    let mut c = pitr();
+    c.args(["copy", "--repo", from, "--to", to]);
+    c
+}
+
+#[test]
+fn an_encrypted_repository_is_copied_as_ciphertext_and_opens_with_the_same_key() {
+    let a = S3Server::start_local().unwrap();
+    let b = S3Server::start_local().unwrap();
+    let url_a = own_url(&a, "a", "");
+    let url_b = own_url(&b, "b", "");
+    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let keys = pg.server_dir("keys").unwrap();
+    let key = keys.join("k");
+    std::fs::write(&key, repo::crypto::random::<32>()).unwrap();
+    let key_arg = key.display().to_string();
+    let pitr = || {
+        let mut c = crate::pitr();
+        c.envs(S3Server::static_env())
+            .env("PITR_KEY_FILE", &key_arg);
+        c
+    };
+    succeeds(
+        pitr()
+            .args(["init", "--encrypt", "--repo", &url_a, "--data-dir"])
+            .arg(pg.data_dir()),
+    );
+    pg.os_user().give_tree(&keys).unwrap();
+    pg.start().unwrap();
+    pg.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 5000) g")
+        .unwrap();
+    succeeds(pitr().args([
+        "backup",
+        "--fast",
+        "--wal",
+        "--repo",
+        &url_a,
+        "--pg",
+        &crate::socket(&pg),
+    ]));
+    succeeds(pitr().args(["copy", "--repo", &url_a, "--to", &url_b]));
+    let (ours, theirs) = (stored(&a, "a"), stored(&b, "b"));
+    assert!(ours.len() > 5);
+    assert_eq!(ours, theirs, "not the same ciphertext");
+    // The copy opens with the same key, and not without one.
+    succeeds(pitr().args(["verify", "--backups-only", "--repo", &url_b]));
+    let out = crate::pitr()
+        .envs(S3Server::static_env())
+        .args(["verify", "--repo", &url_b])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(11));
+    // A target holding another repository is refused.
+    let other = own_url(&b, "other", "");
+    let mut pg2 = Cluster::init(ClusterOptions::default()).unwrap();
+    succeeds(
+        crate::pitr()
+            .envs(S3Server::static_env())
+            .args(["init", "--repo", &other, "--data-dir"])
+            .arg(pg2.data_dir()),
+    );
+    let out = pitr()
+        .args(["copy", "--repo", &url_a, "--to", &other])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another repository"));
+    let _ = pg2.stop(StopMode::Fast);
+}
