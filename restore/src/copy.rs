@@ -113,7 +113,10 @@ pub async fn copy(
             }
         }
         None => {
-            if !to.list_page("", None).await?.objects.is_empty() {
+            // Empty, or holding only key slot sets: a first copy killed before it wrote the
+            // config (the sets are compared with the source's below).
+            let there = list_all(to.as_ref(), "").await?;
+            if there.iter().any(|o| !o.key.starts_with(SLOTS_PREFIX)) {
                 return Err(CopyError::NotACopy(format!(
                     "{target} is not empty and holds no pitr repository"
                 )));
@@ -122,6 +125,7 @@ pub async fn copy(
         }
     }
 
+    let marker = repo::markers::reader(source.objects(), "copy").await;
     let copier = Copier {
         source,
         from: from.as_ref(),
@@ -134,9 +138,15 @@ pub async fn copy(
 
     // 1. Key slot sets (before the config, as init writes them), then the config.
     let source_sets = list_all(from.as_ref(), SLOTS_PREFIX).await?;
-    copier
+    if copier
         .all(&source_sets, Kind::SlotSet, o.parallel, &mut problems)
-        .await?;
+        .await?
+        > 0
+    {
+        return Err(CopyError::NotACopy(
+            "the source's key slots changed while they were copied; run copy again".into(),
+        ));
+    }
     if report.initialized {
         copier
             .one(
@@ -150,7 +160,7 @@ pub async fn copy(
             .await
             .map_err(|e| match e {
                 Problem::Storage(e) => CopyError::Storage(e),
-                Problem::Damage(d) => CopyError::NotACopy(d),
+                Problem::Damage(d) | Problem::Vanished(d) => CopyError::NotACopy(d),
             })?;
     }
     // Sets the source no longer has are gone from it on purpose (a removed key must not
@@ -327,6 +337,9 @@ pub async fn copy(
         }
     }
 
+    if let Some(m) = marker {
+        m.finish().await;
+    }
     report.objects = copier.copied.load(Ordering::Relaxed);
     report.bytes = copier.bytes.load(Ordering::Relaxed);
     report.present = copier.present.load(Ordering::Relaxed);
@@ -349,6 +362,8 @@ async fn target_retention(source: &Repository, to: &dyn Storage) -> Option<WalRe
 enum Problem {
     Storage(StorageError),
     Damage(String),
+    /// Removed from the source meanwhile (by its expire).
+    Vanished(String),
 }
 
 struct Copier<'a> {
@@ -369,7 +384,7 @@ impl Copier<'_> {
         kind: Kind,
         parallel: usize,
         problems: &mut Vec<String>,
-    ) -> Result<(), CopyError> {
+    ) -> Result<u64, CopyError> {
         let theirs: std::collections::HashMap<String, u64> = match objects.first() {
             Some(_) => {
                 // One listing of the target per kind of object, not a HEAD each.
@@ -380,7 +395,7 @@ impl Copier<'_> {
                     .map(|o| (o.key, o.size))
                     .collect()
             }
-            None => return Ok(()),
+            None => return Ok(0),
         };
         // An object already there was read back when it was copied; one of another size
         // than the source's is not the same object. (Other differences are for verify on
@@ -401,14 +416,16 @@ impl Copier<'_> {
         let mut results = futures::stream::iter(todo)
             .map(|o| self.one(o, kind))
             .buffer_unordered(parallel.max(1));
+        let mut vanished = 0;
         while let Some(r) = results.next().await {
             match r {
                 Ok(()) => {}
                 Err(Problem::Damage(d)) => problems.push(d),
+                Err(Problem::Vanished(_)) => vanished += 1,
                 Err(Problem::Storage(e)) => return Err(e.into()),
             }
         }
-        Ok(())
+        Ok(vanished)
     }
 
     /// Copies one object: read, checked, stored if absent, read back.
@@ -416,8 +433,9 @@ impl Copier<'_> {
         let key = o.key.as_str();
         let bytes = match get_bytes(self.from, key).await {
             Ok(b) => b,
-            // Gone from the source since the listing (an expire there): nothing to copy.
-            Err(e) if e.is_not_found() => return Ok(()),
+            // Gone from the source since the listing (an expire there): nothing to copy of
+            // it; a backup that needed it is not copied (see `all`).
+            Err(e) if e.is_not_found() => return Err(Problem::Vanished(o.key.clone())),
             Err(e) => return Err(Problem::Storage(e)),
         };
         self.check(key, &bytes, kind).await?;
@@ -441,8 +459,14 @@ impl Copier<'_> {
                 "object \"{key}\" reads back from the target other than it was written"
             )));
         }
-        self.copied.fetch_add(1, Ordering::Relaxed);
+        let n = self.copied.fetch_add(1, Ordering::SeqCst) + 1;
         self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        // Test hook, not for users: `PITR_DEBUG_COPY_STOP=N` SIGKILLs the process once N
+        // objects are copied.
+        if std::env::var("PITR_DEBUG_COPY_STOP").is_ok_and(|v| v == n.to_string()) {
+            let me = rustix::process::getpid();
+            let _ = rustix::process::kill_process(me, rustix::process::Signal::KILL);
+        }
         Ok(())
     }
 
