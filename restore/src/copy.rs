@@ -28,6 +28,8 @@ use crate::expire::{WalRetention, WAL_RETENTION_KEY};
 pub struct CopyOptions {
     /// Objects copied at once.
     pub parallel: usize,
+    /// Set (by SIGTERM): no new object is started; those in flight finish.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What a copy did.
@@ -52,8 +54,117 @@ pub struct CopyReport {
     /// differ from the source's (by their bytes when both were written at once, else by
     /// their size). None of them was copied or overwritten.
     pub problems: Vec<String>,
+    /// How far the target was behind when this pass looked: the age (by the source's
+    /// storage clock against this host's) of the oldest WAL object or streamed piece the
+    /// target lacked; 0 when it lacked none.
+    pub lag_seconds: f64,
+    /// Streamed pieces removed from the target because it holds their segment whole.
+    pub pieces_removed: u64,
+    /// Stopped early (SIGTERM).
+    pub stopped: bool,
     /// Seconds it took.
     pub seconds: f64,
+}
+
+/// Counters of `pitr copy --follow`, for its Prometheus metrics.
+#[derive(Debug, Default)]
+pub struct CopyMetrics {
+    /// Objects copied.
+    pub objects: AtomicU64,
+    /// Their bytes.
+    pub bytes: AtomicU64,
+    /// Passes that failed or found damage.
+    pub errors: AtomicU64,
+    /// Passes done.
+    pub passes: AtomicU64,
+    /// The last pass's lag, in milliseconds.
+    pub lag_millis: AtomicU64,
+}
+
+impl CopyMetrics {
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        for (name, kind, help, value) in [
+            (
+                "pitr_copy_lag_seconds",
+                "gauge",
+                "how far the target was behind at the last pass",
+                format!("{:.3}", g(&self.lag_millis) as f64 / 1000.0),
+            ),
+            (
+                "pitr_copy_objects_total",
+                "counter",
+                "objects copied",
+                g(&self.objects).to_string(),
+            ),
+            (
+                "pitr_copy_bytes_total",
+                "counter",
+                "bytes copied",
+                g(&self.bytes).to_string(),
+            ),
+            (
+                "pitr_copy_errors_total",
+                "counter",
+                "passes that failed or found damage",
+                g(&self.errors).to_string(),
+            ),
+            (
+                "pitr_copy_passes_total",
+                "counter",
+                "passes done",
+                g(&self.passes).to_string(),
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+        out
+    }
+}
+
+/// `pitr copy --follow`: a pass every `interval` until `o.stop` is set, each reported to
+/// `on_pass` (its report, or why it failed: a failed pass is retried at the next).
+pub async fn follow(
+    source: &Repository,
+    target: &RepoUrl,
+    o: &CopyOptions,
+    interval: std::time::Duration,
+    metrics: &CopyMetrics,
+    on_pass: &(dyn Fn(&Result<CopyReport, CopyError>) + Sync),
+) {
+    let stopped = || o.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+    while !stopped() {
+        let started = Instant::now();
+        let result = copy(source, target, o).await;
+        metrics.passes.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(r) => {
+                metrics.objects.fetch_add(r.objects, Ordering::Relaxed);
+                metrics.bytes.fetch_add(r.bytes, Ordering::Relaxed);
+                metrics
+                    .lag_millis
+                    .store((r.lag_seconds * 1000.0) as u64, Ordering::Relaxed);
+                if !r.problems.is_empty() {
+                    metrics.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                metrics.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        on_pass(&result);
+        // The next pass starts `interval` after this one did (at once if it took longer),
+        // or when stopped.
+        let until = started + interval;
+        while !stopped() && Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(100).min(until - Instant::now()))
+                .await;
+        }
+    }
 }
 
 /// Why a copy could not run (as opposed to damage it found and reported).
@@ -127,6 +238,7 @@ pub async fn copy(
 
     let marker = repo::markers::reader(source.objects(), "copy").await;
     let copier = Copier {
+        stop: o.stop.clone(),
         source,
         from: from.as_ref(),
         to: to.as_ref(),
@@ -192,10 +304,33 @@ pub async fn copy(
         }
     }
     let max = crate::wal_fetch::wal_file_max(source);
+    let pieces = list_all(from.as_ref(), "stream/").await?;
+    // The lag: the oldest WAL object or piece the target lacks.
+    let mut theirs_wal: HashSet<String> = list_all(to.as_ref(), "wal/")
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    theirs_wal.extend(
+        list_all(to.as_ref(), "stream/")
+            .await?
+            .into_iter()
+            .map(|o| o.key),
+    );
+    let oldest_missing = wal
+        .iter()
+        .chain(pieces.iter())
+        .filter(|o| !theirs_wal.contains(&o.key))
+        .filter_map(|o| o.modified)
+        .min();
+    report.lag_seconds = oldest_missing.map_or(0.0, |t| {
+        std::time::SystemTime::now()
+            .duration_since(t)
+            .map_or(0.0, |d| d.as_secs_f64())
+    });
     copier
         .all(&wal, Kind::Envelope(max), o.parallel, &mut problems)
         .await?;
-    let pieces = list_all(from.as_ref(), "stream/").await?;
     copier
         .all(&pieces, Kind::Envelope(max), o.parallel, &mut problems)
         .await?;
@@ -337,9 +472,32 @@ pub async fn copy(
         }
     }
 
+    // Pieces of segments the target now holds whole are of no more use there (readers
+    // take the whole segment), as in the source once its stream completed them.
+    let whole: HashSet<String> = list_all(to.as_ref(), "wal/")
+        .await?
+        .into_iter()
+        .filter_map(|o| o.key.rsplit('/').next().map(str::to_owned))
+        .collect();
+    let done: Vec<String> = list_all(to.as_ref(), "stream/")
+        .await?
+        .into_iter()
+        .filter(|o| {
+            o.key
+                .split('/')
+                .nth(2)
+                .is_some_and(|seg| whole.contains(seg))
+        })
+        .map(|o| o.key)
+        .collect();
+    if !done.is_empty() {
+        to.delete(&done).await?;
+        report.pieces_removed = done.len() as u64;
+    }
     if let Some(m) = marker {
         m.finish().await;
     }
+    report.stopped = o.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     report.objects = copier.copied.load(Ordering::Relaxed);
     report.bytes = copier.bytes.load(Ordering::Relaxed);
     report.present = copier.present.load(Ordering::Relaxed);
@@ -367,6 +525,7 @@ enum Problem {
 }
 
 struct Copier<'a> {
+    stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     source: &'a Repository,
     from: &'a dyn Storage,
     to: &'a dyn Storage,
@@ -413,7 +572,11 @@ impl Copier<'_> {
                 )),
             }
         }
+        let stop = self.stop.clone();
         let mut results = futures::stream::iter(todo)
+            .take_while(move |_| {
+                std::future::ready(!stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)))
+            })
             .map(|o| self.one(o, kind))
             .buffer_unordered(parallel.max(1));
         let mut vanished = 0;

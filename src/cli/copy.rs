@@ -7,7 +7,7 @@ use std::sync::Arc;
 use repo::codec::Codec;
 use repo::repository::Repository;
 use repo::url::{RepoUrl, RepoUrlError};
-use restore::copy::{copy, CopyError, CopyOptions};
+use restore::copy::{copy, follow, CopyError, CopyMetrics, CopyOptions, CopyReport};
 
 use super::repo_args::{open_failure, RepoArgs};
 use super::{mb, Exit, Failure};
@@ -24,9 +24,85 @@ pub struct Args {
     /// Objects copied at once
     #[arg(long, value_name = "N", default_value_t = 8)]
     parallel: usize,
+    /// Keep copying what appears, a pass every --interval, until SIGTERM (which lets the
+    /// objects in flight finish and exits 0)
+    #[arg(long)]
+    follow: bool,
+    /// With --follow: how often a pass starts
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration, requires = "follow")]
+    interval: std::time::Duration,
+    /// With --follow: serve Prometheus metrics on this address (host:port)
+    #[arg(long, value_name = "ADDR", requires = "follow")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// One JSON object
     #[arg(long)]
     json: bool,
+}
+
+/// `--follow`: passes until SIGTERM or SIGINT, a status line each (or a JSON line), metrics.
+async fn follow_copy(
+    args: &Args,
+    url: &RepoUrl,
+    key: &repo::slots::KeySetting,
+    to: &RepoUrl,
+    options: &CopyOptions,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), Failure> {
+    let source = Repository::open(url, key, None, Arc::new(Codec::with_default_threads()))
+        .await
+        .map_err(open_failure)?;
+    let metrics = Arc::new(CopyMetrics::default());
+    if let Some(addr) = args.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Failure::new(Exit::BadInput, format!("could not listen on {addr}: {e}"))
+        })?;
+        if let Ok(bound) = listener.local_addr() {
+            eprintln!("pitr: copy: metrics on http://{bound}/metrics");
+        }
+        let m = metrics.clone();
+        tokio::spawn(archiver::stream::metrics::serve_text(
+            listener,
+            Arc::new(move || m.render()),
+        ));
+    }
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    eprintln!(
+        "pitr: copy: following {url} into {to}, a pass every {:?}",
+        args.interval
+    );
+    let json = args.json;
+    let on_pass = move |r: &Result<CopyReport, CopyError>| match r {
+        Ok(r) if json => println!("{}", serde_json::to_string(r).unwrap_or_default()),
+        Ok(r) => {
+            for p in &r.problems {
+                println!("DAMAGED: {p}");
+            }
+            println!(
+                "pass: copied {} object(s), {}, {} backup(s); lag {:.1} s{}",
+                r.objects,
+                mb(r.bytes),
+                r.backups,
+                r.lag_seconds,
+                if r.stopped { "; stopping" } else { "" }
+            );
+        }
+        Err(e) => eprintln!("pitr: copy: pass failed: {e}; trying again at the next"),
+    };
+    follow(&source, to, options, args.interval, &metrics, &on_pass).await;
+    Ok(())
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
@@ -42,9 +118,14 @@ pub fn run(args: Args) -> Result<(), Failure> {
         ));
     }
     let runtime = super::runtime(Exit::Repository)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let options = CopyOptions {
         parallel: args.parallel.max(1),
+        stop: Some(stop.clone()),
     };
+    if args.follow {
+        return runtime.block_on(follow_copy(&args, &url, &key, &to, &options, stop));
+    }
     let report = runtime.block_on(async {
         let source = Repository::open(&url, &key, None, Arc::new(Codec::with_default_threads()))
             .await

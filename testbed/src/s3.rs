@@ -5,6 +5,8 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -42,6 +44,8 @@ struct Local {
     /// While stopped: a socket bound to the port but not listening, so connections are
     /// refused (the outage) and no other process can take the port before the restart.
     held: Option<TcpSocket>,
+    /// Objects written (PutObject, CompleteMultipartUpload) since it started.
+    writes: Arc<AtomicU64>,
 }
 
 impl S3Server {
@@ -60,7 +64,12 @@ impl S3Server {
     pub fn start_local() -> Result<S3Server> {
         let root = temp_dir("pitr-bed-s3-")?;
         std::fs::create_dir(root.path().join(BUCKET)).context("create the test bucket")?;
-        let (runtime, addr) = serve(root.path(), (Ipv4Addr::LOCALHOST, 0).into())?;
+        let writes = Arc::new(AtomicU64::new(0));
+        let (runtime, addr) = serve_socket(
+            root.path(),
+            hold((Ipv4Addr::LOCALHOST, 0).into())?,
+            writes.clone(),
+        )?;
         Ok(S3Server {
             endpoint: format!("http://{addr}"),
             access_key: ACCESS_KEY.to_owned(),
@@ -73,6 +82,7 @@ impl S3Server {
                 addr,
                 runtime: Some(runtime),
                 held: None,
+                writes,
             }),
         })
     }
@@ -161,6 +171,14 @@ impl S3Server {
         .collect()
     }
 
+    /// Objects written to the bed's own server since it started (PutObject and completed
+    /// multipart uploads, pitr's conditional-put probes aside; 0 for an external endpoint).
+    pub fn writes(&self) -> u64 {
+        self.local
+            .as_ref()
+            .map_or(0, |l| l.writes.load(Ordering::SeqCst))
+    }
+
     /// Where the local server keeps its bucket dirs (None for an external endpoint).
     pub fn storage_dir(&self) -> Option<&Path> {
         self.local.as_ref().map(|l| l.root.path())
@@ -198,7 +216,7 @@ impl S3Server {
             return Ok(());
         }
         if let Some(socket) = local.held.take() {
-            let (rt, _) = serve_socket(local.root.path(), socket)?;
+            let (rt, _) = serve_socket(local.root.path(), socket, local.writes.clone())?;
             local.runtime = Some(rt);
             return Ok(());
         }
@@ -249,11 +267,42 @@ fn hold(addr: SocketAddr) -> Result<TcpSocket> {
 /// Serves the s3s-fs tree at `root` on `addr` from a new runtime; returns it and the bound
 /// address. The S3 server binary (`pitr-test-s3`) runs the same code.
 pub fn serve(root: &Path, addr: SocketAddr) -> Result<(tokio::runtime::Runtime, SocketAddr)> {
-    serve_socket(root, hold(addr)?)
+    serve_socket(root, hold(addr)?, Arc::new(AtomicU64::new(0)))
+}
+
+/// The S3 service, counting the requests that write an object.
+#[derive(Clone)]
+struct Counting {
+    inner: s3s::service::S3Service,
+    writes: Arc<AtomicU64>,
+}
+
+type Incoming = hyper::Request<hyper::body::Incoming>;
+
+impl hyper::service::Service<Incoming> for Counting {
+    type Response = <s3s::service::S3Service as hyper::service::Service<Incoming>>::Response;
+    type Error = <s3s::service::S3Service as hyper::service::Service<Incoming>>::Error;
+    type Future = <s3s::service::S3Service as hyper::service::Service<Incoming>>::Future;
+
+    fn call(&self, req: Incoming) -> Self::Future {
+        let query = req.uri().query().unwrap_or("");
+        let object_put = req.method() == hyper::Method::PUT && !query.contains("partNumber=");
+        let completed = req.method() == hyper::Method::POST && query.contains("uploadId=");
+        // pitr's conditional-put probe writes scratch objects; they are not data.
+        let probe = req.uri().path().contains("/.conditional-probe/");
+        if (object_put || completed) && !probe {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+        }
+        hyper::service::Service::call(&self.inner, req)
+    }
 }
 
 /// [`serve`] on a socket already bound.
-fn serve_socket(root: &Path, socket: TcpSocket) -> Result<(tokio::runtime::Runtime, SocketAddr)> {
+fn serve_socket(
+    root: &Path,
+    socket: TcpSocket,
+    writes: Arc<AtomicU64>,
+) -> Result<(tokio::runtime::Runtime, SocketAddr)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("testbed-s3")
@@ -264,7 +313,10 @@ fn serve_socket(root: &Path, socket: TcpSocket) -> Result<(tokio::runtime::Runti
     let service = {
         let mut b = S3ServiceBuilder::new(fs);
         b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        b.build()
+        Counting {
+            inner: b.build(),
+            writes,
+        }
     };
     // No block_on: this may be called from inside a test's own runtime.
     let listener = {

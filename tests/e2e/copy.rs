@@ -342,3 +342,130 @@ fn an_encrypted_repository_is_copied_as_ciphertext_and_opens_with_the_same_key()
     assert!(String::from_utf8_lossy(&out.stderr).contains("another repository"));
     let _ = pg2.stop(StopMode::Fast);
 }
+
+/// A child process killed when dropped.
+struct Reaped(Option<std::process::Child>);
+
+impl Reaped {
+    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        let mut child = self.0.take().unwrap();
+        let _ = std::process::Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status();
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn copy_follow_keeps_up_and_a_restart_copies_nothing_twice() {
+    let a = S3Server::start_local().unwrap();
+    let b = S3Server::start_local().unwrap();
+    let url_a = own_url(&a, "a", "");
+    let url_b = own_url(&b, "b", "");
+    let mut options = ClusterOptions::default()
+        .wal_segment_size_mb(1)
+        .env("PITR_REPO", &url_a);
+    for (k, v) in S3Server::static_env() {
+        options = options.env(k, v);
+    }
+    let mut pg = Cluster::init(options).unwrap();
+    let pitr = || {
+        let mut c = crate::pitr();
+        c.envs(S3Server::static_env());
+        c
+    };
+    succeeds(
+        pitr()
+            .args(["init", "--repo", &url_a, "--data-dir"])
+            .arg(pg.data_dir()),
+    );
+    let bin = pg
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    pg.set_config(
+        "archive_command",
+        &format!("'{}' wal-push %p", bin.display()),
+    )
+    .unwrap();
+    pg.start().unwrap();
+    pg.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    succeeds(pitr().args([
+        "backup",
+        "--fast",
+        "--repo",
+        &url_a,
+        "--pg",
+        &crate::socket(&pg),
+    ]));
+    let dir = tempfile::tempdir().unwrap();
+    let follow = |log: &str| {
+        Reaped(Some(
+            pitr()
+                .args([
+                    "copy",
+                    "--follow",
+                    "--interval",
+                    "1s",
+                    "--json",
+                    "--repo",
+                    &url_a,
+                    "--to",
+                    &url_b,
+                ])
+                .stdout(std::fs::File::create(dir.path().join(log)).unwrap())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        ))
+    };
+    let mut first = follow("first.log");
+    // Load while it follows; it is killed midway and started again.
+    let load = std::thread::scope(|s| {
+        let load = s.spawn(|| pg.pgbench(&["-n", "-c", "2", "-T", "6"]).unwrap());
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(first.signal("-KILL").code().is_none());
+        let second = follow("second.log");
+        load.join().unwrap();
+        second
+    });
+    let mut second = load;
+    // The newest segment reaches the copy within a few passes.
+    let seg = pg.switch_wal().unwrap();
+    pg.wait_archived(&seg, Duration::from_secs(60)).unwrap();
+    let key = repo::keys::wal_key(&seg).unwrap();
+    let archived = std::time::Instant::now();
+    let keys_b = || -> Vec<String> { stored(&b, "b").into_iter().map(|(k, _)| k).collect() };
+    while !keys_b().contains(&key) {
+        assert!(
+            archived.elapsed() < Duration::from_secs(30),
+            "{seg} not in the copy after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "the copy had segment {seg} {:.1} s after it was archived",
+        archived.elapsed().as_secs_f64()
+    );
+    // Let a pass end with nothing to do, then SIGTERM: it exits 0.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(second.signal("-TERM").success());
+    let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(last["problems"].as_array().unwrap().len(), 0, "{last}");
+    // Everything A holds is in B, and each object was written to B once.
+    let ours: Vec<String> = stored(&a, "a").into_iter().map(|(k, _)| k).collect();
+    let theirs = keys_b();
+    for k in &ours {
+        assert!(theirs.contains(k), "{k} not copied");
+    }
+    assert_eq!(b.writes(), theirs.len() as u64, "an object written twice");
+}

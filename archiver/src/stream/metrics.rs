@@ -146,12 +146,20 @@ impl Metrics {
 
 /// Serves `GET /metrics` (any path) on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Metrics>) {
+    serve_text(listener, std::sync::Arc::new(move || metrics.render())).await;
+}
+
+/// Serves what `render` says, as Prometheus text, on `listener` until the task is dropped.
+pub async fn serve_text(
+    listener: tokio::net::TcpListener,
+    render: std::sync::Arc<dyn Fn() -> String + Send + Sync>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
-        let metrics = metrics.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             let mut n = 0;
@@ -164,7 +172,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Me
                     break;
                 }
             }
-            let body = metrics.render();
+            let body = render();
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
