@@ -58,9 +58,12 @@ impl S3Options {
             match key {
                 "endpoint" => {
                     let ok = (value.starts_with("http://") || value.starts_with("https://"))
-                        && !value.contains(char::is_whitespace);
+                        && !value.contains(|c: char| c.is_whitespace() || c.is_control());
                     if !ok {
                         return Err("endpoint= must be an http:// or https:// URL");
+                    }
+                    if value.contains('@') {
+                        return Err("credentials are never taken from a URL (no user@ in endpoint=; use profile= or the AWS chain)");
                     }
                     set(&mut o.endpoint, value)?;
                 }
@@ -265,6 +268,41 @@ impl RepoUrl {
     }
 }
 
+impl RepoUrl {
+    /// Whether the two locations are the same, or one lies inside the other (same server,
+    /// bucket, and a prefix that contains the other's; the same or a nested directory),
+    /// whatever other settings their URLs carry.
+    pub fn overlaps(&self, other: &RepoUrl) -> bool {
+        let nested = |a: &str, b: &str| {
+            a.is_empty()
+                || b.is_empty()
+                || a == b
+                || b.starts_with(&format!("{a}/"))
+                || a.starts_with(&format!("{b}/"))
+        };
+        match (self, other) {
+            (
+                RepoUrl::S3 {
+                    bucket: b1,
+                    prefix: p1,
+                    options: o1,
+                },
+                RepoUrl::S3 {
+                    bucket: b2,
+                    prefix: p2,
+                    options: o2,
+                },
+            ) => b1 == b2 && o1.endpoint == o2.endpoint && nested(p1, p2),
+            (RepoUrl::File { path: a }, RepoUrl::File { path: b }) => {
+                let real = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                let (a, b) = (real(a), real(b));
+                a.starts_with(&b) || b.starts_with(&a)
+            }
+            _ => false,
+        }
+    }
+}
+
 impl fmt::Display for RepoUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -320,6 +358,7 @@ mod tests {
             .starts_with("s3://b-1/x/sub?endpoint="));
         for bad in [
             "s3://b-1/x?endpoint=ftp://h",
+            "s3://b-1/x?endpoint=https://AKIA:secret@h",
             "s3://b-1/x?region=eu west",
             "s3://b-1/x?path-style=yes",
             "s3://b-1/x?secret_access_key=abc",
@@ -334,6 +373,19 @@ mod tests {
         }
         let e = "s3://b-1/x?aws_secret=1".parse::<RepoUrl>().unwrap_err();
         assert!(e.to_string().contains("credentials"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_locations_are_told_whatever_their_settings() {
+        let u = |s: &str| s.parse::<RepoUrl>().unwrap();
+        assert!(u("s3://b-1/x").overlaps(&u("s3://b-1/x?region=us-east-1")));
+        assert!(u("s3://b-1/x").overlaps(&u("s3://b-1/x/wal")));
+        assert!(u("s3://b-1").overlaps(&u("s3://b-1/y")));
+        assert!(!u("s3://b-1/x").overlaps(&u("s3://b-1/xy")));
+        assert!(!u("s3://b-1/x").overlaps(&u("s3://b-2/x")));
+        assert!(!u("s3://b-1/x?endpoint=http://a:1").overlaps(&u("s3://b-1/x?endpoint=http://b:1")));
+        assert!(u("file:///r/a").overlaps(&u("file:///r/a/b")));
+        assert!(!u("file:///r/a").overlaps(&u("file:///r/ab")));
     }
 
     #[test]

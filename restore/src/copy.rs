@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use repo::envelope::Protection;
 use repo::manifest::{parse_manifest_key, BackupManifest, BACKUP_PREFIX, MANIFEST_MAX};
+use repo::markers::{Marker, MarkerBody};
 use repo::pack::{decode_chunk_of, is_pack_id, pack_key, read_index};
 use repo::repository::{storage_to_init, Repository, CONFIG_KEY};
 use repo::slots::SLOTS_PREFIX;
@@ -259,6 +260,17 @@ pub async fn copy(
             "the source's key slots changed while they were copied; run copy again".into(),
         ));
     }
+    let stopped = o.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+    if !problems.is_empty() || stopped {
+        // The config only once every slot set is there as the source has it.
+        report.problems = problems;
+        report.stopped = stopped;
+        report.seconds = started.elapsed().as_secs_f64();
+        if let Some(m) = marker {
+            m.finish().await;
+        }
+        return Ok(report);
+    }
     if report.initialized {
         copier
             .one(
@@ -290,8 +302,19 @@ pub async fn copy(
         report.key_sets_removed = stale.len() as u64;
     }
 
+    // The backups are listed before the WAL is copied: a backup's WAL is in the source
+    // before its manifest, so every backup listed here has its WAL copied below (one that
+    // appears later is copied by the next run, after its WAL).
+    let listing = list_all(from.as_ref(), BACKUP_PREFIX).await?;
+
     // 2. WAL and streamed pieces the target lacks, except what its own expire removed.
-    let retention = target_retention(source, to.as_ref()).await;
+    let retention = match target_retention(source, to.as_ref()).await? {
+        Ok(r) => r,
+        Err(why) => {
+            problems.push(why);
+            None
+        }
+    };
     let mut wal = Vec::new();
     for o in list_all(from.as_ref(), "wal/").await? {
         let name = o.key.rsplit('/').next().unwrap_or("");
@@ -339,7 +362,6 @@ pub async fn copy(
     // lists, its chunk table pieces and PostgreSQL's backup_manifest, then the manifest.
     // Backups older than the target's oldest (its own expire removed them) are not brought
     // back.
-    let listing = list_all(from.as_ref(), BACKUP_PREFIX).await?;
     let theirs: HashSet<String> = list_all(to.as_ref(), BACKUP_PREFIX)
         .await?
         .into_iter()
@@ -370,6 +392,17 @@ pub async fn copy(
         .into_iter()
         .map(|o| (o.key.clone(), o))
         .collect();
+    // This copy's marker in the target (a writer there), and which target backups list
+    // each pack the target holds (read with the source's keys: the copy has the same).
+    let target_objects = repo::objects::ObjectStore::new(
+        to.clone(),
+        source.objects().codec().clone(),
+        source.objects().options(),
+    )
+    .with_protection(source.objects().protection().clone());
+    // Made when a backup is to be copied (a pass with none writes nothing to the target).
+    let mut writer: Option<Marker> = None;
+    let mut owners: Option<std::collections::HashMap<String, Vec<String>>> = None;
     for (id, objects) in by_backup {
         let manifests: Vec<&ObjectMeta> = objects
             .iter()
@@ -400,6 +433,7 @@ pub async fn copy(
         }
         // The packs every missing generation lists.
         let mut packs = Vec::new();
+        let mut manifest_packs: Vec<String> = Vec::new();
         let mut bad = false;
         for m in &missing {
             let Some((_, g)) = parse_manifest_key(&m.key) else {
@@ -407,6 +441,7 @@ pub async fn copy(
             };
             match BackupManifest::load_header_at(source.objects(), &id, g).await {
                 Ok(manifest) => {
+                    manifest_packs.extend(manifest.packs.iter().cloned());
                     for p in &manifest.packs {
                         let key = pack_key(p);
                         if !is_pack_id(p) {
@@ -438,10 +473,63 @@ pub async fn copy(
         if bad {
             continue;
         }
+        // Named while it is copied: in the source's markers (its expire leaves it alone
+        // meanwhile; one it is removing already is not copied), and in the target's as the
+        // backup being written, with the target's backups whose packs it uses too (the
+        // target's expire leaves those, and what is copied ahead of the manifest, alone).
+        if let Some(m) = &marker {
+            if m.rely_on(vec![id.clone()], None).await.is_err() {
+                continue;
+            }
+        }
+        if writer.is_none() {
+            writer = Marker::start(&target_objects, MarkerBody::new("copy"))
+                .await
+                .ok();
+        }
+        if owners.is_none() {
+            let mut map: std::collections::HashMap<String, Vec<String>> =
+                std::collections::HashMap::new();
+            for k in &theirs {
+                if let Some((tid, g)) = parse_manifest_key(k) {
+                    if let Ok(m) = BackupManifest::load_header_at(&target_objects, tid, g).await {
+                        for p in m.packs {
+                            map.entry(p).or_default().push(tid.to_owned());
+                        }
+                    }
+                }
+            }
+            owners = Some(map);
+        }
+        let owners_of = |p: &str| -> Vec<String> {
+            owners
+                .as_ref()
+                .and_then(|o| o.get(p))
+                .cloned()
+                .unwrap_or_default()
+        };
+        if let Some(t) = &writer {
+            let reused: Vec<String> = manifest_packs
+                .iter()
+                .filter(|p| packs_there.contains(&pack_key(p)))
+                .flat_map(|p| owners_of(p))
+                .collect::<std::collections::BTreeSet<String>>()
+                .into_iter()
+                .collect();
+            let named = t
+                .update(|b| {
+                    b.writing = Some(id.clone());
+                    b.backups = reused;
+                })
+                .await;
+            if named.is_err() || !t.condemned().await.unwrap_or_default().is_empty() {
+                continue;
+            }
+        }
         packs.sort_by(|a, b| a.key.cmp(&b.key));
         packs.dedup_by(|a, b| a.key == b.key);
         let before = problems.len();
-        copier
+        let mut gone = copier
             .all(&packs, Kind::Pack, o.parallel, &mut problems)
             .await?;
         let rest: Vec<ObjectMeta> = objects
@@ -449,7 +537,7 @@ pub async fn copy(
             .filter(|o| parse_manifest_key(&o.key).is_none())
             .cloned()
             .collect();
-        copier
+        gone += copier
             .all(
                 &rest,
                 Kind::Envelope(MANIFEST_MAX),
@@ -457,9 +545,23 @@ pub async fn copy(
                 &mut problems,
             )
             .await?;
-        if problems.len() > before {
-            // Something of it is damaged or differs: its manifest is not copied, so the
-            // backup does not appear half-made.
+        if problems.len() > before || gone > 0 {
+            // Something of it is damaged, differs, or was removed from the source meanwhile
+            // (its expire): its manifest is not copied, so the backup does not appear
+            // half-made.
+            continue;
+        }
+        // Every pack it lists is in the target now (listed again: the target's expire may
+        // have run meanwhile), and the target's marker has not lapsed.
+        let now_there: HashSet<String> = list_all(to.as_ref(), "pack/")
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        let whole = manifest_packs
+            .iter()
+            .all(|p| now_there.contains(&pack_key(p)));
+        if !whole || writer.as_ref().is_some_and(Marker::lapsed) {
             continue;
         }
         let mut manifests: Vec<ObjectMeta> = missing.into_iter().cloned().collect();
@@ -497,6 +599,9 @@ pub async fn copy(
     if let Some(m) = marker {
         m.finish().await;
     }
+    if let Some(w) = writer {
+        w.finish().await;
+    }
     report.stopped = o.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     report.objects = copier.copied.load(Ordering::Relaxed);
     report.bytes = copier.bytes.load(Ordering::Relaxed);
@@ -506,15 +611,30 @@ pub async fn copy(
     Ok(report)
 }
 
-/// The target's retention record, read with the source's keys (the copy has the same).
-async fn target_retention(source: &Repository, to: &dyn Storage) -> Option<WalRetention> {
-    let bytes = get_bytes(to, WAL_RETENTION_KEY).await.ok()?;
-    let (_, plain) = source
+/// The target's retention record, read with the source's keys (the copy has the same):
+/// `Ok(None)` when it has none; the inner `Err` says why one that is there cannot be used
+/// (then nothing is left out on its word).
+async fn target_retention(
+    source: &Repository,
+    to: &dyn Storage,
+) -> Result<Result<Option<WalRetention>, String>, CopyError> {
+    let bytes = match get_bytes(to, WAL_RETENTION_KEY).await {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Ok(Ok(None)),
+        Err(e) => return Err(e.into()),
+    };
+    let record = match source
         .objects()
         .decode_at_most(WAL_RETENTION_KEY, bytes, 16 << 20)
         .await
-        .ok()?;
-    serde_json::from_slice(&plain).ok()
+    {
+        Ok((_, plain)) => serde_json::from_slice::<WalRetention>(&plain).map_err(|e| e.to_string()),
+        Err(repo::objects::ObjectError::Storage(e)) => return Err(e.into()),
+        Err(e) => Err(e.to_string()),
+    };
+    Ok(record
+        .map(Some)
+        .map_err(|e| format!("the target's retention record cannot be used ({e}): all WAL copied")))
 }
 
 enum Problem {

@@ -557,7 +557,9 @@ fn protected(found: &Markers, own: &str) -> Result<Protected, ExpireError> {
         }
         // Commands that write objects no manifest lists yet: a backup (packs, pieces), an
         // expire or delete repacking (packs, a generation's pieces).
-        if b.writing.is_some() || matches!(b.command.as_str(), "backup" | "expire" | "delete") {
+        if b.writing.is_some()
+            || matches!(b.command.as_str(), "backup" | "expire" | "delete" | "copy")
+        {
             p.writer_started = Some(p.writer_started.map_or(s, |w| w.min(s)));
         }
     }

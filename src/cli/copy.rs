@@ -111,11 +111,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let to: RepoUrl = args.to.parse().map_err(|e: RepoUrlError| {
         Failure::new(Exit::BadInput, e.to_string()).hint(RepoUrlError::HINT)
     })?;
-    if to == url {
+    if to.overlaps(&url) {
         return Err(Failure::new(
             Exit::BadInput,
-            "the target is the source repository",
-        ));
+            "the target is the source repository, or lies inside it, or holds it",
+        )
+        .hint("copy into another bucket, or a prefix beside the source's"));
     }
     let runtime = super::runtime(Exit::Repository)?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -172,7 +172,7 @@ impl S3Server {
     }
 
     /// Objects written to the bed's own server since it started (PutObject and completed
-    /// multipart uploads, pitr's conditional-put probes aside; 0 for an external endpoint).
+    /// multipart uploads, pitr's conditional-put probes and markers aside; 0 for an external endpoint).
     pub fn writes(&self) -> u64 {
         self.local
             .as_ref()
@@ -288,8 +288,9 @@ impl hyper::service::Service<Incoming> for Counting {
         let query = req.uri().query().unwrap_or("");
         let object_put = req.method() == hyper::Method::PUT && !query.contains("partNumber=");
         let completed = req.method() == hyper::Method::POST && query.contains("uploadId=");
-        // pitr's conditional-put probe writes scratch objects; they are not data.
-        let probe = req.uri().path().contains("/.conditional-probe/");
+        // pitr's conditional-put probe and its markers of running commands are not data.
+        let path = req.uri().path();
+        let probe = path.contains("/.conditional-probe/") || path.contains("/running/");
         if (object_put || completed) && !probe {
             self.writes.fetch_add(1, Ordering::SeqCst);
         }

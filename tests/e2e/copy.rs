@@ -325,6 +325,17 @@ fn an_encrypted_repository_is_copied_as_ciphertext_and_opens_with_the_same_key()
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(11));
+    // A target inside the source, or the source under other settings, is refused.
+    for nested in [
+        own_url(&a, "a/copy", ""),
+        format!("{url_a}&region=us-east-1"),
+    ] {
+        let out = pitr()
+            .args(["copy", "--repo", &url_a, "--to", &nested])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{nested}");
+    }
     // A target holding another repository is refused.
     let other = own_url(&b, "other", "");
     let mut pg2 = Cluster::init(ClusterOptions::default()).unwrap();

@@ -352,6 +352,16 @@ impl S3Storage {
                     .profile_name(profile)
                     .build(),
             );
+            // And the profile's region, whatever AWS_REGION says (a region= in the URL
+            // still wins, below).
+            if settings.region.is_none() {
+                loader = loader.region(
+                    aws_config::profile::region::ProfileFileRegionProvider::builder()
+                        .configure(&config)
+                        .profile_name(profile)
+                        .build(),
+                );
+            }
         } else if env_keys {
             // What the default chain would find first, without building the rest of it
             // (its web-identity provider makes an STS client, with a TLS configuration).
