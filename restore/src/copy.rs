@@ -420,10 +420,28 @@ pub async fn copy(
             report.skipped += objects.len() as u64;
             continue;
         }
+        // Generations newer than the target's newest of this backup (the target may have
+        // repacked it itself: its older generations, retired there, are not brought back).
+        let target_newest = theirs
+            .iter()
+            .filter_map(|k| {
+                parse_manifest_key(k)
+                    .filter(|(i, _)| *i == id)
+                    .map(|(_, g)| g)
+            })
+            .max();
         let missing: Vec<&ObjectMeta> = manifests
             .iter()
             .copied()
             .filter(|o| !theirs.contains(&o.key))
+            .filter(|o| {
+                let g = parse_manifest_key(&o.key).map_or(0, |(_, g)| g);
+                target_newest.is_none_or(|t| g > t)
+            })
+            .collect();
+        let missing_gens: HashSet<u32> = missing
+            .iter()
+            .filter_map(|o| parse_manifest_key(&o.key).map(|(_, g)| g))
             .collect();
         if missing.is_empty() {
             copier
@@ -532,9 +550,18 @@ pub async fn copy(
         let mut gone = copier
             .all(&packs, Kind::Pack, o.parallel, &mut problems)
             .await?;
+        // Chunk table pieces of the generations copied, and PostgreSQL's backup_manifest.
         let rest: Vec<ObjectMeta> = objects
             .iter()
             .filter(|o| parse_manifest_key(&o.key).is_none())
+            .filter(|o| {
+                let rest = o
+                    .key
+                    .strip_prefix(BACKUP_PREFIX)
+                    .and_then(|k| k.split_once('/'))
+                    .map_or("", |(_, r)| r);
+                crate::expire::piece_generation(rest).is_none_or(|g| missing_gens.contains(&g))
+            })
             .cloned()
             .collect();
         gone += copier

@@ -1284,7 +1284,7 @@ async fn generation_whole(repo: &Repository, id: &str, g: u32) -> Result<bool, E
 
 /// The generation whose chunk table a key under `backup/<id>/` belongs to: `chunks/…` the
 /// first, `chunks.<g>/…` later ones; None for anything else (PostgreSQL's backup_manifest).
-fn piece_generation(rest: &str) -> Option<u32> {
+pub(crate) fn piece_generation(rest: &str) -> Option<u32> {
     let (dir, _) = rest.split_once('/')?;
     if dir == "chunks" {
         return Some(1);

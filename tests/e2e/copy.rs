@@ -480,3 +480,75 @@ fn copy_follow_keeps_up_and_a_restart_copies_nothing_twice() {
     }
     assert_eq!(b.writes(), theirs.len() as u64, "an object written twice");
 }
+
+#[test]
+fn generations_an_expire_wrote_are_copied_and_neither_side_brings_back_what_the_other_retired() {
+    let (mut pg, url_a, _root, _bin) = crate::expire::file_source();
+    let b_dir = tempfile::tempdir().unwrap();
+    let url_b = format!("file://{}", b_dir.path().join("b").display());
+    let backup = |pg: &Cluster| {
+        let seg = pg.switch_wal().unwrap();
+        pg.wait_archived(&seg, Duration::from_secs(60)).unwrap();
+        succeeds(crate::pitr().args([
+            "backup",
+            "--fast",
+            "--repo",
+            &url_a,
+            "--pg",
+            &crate::socket(pg),
+        ]));
+    };
+    pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
+    backup(&pg);
+    pg.sql("UPDATE pgbench_accounts SET abalance = abalance + 1")
+        .unwrap();
+    pg.sql("VACUUM FULL pgbench_accounts").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    backup(&pg);
+    let seg = pg.switch_wal().unwrap();
+    pg.wait_archived(&seg, Duration::from_secs(60)).unwrap();
+    pg.stop(StopMode::Fast).unwrap();
+    let copy = || {
+        json(&succeeds(
+            crate::pitr().args(["copy", "--json", "--repo", &url_a, "--to", &url_b]),
+        ))
+    };
+    let expire = |url: &str| {
+        json(&succeeds(crate::pitr().args([
+            "expire",
+            "--json",
+            "--keep-last",
+            "1",
+            "--grace",
+            "0s",
+            "--repo",
+            url,
+        ])))
+    };
+    assert_eq!(copy()["backups"], 2);
+    // The source repacks the kept backup: its new generation is copied.
+    let v = expire(&url_a);
+    assert!(v["repacked"]["backups"].as_u64().unwrap() > 0, "{v}");
+    let v = copy();
+    assert_eq!(v["backups"], 1, "{v}");
+    assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+    succeeds(crate::pitr().args(["verify", "--repo", &url_b]));
+    // The copy's own expire, then copies again: nothing comes back, nothing differs.
+    expire(&url_b);
+    succeeds(crate::pitr().args(["verify", "--repo", &url_b]));
+    for _ in 0..2 {
+        let v = copy();
+        assert_eq!(v["objects"], 0, "{v}");
+        assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+    }
+    let listed = |url: &str| {
+        json(&succeeds(
+            crate::pitr().args(["list", "--json", "--repo", url]),
+        ))["backups"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(listed(&url_b), 1);
+    assert_eq!(listed(&url_a), 1);
+}

@@ -266,7 +266,7 @@ fn keep_within_keeps_every_point_of_the_window_restorable() {
 
 /// A cluster archiving into a file:// repository of its own (handed to the server's user,
 /// as pitr init run by it would leave it).
-fn file_source() -> (Cluster, String, PathBuf, PathBuf) {
+pub(crate) fn file_source() -> (Cluster, String, PathBuf, PathBuf) {
     let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
     let bin = pg
         .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))

@@ -7,7 +7,7 @@ mod check;
 mod cli;
 mod copy;
 mod encryption;
-mod expire;
+pub(crate) mod expire;
 mod info;
 mod init;
 mod internal_errors;
