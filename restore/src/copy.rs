@@ -191,6 +191,9 @@ impl CopyError {
     }
 }
 
+/// The largest pack copied (pitr closes packs near 8 MiB; one chunk is at most 16 MiB).
+const PACK_MAX: u64 = 64 << 20;
+
 /// What one object is, for the check before copying it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -354,6 +357,21 @@ pub async fn copy(
     copier
         .all(&wal, Kind::Envelope(max), o.parallel, &mut problems)
         .await?;
+    // Pieces of a segment the target holds whole are of no use there.
+    let whole_there: HashSet<&str> = theirs_wal
+        .iter()
+        .filter(|k| k.starts_with("wal/"))
+        .filter_map(|k| k.rsplit('/').next())
+        .collect();
+    let pieces: Vec<ObjectMeta> = pieces
+        .into_iter()
+        .filter(|o| {
+            o.key
+                .split('/')
+                .nth(2)
+                .is_none_or(|seg| !whole_there.contains(seg))
+        })
+        .collect();
     copier
         .all(&pieces, Kind::Envelope(max), o.parallel, &mut problems)
         .await?;
@@ -741,18 +759,46 @@ impl Copier<'_> {
     /// Copies one object: read, checked, stored if absent, read back.
     async fn one(&self, o: &ObjectMeta, kind: Kind) -> Result<(), Problem> {
         let key = o.key.as_str();
-        let bytes = match get_bytes(self.from, key).await {
+        // Read no more than the object may hold, and what the listing said it holds.
+        let limit = match kind {
+            Kind::Envelope(max) => max.saturating_add(max / 64).saturating_add(64 << 10),
+            Kind::SlotSet => 1 << 20,
+            Kind::Pack => PACK_MAX,
+        };
+        if o.size > limit {
+            return Err(Problem::Damage(format!(
+                "object \"{key}\" in the source is {} bytes, more than such an object can be; not copied",
+                o.size
+            )));
+        }
+        let read = match self.from.get_range(key, 0..o.size.saturating_add(1)).await {
+            Ok(b) if b.len() as u64 == o.size => Ok(b),
+            // Rewritten since the listing (a marker's kind of object): read whole next pass.
+            Ok(b) => Err(Problem::Damage(format!(
+                "object \"{key}\" in the source changed size while it was copied ({} bytes listed, {} read); not copied",
+                o.size,
+                b.len()
+            ))),
+            Err(e) => Err(Problem::Storage(e)),
+        };
+        let bytes = match read {
             Ok(b) => b,
-            // Gone from the source since the listing (an expire there): nothing to copy of
-            // it; a backup that needed it is not copied (see `all`).
-            Err(e) if e.is_not_found() => return Err(Problem::Vanished(o.key.clone())),
-            Err(e) => return Err(Problem::Storage(e)),
+            Err(Problem::Storage(e)) if e.is_not_found() => {
+                // Gone from the source since the listing (an expire there): nothing to copy
+                // of it; a backup that needed it is not copied (see `all`).
+                return Err(Problem::Vanished(o.key.clone()));
+            }
+            Err(p) => return Err(p),
         };
         self.check(key, &bytes, kind).await?;
         match self.to.put(key, bytes.clone(), PutMode::IfAbsent).await {
             Ok(PutOutcome::Stored) => {}
             Ok(PutOutcome::AlreadyExists) => {
-                let theirs = get_bytes(self.to, key).await.map_err(Problem::Storage)?;
+                let theirs = self
+                    .to
+                    .get_range(key, 0..bytes.len() as u64 + 1)
+                    .await
+                    .map_err(Problem::Storage)?;
                 if theirs != bytes {
                     return Err(Problem::Damage(format!(
                         "object \"{key}\" in the target differs from the source's; not overwritten"
@@ -763,7 +809,11 @@ impl Copier<'_> {
             }
             Err(e) => return Err(Problem::Storage(e)),
         }
-        let back = get_bytes(self.to, key).await.map_err(Problem::Storage)?;
+        let back = self
+            .to
+            .get_range(key, 0..bytes.len() as u64 + 1)
+            .await
+            .map_err(Problem::Storage)?;
         if back != bytes {
             return Err(Problem::Damage(format!(
                 "object \"{key}\" reads back from the target other than it was written"
