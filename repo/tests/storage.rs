@@ -154,6 +154,20 @@ async fn pagination_and_deletes(s: &dyn Storage) {
     assert_eq!(all, keys);
     let partial = storage::list_all(s, "page/0099").await.unwrap();
     assert_eq!(partial.len(), 10);
+    // What sorts after a key, across a page boundary.
+    let after: Vec<String> = s
+        .list_after("page/", "page/00500")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(after, keys[501..]);
+    assert!(s
+        .list_after("page/", "page/01000")
+        .await
+        .unwrap()
+        .is_empty());
 
     let doomed = vec![
         keys[0].clone(),

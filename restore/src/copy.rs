@@ -138,9 +138,10 @@ pub async fn follow(
     on_pass: &(dyn Fn(&Result<CopyReport, CopyError>) + Sync),
 ) {
     let stopped = || o.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+    let mut state = FollowState::default();
     while !stopped() {
         let started = Instant::now();
-        let result = copy(source, target, o).await;
+        let result = copy_pass(source, target, o, Some(&mut state)).await;
         metrics.passes.fetch_add(1, Ordering::Relaxed);
         match &result {
             Ok(r) => {
@@ -205,11 +206,55 @@ enum Kind {
     Pack,
 }
 
+/// What `--follow` remembers between passes: the WAL is listed only past a key some way
+/// before the end of the last listing (segments may arrive a little out of order, pushed
+/// ahead in parallel), with a full listing every [`FULL_EVERY`] passes.
+#[derive(Debug, Default)]
+pub struct FollowState {
+    wal_after: Option<String>,
+    passes: u64,
+}
+
+/// Keys of the WAL listing looked at again by the next pass (`PITR_DEBUG_COPY_WINDOW`
+/// overrides it for tests).
+const WAL_WINDOW: usize = 2000;
+
+/// Every so many passes, the WAL is listed whole.
+pub const FULL_EVERY: u64 = 60;
+
+fn wal_window() -> usize {
+    std::env::var("PITR_DEBUG_COPY_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(WAL_WINDOW)
+}
+
+async fn list_after(
+    s: &dyn Storage,
+    prefix: &str,
+    after: Option<&str>,
+) -> Result<Vec<ObjectMeta>, StorageError> {
+    match after {
+        Some(a) => s.list_after(prefix, a).await,
+        None => list_all(s, prefix).await,
+    }
+}
+
 /// Copies `source` into the repository at `target`.
 pub async fn copy(
     source: &Repository,
     target: &RepoUrl,
     o: &CopyOptions,
+) -> Result<CopyReport, CopyError> {
+    copy_pass(source, target, o, None).await
+}
+
+async fn copy_pass(
+    source: &Repository,
+    target: &RepoUrl,
+    o: &CopyOptions,
+    mut state: Option<&mut FollowState>,
 ) -> Result<CopyReport, CopyError> {
     let started = Instant::now();
     let mut report = CopyReport::default();
@@ -318,8 +363,25 @@ pub async fn copy(
             None
         }
     };
+    // With --follow, past a key the last pass listed (all of it every FULL_EVERY passes).
+    let after = state
+        .as_ref()
+        .filter(|s| s.passes % FULL_EVERY != 0)
+        .and_then(|s| s.wal_after.clone());
+    let listed = list_after(from.as_ref(), "wal/", after.as_deref()).await?;
+    // Where the next pass lists from, once this one has copied everything (a pass that
+    // fails leaves it where it was).
+    let window = wal_window();
+    let next_after = if listed.len() > window {
+        Some(listed[listed.len() - window].key.clone())
+    } else {
+        after.clone()
+    };
+    if let Some(s) = state.as_mut() {
+        s.passes += 1;
+    }
     let mut wal = Vec::new();
-    for o in list_all(from.as_ref(), "wal/").await? {
+    for o in listed {
         let name = o.key.rsplit('/').next().unwrap_or("");
         let expired = !o.key.starts_with("wal/history/")
             && retention.as_ref().is_some_and(|r| r.expired(name));
@@ -332,11 +394,13 @@ pub async fn copy(
     let max = crate::wal_fetch::wal_file_max(source);
     let pieces = list_all(from.as_ref(), "stream/").await?;
     // The lag: the oldest WAL object or piece the target lacks.
-    let mut theirs_wal: HashSet<String> = list_all(to.as_ref(), "wal/")
-        .await?
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
+    let theirs_listed: std::collections::HashMap<String, u64> =
+        list_after(to.as_ref(), "wal/", after.as_deref())
+            .await?
+            .into_iter()
+            .map(|o| (o.key, o.size))
+            .collect();
+    let mut theirs_wal: HashSet<String> = theirs_listed.keys().cloned().collect();
     theirs_wal.extend(
         list_all(to.as_ref(), "stream/")
             .await?
@@ -355,7 +419,13 @@ pub async fn copy(
             .map_or(0.0, |d| d.as_secs_f64())
     });
     copier
-        .all(&wal, Kind::Envelope(max), o.parallel, &mut problems)
+        .all_known(
+            &wal,
+            Kind::Envelope(max),
+            o.parallel,
+            &mut problems,
+            Some(&theirs_listed),
+        )
         .await?;
     // Pieces of a segment the target holds whole are of no use there.
     let whole_there: HashSet<&str> = theirs_wal
@@ -648,6 +718,11 @@ pub async fn copy(
         w.finish().await;
     }
     report.stopped = o.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+    if let Some(s) = state {
+        if !report.stopped {
+            s.wal_after = next_after;
+        }
+    }
     report.objects = copier.copied.load(Ordering::Relaxed);
     report.bytes = copier.bytes.load(Ordering::Relaxed);
     report.present = copier.present.load(Ordering::Relaxed);
@@ -709,8 +784,23 @@ impl Copier<'_> {
         parallel: usize,
         problems: &mut Vec<String>,
     ) -> Result<u64, CopyError> {
-        let theirs: std::collections::HashMap<String, u64> = match objects.first() {
-            Some(_) => {
+        self.all_known(objects, kind, parallel, problems, None)
+            .await
+    }
+
+    /// [`Copier::all`] with what the target holds of them already listed (`known`).
+    async fn all_known(
+        &self,
+        objects: &[ObjectMeta],
+        kind: Kind,
+        parallel: usize,
+        problems: &mut Vec<String>,
+        known: Option<&std::collections::HashMap<String, u64>>,
+    ) -> Result<u64, CopyError> {
+        let theirs: std::collections::HashMap<String, u64> = match (objects.first(), known) {
+            (None, _) => return Ok(0),
+            (Some(_), Some(k)) => k.clone(),
+            (Some(_), None) => {
                 // One listing of the target per kind of object, not a HEAD each.
                 let prefix = common_prefix(objects);
                 list_all(self.to, &prefix)
@@ -719,7 +809,6 @@ impl Copier<'_> {
                     .map(|o| (o.key, o.size))
                     .collect()
             }
-            None => return Ok(0),
         };
         // An object already there was read back when it was copied; one of another size
         // than the source's is not the same object. (Other differences are for verify on

@@ -432,6 +432,8 @@ fn copy_follow_keeps_up_and_a_restart_copies_nothing_twice() {
                     "--to",
                     &url_b,
                 ])
+                // A small window, so that most passes list only the newest WAL.
+                .env("PITR_DEBUG_COPY_WINDOW", "12")
                 .stdout(std::fs::File::create(dir.path().join(log)).unwrap())
                 .stderr(std::process::Stdio::null())
                 .spawn()

@@ -182,6 +182,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Deletes the keys; absent ones are not an error.
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError>;
 
+    /// The objects under `prefix` whose keys sort after `after`, in key order (S3's
+    /// StartAfter): what is new past a key already seen, without listing what is before it
+    /// where the backend can.
+    async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let mut all = self.list(prefix).await?;
+        all.retain(|o| o.key.as_str() > after);
+        Ok(all)
+    }
+
     /// Every object under `prefix`, in key order: the pages one after another, or (a
     /// backend that can) everything in one pass.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {

@@ -130,4 +130,10 @@ impl Storage for RetryingStorage {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
         self.policy.run(|| self.inner.list(prefix)).await
     }
+
+    async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        self.policy
+            .run(|| self.inner.list_after(prefix, after))
+            .await
+    }
 }

@@ -848,46 +848,25 @@ impl Storage for S3Storage {
         }
     }
 
+    async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectMeta>, StorageError> {
+        let mut out = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.list_page_from(prefix, token, Some(after)).await?;
+            out.extend(page.objects);
+            match page.next {
+                Some(next) => token = Some(next),
+                None => return Ok(out),
+            }
+        }
+    }
+
     async fn list_page(
         &self,
         prefix: &str,
         token: Option<String>,
     ) -> Result<ListPage, StorageError> {
-        let out = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(self.list_prefix(prefix))
-            .set_continuation_token(token)
-            .max_keys(super::LIST_PAGE_SIZE as i32)
-            .send()
-            .await
-            .map_err(|e| classify("list", prefix, e))?;
-        let strip = if self.prefix.is_empty() {
-            0
-        } else {
-            self.prefix.len() + 1
-        };
-        let objects = out
-            .contents()
-            .iter()
-            .filter_map(|o| {
-                let key = o.key()?.get(strip..)?.to_owned();
-                Some(ObjectMeta {
-                    key,
-                    size: o.size().unwrap_or(0).max(0) as u64,
-                    modified: o
-                        .last_modified()
-                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
-                })
-            })
-            .collect();
-        let next = if out.is_truncated() == Some(true) {
-            out.next_continuation_token().map(str::to_owned)
-        } else {
-            None
-        };
-        Ok(ListPage { objects, next })
+        self.list_page_from(prefix, token, None).await
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
@@ -926,6 +905,54 @@ impl Storage for S3Storage {
             }
         }
         Ok(())
+    }
+}
+
+impl S3Storage {
+    /// One page of a listing, after a continuation token, or from `start_after` (a key,
+    /// relative to the repository) on the first page.
+    async fn list_page_from(
+        &self,
+        prefix: &str,
+        token: Option<String>,
+        start_after: Option<&str>,
+    ) -> Result<ListPage, StorageError> {
+        let mut req = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(self.list_prefix(prefix))
+            .set_continuation_token(token.clone())
+            .max_keys(super::LIST_PAGE_SIZE as i32);
+        if let (None, Some(after)) = (&token, start_after) {
+            req = req.start_after(self.list_prefix(after));
+        }
+        let out = req.send().await.map_err(|e| classify("list", prefix, e))?;
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                let key = o.key()?.get(strip..)?.to_owned();
+                Some(ObjectMeta {
+                    key,
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    modified: o
+                        .last_modified()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                })
+            })
+            .collect();
+        let next = if out.is_truncated() == Some(true) {
+            out.next_continuation_token().map(str::to_owned)
+        } else {
+            None
+        };
+        Ok(ListPage { objects, next })
     }
 }
 
