@@ -752,9 +752,66 @@ async fn target_retention(
         Err(repo::objects::ObjectError::Storage(e)) => return Err(e.into()),
         Err(e) => Err(e.to_string()),
     };
-    Ok(record
-        .map(Some)
-        .map_err(|e| format!("the target's retention record cannot be used ({e}): all WAL copied")))
+    let record = match record {
+        Ok(r) => r,
+        Err(e) => {
+            return Ok(Err(format!(
+                "the target's retention record cannot be used ({e}): all WAL copied"
+            )))
+        }
+    };
+    // An expire keeps all WAL from its newest backup's start on: a record saying otherwise
+    // (or one in a copy with no backup) is not the target's expire's, and is not followed.
+    let newest = list_all(to, BACKUP_PREFIX)
+        .await?
+        .iter()
+        .filter_map(|o| parse_manifest_key(&o.key).map(|(id, _)| id.to_owned()))
+        .max();
+    let start = match &newest {
+        Some(id) => newest_start(source, to, id).await?,
+        None => None,
+    };
+    match start {
+        Some(pos) if record.wal_kept_from.as_str() <= pos.as_str() => Ok(Ok(Some(record))),
+        _ => Ok(Err(
+            "the target's retention record does not fit its backups: all WAL copied".into(),
+        )),
+    }
+}
+
+/// The segment position where the newest generation of backup `id` in the target starts.
+async fn newest_start(
+    source: &Repository,
+    to: &dyn Storage,
+    id: &str,
+) -> Result<Option<String>, CopyError> {
+    let g = match repo::manifest::generations(to, id).await?.pop() {
+        Some(g) => g,
+        None => return Ok(None),
+    };
+    let key = repo::manifest::manifest_key_at(id, g);
+    let bytes = match get_bytes(to, &key).await {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Ok((_, plain)) = source
+        .objects()
+        .decode_at_most(&key, bytes, MANIFEST_MAX)
+        .await
+    else {
+        return Ok(None);
+    };
+    let Ok(m) = BackupManifest::parse(&key, &plain) else {
+        return Ok(None);
+    };
+    let seg = walfmt::WalSegmentSize::new(source.config().wal_segment_size).ok();
+    let lsn: Option<walfmt::Lsn> = m.start_lsn.parse().ok();
+    Ok(seg.zip(lsn).map(|(seg, lsn)| {
+        walfmt::SegmentName::new(walfmt::TimelineId(m.timeline), lsn.segment_number(seg), seg)
+            .to_string()[8..24]
+            .to_owned()
+    }))
 }
 
 enum Problem {

@@ -172,7 +172,8 @@ impl S3Server {
     }
 
     /// Objects written to the bed's own server since it started (PutObject and completed
-    /// multipart uploads, pitr's conditional-put probes and markers aside; 0 for an external endpoint).
+    /// multipart uploads that succeeded, pitr's conditional-put probes and markers aside;
+    /// 0 for an external endpoint).
     pub fn writes(&self) -> u64 {
         self.local
             .as_ref()
@@ -291,10 +292,20 @@ impl hyper::service::Service<Incoming> for Counting {
         // pitr's conditional-put probe and its markers of running commands are not data.
         let path = req.uri().path();
         let probe = path.contains("/.conditional-probe/") || path.contains("/running/");
-        if (object_put || completed) && !probe {
-            self.writes.fetch_add(1, Ordering::SeqCst);
+        let call = hyper::service::Service::call(&self.inner, req);
+        if !(object_put || completed) || probe {
+            return call;
         }
-        hyper::service::Service::call(&self.inner, req)
+        // Counted once the object is stored: a refused conditional write (412) or an
+        // upload cut off midway (its writer killed) wrote nothing.
+        let writes = self.writes.clone();
+        Box::pin(async move {
+            let response = call.await;
+            if response.as_ref().is_ok_and(|r| r.status().is_success()) {
+                writes.fetch_add(1, Ordering::SeqCst);
+            }
+            response
+        })
     }
 }
 

@@ -553,4 +553,33 @@ fn generations_an_expire_wrote_are_copied_and_neither_side_brings_back_what_the_
     };
     assert_eq!(listed(&url_b), 1);
     assert_eq!(listed(&url_a), 1);
+    // A retention record in the copy that does not fit its backups (planted: it would make
+    // copy leave every WAL file out) is not followed, and said.
+    let objects = repo::objects::ObjectStore::new(
+        std::sync::Arc::new(repo::storage::FsStorage::new(b_dir.path().join("b")).unwrap()),
+        std::sync::Arc::new(repo::codec::Codec::new(1, 4)),
+        repo::envelope::EncodeOptions::default(),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(
+        objects.put(
+            "retention",
+            br#"{"wal_kept_from":"FFFFFFFFFFFFFFFF","ranges":[]}"#
+                .to_vec()
+                .into(),
+            repo::storage::PutMode::Overwrite,
+        ),
+    )
+    .unwrap();
+    let out = crate::pitr()
+        .args(["copy", "--json", "--repo", &url_a, "--to", &url_b])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+    let v = json(&out);
+    assert!(
+        v["problems"][0].as_str().unwrap().contains("does not fit"),
+        "{v}"
+    );
+    assert_eq!(v["skipped"], 0, "{v}");
 }
