@@ -65,20 +65,7 @@ async fn follow_copy(
             Arc::new(move || m.render()),
         ));
     }
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    });
+    super::on_terminate(move || stop.store(true, std::sync::atomic::Ordering::SeqCst));
     eprintln!(
         "pitr: copy: following {url} into {to}, a pass every {:?}",
         args.interval

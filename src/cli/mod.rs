@@ -86,6 +86,25 @@ fn runtime(exit: Exit) -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(|e| Failure::new(exit, format!("could not start the runtime: {e}")))
 }
 
+/// Runs `then` once SIGTERM or SIGINT arrives (on the current runtime): how a long-running
+/// command (stream, copy --follow) is asked to finish what it holds and exit 0.
+fn on_terminate(then: impl FnOnce() + Send + 'static) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        then();
+    });
+}
+
 /// Bytes as people read them in progress lines and summaries: `12.3 MB`.
 fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)

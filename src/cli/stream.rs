@@ -103,18 +103,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             tokio::spawn(serve(listener, metrics.clone()));
         }
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+        super::on_terminate(move || {
             let _ = tx.send(true);
         });
         eprintln!(
