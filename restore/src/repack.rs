@@ -122,10 +122,18 @@ pub async fn repack(
             }
         }
     }
-    let mut live_bytes = vec![0u64; now.len()];
-    for (&(c, _), &len) in &live {
-        live_bytes[c as usize] += u64::from(len);
+    // Per candidate: its live chunks (offset, envelope length) in pack order, and bytes.
+    let mut by_pack: Vec<Vec<(u64, u32)>> = vec![Vec::new(); now.len()];
+    for ((c, off), len) in live {
+        by_pack[c as usize].push((off, len));
     }
+    for offsets in &mut by_pack {
+        offsets.sort_unstable();
+    }
+    let live_bytes: Vec<u64> = by_pack
+        .iter()
+        .map(|o| o.iter().map(|&(_, len)| u64::from(len)).sum())
+        .collect();
     let chosen: Vec<u32> = (0..now.len() as u32)
         .filter(|&c| {
             let size = now[c as usize].1.max(1);
@@ -135,13 +143,19 @@ pub async fn repack(
     if chosen.is_empty() {
         return Ok(out);
     }
+    let mut is_chosen = vec![false; now.len()];
+    for &c in &chosen {
+        is_chosen[c as usize] = true;
+    }
     let rewritten: Vec<&KeptBackup> = users
         .iter()
         .copied()
         .filter(|k| {
-            k.packs
-                .iter()
-                .any(|p| index.get(p.as_str()).is_some_and(|c| chosen.contains(c)))
+            k.packs.iter().any(|p| {
+                index
+                    .get(p.as_str())
+                    .is_some_and(|&c| is_chosen[c as usize])
+            })
         })
         .collect();
     let Some(marker) = marker else {
@@ -150,7 +164,7 @@ pub async fn repack(
             out.packs += 1;
             out.bytes_moved += live_bytes[c as usize];
             out.bytes_freed += now[c as usize].1;
-            out.chunks += live.keys().filter(|(k, _)| *k == c).count() as u64;
+            out.chunks += by_pack[c as usize].len() as u64;
         }
         out.backups = rewritten.len() as u64;
         return Ok(out);
@@ -173,7 +187,9 @@ pub async fn repack(
     let mut moved: HashMap<(u32, u64), (usize, repo::pack::PackEntry)> = HashMap::new();
     let mut new_packs: Vec<String> = Vec::new();
     let mut builder = PackBuilder::new();
-    let mut done: Vec<u32> = Vec::new();
+    // Candidates whose live chunks were moved, by candidate index.
+    let mut done = vec![false; now.len()];
+    let mut any_done = false;
     for &c in &chosen {
         let (id, size) = &now[c as usize];
         if *size > PACK_READ_MAX {
@@ -189,11 +205,7 @@ pub async fn repack(
                 .push(format!("{key}: {} bytes read, {size} listed", bytes.len()));
             continue;
         }
-        let offsets: Vec<(u64, u32)> = live
-            .iter()
-            .filter(|((k, _), _)| *k == c)
-            .map(|(&(_, off), &len)| (off, len))
-            .collect();
+        let offsets = std::mem::take(&mut by_pack[c as usize]);
         let checked = {
             let (protection, key) = (protection.clone(), key.clone());
             tokio::task::spawn_blocking(move || check_live(&bytes, &key, &offsets, &protection))
@@ -219,13 +231,14 @@ pub async fn repack(
         }
         out.packs += 1;
         out.bytes_freed += size;
-        done.push(c);
+        done[c as usize] = true;
+        any_done = true;
     }
     if !builder.is_empty() {
         new_packs.push(store_pack(repo, marker, builder, options, &protection).await?);
     }
     out.new_packs = new_packs.len() as u64;
-    if done.is_empty() {
+    if !any_done {
         return Ok(out);
     }
 
@@ -234,7 +247,7 @@ pub async fn repack(
         if !k
             .packs
             .iter()
-            .any(|p| index.get(p.as_str()).is_some_and(|c| done.contains(c)))
+            .any(|p| index.get(p.as_str()).is_some_and(|&c| done[c as usize]))
         {
             continue;
         }
@@ -244,7 +257,7 @@ pub async fn repack(
     Ok(out)
 }
 
-/// The live chunks of a pack (`offsets`: offset and envelope length), each checked: its
+/// The live chunks of a pack (`offsets`: offset and envelope length, in order), each checked: its
 /// index entry agrees on the length, and its envelope opens to the chunk the index names.
 fn check_live(
     pack: &Bytes,
@@ -256,9 +269,7 @@ fn check_live(
     let by_offset: BTreeMap<u64, repo::pack::PackEntry> =
         entries.into_iter().map(|e| (e.offset, e)).collect();
     let mut out = Vec::with_capacity(offsets.len());
-    let mut sorted = offsets.to_vec();
-    sorted.sort_unstable();
-    for (off, len) in sorted {
+    for &(off, len) in offsets {
         let e = by_offset
             .get(&off)
             .filter(|e| e.stored_len == len)
@@ -311,7 +322,7 @@ async fn new_generation(
     marker: &Marker,
     k: &KeptBackup,
     index: &HashMap<&str, u32>,
-    done: &[u32],
+    done: &[bool],
     moved: &HashMap<(u32, u64), (usize, repo::pack::PackEntry)>,
     new_packs: &[String],
 ) -> Result<(), RepackError> {
@@ -363,7 +374,7 @@ async fn new_generation(
     let mut packs: Vec<String> = Vec::new();
     let mut renumber: HashMap<usize, u32> = HashMap::new();
     for (i, p) in m.packs.iter().enumerate() {
-        let gone = index.get(p.as_str()).is_some_and(|c| done.contains(c));
+        let gone = index.get(p.as_str()).is_some_and(|&c| done[c as usize]);
         if !gone {
             renumber.insert(i, packs.len() as u32);
             packs.push(p.clone());
@@ -393,7 +404,7 @@ async fn new_generation(
             return Err(err(format!("backup {}: its chunk table ends early", m.id)));
         };
         let old = m.packs.get(e.pack()).map(String::as_str).unwrap_or("");
-        let entry = match index.get(old).filter(|c| done.contains(c)) {
+        let entry = match index.get(old).filter(|&&c| done[c as usize]) {
             Some(&c) => {
                 let (n, at) = moved.get(&(c, e.offset)).ok_or_else(|| {
                     err(format!(
