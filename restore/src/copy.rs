@@ -355,8 +355,14 @@ async fn copy_pass(
     // appears later is copied by the next run, after its WAL).
     let listing = list_all(from.as_ref(), BACKUP_PREFIX).await?;
 
+    let theirs: HashSet<String> = list_all(to.as_ref(), BACKUP_PREFIX)
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+
     // 2. WAL and streamed pieces the target lacks, except what its own expire removed.
-    let retention = match target_retention(source, to.as_ref()).await? {
+    let retention = match target_retention(source, to.as_ref(), &theirs).await? {
         Ok(r) => r,
         Err(why) => {
             problems.push(why);
@@ -400,13 +406,13 @@ async fn copy_pass(
             .into_iter()
             .map(|o| (o.key, o.size))
             .collect();
+    let theirs_pieces: std::collections::HashMap<String, u64> = list_all(to.as_ref(), "stream/")
+        .await?
+        .into_iter()
+        .map(|o| (o.key, o.size))
+        .collect();
     let mut theirs_wal: HashSet<String> = theirs_listed.keys().cloned().collect();
-    theirs_wal.extend(
-        list_all(to.as_ref(), "stream/")
-            .await?
-            .into_iter()
-            .map(|o| o.key),
-    );
+    theirs_wal.extend(theirs_pieces.keys().cloned());
     let oldest_missing = wal
         .iter()
         .chain(pieces.iter())
@@ -443,18 +449,19 @@ async fn copy_pass(
         })
         .collect();
     copier
-        .all(&pieces, Kind::Envelope(max), o.parallel, &mut problems)
+        .all_known(
+            &pieces,
+            Kind::Envelope(max),
+            o.parallel,
+            &mut problems,
+            Some(&theirs_pieces),
+        )
         .await?;
 
     // 3. Backups, oldest first, each generation whole before its manifest: the packs it
     // lists, its chunk table pieces and PostgreSQL's backup_manifest, then the manifest.
     // Backups older than the target's oldest (its own expire removed them) are not brought
     // back.
-    let theirs: HashSet<String> = list_all(to.as_ref(), BACKUP_PREFIX)
-        .await?
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
     let target_oldest = theirs
         .iter()
         .filter_map(|k| parse_manifest_key(k).map(|(id, _)| id.to_owned()))
@@ -470,16 +477,11 @@ async fn copy_pass(
             by_backup.entry(id.to_owned()).or_default().push(o);
         }
     }
-    let packs_there: HashSet<String> = list_all(to.as_ref(), "pack/")
-        .await?
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
-    let packs_here: BTreeMap<String, ObjectMeta> = list_all(from.as_ref(), "pack/")
-        .await?
-        .into_iter()
-        .map(|o| (o.key.clone(), o))
-        .collect();
+    // Both sides' packs, listed when a backup is to be copied (not on a pass with none).
+    let mut packs_listed: Option<(
+        BTreeMap<String, ObjectMeta>,
+        std::collections::HashMap<String, u64>,
+    )> = None;
     // This copy's marker in the target (a writer there), and which target backups list
     // each pack the target holds (read with the source's keys: the copy has the same).
     let target_objects = repo::objects::ObjectStore::new(
@@ -537,6 +539,22 @@ async fn copy_pass(
                 .fetch_add(objects.len() as u64, Ordering::Relaxed);
             continue;
         }
+        if packs_listed.is_none() {
+            let here = list_all(from.as_ref(), "pack/")
+                .await?
+                .into_iter()
+                .map(|o| (o.key.clone(), o))
+                .collect();
+            let there = list_all(to.as_ref(), "pack/")
+                .await?
+                .into_iter()
+                .map(|o| (o.key, o.size))
+                .collect();
+            packs_listed = Some((here, there));
+        }
+        let Some((packs_here, packs_there)) = packs_listed.as_mut() else {
+            continue;
+        };
         // The packs every missing generation lists.
         let mut packs = Vec::new();
         let mut manifest_packs: Vec<String> = Vec::new();
@@ -553,7 +571,7 @@ async fn copy_pass(
                         if !is_pack_id(p) {
                             bad = true;
                             problems.push(format!("backup {id}: its manifest names pack {p:?}"));
-                        } else if !packs_there.contains(&key) {
+                        } else if !packs_there.contains_key(&key) {
                             match packs_here.get(&key) {
                                 Some(meta) => packs.push(meta.clone()),
                                 None => {
@@ -617,7 +635,7 @@ async fn copy_pass(
         if let Some(t) = &writer {
             let reused: Vec<String> = manifest_packs
                 .iter()
-                .filter(|p| packs_there.contains(&pack_key(p)))
+                .filter(|p| packs_there.contains_key(&pack_key(p)))
                 .flat_map(|p| owners_of(p))
                 .collect::<std::collections::BTreeSet<String>>()
                 .into_iter()
@@ -636,8 +654,16 @@ async fn copy_pass(
         packs.dedup_by(|a, b| a.key == b.key);
         let before = problems.len();
         let mut gone = copier
-            .all(&packs, Kind::Pack, o.parallel, &mut problems)
+            .all_known(
+                &packs,
+                Kind::Pack,
+                o.parallel,
+                &mut problems,
+                Some(packs_there),
+            )
             .await?;
+        // There now (or reported): a later backup sharing one does not copy it again.
+        packs_there.extend(packs.iter().map(|o| (o.key.clone(), o.size)));
         // Chunk table pieces of the generations copied, and PostgreSQL's backup_manifest.
         let rest: Vec<ObjectMeta> = objects
             .iter()
@@ -690,22 +716,16 @@ async fn copy_pass(
     }
 
     // Pieces of segments the target now holds whole are of no more use there (readers
-    // take the whole segment), as in the source once its stream completed them.
-    let whole: HashSet<String> = list_all(to.as_ref(), "wal/")
+    // take the whole segment), as in the source once its stream completed them. (The
+    // pieces listed at the start; segments past the same key as the WAL above.)
+    let whole: HashSet<String> = list_after(to.as_ref(), "wal/", after.as_deref())
         .await?
         .into_iter()
         .filter_map(|o| o.key.rsplit('/').next().map(str::to_owned))
         .collect();
-    let done: Vec<String> = list_all(to.as_ref(), "stream/")
-        .await?
-        .into_iter()
-        .filter(|o| {
-            o.key
-                .split('/')
-                .nth(2)
-                .is_some_and(|seg| whole.contains(seg))
-        })
-        .map(|o| o.key)
+    let done: Vec<String> = theirs_pieces
+        .into_keys()
+        .filter(|k| k.split('/').nth(2).is_some_and(|seg| whole.contains(seg)))
         .collect();
     if !done.is_empty() {
         to.delete(&done).await?;
@@ -737,6 +757,7 @@ async fn copy_pass(
 async fn target_retention(
     source: &Repository,
     to: &dyn Storage,
+    theirs: &HashSet<String>,
 ) -> Result<Result<Option<WalRetention>, String>, CopyError> {
     let bytes = match get_bytes(to, WAL_RETENTION_KEY).await {
         Ok(b) => b,
@@ -762,10 +783,9 @@ async fn target_retention(
     };
     // An expire keeps all WAL from its newest backup's start on: a record saying otherwise
     // (or one in a copy with no backup) is not the target's expire's, and is not followed.
-    let newest = list_all(to, BACKUP_PREFIX)
-        .await?
+    let newest = theirs
         .iter()
-        .filter_map(|o| parse_manifest_key(&o.key).map(|(id, _)| id.to_owned()))
+        .filter_map(|k| parse_manifest_key(k).map(|(id, _)| id.to_owned()))
         .max();
     let start = match &newest {
         Some(id) => newest_start(source, to, id).await?,
@@ -854,19 +874,20 @@ impl Copier<'_> {
         problems: &mut Vec<String>,
         known: Option<&std::collections::HashMap<String, u64>>,
     ) -> Result<u64, CopyError> {
-        let theirs: std::collections::HashMap<String, u64> = match (objects.first(), known) {
-            (None, _) => return Ok(0),
-            (Some(_), Some(k)) => k.clone(),
-            (Some(_), None) => {
-                // One listing of the target per kind of object, not a HEAD each.
-                let prefix = common_prefix(objects);
-                list_all(self.to, &prefix)
-                    .await?
-                    .into_iter()
-                    .map(|o| (o.key, o.size))
-                    .collect()
-            }
-        };
+        let theirs: std::borrow::Cow<'_, std::collections::HashMap<String, u64>> =
+            match (objects.first(), known) {
+                (None, _) => return Ok(0),
+                (Some(_), Some(k)) => std::borrow::Cow::Borrowed(k),
+                (Some(_), None) => std::borrow::Cow::Owned({
+                    // One listing of the target per kind of object, not a HEAD each.
+                    let prefix = common_prefix(objects);
+                    list_all(self.to, &prefix)
+                        .await?
+                        .into_iter()
+                        .map(|o| (o.key, o.size))
+                        .collect()
+                }),
+            };
         // An object already there was read back when it was copied; one of another size
         // than the source's is not the same object. (Other differences are for verify on
         // the target.)
