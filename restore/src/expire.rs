@@ -744,13 +744,11 @@ async fn candidates(
 async fn timelines(
     repo: &Repository,
     window_start: Option<SystemTime>,
+    wal: impl Iterator<Item = &ObjectMeta>,
 ) -> Result<Timelines, ExpireError> {
-    let storage = repo.objects().storage();
     let mut tl = Timelines::default();
     let mut in_window = std::collections::BTreeSet::new();
-    let mut wal = list_all(storage.as_ref(), "wal/").await?;
-    wal.extend(list_all(storage.as_ref(), "stream/").await?);
-    for o in &wal {
+    for o in wal {
         if o.key.starts_with("wal/history/") {
             continue;
         }
@@ -937,7 +935,16 @@ async fn run(
             .map(|d| now.checked_sub(d).unwrap_or(UNIX_EPOCH)),
         Mode::Delete { .. } => None,
     };
-    let tl = timelines(repo, window_start).await?;
+    // The WAL and streamed pieces, listed once: for the timelines, and for what goes in
+    // step 4 (what is stored after this listing is newer, and never goes).
+    let wal_listing = list_all(storage.as_ref(), "wal/").await?;
+    let pieces_listing = list_all(storage.as_ref(), "stream/").await?;
+    let tl = timelines(
+        repo,
+        window_start,
+        wal_listing.iter().chain(pieces_listing.iter()),
+    )
+    .await?;
     let mut d = decision(&c, &options.mode, now, &prot, &tl)?;
 
     // Say what goes in the marker, then look at the markers again: a command that wrote
@@ -1191,7 +1198,7 @@ async fn run(
             .map_err(|e| ExpireError::Unreadable(WAL_RETENTION_KEY.into(), e.to_string()))?;
     }
     let mut wal = Vec::new();
-    for o in list_all(storage.as_ref(), "wal/").await? {
+    for o in wal_listing {
         let name = o.key.rsplit('/').next().unwrap_or("");
         if o.key.starts_with("wal/history/") {
             continue;
@@ -1203,7 +1210,7 @@ async fn run(
     removed.wal_files = wal.len() as u64;
     del.delete(&wal, &mut removed).await?;
     let mut pieces = Vec::new();
-    for o in list_all(storage.as_ref(), "stream/").await? {
+    for o in pieces_listing {
         let name = o.key.split('/').nth(2).unwrap_or("");
         if position(name).is_some_and(|p| !d.wal.keeps(p)) {
             pieces.push(o);
