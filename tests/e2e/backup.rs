@@ -13,12 +13,7 @@ use repo::objects::ObjectStore;
 use repo::storage::{FsStorage, Storage};
 use testbed::{Cluster, ClusterOptions, S3Server};
 
-use crate::{pitr, socket, succeeds};
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
+use crate::{json, pitr, socket, succeeds};
 
 /// Every backup in the repository reads back whole and as PostgreSQL listed it.
 fn check_all(storage: Arc<dyn Storage>) -> Vec<BackupManifest> {

@@ -10,17 +10,7 @@ use std::time::Duration;
 
 use testbed::{Cluster, ClusterOptions, S3Server, StopMode};
 
-use crate::succeeds;
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
+use crate::{json, succeeds, Reaped};
 
 /// A repository URL on `s3` that names its endpoint itself, and the environment's other
 /// settings (credentials, region) without an endpoint.
@@ -352,28 +342,6 @@ fn an_encrypted_repository_is_copied_as_ciphertext_and_opens_with_the_same_key()
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("another repository"));
     let _ = pg2.stop(StopMode::Fast);
-}
-
-/// A child process killed when dropped.
-struct Reaped(Option<std::process::Child>);
-
-impl Reaped {
-    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
-        let mut child = self.0.take().unwrap();
-        let _ = std::process::Command::new("kill")
-            .args([sig, &child.id().to_string()])
-            .status();
-        child.wait().unwrap()
-    }
-}
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 #[test]

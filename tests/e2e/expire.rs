@@ -10,12 +10,7 @@ use std::time::{Duration, SystemTime};
 use testbed::{Cluster, ClusterOptions};
 
 use crate::restore::{batches, commit_batch, start_restored, Source};
-use crate::succeeds;
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
+use crate::{json, succeeds, Reaped};
 
 /// Stored bytes and keys under the repository's prefix.
 fn bucket(src: &Source, name: &str) -> (u64, Vec<String>) {
@@ -444,16 +439,6 @@ fn listed_at(url: &str) -> Vec<String> {
         .collect()
 }
 
-/// A child process killed when dropped (a test that fails must not leave it running).
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn expire_in_a_loop_beside_backups_archiving_and_a_stream_loses_nothing() {
     let src = Source::new("busy");
@@ -472,7 +457,7 @@ fn expire_in_a_loop_beside_backups_archiving_and_a_stream_loses_nothing() {
     src.archive_all();
     src.backup();
 
-    let stream = Reaped(
+    let stream = Reaped(Some(
         src.pitr()
             .args([
                 "stream",
@@ -487,7 +472,7 @@ fn expire_in_a_loop_beside_backups_archiving_and_a_stream_loses_nothing() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),
-    );
+    ));
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut expired_runs = 0;
     let taken: Vec<String> = std::thread::scope(|s| {

@@ -101,3 +101,37 @@ pub fn bed_s3_storage(s3: &testbed::S3Server, prefix: &str) -> Arc<dyn Storage> 
     settings.credentials = Some((s3.access_key().to_owned(), s3.secret_key().to_owned()));
     Arc::new(rt.block_on(S3Storage::connect(settings)))
 }
+
+/// The command's stdout as JSON (a panic quoting it and stderr when it is not).
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A child process killed when dropped (a test that fails must not leave it running).
+pub struct Reaped(pub Option<std::process::Child>);
+
+impl Reaped {
+    /// Sends `sig` (`-TERM`, `-KILL`) and waits for it to exit.
+    pub fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        let mut child = self.0.take().unwrap();
+        let _ = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status();
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
