@@ -23,6 +23,30 @@ fn own_url(s3: &S3Server, name: &str, extra: &str) -> String {
     )
 }
 
+/// Makes the repository at `url` for `pg` (with `pitr`, a command set up for its server)
+/// and starts `pg` archiving into it with wal-push (the repository in its PITR_REPO);
+/// returns the binary its archive_command and restore_command run.
+fn archive_into(
+    pg: &mut Cluster,
+    url: &str,
+    mut pitr: std::process::Command,
+) -> std::path::PathBuf {
+    succeeds(
+        pitr.args(["init", "--repo", url, "--data-dir"])
+            .arg(pg.data_dir()),
+    );
+    let bin = pg
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    pg.set_config(
+        "archive_command",
+        &format!("'{}' wal-push %p", bin.display()),
+    )
+    .unwrap();
+    pg.start().unwrap();
+    bin
+}
+
 /// Every object under a server's prefix, with its bytes, as stored.
 fn stored(s3: &S3Server, name: &str) -> Vec<(String, Vec<u8>)> {
     let storage = crate::bed_s3_storage(s3, &format!("{}/{name}", s3.prefix()));
@@ -92,20 +116,7 @@ fn a_copy_in_another_store_restores_when_the_first_is_gone() {
         c.envs(S3Server::static_env()).envs(aws_env.clone());
         c
     };
-    succeeds(
-        pitr()
-            .args(["init", "--repo", &url_a, "--data-dir"])
-            .arg(pg.data_dir()),
-    );
-    let bin = pg
-        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
-        .unwrap();
-    pg.set_config(
-        "archive_command",
-        &format!("'{}' wal-push %p", bin.display()),
-    )
-    .unwrap();
-    pg.start().unwrap();
+    let bin = archive_into(&mut pg, &url_a, pitr());
     pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
     let commit = |k: u32| {
         pg.sql(&format!(
@@ -362,20 +373,7 @@ fn copy_follow_keeps_up_and_a_restart_copies_nothing_twice() {
         c.envs(S3Server::static_env());
         c
     };
-    succeeds(
-        pitr()
-            .args(["init", "--repo", &url_a, "--data-dir"])
-            .arg(pg.data_dir()),
-    );
-    let bin = pg
-        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
-        .unwrap();
-    pg.set_config(
-        "archive_command",
-        &format!("'{}' wal-push %p", bin.display()),
-    )
-    .unwrap();
-    pg.start().unwrap();
+    archive_into(&mut pg, &url_a, pitr());
     pg.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
     succeeds(pitr().args([
         "backup",
