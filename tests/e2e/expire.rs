@@ -427,6 +427,40 @@ fn expire_killed_after_any_deletion_leaves_kept_backups_whole() {
         "5"
     );
     assert_eq!(listed_at(&reference_url), ids[2..]);
+
+    // Hostile objects stop expire before it removes anything: a planted marker it cannot
+    // read (exit 4: what it protects is unknown), a damaged manifest (exit 5: which packs
+    // it needs is unknown).
+    let hostile = dir.path().join("hostile");
+    copy_tree(&root, &hostile);
+    let hostile_url = format!("file://{}", hostile.display());
+    let before = keys_of(&hostile);
+    std::fs::create_dir_all(hostile.join("running")).unwrap();
+    std::fs::write(hostile.join("running/planted"), b"not a marker").unwrap();
+    let out = expire(&hostile_url, None);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("marker"));
+    assert_eq!(keys_of(&hostile), before);
+    std::fs::remove_file(hostile.join("running/planted")).unwrap();
+    let manifest = hostile.join(format!("backup/{}/manifest", ids[0]));
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&manifest, bytes).unwrap();
+    let out = expire(&hostile_url, None);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&ids[0]));
+    assert_eq!(keys_of(&hostile), before);
 }
 
 fn listed_at(url: &str) -> Vec<String> {
