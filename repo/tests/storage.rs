@@ -351,3 +351,74 @@ async fn s3_put_if_absent_is_checked_where_the_server_ignores_conditions() {
     );
     assert_eq!(storage::get_bytes(&s, "mp/checked").await.unwrap(), body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_copies_server_side_on_one_server_and_never_overwrites() {
+    let server = testbed::S3Server::start_local().unwrap();
+    let at = |name: &str| {
+        let mut settings = support::s3_settings(&server);
+        settings.prefix = format!("{}/{name}", settings.prefix);
+        settings
+    };
+    let a = repo::storage::S3Storage::connect(at("a")).await;
+    let b = repo::storage::S3Storage::connect(at("b")).await;
+    let body = Bytes::from(data(3 << 20, 5));
+    a.put("wal/x y", body.clone(), PutMode::Overwrite)
+        .await
+        .unwrap();
+    a.put("wal/z", Bytes::from(data(100, 6)), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let from = a.copy_source().await.unwrap();
+    assert_eq!(b.copy_source().await.unwrap().server, from.server);
+    let before = server.copies();
+    assert_eq!(
+        b.copy_from(&from, "wal/x y", PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        Some(PutOutcome::Stored)
+    );
+    assert_eq!(server.copies(), before + 1, "not copied by the server");
+    assert_eq!(storage::get_bytes(&b, "wal/x y").await.unwrap(), body);
+    // An object already there is not overwritten.
+    let theirs = Bytes::from(data(100, 7));
+    b.put("wal/z", theirs.clone(), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.copy_from(&from, "wal/z", PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        Some(PutOutcome::AlreadyExists)
+    );
+    assert_eq!(storage::get_bytes(&b, "wal/z").await.unwrap(), theirs);
+    // A source object that is not there is missing, not copied.
+    let err = b
+        .copy_from(&from, "wal/none", PutMode::IfAbsent)
+        .await
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
+    // Other credentials (or another server): not server-side; the caller copies bytes.
+    let mut other = at("c");
+    other.credentials = Some(("someone-else".into(), "secret".into()));
+    let c = repo::storage::S3Storage::connect(other).await;
+    assert_ne!(c.copy_source().await.unwrap().server, from.server);
+    assert_eq!(
+        c.copy_from(&from, "wal/z", PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        None
+    );
+    // Through the retry layer the same.
+    let r = repo::storage::RetryingStorage::new(
+        std::sync::Arc::new(repo::storage::S3Storage::connect(at("d")).await),
+        repo::storage::RetryPolicy::default(),
+    );
+    assert_eq!(r.copy_source().await.unwrap().server, from.server);
+    assert_eq!(
+        r.copy_from(&from, "wal/z", PutMode::IfAbsent)
+            .await
+            .unwrap(),
+        Some(PutOutcome::Stored)
+    );
+}

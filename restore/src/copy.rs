@@ -42,6 +42,9 @@ pub struct CopyReport {
     pub objects: u64,
     /// Their stored bytes.
     pub bytes: u64,
+    /// Of the objects copied, those the server copied itself (source and target on one
+    /// server, reached with the same credentials): their bytes did not go up from here.
+    pub server_side: u64,
     /// Objects already in the target.
     pub present: u64,
     /// Backup (manifest generations) that appeared in the target.
@@ -286,13 +289,21 @@ async fn copy_pass(
     }
 
     let marker = repo::markers::reader(source.objects(), "copy").await;
+    // One server and one identity on both sides: the server copies (each object is still
+    // read here to be checked, and read back after).
+    let server_side = match (from.copy_source().await, to.copy_source().await) {
+        (Some(ours), Some(theirs)) if ours.server == theirs.server => Some(ours),
+        _ => None,
+    };
     let copier = Copier {
         stop: o.stop.clone(),
         source,
         from: from.as_ref(),
         to: to.as_ref(),
+        server_side,
         copied: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
+        by_server: AtomicU64::new(0),
         present: AtomicU64::new(0),
     };
     let mut problems = Vec::new();
@@ -745,6 +756,7 @@ async fn copy_pass(
     }
     report.objects = copier.copied.load(Ordering::Relaxed);
     report.bytes = copier.bytes.load(Ordering::Relaxed);
+    report.server_side = copier.by_server.load(Ordering::Relaxed);
     report.present = copier.present.load(Ordering::Relaxed);
     report.problems = problems;
     report.seconds = started.elapsed().as_secs_f64();
@@ -846,8 +858,11 @@ struct Copier<'a> {
     source: &'a Repository,
     from: &'a dyn Storage,
     to: &'a dyn Storage,
+    /// Where the target's server can copy the source's objects from itself.
+    server_side: Option<repo::storage::CopySource>,
     copied: AtomicU64,
     bytes: AtomicU64,
+    by_server: AtomicU64,
     present: AtomicU64,
 }
 
@@ -958,7 +973,19 @@ impl Copier<'_> {
             Err(p) => return Err(p),
         };
         self.check(key, &bytes, kind).await?;
-        match self.to.put(key, bytes.clone(), PutMode::IfAbsent).await {
+        let by_server = match &self.server_side {
+            Some(from) => match self.to.copy_from(from, key, PutMode::IfAbsent).await {
+                Ok(done) => done,
+                Err(e) if e.is_not_found() => return Err(Problem::Vanished(o.key.clone())),
+                Err(e) => return Err(Problem::Storage(e)),
+            },
+            None => None,
+        };
+        let stored = match by_server {
+            Some(outcome) => Ok(outcome),
+            None => self.to.put(key, bytes.clone(), PutMode::IfAbsent).await,
+        };
+        match stored {
             Ok(PutOutcome::Stored) => {}
             Ok(PutOutcome::AlreadyExists) => {
                 let theirs = self
@@ -988,6 +1015,9 @@ impl Copier<'_> {
         }
         let n = self.copied.fetch_add(1, Ordering::SeqCst) + 1;
         self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if by_server.is_some() {
+            self.by_server.fetch_add(1, Ordering::Relaxed);
+        }
         // Test hook, not for users: `PITR_DEBUG_COPY_STOP=N` SIGKILLs the process once N
         // objects are copied.
         if std::env::var("PITR_DEBUG_COPY_STOP").is_ok_and(|v| v == n.to_string()) {

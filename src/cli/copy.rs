@@ -143,11 +143,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
             println!("DAMAGED: {p}");
         }
         println!(
-            "{}copied {} object(s), {} in {:.1} s; {} already there; {} backup(s) now in the target{}{}",
+            "{}copied {} object(s), {} in {:.1} s{}; {} already there; {} backup(s) now in the target{}{}",
             if report.initialized { "made the target a copy; " } else { "" },
             report.objects,
             mb(report.bytes),
             report.seconds,
+            if report.server_side > 0 {
+                format!(" ({} by the server itself)", report.server_side)
+            } else {
+                String::new()
+            },
             report.present,
             report.backups,
             if report.skipped > 0 {

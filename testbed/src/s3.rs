@@ -44,8 +44,16 @@ struct Local {
     /// While stopped: a socket bound to the port but not listening, so connections are
     /// refused (the outage) and no other process can take the port before the restart.
     held: Option<TcpSocket>,
-    /// Objects written (PutObject, CompleteMultipartUpload) since it started.
-    writes: Arc<AtomicU64>,
+    counters: Arc<Counters>,
+}
+
+/// What the local server counts.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Objects written (PutObject, CompleteMultipartUpload, CopyObject) since it started.
+    writes: AtomicU64,
+    /// Of those, server-side copies (CopyObject).
+    copies: AtomicU64,
 }
 
 impl S3Server {
@@ -64,11 +72,11 @@ impl S3Server {
     pub fn start_local() -> Result<S3Server> {
         let root = temp_dir("pitr-bed-s3-")?;
         std::fs::create_dir(root.path().join(BUCKET)).context("create the test bucket")?;
-        let writes = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(Counters::default());
         let (runtime, addr) = serve_socket(
             root.path(),
             hold((Ipv4Addr::LOCALHOST, 0).into())?,
-            writes.clone(),
+            counters.clone(),
         )?;
         Ok(S3Server {
             endpoint: format!("http://{addr}"),
@@ -82,7 +90,7 @@ impl S3Server {
                 addr,
                 runtime: Some(runtime),
                 held: None,
-                writes,
+                counters,
             }),
         })
     }
@@ -171,13 +179,20 @@ impl S3Server {
         .collect()
     }
 
-    /// Objects written to the bed's own server since it started (PutObject and completed
-    /// multipart uploads that succeeded, pitr's conditional-put probes and markers aside;
-    /// 0 for an external endpoint).
+    /// Objects written to the bed's own server since it started (PutObject, completed
+    /// multipart uploads and CopyObject that succeeded, pitr's conditional-put probes and
+    /// markers aside; 0 for an external endpoint).
     pub fn writes(&self) -> u64 {
         self.local
             .as_ref()
-            .map_or(0, |l| l.writes.load(Ordering::SeqCst))
+            .map_or(0, |l| l.counters.writes.load(Ordering::SeqCst))
+    }
+
+    /// Of [`S3Server::writes`], the server-side copies (CopyObject).
+    pub fn copies(&self) -> u64 {
+        self.local
+            .as_ref()
+            .map_or(0, |l| l.counters.copies.load(Ordering::SeqCst))
     }
 
     /// Where the local server keeps its bucket dirs (None for an external endpoint).
@@ -217,7 +232,7 @@ impl S3Server {
             return Ok(());
         }
         if let Some(socket) = local.held.take() {
-            let (rt, _) = serve_socket(local.root.path(), socket, local.writes.clone())?;
+            let (rt, _) = serve_socket(local.root.path(), socket, local.counters.clone())?;
             local.runtime = Some(rt);
             return Ok(());
         }
@@ -268,14 +283,48 @@ fn hold(addr: SocketAddr) -> Result<TcpSocket> {
 /// Serves the s3s-fs tree at `root` on `addr` from a new runtime; returns it and the bound
 /// address. The S3 server binary (`pitr-test-s3`) runs the same code.
 pub fn serve(root: &Path, addr: SocketAddr) -> Result<(tokio::runtime::Runtime, SocketAddr)> {
-    serve_socket(root, hold(addr)?, Arc::new(AtomicU64::new(0)))
+    serve_socket(root, hold(addr)?, Arc::new(Counters::default()))
 }
 
-/// The S3 service, counting the requests that write an object.
+/// The S3 service, counting the requests that write an object, and refusing a CopyObject
+/// with `If-None-Match: *` onto an existing key as AWS S3 does (s3s-fs 0.14 ignores that
+/// header on CopyObject; it honours it on PutObject and CompleteMultipartUpload).
 #[derive(Clone)]
 struct Counting {
     inner: s3s::service::S3Service,
-    writes: Arc<AtomicU64>,
+    counters: Arc<Counters>,
+    root: std::path::PathBuf,
+}
+
+/// Percent-decodes a request path (`None` if it is not UTF-8 once decoded).
+fn decode_path(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A 412 as S3 sends it.
+fn precondition_failed() -> hyper::Response<s3s::Body> {
+    let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>PreconditionFailed</Code>\
+               <Message>At least one of the pre-conditions you specified did not hold</Message></Error>";
+    let mut r = hyper::Response::new(s3s::Body::from(xml.to_owned()));
+    *r.status_mut() = hyper::StatusCode::PRECONDITION_FAILED;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/xml"),
+    );
+    r
 }
 
 type Incoming = hyper::Request<hyper::body::Incoming>;
@@ -292,17 +341,35 @@ impl hyper::service::Service<Incoming> for Counting {
         // pitr's conditional-put probe and its markers of running commands are not data.
         let path = req.uri().path();
         let probe = path.contains("/.conditional-probe/") || path.contains("/running/");
+        let copy = object_put && req.headers().contains_key("x-amz-copy-source");
+        if copy
+            && req
+                .headers()
+                .get(hyper::header::IF_NONE_MATCH)
+                .is_some_and(|v| v.as_bytes() == b"*")
+        {
+            // Path-style: /bucket/key, stored by s3s-fs at root/bucket/key.
+            let target = decode_path(path.trim_start_matches('/'))
+                .filter(|p| !p.split('/').any(|part| part == ".." || part == "."))
+                .map(|p| self.root.join(p));
+            if target.is_some_and(|t| t.is_file()) {
+                return Box::pin(async { Ok(precondition_failed()) });
+            }
+        }
         let call = hyper::service::Service::call(&self.inner, req);
         if !(object_put || completed) || probe {
             return call;
         }
         // Counted once the object is stored: a refused conditional write (412) or an
         // upload cut off midway (its writer killed) wrote nothing.
-        let writes = self.writes.clone();
+        let counters = self.counters.clone();
         Box::pin(async move {
             let response = call.await;
             if response.as_ref().is_ok_and(|r| r.status().is_success()) {
-                writes.fetch_add(1, Ordering::SeqCst);
+                counters.writes.fetch_add(1, Ordering::SeqCst);
+                if copy {
+                    counters.copies.fetch_add(1, Ordering::SeqCst);
+                }
             }
             response
         })
@@ -313,7 +380,7 @@ impl hyper::service::Service<Incoming> for Counting {
 fn serve_socket(
     root: &Path,
     socket: TcpSocket,
-    writes: Arc<AtomicU64>,
+    counters: Arc<Counters>,
 ) -> Result<(tokio::runtime::Runtime, SocketAddr)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -327,7 +394,8 @@ fn serve_socket(
         b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         Counting {
             inner: b.build(),
-            writes,
+            counters,
+            root: root.to_owned(),
         }
     };
     // No block_on: this may be called from inside a test's own runtime.

@@ -281,10 +281,11 @@ fn copy_cmd(
 
 #[test]
 fn an_encrypted_repository_is_copied_as_ciphertext_and_opens_with_the_same_key() {
+    // One server, one identity: the server copies the objects itself.
     let a = S3Server::start_local().unwrap();
-    let b = S3Server::start_local().unwrap();
+    let b = &a;
     let url_a = own_url(&a, "a", "");
-    let url_b = own_url(&b, "b", "");
+    let url_b = own_url(b, "b", "");
     let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
     let keys = pg.server_dir("keys").unwrap();
     let key = keys.join("k");
@@ -314,10 +315,15 @@ fn an_encrypted_repository_is_copied_as_ciphertext_and_opens_with_the_same_key()
         "--pg",
         &crate::socket(&pg),
     ]));
-    succeeds(pitr().args(["copy", "--repo", &url_a, "--to", &url_b]));
-    let (ours, theirs) = (stored(&a, "a"), stored(&b, "b"));
+    let copies = a.copies();
+    let report = json(&succeeds(
+        pitr().args(["copy", "--json", "--repo", &url_a, "--to", &url_b]),
+    ));
+    let (ours, theirs) = (stored(&a, "a"), stored(b, "b"));
     assert!(ours.len() > 5);
     assert_eq!(ours, theirs, "not the same ciphertext");
+    assert_eq!(report["server_side"], report["objects"], "{report}");
+    assert_eq!(a.copies() - copies, report["objects"].as_u64().unwrap());
     // The copy opens with the same key, and not without one.
     succeeds(pitr().args(["verify", "--backups-only", "--repo", &url_b]));
     let out = crate::pitr()
@@ -338,7 +344,7 @@ fn an_encrypted_repository_is_copied_as_ciphertext_and_opens_with_the_same_key()
         assert_eq!(out.status.code(), Some(3), "{nested}");
     }
     // A target holding another repository is refused.
-    let other = own_url(&b, "other", "");
+    let other = own_url(b, "other", "");
     let mut pg2 = Cluster::init(ClusterOptions::default()).unwrap();
     succeeds(
         crate::pitr()

@@ -141,6 +141,18 @@ impl std::error::Error for StorageError {
     }
 }
 
+/// Where a storage's objects can be copied from by the server itself (S3 CopyObject): to a
+/// storage on the same server that signs its requests as the same identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopySource {
+    /// The server and who is asking: endpoint, region and access key id. Copies go
+    /// server-side only between storages whose `server` is the same.
+    pub server: String,
+    pub bucket: String,
+    /// Keys are under this prefix (no leading or trailing `/`; empty for none).
+    pub prefix: String,
+}
+
 /// A place objects live. Keys are `/`-separated relative paths without `.` or `..` parts.
 #[async_trait]
 pub trait Storage: Send + Sync + fmt::Debug {
@@ -181,6 +193,24 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Deletes the keys; absent ones are not an error.
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError>;
+
+    /// Where this storage's objects can be copied from server-side, if anywhere: a storage
+    /// whose [`Storage::copy_from`] takes them.
+    async fn copy_source(&self) -> Option<CopySource> {
+        None
+    }
+
+    /// Copies `from`'s object `key` to the same key here without its bytes passing through
+    /// this process. `Ok(None)`: this storage cannot (another server, other credentials, a
+    /// server that copies but cannot be told not to overwrite): the caller copies the bytes.
+    async fn copy_from(
+        &self,
+        _from: &CopySource,
+        _key: &str,
+        _mode: PutMode,
+    ) -> Result<Option<PutOutcome>, StorageError> {
+        Ok(None)
+    }
 
     /// The objects under `prefix` whose keys sort after `after`, in key order (S3's
     /// StartAfter): what is new past a key already seen, without listing what is before it

@@ -9,7 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ByteStream, ListPage, ObjectMeta, PutMode, PutOutcome, Storage, StorageError};
+use super::{
+    ByteStream, CopySource, ListPage, ObjectMeta, PutMode, PutOutcome, Storage, StorageError,
+};
 
 /// Retry policy.
 #[derive(Debug, Clone, Copy)]
@@ -129,6 +131,21 @@ impl Storage for RetryingStorage {
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StorageError> {
         self.policy.run(|| self.inner.list(prefix)).await
+    }
+
+    async fn copy_source(&self) -> Option<CopySource> {
+        self.inner.copy_source().await
+    }
+
+    async fn copy_from(
+        &self,
+        from: &CopySource,
+        key: &str,
+        mode: PutMode,
+    ) -> Result<Option<PutOutcome>, StorageError> {
+        self.policy
+            .run(|| self.inner.copy_from(from, key, mode))
+            .await
     }
 
     async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectMeta>, StorageError> {

@@ -18,8 +18,8 @@ use futures::stream::FuturesOrdered;
 use futures::StreamExt;
 
 use super::{
-    check_key, ByteStream, ErrorKind, ListPage, ObjectMeta, PutMode, PutOutcome, Storage,
-    StorageError,
+    check_key, ByteStream, CopySource, ErrorKind, ListPage, ObjectMeta, PutMode, PutOutcome,
+    Storage, StorageError,
 };
 
 /// How to reach a bucket. Unset fields come from the AWS standard configuration.
@@ -199,6 +199,14 @@ pub struct S3Storage {
     unsigned_payload: bool,
     probed: std::sync::Arc<tokio::sync::OnceCell<bool>>,
     probe_cache: Option<std::path::PathBuf>,
+    /// The endpoint URL ("aws" for AWS's own).
+    endpoint: String,
+    /// What signs requests (for [`Storage::copy_source`]).
+    credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
+    /// The server and identity, once resolved (`None`: no credentials).
+    identity: std::sync::Arc<tokio::sync::OnceCell<Option<String>>>,
+    /// Whether CopyObject honours `If-None-Match: *` here (probed once, when first needed).
+    copy_probed: std::sync::Arc<tokio::sync::OnceCell<bool>>,
 }
 
 /// Classifies an SDK failure: NotFound, Transient (timeouts, connection faults, throttling,
@@ -413,6 +421,10 @@ impl S3Storage {
         S3Storage {
             client: aws_sdk_s3::Client::from_conf(b.build()),
             probe_cache,
+            credentials: shared.credentials_provider(),
+            identity: Default::default(),
+            endpoint,
+            copy_probed: Default::default(),
             bucket: settings.bucket,
             prefix: settings.prefix,
             part_size: settings.part_size.max(5 << 20),
@@ -480,6 +492,59 @@ impl S3Storage {
             .send()
             .await;
         supported
+    }
+
+    /// Whether a server-side copy can be told not to overwrite: copies a probe object onto a
+    /// new key, then again with `If-None-Match: *` (a 412 means yes). A server that cannot
+    /// copy at all, or ignores the condition, or a probe that fails: no (bytes are copied
+    /// instead, with put-if-absent as usual).
+    async fn copy_conditional_supported(&self) -> bool {
+        *self
+            .copy_probed
+            .get_or_init(|| async {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let base = format!(".conditional-probe/{}-{nanos}", std::process::id());
+                let (Ok(from), Ok(to)) = (
+                    self.full_key("put", &format!("{base}-a")),
+                    self.full_key("put", &format!("{base}-b")),
+                ) else {
+                    return false;
+                };
+                let copy = || {
+                    self.client
+                        .copy_object()
+                        .bucket(&self.bucket)
+                        .key(&to)
+                        .copy_source(copy_source_header(&self.bucket, &from))
+                };
+                let put = self
+                    .client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(&from)
+                    .body(AwsBody::from_static(b"probe"))
+                    .send()
+                    .await;
+                let supported = put.is_ok()
+                    && copy().send().await.is_ok()
+                    && matches!(
+                        copy().if_none_match("*").send().await,
+                        Err(e) if status_of(&e) == Some(412)
+                    );
+                for key in [&from, &to] {
+                    let _ = self
+                        .client
+                        .delete_object()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .send()
+                        .await;
+                }
+                supported
+            })
+            .await
     }
 
     /// After an unconditional write: is the stored object the one with the ETag we got back?
@@ -698,6 +763,19 @@ impl S3Storage {
     }
 }
 
+/// CopyObject's `x-amz-copy-source`: `bucket/key`, URL-encoded (`/` kept).
+fn copy_source_header(bucket: &str, key: &str) -> String {
+    let mut out = String::with_capacity(bucket.len() + key.len() + 1);
+    for b in format!("{bucket}/{key}").bytes() {
+        if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Reads up to `size` bytes from the stream (None at its end).
 async fn read_part(body: &mut ByteStream, size: usize) -> Result<Option<Bytes>, StorageError> {
     let mut buf = BytesMut::new();
@@ -867,6 +945,73 @@ impl Storage for S3Storage {
         token: Option<String>,
     ) -> Result<ListPage, StorageError> {
         self.list_page_from(prefix, token, None).await
+    }
+
+    async fn copy_source(&self) -> Option<CopySource> {
+        use aws_sdk_s3::config::ProvideCredentials;
+        let server = self
+            .identity
+            .get_or_init(|| async {
+                let credentials = self
+                    .credentials
+                    .as_ref()?
+                    .provide_credentials()
+                    .await
+                    .ok()?;
+                Some(format!(
+                    "{}\n{}\n{}",
+                    self.endpoint,
+                    self.client.config().region().map_or("", |r| r.as_ref()),
+                    credentials.access_key_id()
+                ))
+            })
+            .await
+            .clone()?;
+        Some(CopySource {
+            server,
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+        })
+    }
+
+    async fn copy_from(
+        &self,
+        from: &CopySource,
+        key: &str,
+        mode: PutMode,
+    ) -> Result<Option<PutOutcome>, StorageError> {
+        let full = self.full_key("copy", key)?;
+        if self
+            .copy_source()
+            .await
+            .is_none_or(|me| me.server != from.server)
+        {
+            return Ok(None);
+        }
+        if mode == PutMode::IfAbsent && !self.copy_conditional_supported().await {
+            return Ok(None);
+        }
+        let source = if from.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", from.prefix)
+        };
+        let mut req = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .copy_source(copy_source_header(&from.bucket, &source));
+        if mode == PutMode::IfAbsent {
+            req = req.if_none_match("*");
+        }
+        match req.send().await {
+            Ok(_) => Ok(Some(PutOutcome::Stored)),
+            Err(e) if mode == PutMode::IfAbsent && status_of(&e) == Some(412) => {
+                Ok(Some(PutOutcome::AlreadyExists))
+            }
+            Err(e) => Err(classify("copy", key, e)),
+        }
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError> {
