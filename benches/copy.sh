@@ -4,7 +4,9 @@
 # backed up there; pgbench then writes WAL_MB of WAL; each tool copies the whole repository
 # to the second server (pitr copy --parallel 8 into a new location; aws s3 sync into the
 # local disk and from there to the second server, since it copies between two endpoints
-# only that way). Prints MB/s and objects/s of each, and the ratio.
+# only that way). Prints MB/s and objects/s of each, and the ratio; pitr copy within one
+# server (server-side copies); and the baseline the issue's aim is stated against: the same
+# objects read and written one at a time by curl, and 8 at a time.
 #
 #   benches/copy.sh                  # pgbench -i -s 70 (about 1.1 GB), then about 1 GB of WAL
 #   SCALE=20 WAL_MB=300 benches/copy.sh
@@ -28,7 +30,7 @@ for _ in $(seq 100); do grep -q '^AWS_REGION=' "$work/s3b.env" 2>/dev/null && br
 unset AWS_ENDPOINT_URL
 export PITR_S3_PATH_STYLE=true
 a="s3://pitr-test/copy-a?endpoint=http://127.0.0.1:$s3port"
-b="s3://pitr-test/copy-b?endpoint=http://127.0.0.1:$s3b"
+b() { echo "s3://pitr-test/copy-b$1?endpoint=http://127.0.0.1:$s3b"; }
 
 dir="$work/db"
 new_cluster "$dir"
@@ -56,9 +58,17 @@ as_pg "$PGBIN/pg_ctl" -D "$dir/data" -m fast stop >/dev/null
 sync
 
 now() { date +%s.%N; }
+# pitr copy, three runs into new locations on the second server (the median is reported),
+# and one into a new location on the first (the server copies each object itself).
+tps=()
+for i in 1 2 3; do
+  t0=$(now)
+  "$PITR" copy --parallel 8 --json --repo "$a" --to "$(b "$i")" >"$work/copy.json"
+  tps+=("$(echo "$(now) - $t0" | bc)")
+done
 t0=$(now)
-"$PITR" copy --parallel 8 --json --repo "$a" --to "$b" >"$work/copy.json"
-tp=$(echo "$(now) - $t0" | bc)
+"$PITR" copy --parallel 8 --json --repo "$a" --to "s3://pitr-test/copy-same?endpoint=http://127.0.0.1:$s3port" >"$work/same.json"
+tss=$(echo "$(now) - $t0" | bc)
 aws() { "$AWS" --endpoint-url "$1" "${@:2}"; }
 t0=$(now)
 aws "http://127.0.0.1:$s3port" s3 sync --quiet "s3://pitr-test/copy-a" "$work/sync"
@@ -66,11 +76,38 @@ td=$(echo "$(now) - $t0" | bc)
 t0=$(now)
 aws "http://127.0.0.1:$s3b" s3 sync --quiet "$work/sync" "s3://pitr-test/copy-sync"
 tu=$(echo "$(now) - $t0" | bc)
-python3 - "$work/copy.json" "$tp" "$td" "$tu" <<'PY'
+
+# The baseline the issue's aim is stated against: the same objects (the files aws s3 sync
+# brought down) read one at a time from the first server and written one at a time to the
+# second, by curl (SigV4, unsigned payload: no hashing on either side); then both with 8
+# at once, each object read into /dev/shm and written from there, nothing checked.
+(cd "$work/sync" && find . -type f -printf '%P\n' | sort) >"$work/keys"
+s3curl() { curl -sS -f --aws-sigv4 "aws:amz:${AWS_REGION:-us-east-1}:s3" --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$@"; }
+export -f s3curl
+export s3port s3b work
+t0=$(now)
+while read -r k; do s3curl -o /dev/null "http://127.0.0.1:$s3port/pitr-test/copy-a/$k"; done <"$work/keys"
+tg=$(echo "$(now) - $t0" | bc)
+t0=$(now)
+while read -r k; do s3curl -T "$work/sync/$k" "http://127.0.0.1:$s3b/pitr-test/raw-one/$k" >/dev/null; done <"$work/keys"
+tw=$(echo "$(now) - $t0" | bc)
+t0=$(now)
+xargs -P 8 -I{} bash -c 't=$(mktemp -p /dev/shm); s3curl -o "$t" "http://127.0.0.1:$s3port/pitr-test/copy-a/{}" && s3curl -T "$t" "http://127.0.0.1:$s3b/pitr-test/raw-par/{}" >/dev/null; rm -f "$t"' <"$work/keys"
+tr=$(echo "$(now) - $t0" | bc)
+python3 - "$work/copy.json" "$work/same.json" "${tps[*]}" "$tss" "$td" "$tu" "$tg" "$tw" "$tr" "$(du -sb "$work/sync" | cut -f1)" "$(wc -l <"$work/keys")" <<'PY'
 import json, sys
-v = json.load(open(sys.argv[1])); tp, td, tu = (float(x) for x in sys.argv[2:5])
+v = json.load(open(sys.argv[1])); same = json.load(open(sys.argv[2]))
+tps = sorted(float(x) for x in sys.argv[3].split()); tp = tps[len(tps) // 2]
+tss, td, tu, tg, tw, tr = (float(x) for x in sys.argv[4:10])
+raw_mb, raw_n = int(sys.argv[10]) / 1e6, int(sys.argv[11])
 mb, n = v["bytes"] / 1e6, v["objects"]
-print("pitr copy --parallel 8: %d objects, %.0f MB in %.2f s: %.0f MB/s, %.0f objects/s (each checked before, read back after)" % (n, mb, tp, mb / tp, n / tp))
+print("pitr copy --parallel 8: %d objects, %.0f MB in %.2f s (median of %s): %.0f MB/s, %.0f objects/s (each checked before, read back after)" % (n, mb, tp, " ".join("%.2f" % t for t in tps), mb / tp, n / tp))
+print("pitr copy on one server (%d of %d objects copied by the server): %.2f s: %.0f MB/s" % (same["server_side"], same["objects"], tss, mb / tss))
 print("aws s3 sync A -> disk -> B: %.2f s (%.2f + %.2f): %.0f MB/s, %.0f objects/s" % (td + tu, td, tu, mb / (td + tu), n / (td + tu)))
 print("aws s3 sync / pitr copy time: %.2fx" % ((td + tu) / tp))
+get1, put1 = raw_mb / tg, raw_mb / tw
+print("one object at a time (curl, %d objects, %.0f MB): GET %.0f MB/s, PUT %.0f MB/s" % (raw_n, raw_mb, get1, put1))
+aim = min(get1, put1) * 8
+print("the aim's bound, slower side x 8: %.0f MB/s; pitr copy reaches %.0f%% of it" % (aim, 100 * (mb / tp) / aim))
+print("GET+PUT 8 at once, nothing checked (curl via /dev/shm): %.2f s, %.0f MB/s; pitr copy reaches %.0f%% of it" % (tr, raw_mb / tr, 100 * (mb / tp) / (raw_mb / tr)))
 PY

@@ -554,4 +554,42 @@ fn generations_an_expire_wrote_are_copied_and_neither_side_brings_back_what_the_
         "{v}"
     );
     assert_eq!(v["skipped"], 0, "{v}");
+
+    // Two copies into one new target at once: both finish, with nothing damaged or
+    // differing, and the target verifies.
+    let url_c = format!("file://{}", b_dir.path().join("c").display());
+    let two: Vec<_> = (0..2)
+        .map(|_| {
+            crate::pitr()
+                .args([
+                    "copy",
+                    "--json",
+                    "--parallel",
+                    "2",
+                    "--repo",
+                    &url_a,
+                    "--to",
+                    &url_c,
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut objects = 0;
+    for child in two {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = json(&out);
+        assert!(v["problems"].as_array().unwrap().is_empty(), "{v}");
+        objects += v["objects"].as_u64().unwrap();
+    }
+    assert!(objects > 0);
+    succeeds(crate::pitr().args(["verify", "--repo", &url_c]));
+    assert_eq!(listed(&url_c), 1);
 }
