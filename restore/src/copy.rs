@@ -45,6 +45,10 @@ pub struct CopyReport {
     /// Of the objects copied, those the server copied itself (source and target on one
     /// server, reached with the same credentials): their bytes did not go up from here.
     pub server_side: u64,
+    /// Why the server refused to copy an object itself, when it did (the bytes were copied
+    /// instead, that object's and every later one's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_side_refused: Option<String>,
     /// Objects already in the target.
     pub present: u64,
     /// Backup (manifest generations) that appeared in the target.
@@ -301,6 +305,8 @@ async fn copy_pass(
         from: from.as_ref(),
         to: to.as_ref(),
         server_side,
+        server_side_refused: Default::default(),
+        refusal: Default::default(),
         copied: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
         by_server: AtomicU64::new(0),
@@ -757,6 +763,7 @@ async fn copy_pass(
     report.objects = copier.copied.load(Ordering::Relaxed);
     report.bytes = copier.bytes.load(Ordering::Relaxed);
     report.server_side = copier.by_server.load(Ordering::Relaxed);
+    report.server_side_refused = copier.refusal.lock().ok().and_then(|mut r| r.take());
     report.present = copier.present.load(Ordering::Relaxed);
     report.problems = problems;
     report.seconds = started.elapsed().as_secs_f64();
@@ -860,6 +867,9 @@ struct Copier<'a> {
     to: &'a dyn Storage,
     /// Where the target's server can copy the source's objects from itself.
     server_side: Option<repo::storage::CopySource>,
+    /// Set once the server refused a copy of its own.
+    server_side_refused: std::sync::atomic::AtomicBool,
+    refusal: std::sync::Mutex<Option<String>>,
     copied: AtomicU64,
     bytes: AtomicU64,
     by_server: AtomicU64,
@@ -974,12 +984,24 @@ impl Copier<'_> {
         };
         self.check(key, &bytes, kind).await?;
         let by_server = match &self.server_side {
-            Some(from) => match self.to.copy_from(from, key, PutMode::IfAbsent).await {
-                Ok(done) => done,
-                Err(e) if e.is_not_found() => return Err(Problem::Vanished(o.key.clone())),
-                Err(e) => return Err(Problem::Storage(e)),
-            },
-            None => None,
+            Some(from) if !self.server_side_refused.load(Ordering::Relaxed) => {
+                match self.to.copy_from(from, key, PutMode::IfAbsent).await {
+                    Ok(done) => done,
+                    Err(e) if e.is_not_found() => return Err(Problem::Vanished(o.key.clone())),
+                    // Refused (a bucket policy that lets this identity read and write but
+                    // not copy): the bytes are copied, for the rest of the pass too.
+                    Err(e) if e.kind == repo::storage::ErrorKind::Permanent => {
+                        if !self.server_side_refused.swap(true, Ordering::Relaxed) {
+                            if let Ok(mut why) = self.refusal.lock() {
+                                *why = Some(e.to_string());
+                            }
+                        }
+                        None
+                    }
+                    Err(e) => return Err(Problem::Storage(e)),
+                }
+            }
+            _ => None,
         };
         let stored = match by_server {
             Some(outcome) => Ok(outcome),

@@ -142,6 +142,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
         for p in &report.problems {
             println!("DAMAGED: {p}");
         }
+        if let Some(why) = &report.server_side_refused {
+            eprintln!("pitr: copy: NOTICE: the server refused to copy objects itself ({why}); their bytes were copied");
+        }
         println!(
             "{}copied {} object(s), {} in {:.1} s{}; {} already there; {} backup(s) now in the target{}{}",
             if report.initialized { "made the target a copy; " } else { "" },
