@@ -281,9 +281,14 @@ async fn copy_pass(
         }
         None => {
             // Empty, or holding only key slot sets: a first copy killed before it wrote the
-            // config (the sets are compared with the source's below).
+            // config, or another one under way (the sets are compared with the source's
+            // below); the markers of running commands and S3 probe objects aside.
             let there = list_all(to.as_ref(), "").await?;
-            if there.iter().any(|o| !o.key.starts_with(SLOTS_PREFIX)) {
+            if there.iter().any(|o| {
+                !o.key.starts_with(SLOTS_PREFIX)
+                    && !o.key.starts_with(repo::markers::RUNNING_PREFIX)
+                    && !o.key.starts_with(".conditional-probe/")
+            }) {
                 return Err(CopyError::NotACopy(format!(
                     "{target} is not empty and holds no pitr repository"
                 )));

@@ -4,6 +4,7 @@
 pub mod backup_files;
 pub mod copy;
 pub mod dest;
+pub mod drill;
 pub mod expire;
 pub mod files;
 pub mod plan;

@@ -118,6 +118,25 @@ fn bad(what: impl std::fmt::Display) -> PlanError {
     PlanError::Bad(what.to_string())
 }
 
+/// The time of the newest commit (or abort) in `wal` (segment file names in order), looking back from
+/// the last segment through at most `look_back` of them for one holding a commit (the last
+/// segments often hold none: a switch, a checkpoint). None if none of them does, or their
+/// summaries cannot be read.
+pub async fn newest_commit(
+    repo: &Repository,
+    wal: &[String],
+    look_back: usize,
+) -> Option<walfmt::PgTimestamp> {
+    let seg = WalSegmentSize::new(repo.config().wal_segment_size).ok()?;
+    for file in wal.iter().rev().take(look_back) {
+        let name = SegmentName::parse(file, seg).ok()?;
+        if let Some(t) = summary_of(repo, &name).await.ok()?.last_xact_time {
+            return crate::target::parse_time(&t).ok();
+        }
+    }
+    None
+}
+
 async fn summary_of(repo: &Repository, name: &SegmentName) -> Result<Summary, PlanError> {
     let file = name.to_string();
     let key = summary_key(&file).unwrap_or_default();

@@ -19,6 +19,18 @@ pub enum Action {
     Shutdown,
 }
 
+/// What becomes of the backup's `archive_mode` in the restored server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ArchiveMode {
+    /// Kept (a restored server that replaces production archives on its new timeline),
+    /// except `always`, which becomes `on`: with `always` the server would archive every
+    /// segment recovery fetched all over again.
+    #[default]
+    Preserve,
+    /// Off (a drill, a copy for analysis: nothing goes back to the repository).
+    Off,
+}
+
 /// The settings to write.
 #[derive(Debug, Clone)]
 pub struct RecoveryConfig {
@@ -35,6 +47,8 @@ pub struct RecoveryConfig {
     /// Write `standby.signal` instead of `recovery.signal`: the server recovers as a
     /// standby until promoted (what `pitr restore --start` does without a target).
     pub standby: bool,
+    /// What becomes of archive_mode.
+    pub archive_mode: ArchiveMode,
 }
 
 /// A postgresql.conf string literal.
@@ -64,6 +78,49 @@ fn is_ours(line: &str) -> bool {
         .unwrap_or("")
         .to_ascii_lowercase();
     key == "restore_command" || key.starts_with("recovery_target")
+}
+
+/// The key of a setting line (lowercase; empty for a comment or blank line).
+fn line_key(line: &str) -> String {
+    let line = line.trim_start();
+    if line.starts_with('#') {
+        return String::new();
+    }
+    line.split(|c: char| c == '=' || c.is_whitespace())
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
+/// The value of the last `name` line in `text` (postgresql.conf syntax: `name = value` or
+/// `name value`, the value quoted or bare, a `#` comment after it), lowercased.
+fn last_setting(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .filter(|l| line_key(l) == name)
+        .rev()
+        .find_map(|l| {
+            let rest = l.trim_start()[name.len()..].trim_start();
+            let rest = rest.strip_prefix('=').unwrap_or(rest).trim();
+            let value = match rest.strip_prefix('\'') {
+                Some(quoted) => quoted.split('\'').next()?,
+                None => rest.split(|c: char| c == '#' || c.is_whitespace()).next()?,
+            };
+            Some(value.to_ascii_lowercase())
+        })
+}
+
+/// The `archive_mode` line to write, given the data directory's postgresql.conf and
+/// postgresql.auto.conf (the latter wins, as in PostgreSQL; included files are not read:
+/// an `always` set there stays `always`).
+fn archive_mode_line(mode: ArchiveMode, conf: &str, auto: &str) -> Option<String> {
+    match mode {
+        ArchiveMode::Off => Some("archive_mode = 'off'".to_owned()),
+        ArchiveMode::Preserve => {
+            let effective =
+                last_setting(auto, "archive_mode").or_else(|| last_setting(conf, "archive_mode"));
+            (effective.as_deref() == Some("always")).then(|| "archive_mode = 'on'".to_owned())
+        }
+    }
 }
 
 /// The lines pitr appends.
@@ -129,12 +186,15 @@ pub fn write(data_dir: &Path, c: &RecoveryConfig) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e),
     };
+    let conf = std::fs::read_to_string(data_dir.join("postgresql.conf")).unwrap_or_default();
+    let archive_mode = archive_mode_line(c.archive_mode, &conf, &old);
     let mut text: String = old
         .lines()
         .filter(|l| !is_ours(l) && l.trim() != "# recovery settings written by pitr restore")
+        .filter(|l| archive_mode.is_none() || line_key(l) != "archive_mode")
         .map(|l| format!("{l}\n"))
         .collect();
-    for l in settings_lines(c) {
+    for l in settings_lines(c).into_iter().chain(archive_mode) {
         text.push_str(&l);
         text.push('\n');
     }
@@ -174,6 +234,7 @@ mod tests {
             timeline: Some("latest".into()),
             action: Some(Action::Promote),
             standby: false,
+            archive_mode: ArchiveMode::Preserve,
         };
         write(dir.path(), &c).unwrap();
         write(dir.path(), &c).unwrap(); // twice: still one set of lines
@@ -197,6 +258,67 @@ mod tests {
         write(dir.path(), &RecoveryConfig { standby: true, ..c }).unwrap();
         assert!(dir.path().join("standby.signal").exists());
         assert!(!dir.path().join("recovery.signal").exists());
+    }
+
+    #[test]
+    fn archive_mode_always_becomes_on_and_off_is_off() {
+        let p = ArchiveMode::Preserve;
+        assert_eq!(archive_mode_line(p, "archive_mode = on\n", ""), None);
+        assert_eq!(archive_mode_line(p, "", ""), None);
+        let on = Some("archive_mode = 'on'".to_owned());
+        assert_eq!(
+            archive_mode_line(p, "archive_mode = always # standby\n", ""),
+            on
+        );
+        assert_eq!(archive_mode_line(p, "archive_mode='always'\n", ""), on);
+        assert_eq!(archive_mode_line(p, "#archive_mode = always\n", ""), None);
+        // postgresql.auto.conf wins; the last line wins.
+        assert_eq!(
+            archive_mode_line(p, "archive_mode = always\n", "archive_mode = 'on'\n"),
+            None
+        );
+        assert_eq!(
+            archive_mode_line(p, "archive_mode on\narchive_mode ALWAYS\n", ""),
+            on
+        );
+        assert_eq!(archive_mode_line(p, "archive_mode_x = always\n", ""), None);
+        assert_eq!(
+            archive_mode_line(ArchiveMode::Off, "archive_mode = on\n", ""),
+            Some("archive_mode = 'off'".to_owned())
+        );
+        // Written after the recovery settings, replacing the backup's line in auto.conf.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("postgresql.conf"), "archive_mode = on\n").unwrap();
+        std::fs::write(
+            dir.path().join("postgresql.auto.conf"),
+            "archive_mode = 'always'\nwork_mem = '8MB'\n",
+        )
+        .unwrap();
+        let c = RecoveryConfig {
+            restore_command: "pitr wal-fetch %f %p".into(),
+            target: Target::End,
+            exclusive: false,
+            timeline: None,
+            action: None,
+            standby: false,
+            archive_mode: ArchiveMode::Preserve,
+        };
+        write(dir.path(), &c).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("postgresql.auto.conf")).unwrap();
+        assert!(text.starts_with("work_mem = '8MB'\n"), "{text}");
+        assert!(text.ends_with("\narchive_mode = 'on'\n"), "{text}");
+        assert_eq!(text.matches("archive_mode").count(), 1, "{text}");
+        write(
+            dir.path(),
+            &RecoveryConfig {
+                archive_mode: ArchiveMode::Off,
+                ..c
+            },
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("postgresql.auto.conf")).unwrap();
+        assert!(text.ends_with("\narchive_mode = 'off'\n"), "{text}");
+        assert_eq!(text.matches("archive_mode").count(), 1, "{text}");
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct RestoreOptions {
     pub restore_command: String,
     /// Start the server and promote it ([`StartSettings`]).
     pub start: Option<StartSettings>,
+    /// What becomes of the backup's archive_mode.
+    pub archive_mode: crate::recovery::ArchiveMode,
     /// A test hook: called just before pg_control goes in place.
     pub before_pg_control: Option<fn()>,
 }
@@ -253,6 +255,7 @@ async fn restore_planned(
         // Without a target, a started server recovers as a standby: promoted when the
         // archive has no next segment (see crate::start).
         standby: o.start.is_some() && matches!(o.target, Target::End),
+        archive_mode: o.archive_mode,
     };
     let to = o.to.clone();
     report.flush_seconds = finish_files(m, &files_options, laid_out, move || {
@@ -368,6 +371,21 @@ fn start(
     plan: &Plan,
     progress: &dyn Progress,
 ) -> Result<(Started, PathBuf), RestoreError> {
+    // A cluster whose configuration lives outside its data directory (Debian's
+    // /etc/postgresql) was backed up without postgresql.conf: the server does not start
+    // without one, and every setting it needs here comes with the start.
+    let conf = o.to.join("postgresql.conf");
+    if !conf.exists() {
+        crate::spool::write_durably(
+            &o.to,
+            "postgresql.conf",
+            b"# written by pitr restore --start: the backup held no postgresql.conf\n",
+        )
+        .map_err(|source| StartError::Spawn {
+            program: format!("write {}", conf.display()),
+            source,
+        })?;
+    }
     let log = crate::dest::start_log(&o.to);
     if let Some(dir) = log.parent() {
         crate::dest::create_dirs_below(&o.to, dir).map_err(|source| StartError::Spawn {

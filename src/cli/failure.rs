@@ -34,6 +34,9 @@ pub enum Exit {
     Key = 11,
     /// 12: `verify`: WAL a restore needs is missing, and nothing is damaged (damage: 5).
     MissingWal = 12,
+    /// 13: `drill`: the drilled server came up, but a check did not pass (or could not
+    /// connect).
+    DrillFailed = 13,
     /// 14: busy: `delete` of a backup a running command relies on (a restore, a backup
     /// using it as its dedup base), nothing removed; `restore` or `verify` of a backup a
     /// running expire or delete is removing, nothing written.

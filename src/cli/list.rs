@@ -19,9 +19,67 @@ use super::{mb, Exit, Failure};
 pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
+    /// The drill records instead (pitr drill --record), oldest first: the evidence of each
+    /// rehearsal
+    #[arg(long)]
+    drills: bool,
     /// One JSON object
     #[arg(long)]
     json: bool,
+}
+
+/// How many drill records `--drills` shows at most (the newest).
+const DRILLS_SHOWN: usize = 1000;
+
+/// A drill record as list shows it (JSON): the report, and its key; or why it cannot be
+/// read.
+fn drill_json(key: &str, r: &Result<restore::drill::DrillReport, String>) -> serde_json::Value {
+    match r {
+        Ok(report) => {
+            let mut v = serde_json::to_value(report).unwrap_or_default();
+            v["key"] = json!(key);
+            v
+        }
+        Err(e) => json!({"key": key, "unreadable": e}),
+    }
+}
+
+/// One line for a drill record.
+fn drill_line(key: &str, r: &Result<restore::drill::DrillReport, String>) -> String {
+    match r {
+        Ok(d) => format!(
+            "{}  {:<6} RTO {}  RPO {}  backup {}  {} check(s){}",
+            d.started_at,
+            if d.passed { "passed" } else { "FAILED" },
+            d.rto_seconds.map_or("-".into(), |s| format!("{s:.1} s")),
+            d.rpo_seconds.map_or("-".into(), |s| format!("{s:.1} s")),
+            d.backup.as_deref().unwrap_or("-"),
+            d.checks.len(),
+            d.error
+                .as_deref()
+                .map_or(String::new(), |e| format!("; {e}"))
+        ),
+        Err(e) => format!("{key}: unreadable: {e}"),
+    }
+}
+
+async fn show_drills(repo: &Repository, json_out: bool) -> Result<(), Failure> {
+    let records = restore::drill::records(repo.objects(), DRILLS_SHOWN)
+        .await
+        .map_err(|e| Failure::new(Exit::Repository, e.to_string()))?;
+    if json_out {
+        let v = json!({
+            "drills": records.iter().map(|(k, r)| drill_json(k, r)).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+    } else if records.is_empty() {
+        println!("no drills recorded (pitr drill --record)");
+    } else {
+        for (k, r) in &records {
+            println!("{}", drill_line(k, r));
+        }
+    }
+    Ok(())
 }
 
 /// A run of consecutive segments on one timeline.
@@ -86,6 +144,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let repo = Repository::open(&url, &key, None, Arc::new(Codec::new(2, 4)))
             .await
             .map_err(open_failure)?;
+        if args.drills {
+            return show_drills(&repo, args.json).await;
+        }
+        let last_drill = restore::drill::records(repo.objects(), 1)
+            .await
+            .map_err(|e| failure(e.into()))?
+            .pop();
         let storage = repo.objects().storage().clone();
         let ids = list_backups(storage.as_ref())
             .await
@@ -143,6 +208,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     "end_lsn": r.last.end_lsn().to_string(),
                     "streaming": streaming.contains(&r.last.to_string()),
                 })).collect::<Vec<_>>(),
+                "last_drill": last_drill.as_ref().map(|(k, r)| drill_json(k, r)),
             });
             println!("{v}");
             return Ok(());
@@ -194,6 +260,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
                     ""
                 }
             );
+        }
+        if let Some((k, r)) = &last_drill {
+            println!("  last drill: {}", drill_line(k, r));
         }
         Ok(())
     })

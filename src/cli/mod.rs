@@ -5,6 +5,7 @@ mod backup;
 mod bench;
 mod check;
 mod copy;
+mod drill;
 mod expire;
 mod failure;
 mod info;
@@ -43,6 +44,11 @@ enum Command {
     Copy(copy::Args),
     /// Remove one backup and what only it referenced
     Delete(expire::DeleteArgs),
+    /// Rehearse a disaster recovery: restore elsewhere, start, run checks, report RTO/RPO
+    Drill(drill::Args),
+    /// The watchdog a drill starts to tear it down if it dies
+    #[command(hide = true)]
+    DrillWatchdog(drill::WatchdogArgs),
     /// Remove the backups a retention policy does not keep, and what only they referenced
     Expire(expire::Args),
     /// Measure archiving throughput against real WAL, beside other tools
@@ -137,6 +143,8 @@ impl Command {
             Command::Bench(_) => ("bench", Exit::Internal),
             Command::Copy(_) => ("copy", Exit::Internal),
             Command::Delete(_) => ("delete", Exit::Internal),
+            Command::Drill(_) => ("drill", Exit::Internal),
+            Command::DrillWatchdog(_) => ("drill-watchdog", Exit::Internal),
             Command::Expire(_) => ("expire", Exit::Internal),
             Command::Check(_) => ("check", Exit::Internal),
             Command::Info(_) => ("info", Exit::Internal),
@@ -208,6 +216,8 @@ pub fn run() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Copy(args) => copy::run(args),
         Command::Delete(args) => expire::run_delete(args),
+        Command::Drill(args) => drill::run(args),
+        Command::DrillWatchdog(args) => drill::run_watchdog(args),
         Command::Expire(args) => expire::run(args),
         Command::Check(args) => check::run(args),
         Command::Info(args) => info::run(args),

@@ -24,41 +24,21 @@ use super::{mb, Exit, Failure};
 use repo::slots::KeySetting;
 
 #[derive(Debug, clap::Args)]
-#[command(group = clap::ArgGroup::new("target").multiple(false))]
 pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
     /// The new data directory (must not exist, or be empty)
     #[arg(long, value_name = "DIR")]
     to: PathBuf,
-    /// The backup to restore: an id from pitr list, or latest [default: the newest that
-    /// ends before the target]
-    #[arg(long, value_name = "ID")]
-    backup: Option<String>,
-    /// Recover to this time: "2026-05-14 03:00:00+00", RFC 3339, or "15m ago"
-    #[arg(long, group = "target", value_name = "TIME")]
-    target_time: Option<String>,
-    /// Recover to this WAL position (16/B374D848)
-    #[arg(long, group = "target", value_name = "LSN")]
-    target_lsn: Option<String>,
-    /// Recover to the commit of this transaction
-    #[arg(long, group = "target", value_name = "XID")]
-    target_xid: Option<String>,
-    /// Recover to this restore point (pg_create_restore_point)
-    #[arg(long, group = "target", value_name = "NAME")]
-    target_name: Option<String>,
-    /// Stop as soon as the backup is consistent
-    #[arg(long, group = "target")]
-    target_immediate: bool,
-    /// Stop just before the target instead of just after it
-    #[arg(long)]
-    target_exclusive: bool,
+    #[command(flatten)]
+    target: TargetArgs,
     /// What the server does at the target [default: PostgreSQL's, pause]
     #[arg(long, value_name = "ACTION", value_parser = ["promote", "pause", "shutdown"])]
     target_action: Option<String>,
-    /// The timeline to recover along: latest, current (the backup's) or a number
-    #[arg(long, value_name = "TIMELINE", default_value = "latest")]
-    target_timeline: String,
+    /// archive_mode of the restored server: preserve keeps the backup's (always becomes
+    /// on: with always it would archive every restored segment again), off turns it off
+    #[arg(long, value_name = "MODE", value_parser = ["preserve", "off"], default_value = "preserve")]
+    archive_mode: String,
     /// Put tablespace OID at PATH instead of where it was (repeatable)
     #[arg(long, value_name = "OID=PATH")]
     tablespace_map: Vec<String>,
@@ -91,7 +71,38 @@ pub struct Args {
     json: bool,
 }
 
-fn target(args: &Args) -> Result<Target, Failure> {
+/// Which backup and where recovery stops (restore and drill).
+#[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("target").multiple(false))]
+pub struct TargetArgs {
+    /// The backup to restore: an id from pitr list, or latest [default: the newest that
+    /// ends before the target]
+    #[arg(long, value_name = "ID")]
+    pub(super) backup: Option<String>,
+    /// Recover to this time: "2026-05-14 03:00:00+00", RFC 3339, or "15m ago"
+    #[arg(long, group = "target", value_name = "TIME")]
+    pub(super) target_time: Option<String>,
+    /// Recover to this WAL position (16/B374D848)
+    #[arg(long, group = "target", value_name = "LSN")]
+    pub(super) target_lsn: Option<String>,
+    /// Recover to the commit of this transaction
+    #[arg(long, group = "target", value_name = "XID")]
+    pub(super) target_xid: Option<String>,
+    /// Recover to this restore point (pg_create_restore_point)
+    #[arg(long, group = "target", value_name = "NAME")]
+    pub(super) target_name: Option<String>,
+    /// Stop as soon as the backup is consistent
+    #[arg(long, group = "target")]
+    pub(super) target_immediate: bool,
+    /// Stop just before the target instead of just after it
+    #[arg(long)]
+    pub(super) target_exclusive: bool,
+    /// The timeline to recover along: latest, current (the backup's) or a number
+    #[arg(long, value_name = "TIMELINE", default_value = "latest")]
+    pub(super) target_timeline: String,
+}
+
+pub(super) fn target(args: &TargetArgs) -> Result<Target, Failure> {
     let bad = |m: String, h: &str| Failure::new(Exit::BadInput, m).hint(h);
     Ok(if let Some(t) = &args.target_time {
         Target::Time(parse_time(t).map_err(|e| bad(e.to_string(), e.hint()))?)
@@ -119,7 +130,7 @@ fn target(args: &Args) -> Result<Target, Failure> {
     })
 }
 
-fn timeline(text: &str) -> Result<TimelineChoice, Failure> {
+pub(super) fn timeline(text: &str) -> Result<TimelineChoice, Failure> {
     match text {
         "latest" => Ok(TimelineChoice::Latest),
         "current" => Ok(TimelineChoice::Current),
@@ -179,7 +190,7 @@ fn files_failure(e: FilesError, to: &Path) -> Failure {
     }
 }
 
-fn restore_failure(e: RestoreError, to: &Path) -> Failure {
+pub(super) fn restore_failure(e: RestoreError, to: &Path) -> Failure {
     match e {
         RestoreError::Open(e) => open_failure(e),
         RestoreError::Plan(e) => plan_failure(e),
@@ -208,7 +219,7 @@ fn restore_failure(e: RestoreError, to: &Path) -> Failure {
 
 /// The restore_command: this binary by absolute path, with the repository and the
 /// non-secret S3 settings of this environment (credentials stay in the server's own).
-fn restore_command(repo: &str, key: &KeySetting) -> Result<String, Failure> {
+pub(super) fn restore_command(repo: &str, key: &KeySetting) -> Result<String, Failure> {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "pitr".into());
@@ -317,10 +328,10 @@ fn stop_hook() -> Option<fn()> {
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
-    let target = target(&args)?;
+    let target = target(&args.target)?;
     check_can_start(&args)?;
     let start_settings = server_options(&args)?;
-    let timeline_choice = timeline(&args.target_timeline)?;
+    let timeline_choice = timeline(&args.target.target_timeline)?;
     let mut map = HashMap::new();
     for m in &args.tablespace_map {
         let parsed = m.split_once('=').and_then(|(oid, path)| {
@@ -345,11 +356,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
         restore_command: restore_command(&args.repo.repo, &key)?,
         key,
         to: args.to.clone(),
-        backup: args.backup.clone(),
+        backup: args.target.backup.clone(),
         target: target.clone(),
-        exclusive: args.target_exclusive,
+        exclusive: args.target.target_exclusive,
         timeline: timeline_choice,
-        timeline_text: args.target_timeline.clone(),
+        timeline_text: args.target.target_timeline.clone(),
         action: args.target_action.as_deref().map(|a| match a {
             "promote" => Action::Promote,
             "shutdown" => Action::Shutdown,
@@ -363,6 +374,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
             settings: start_settings,
         }),
         before_pg_control: stop_hook(),
+        archive_mode: match args.archive_mode.as_str() {
+            "off" => restore::recovery::ArchiveMode::Off,
+            _ => restore::recovery::ArchiveMode::Preserve,
+        },
     };
     let progress = Printer::new(&args);
     let runtime = super::runtime(Exit::Repository)?;

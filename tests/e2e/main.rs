@@ -6,6 +6,7 @@ mod bench;
 mod check;
 mod cli;
 mod copy;
+mod drill;
 mod encryption;
 pub(crate) mod expire;
 mod info;
