@@ -13,7 +13,8 @@
 # pgbackrest restore --type=time with asynchronous archive-get), the server is started and
 # timed until it has promoted and accepts a write; pitr as is, with --prefetch-wal, and
 # with --start (pitr starts the server and promotes it at the target without the waited
-# end-of-recovery checkpoint). Two rounds, the second in reverse order; prints restore,
+# end-of-recovery checkpoint), and pitr drill to the same target (its own reported RTO,
+# against the aim: at most half of pgbackrest's restore + recovery). Two rounds, the second in reverse order; prints restore,
 # recovery and total seconds of each variant's better run, both totals, and the ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -135,6 +136,15 @@ timed_start() { # NAME [REPO [restore args]]: pitr restore --start (pitr starts 
   echo "$t $(echo "$total - $t" | bc) $total"
   settle "$work/restores/$name"
 }
+timed_drill() { # NAME: pitr drill to the same target: its own reported RTO (start of the
+  # command until the server accepted writes), restore = plan + files, recovery = the rest
+  local name="$1"
+  mkdir -p "$work/drills"; [ "$(id -u)" -eq 0 ] && chown postgres "$work/drills"
+  as_pg "$work/pitr" drill --repo s3://pitr-test/pitr-r --target-time "$target" --pg-bin "$PGBIN" \
+    --work-dir "$work/drills" --check "SELECT true" --json >"$work/$name-drill.json"
+  python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); p=j["phases"]; t=p["plan"]+p["files"]; print("%.3f %.3f %.3f" % (t, j["rto_seconds"]-t, j["rto_seconds"]))' "$work/$name-drill.json"
+  settle
+}
 timed_pgbackrest() { # NAME
   local name="$1" t0 t r
   t0=$(now)
@@ -156,6 +166,7 @@ run() { # VARIANT: one timed run of it
     start) out=$(timed_start "start-$round") ;;
     encrypted) out=$(timed_start "encrypted-$round" s3://pitr-test/pitr-renc --key-file "$work/key") ;;
     pgbackrest) out=$(timed_pgbackrest "pgbackrest-$round") ;;
+    drill) out=$(timed_drill "drill-$round") ;;
   esac
   runs[$1]="${runs[$1]:-}${runs[$1]:+, }$(echo "$out" | awk '{printf "%.2f", $3}')"
   if [ -z "${best[$1]:-}" ] || [ "$(echo "$(echo "$out" | awk '{print $3}') < $(echo "${best[$1]}" | awk '{print $3}')" | bc)" = 1 ]; then
@@ -165,15 +176,15 @@ run() { # VARIANT: one timed run of it
 }
 settle
 for round in 1 2; do
-  if [ "$round" = 1 ]; then order="pitr staged start encrypted pgbackrest"; else order="pgbackrest encrypted start staged pitr"; fi
+  if [ "$round" = 1 ]; then order="pitr staged start encrypted drill pgbackrest"; else order="pgbackrest drill encrypted start staged pitr"; fi
   for v in $order; do run "$v"; done
 done
 
 echo
 printf '%-28s %9s %9s %9s   %s\n' tool restore recovery total "(both runs' totals)"
-for v in pitr staged start encrypted pgbackrest; do
+for v in pitr staged start encrypted drill pgbackrest; do
   case "$v" in
-    pitr) label="pitr" ;; staged) label="pitr --prefetch-wal" ;; start) label="pitr --start" ;; encrypted) label="pitr --start, encrypted" ;; pgbackrest) label="pgbackrest" ;;
+    pitr) label="pitr" ;; staged) label="pitr --prefetch-wal" ;; start) label="pitr --start" ;; encrypted) label="pitr --start, encrypted" ;; drill) label="pitr drill (its RTO)" ;; pgbackrest) label="pgbackrest" ;;
   esac
   read -r t r tot <<<"${best[$v]}"
   printf '%-28s %8.2fs %8.2fs %8.2fs   (%s)\n' "$label" "$t" "$r" "$tot" "${runs[$v]}"
@@ -183,6 +194,8 @@ printf '\npgbackrest / pitr total: %.2fx, with --prefetch-wal %.2fx, with --star
   "$(echo "$pgb / $(echo "${best[pitr]}" | awk '{print $3}')" | bc -l)" \
   "$(echo "$pgb / $(echo "${best[staged]}" | awk '{print $3}')" | bc -l)" \
   "$(echo "$pgb / $(echo "${best[start]}" | awk '{print $3}')" | bc -l)"
+printf 'pitr drill RTO / pgbackrest total: %.2f (the aim: at most 0.5)\n' \
+  "$(echo "$(echo "${best[drill]}" | awk '{print $3}') / $pgb" | bc -l)"
 printf 'pitr --start encrypted / plain total: %.2fx\n' \
   "$(echo "$(echo "${best[encrypted]}" | awk '{print $3}') / $(echo "${best[start]}" | awk '{print $3}')" | bc -l)"
 # Where the time went, in each variant's better run: pitr's phases, and each server's own

@@ -1036,8 +1036,12 @@ impl Copier<'_> {
             .await
             .map_err(Problem::Storage)?;
         if back != bytes {
+            // This run stored it (put-if-absent said so): not what was checked (the source
+            // object changed between the read and a server-side copy, or the target
+            // mangled it), so it goes, and the next pass copies it again.
+            let _ = self.to.delete(&[key.to_owned()]).await;
             return Err(Problem::Damage(format!(
-                "object \"{key}\" reads back from the target other than it was written"
+                "object \"{key}\" reads back from the target other than it was written (removed again)"
             )));
         }
         let n = self.copied.fetch_add(1, Ordering::SeqCst) + 1;

@@ -57,10 +57,13 @@ pub struct DrillOptions {
     pub amcheck: bool,
     /// The role checks connect as (None: `PGUSER`, this OS user, then `postgres`).
     pub user: Option<String>,
+    /// How long one check statement may run (0: no limit).
+    pub check_timeout: Duration,
 }
 
 /// How long each phase took, in seconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Phases {
     /// Choosing the backup and checking its WAL is there.
     pub plan: f64,
@@ -86,7 +89,10 @@ pub struct CheckResult {
 }
 
 /// What a drill found: printed, stored as its record, and the source of its metrics.
+/// (Fields a record lacks read as their defaults; fields it has that this pitr does not
+/// know are ignored.)
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct DrillReport {
     /// When it started (UTC, as PostgreSQL prints timestamps).
     pub started_at: String,
@@ -133,11 +139,15 @@ pub enum DrillError {
     },
 }
 
-/// The drilled server's settings for its start: reachable only through the drill's socket
-/// with its own pg_hba.conf, writing to no repository and waiting on no other server.
+/// The drilled server's settings for its start (on its command line, so they win over the
+/// backup's configuration files): reachable only through the drill's socket with its own
+/// pg_hba.conf, on its own directory, writing to no repository or archive and connecting to
+/// no other server (no WAL receiver, no logical replication apply workers, no archive
+/// cleanup), whatever the backup's configuration says.
 pub fn server_settings(dir: &Path, port: u16) -> Vec<(String, String)> {
     let s = |k: &str, v: String| (k.to_owned(), v);
     vec![
+        s("data_directory", dir.join("data").display().to_string()),
         s("port", port.to_string()),
         s("listen_addresses", String::new()),
         s(
@@ -145,11 +155,22 @@ pub fn server_settings(dir: &Path, port: u16) -> Vec<(String, String)> {
             dir.join("socket").display().to_string(),
         ),
         s("hba_file", dir.join("pg_hba.conf").display().to_string()),
+        // Not where the backup's server wrote its own (an empty value would not do: the
+        // server tries to write a file named "").
+        s(
+            "external_pid_file",
+            dir.join("postmaster.pid").display().to_string(),
+        ),
         s("ssl", "off".into()),
         s("archive_mode", "off".into()),
+        s("archive_cleanup_command", String::new()),
+        s("recovery_end_command", String::new()),
         s("primary_conninfo", String::new()),
         s("primary_slot_name", String::new()),
         s("synchronous_standby_names", String::new()),
+        s("max_logical_replication_workers", "0".into()),
+        // pg_cron's jobs (a placeholder setting where pg_cron is not loaded).
+        s("cron.launch_active_jobs", "off".into()),
         // The log the drill reads its phases from: one file, times in UTC.
         s("logging_collector", "off".into()),
         s("log_destination", "stderr".into()),
@@ -157,6 +178,32 @@ pub fn server_settings(dir: &Path, port: u16) -> Vec<(String, String)> {
         s("log_timezone", "UTC".into()),
         s("cluster_name", "pitr-drill".into()),
     ]
+}
+
+/// Whether `dir` can be the drill's directory: `unix_socket_directories` is a
+/// comma-separated list (a `,` would split it) and quotes and surrounding blanks are read
+/// specially; the socket's path must fit a `sockaddr_un`.
+pub fn check_dir(dir: &Path, port: u16) -> Result<(), String> {
+    let text = dir.display().to_string();
+    if !dir.is_absolute() {
+        return Err(format!(
+            "the drill's directory \"{text}\" is not an absolute path"
+        ));
+    }
+    if text.contains([',', '"', '\'', '\\', '\n', '\r']) || text.trim() != text {
+        return Err(format!(
+            "the drill's directory \"{}\" holds a character PostgreSQL's unix_socket_directories cannot take (a comma, a quote, a backslash, a line break or surrounding blanks)",
+            text.escape_debug()
+        ));
+    }
+    let socket = dir.join("socket").join(format!(".s.PGSQL.{port}"));
+    if socket.as_os_str().len() > 107 {
+        return Err(format!(
+            "the drill's socket path \"{}\" would be longer than a Unix socket path can be (107 bytes)",
+            socket.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Restores, starts, checks. The server is left running (see [`teardown`]); with an
@@ -187,12 +234,16 @@ pub async fn drill(o: &DrillOptions, progress: &dyn Progress) -> Result<DrillRep
         timeline_text: o.timeline_text.clone(),
         action: None,
         tablespace_map: Default::default(),
+        tablespaces_under: Some(o.dir.join("tblspc")),
         prefetch_wal: false,
         parallel: o.parallel,
         restore_command: o.restore_command.clone(),
         start: Some(StartSettings {
             pg_bin: o.pg_bin.clone(),
             settings: server_settings(&o.dir, o.port),
+            // Shared with the server the backup came from when it pointed elsewhere (the
+            // setting is gone in 15).
+            settings_up_to: vec![(14, "stats_temp_directory".into(), "pg_stat_tmp".into())],
         }),
         before_pg_control: None,
         archive_mode: ArchiveMode::Off,
@@ -243,19 +294,46 @@ pub async fn drill(o: &DrillOptions, progress: &dyn Progress) -> Result<DrillRep
         Ok((client, user)) => {
             // Nothing of the restore is left to run: no restore_command once recovery is
             // over (the server reads it again only if it recovers again).
-            // (Two statements: ALTER SYSTEM cannot run inside a transaction block.)
+            // (Set empty, not reset: one in postgresql.conf would come back. Two
+            // statements: ALTER SYSTEM cannot run inside a transaction block.)
             let reset = match client
-                .batch_execute("ALTER SYSTEM RESET restore_command")
+                .batch_execute("ALTER SYSTEM SET restore_command = ''")
                 .await
             {
                 Ok(()) => client.batch_execute("SELECT pg_reload_conf()").await,
                 Err(e) => Err(e),
             };
+            // The reload reaches this session asynchronously: wait (up to 5 s) until the
+            // setting reads empty here, so checks see the server as it stays.
+            let reset = match reset {
+                Ok(()) => {
+                    let t = Instant::now();
+                    loop {
+                        let now = client
+                            .query_one("SELECT current_setting('restore_command')", &[])
+                            .await
+                            .map(|r| r.get::<_, String>(0));
+                        match now {
+                            Ok(v) if v.is_empty() => break Ok(()),
+                            Ok(_) if t.elapsed() < Duration::from_secs(5) => {
+                                tokio::time::sleep(Duration::from_millis(20)).await
+                            }
+                            Ok(v) => {
+                                break Err(format!(
+                                    "restore_command is still \"{v}\" after the reload"
+                                ))
+                            }
+                            Err(e) => break Err(pg_error(&e)),
+                        }
+                    }
+                }
+                Err(e) => Err(pg_error(&e)),
+            };
             if let Err(e) = reset {
                 checks.push(CheckResult {
-                    sql: "ALTER SYSTEM RESET restore_command".into(),
+                    sql: "ALTER SYSTEM SET restore_command = ''".into(),
                     passed: false,
-                    error: Some(pg_error(&e)),
+                    error: Some(e),
                     seconds: 0.0,
                 });
             }
@@ -407,7 +485,14 @@ async fn connect_as(
         .user(user)
         .dbname(dbname)
         .application_name("pitr drill")
-        .connect_timeout(Duration::from_secs(30));
+        .connect_timeout(Duration::from_secs(30))
+        // A check that waits on a lock (a prepared transaction the backup carried holds
+        // its locks after promotion) fails instead of hanging the drill; each statement
+        // gets `check_timeout`.
+        .options(format!(
+            "-c lock_timeout=60s -c statement_timeout={}ms",
+            o.check_timeout.as_millis()
+        ));
     let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
         format!(
             "could not connect to the drilled server as \"{user}\": {}",
@@ -530,19 +615,28 @@ async fn amcheck_database(c: &tokio_postgres::Client) -> Result<(), String> {
 }
 
 /// Stops the server on `dir/data`, if one runs (immediate shutdown: nothing of it is
-/// kept), then removes `dir`. Also what the watchdog runs when the drill dies.
+/// kept), then removes `dir` (a few tries: a helper process of the restore may still be
+/// finishing a file in it). Also what the watchdog runs when the drill dies.
 pub fn teardown(dir: &Path) -> std::io::Result<()> {
     stop_server(&dir.join("data"));
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    let mut tries = 0;
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            other => return other,
+        }
     }
 }
 
 /// SIGQUIT (immediate shutdown) to the postmaster named in `data/postmaster.pid`, if it
 /// is a process whose working directory is `data` (so a stale file naming someone else's
-/// process is not followed); SIGKILL after 10 s. A pid file that appears a moment later
-/// (a server that was starting as the drill died) is waited for up to 5 s.
+/// process is not followed); after 10 s SIGKILL to its process group (pg_ctl makes the
+/// postmaster lead one, so its children go too), or to it alone. A pid file that appears
+/// a moment later (a server that was starting as the drill died) is waited for up to 5 s.
 fn stop_server(data: &Path) {
     let waited = Instant::now();
     let pid = loop {
@@ -574,7 +668,12 @@ fn stop_server(data: &Path) {
         std::thread::sleep(Duration::from_millis(20));
     }
     if proc.exists() {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        let leads = rustix::process::getpgid(Some(p)).is_ok_and(|g| g == p);
+        let _ = if leads {
+            rustix::process::kill_process_group(p, rustix::process::Signal::KILL)
+        } else {
+            rustix::process::kill_process(p, rustix::process::Signal::KILL)
+        };
     }
 }
 
@@ -622,13 +721,36 @@ pub async fn record(
     Ok(key)
 }
 
+/// Whether `key` is a drill record's key as [`record`] writes them
+/// (`drills/<17 digits>-<8 hex digits>`), and its time digits.
+fn record_stamp(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(DRILLS_PREFIX)?;
+    let (stamp, suffix) = rest.split_once('-')?;
+    (stamp.len() == 17
+        && stamp.bytes().all(|b| b.is_ascii_digit())
+        && suffix.len() == 8
+        && suffix.bytes().all(|b| b.is_ascii_hexdigit()))
+    .then_some(stamp)
+}
+
 /// The drill records in the repository, oldest first (at most the `newest` last ones);
-/// a record that cannot be read or parsed is returned as an error in its place.
+/// a record that cannot be read or parsed is returned as an error in its place. Keys not
+/// of a record's form, and records dated more than a day ahead of this host's clock (a
+/// host whose clock ran ahead, or a planted one: it would stay "the last drill" for good),
+/// are left out.
 pub async fn records(
     objects: &ObjectStore,
     newest: usize,
 ) -> Result<Vec<(String, Result<DrillReport, String>)>, repo::storage::StorageError> {
-    let all = repo::storage::list_all(objects.storage().as_ref(), DRILLS_PREFIX).await?;
+    let tomorrow: String =
+        PgTimestamp::from_unix_micros(PgTimestamp::now().unix_micros() + 86_400_000_000)
+            .to_pg_utc()
+            .chars()
+            .filter(|c| c.is_ascii_digit())
+            .take(17)
+            .collect();
+    let mut all = repo::storage::list_all(objects.storage().as_ref(), DRILLS_PREFIX).await?;
+    all.retain(|o| record_stamp(&o.key).is_some_and(|s| s <= tomorrow.as_str()));
     let skip = all.len().saturating_sub(newest);
     let mut out = Vec::new();
     for o in all.into_iter().skip(skip) {
@@ -641,6 +763,14 @@ pub async fn records(
         out.push((o.key, read));
     }
     Ok(out)
+}
+
+/// Text from a record, fit for a terminal: control characters (escape sequences a
+/// planted record could carry) become `?`.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// node_exporter textfile-collector gauges of a drill.
@@ -684,6 +814,27 @@ pub fn metrics(report: &DrillReport, now_unix: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_keys_have_one_form() {
+        let r = DrillReport {
+            started_at: "2026-12-05 22:30:01.123456+00".into(),
+            ..Default::default()
+        };
+        let key = record_key(&r);
+        assert!(key.starts_with("drills/20261205223001123-"), "{key}");
+        assert_eq!(record_stamp(&key), Some("20261205223001123"));
+        for bad in [
+            "drills/x",
+            "drills/2026120522300112-0123abcd",
+            "drills/20261205223001123-0123abcg",
+            "drills/20261205223001123-0123abcd/x",
+            "other/20261205223001123-0123abcd",
+        ] {
+            assert_eq!(record_stamp(bad), None, "{bad}");
+        }
+        assert_eq!(printable("a\x1b[2Jb\n"), "a?[2Jb?");
+    }
 
     #[test]
     fn log_times_are_read_in_utc() {

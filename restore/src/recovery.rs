@@ -92,33 +92,79 @@ fn line_key(line: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// The value of the last `name` line in `text` (postgresql.conf syntax: `name = value` or
-/// `name value`, the value quoted or bare, a `#` comment after it), lowercased.
+/// The value of a setting line (`name = value` or `name value`, the value quoted or bare,
+/// a `#` comment after it), lowercased unless `keep_case`.
+fn line_value(line: &str, name: &str, keep_case: bool) -> Option<String> {
+    let rest = line.trim_start().get(name.len()..)?.trim_start();
+    let rest = rest.strip_prefix('=').unwrap_or(rest).trim();
+    let value = match rest.strip_prefix('\'') {
+        Some(quoted) => quoted.split('\'').next()?,
+        None => rest.split(|c: char| c == '#' || c.is_whitespace()).next()?,
+    };
+    Some(if keep_case {
+        value.to_owned()
+    } else {
+        value.to_ascii_lowercase()
+    })
+}
+
+/// The value of the last `name` line in `text` (postgresql.conf syntax), lowercased.
 fn last_setting(text: &str, name: &str) -> Option<String> {
     text.lines()
         .filter(|l| line_key(l) == name)
         .rev()
-        .find_map(|l| {
-            let rest = l.trim_start()[name.len()..].trim_start();
-            let rest = rest.strip_prefix('=').unwrap_or(rest).trim();
-            let value = match rest.strip_prefix('\'') {
-                Some(quoted) => quoted.split('\'').next()?,
-                None => rest.split(|c: char| c == '#' || c.is_whitespace()).next()?,
-            };
-            Some(value.to_ascii_lowercase())
-        })
+        .find_map(|l| line_value(l, name, false))
 }
 
-/// The `archive_mode` line to write, given the data directory's postgresql.conf and
-/// postgresql.auto.conf (the latter wins, as in PostgreSQL; included files are not read:
-/// an `always` set there stays `always`).
-fn archive_mode_line(mode: ArchiveMode, conf: &str, auto: &str) -> Option<String> {
+/// The value `name` ends up with in the configuration file at `path`, following its
+/// `include`, `include_if_exists` and `include_dir` lines in order (relative paths from
+/// the including file's directory; at most 10 deep, as PostgreSQL).
+fn setting_in_tree(path: &Path, name: &str, depth: u32) -> Option<String> {
+    if depth > 10 {
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    let here = path.parent().unwrap_or(Path::new("."));
+    let mut value = None;
+    for line in text.lines() {
+        let key = line_key(line);
+        let found = if key == name {
+            line_value(line, name, false)
+        } else if key == "include" || key == "include_if_exists" {
+            line_value(line, &key, true)
+                .and_then(|f| setting_in_tree(&here.join(f), name, depth + 1))
+        } else if key == "include_dir" {
+            line_value(line, &key, true).and_then(|d| {
+                let dir = here.join(d);
+                let mut files: Vec<_> = std::fs::read_dir(&dir)
+                    .ok()?
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".conf") && !n.starts_with('.'))
+                    .collect();
+                files.sort();
+                files
+                    .iter()
+                    .rev()
+                    .find_map(|f| setting_in_tree(&dir.join(f), name, depth + 1))
+            })
+        } else {
+            None
+        };
+        if found.is_some() {
+            value = found;
+        }
+    }
+    value
+}
+
+/// The `archive_mode` line to write, given the value the data directory's configuration
+/// gives it (postgresql.conf with what it includes, then postgresql.auto.conf, which wins).
+fn archive_mode_line(mode: ArchiveMode, effective: Option<&str>) -> Option<String> {
     match mode {
         ArchiveMode::Off => Some("archive_mode = 'off'".to_owned()),
         ArchiveMode::Preserve => {
-            let effective =
-                last_setting(auto, "archive_mode").or_else(|| last_setting(conf, "archive_mode"));
-            (effective.as_deref() == Some("always")).then(|| "archive_mode = 'on'".to_owned())
+            (effective == Some("always")).then(|| "archive_mode = 'on'".to_owned())
         }
     }
 }
@@ -186,8 +232,9 @@ pub fn write(data_dir: &Path, c: &RecoveryConfig) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e),
     };
-    let conf = std::fs::read_to_string(data_dir.join("postgresql.conf")).unwrap_or_default();
-    let archive_mode = archive_mode_line(c.archive_mode, &conf, &old);
+    let effective = last_setting(&old, "archive_mode")
+        .or_else(|| setting_in_tree(&data_dir.join("postgresql.conf"), "archive_mode", 0));
+    let archive_mode = archive_mode_line(c.archive_mode, effective.as_deref());
     let mut text: String = old
         .lines()
         .filter(|l| !is_ours(l) && l.trim() != "# recovery settings written by pitr restore")
@@ -263,28 +310,56 @@ mod tests {
     #[test]
     fn archive_mode_always_becomes_on_and_off_is_off() {
         let p = ArchiveMode::Preserve;
-        assert_eq!(archive_mode_line(p, "archive_mode = on\n", ""), None);
-        assert_eq!(archive_mode_line(p, "", ""), None);
         let on = Some("archive_mode = 'on'".to_owned());
-        assert_eq!(
-            archive_mode_line(p, "archive_mode = always # standby\n", ""),
-            on
-        );
-        assert_eq!(archive_mode_line(p, "archive_mode='always'\n", ""), on);
-        assert_eq!(archive_mode_line(p, "#archive_mode = always\n", ""), None);
+        let effective = |conf: &str, auto: &str| {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join("postgresql.conf"), conf).unwrap();
+            last_setting(auto, "archive_mode")
+                .or_else(|| setting_in_tree(&d.path().join("postgresql.conf"), "archive_mode", 0))
+        };
+        let line = |conf: &str, auto: &str| archive_mode_line(p, effective(conf, auto).as_deref());
+        assert_eq!(line("archive_mode = on\n", ""), None);
+        assert_eq!(line("", ""), None);
+        assert_eq!(line("archive_mode = always # standby\n", ""), on);
+        assert_eq!(line("archive_mode='always'\n", ""), on);
+        assert_eq!(line("#archive_mode = always\n", ""), None);
         // postgresql.auto.conf wins; the last line wins.
         assert_eq!(
-            archive_mode_line(p, "archive_mode = always\n", "archive_mode = 'on'\n"),
+            line("archive_mode = always\n", "archive_mode = 'on'\n"),
             None
         );
+        assert_eq!(line("archive_mode on\narchive_mode ALWAYS\n", ""), on);
+        assert_eq!(line("archive_mode_x = always\n", ""), None);
         assert_eq!(
-            archive_mode_line(p, "archive_mode on\narchive_mode ALWAYS\n", ""),
-            on
-        );
-        assert_eq!(archive_mode_line(p, "archive_mode_x = always\n", ""), None);
-        assert_eq!(
-            archive_mode_line(ArchiveMode::Off, "archive_mode = on\n", ""),
+            archive_mode_line(ArchiveMode::Off, Some("on")),
             Some("archive_mode = 'off'".to_owned())
+        );
+        // Included files count, in order.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("conf.d")).unwrap();
+        std::fs::write(d.path().join("conf.d/10-a.conf"), "archive_mode = on\n").unwrap();
+        std::fs::write(d.path().join("conf.d/20-b.conf"), "archive_mode = always\n").unwrap();
+        std::fs::write(d.path().join("extra.conf"), "archive_mode = 'on'\n").unwrap();
+        let conf = d.path().join("postgresql.conf");
+        std::fs::write(&conf, "archive_mode = off\ninclude_dir 'conf.d'\n").unwrap();
+        assert_eq!(
+            setting_in_tree(&conf, "archive_mode", 0).as_deref(),
+            Some("always")
+        );
+        std::fs::write(&conf, "include_dir = 'conf.d'\ninclude 'extra.conf'\n").unwrap();
+        assert_eq!(
+            setting_in_tree(&conf, "archive_mode", 0).as_deref(),
+            Some("on")
+        );
+        std::fs::write(
+            &conf,
+            "include_if_exists 'none.conf'\ninclude 'postgresql.conf'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            setting_in_tree(&conf, "archive_mode", 0),
+            None,
+            "a loop ends"
         );
         // Written after the recovery settings, replacing the backup's line in auto.conf.
         let dir = tempfile::tempdir().unwrap();

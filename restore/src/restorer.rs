@@ -52,6 +52,9 @@ pub struct RestoreOptions {
     pub action: Option<Action>,
     /// Where each tablespace goes instead of where it was.
     pub tablespace_map: HashMap<u32, PathBuf>,
+    /// Every tablespace `tablespace_map` does not name goes to `DIR/<oid>` (a drill:
+    /// nothing outside its own directory), not where it was.
+    pub tablespaces_under: Option<PathBuf>,
     /// Stage WAL into wal-fetch's spool while the files are written.
     pub prefetch_wal: bool,
     /// Ranged reads at once.
@@ -73,6 +76,9 @@ pub struct StartSettings {
     pub pg_bin: Option<PathBuf>,
     /// Settings for this start (`-c name=value`).
     pub settings: Vec<(String, String)>,
+    /// Settings for this start when the server's major version is at most the number
+    /// given (settings later versions no longer know).
+    pub settings_up_to: Vec<(u32, String, String)>,
 }
 
 /// What a restore reports as it goes; every method has a do-nothing default.
@@ -222,6 +228,14 @@ async fn restore_planned(
     let m = &plan.backup;
     let mut files_options = FilesOptions::new(o.to.clone());
     files_options.tablespace_map = o.tablespace_map.clone();
+    if let Some(under) = &o.tablespaces_under {
+        for t in &m.tablespaces {
+            files_options
+                .tablespace_map
+                .entry(t.oid)
+                .or_insert_with(|| under.join(t.oid.to_string()));
+        }
+    }
     files_options.fetches = o.parallel.max(1);
     files_options.before_pg_control = o.before_pg_control;
     // The whole manifest, before anything is written.
@@ -398,7 +412,17 @@ fn start(
         bin,
         data_dir: o.to.clone(),
         log: log.clone(),
-        settings: s.settings.clone(),
+        settings: s
+            .settings
+            .iter()
+            .cloned()
+            .chain(
+                s.settings_up_to
+                    .iter()
+                    .filter(|(max, _, _)| plan.backup.pg_version <= *max)
+                    .map(|(_, k, v)| (k.clone(), v.clone())),
+            )
+            .collect(),
         promotion: if matches!(o.target, Target::End) {
             Promotion::AtEndOfArchive
         } else {

@@ -19,6 +19,21 @@ use std::time::{Duration, Instant};
 
 use crate::recovery::shell_quote;
 
+/// libpq's environment variables that choose a server or identity.
+const LIBPQ_DEFAULTS: [&str; 11] = [
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGDATABASE",
+    "PGUSER",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGOPTIONS",
+    "PGAPPNAME",
+];
+
 /// How the promotion is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Promotion {
@@ -204,7 +219,13 @@ pub fn start_and_promote(
         })
     };
     let t0 = Instant::now();
-    let out = run(Command::new(&pg_ctl)
+    let mut start = Command::new(&pg_ctl);
+    // The server's own libpq connections (dblink, postgres_fdw, a subscription) take no
+    // defaults from whoever ran pitr.
+    for var in LIBPQ_DEFAULTS {
+        start.env_remove(var);
+    }
+    let out = run(start
         .arg("-D")
         .arg(&o.data_dir)
         .arg("-l")

@@ -39,8 +39,14 @@ pub struct Args {
     #[arg(long, value_name = "DIR", env = "PITR_DRILL_WORK_DIR")]
     work_dir: Option<PathBuf>,
     /// The server's port (it only names its socket file: nothing listens on TCP)
-    #[arg(long, value_name = "N", default_value_t = 5432)]
-    port: u16,
+    /// [default: one free on this host, so that nothing the drilled server connects to by
+    /// port reaches another server here]
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+    /// How long one check statement may run (0s: no limit); a check waiting on a lock
+    /// fails after 60 s
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    check_timeout: std::time::Duration,
     /// The directory of pg_ctl [default: the backup's major version under
     /// /usr/lib/postgresql/N/bin or /usr/pgsql-N/bin, or pg_ctl on PATH]
     #[arg(long, value_name = "DIR", env = "PITR_PG_BIN")]
@@ -113,25 +119,24 @@ fn checks(args: &Args) -> Result<Vec<String>, Failure> {
     Ok(out)
 }
 
-/// Makes the drill's own directory (0700) under `base`.
+/// Makes the drill's own directory (0700) under `base` (made absolute).
 fn make_dir(base: &Path, port: u16) -> Result<PathBuf, Failure> {
     use std::os::unix::fs::DirBuilderExt;
+    let base = std::fs::canonicalize(base).map_err(|e| {
+        Failure::new(
+            Exit::BadInput,
+            format!("--work-dir \"{}\": {e}", base.display()),
+        )
+        .hint("--work-dir names an existing directory this user can write to")
+    })?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let dir = base.join(format!("pitr-drill-{}-{nanos:08x}", std::process::id()));
-    // The socket's path must fit sockaddr_un (107 bytes and a NUL).
-    let socket = dir.join("socket").join(format!(".s.PGSQL.{port}"));
-    if socket.as_os_str().len() > 107 {
-        return Err(Failure::new(
-            Exit::BadInput,
-            format!(
-                "the drill's socket path \"{}\" would be longer than a Unix socket path can be (107 bytes)",
-                socket.display()
-            ),
-        )
-        .hint("choose a shorter --work-dir"));
-    }
+    restore::drill::check_dir(&dir, port).map_err(|e| {
+        Failure::new(Exit::BadInput, e)
+            .hint("choose another --work-dir (short, without commas or quotes)")
+    })?;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
@@ -146,6 +151,13 @@ fn make_dir(base: &Path, port: u16) -> Result<PathBuf, Failure> {
             .hint("--work-dir names an existing directory this user can write to")
         })?;
     Ok(dir)
+}
+
+/// A port number no one listens on here now (it names the drilled server's socket).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map_or(55432, |a| a.port())
 }
 
 /// Starts the watchdog on `dir`: a process of its own group (a Ctrl-C, or a kill of the
@@ -182,8 +194,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
         );
     }
     let base = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let dir = make_dir(&base, args.port)?;
-    let watchdog = start_watchdog(&dir);
+    let port = args.port.unwrap_or_else(free_port);
+    let dir = make_dir(&base, port)?;
+    let Some(watchdog) = start_watchdog(&dir) else {
+        let _ = std::fs::remove_dir(&dir);
+        return Err(Failure::new(
+            Exit::BadInput,
+            "could not start the drill's watchdog (pitr drill-watchdog)",
+        )
+        .hint("without it a drill that dies would leave its server running; check that this pitr binary can be run again"));
+    };
     let options = DrillOptions {
         url: url.clone(),
         restore_command: restore_command(&args.repo.repo, &key)?,
@@ -194,12 +214,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
         timeline: timeline_choice,
         timeline_text: args.target.target_timeline.clone(),
         dir: dir.clone(),
-        port: args.port,
+        port,
         pg_bin: args.pg_bin.clone(),
         parallel: args.parallel,
         checks,
         amcheck: args.amcheck,
         user: args.user.clone(),
+        check_timeout: args.check_timeout,
     };
     let started_at = PgTimestamp::now();
     let runtime = super::runtime(Exit::Repository)?;
@@ -208,7 +229,21 @@ pub fn run(args: Args) -> Result<(), Failure> {
         Ok(report) => (report, None),
         Err(e) => {
             let failure = match e {
-                restore::drill::DrillError::Restore(e) => restore_failure(e, &dir.join("data")),
+                restore::drill::DrillError::Restore(e) => {
+                    let mut f = restore_failure(e, &dir.join("data"));
+                    if f.exit == Exit::StartFailed
+                        || f.hint
+                            .as_deref()
+                            .is_some_and(|h| h.contains(&*dir.to_string_lossy()))
+                    {
+                        f.hint = Some(if args.keep {
+                            format!("the drill's directory is kept: {}", dir.display())
+                        } else {
+                            "run the drill again with --keep to keep its directory and the server's log".into()
+                        });
+                    }
+                    f
+                }
                 e @ restore::drill::DrillError::Setup { .. } => {
                     Failure::new(Exit::BadInput, e.to_string())
                 }
@@ -222,17 +257,17 @@ pub fn run(args: Args) -> Result<(), Failure> {
             (report, Some(failure))
         }
     };
-    // Kept only on success: a failed drill leaves nothing behind (its log is quoted above).
-    let keep = args.keep && failure.is_none();
-    if !keep {
-        let _ = restore::drill::teardown(&dir);
+    let keep = args.keep;
+    let mut watchdog = watchdog;
+    if keep {
+        let _ = watchdog.write_all(b"keep\n");
+    } else if let Err(e) = restore::drill::teardown(&dir) {
+        eprintln!(
+            "pitr: drill: WARNING: could not remove the drill's directory {}: {e}",
+            dir.display()
+        );
     }
-    if let Some(mut w) = watchdog {
-        if keep {
-            let _ = w.write_all(b"keep\n");
-        }
-        drop(w);
-    }
+    drop(watchdog);
     let mut record_failure = None;
     if args.record {
         let recorded = runtime.block_on(async {
@@ -250,11 +285,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
             Err(f) => record_failure = Some(f),
         }
     }
+    let mut metrics_failure = None;
     if let Some(path) = &args.metrics_file {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
-        write_metrics(path, &restore::drill::metrics(&report, now))?;
+        metrics_failure = write_metrics(path, &restore::drill::metrics(&report, now)).err();
     }
     if args.json {
         println!(
@@ -268,13 +304,18 @@ pub fn run(args: Args) -> Result<(), Failure> {
         println!(
             "the drilled server is still running: psql -h {} -p {} postgres; when done: {}/pg_ctl -D {} stop && rm -rf {}",
             dir.join("socket").display(),
-            args.port,
+            port,
             args.pg_bin
                 .as_deref()
                 .map_or("<pg bin>".into(), |p| p.display().to_string()),
             dir.join("data").display(),
             dir.display()
         );
+    }
+    for f in record_failure.iter().chain(metrics_failure.iter()) {
+        if failure.is_some() || !report.passed {
+            eprintln!("pitr: drill: WARNING: {}", f.message);
+        }
     }
     if let Some(f) = failure {
         return Err(f);
@@ -295,15 +336,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
             ),
         ));
     }
-    if let Some(f) = record_failure {
-        return Err(f);
+    match record_failure.or(metrics_failure) {
+        Some(f) => Err(f),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The metrics file, replaced whole (a temp file beside it, renamed): node_exporter never
 /// reads half of one.
 fn write_metrics(path: &Path, text: &str) -> Result<(), Failure> {
+    use std::os::unix::fs::OpenOptionsExt;
     let fail = |e: std::io::Error| {
         Failure::new(
             Exit::BadInput,
@@ -314,12 +356,27 @@ fn write_metrics(path: &Path, text: &str) -> Result<(), Failure> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
-    std::fs::write(&tmp, text).map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = path.with_file_name(format!(".{name}.{}.{nanos:08x}", std::process::id()));
+    // A new file, never one someone else placed there (or a link to one).
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(text.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        fail(e)
-    })
+        return Err(fail(e));
+    }
+    Ok(())
 }
 
 fn secs(v: Option<f64>) -> String {

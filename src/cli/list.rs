@@ -46,7 +46,7 @@ fn drill_json(key: &str, r: &Result<restore::drill::DrillReport, String>) -> ser
 
 /// One line for a drill record.
 fn drill_line(key: &str, r: &Result<restore::drill::DrillReport, String>) -> String {
-    match r {
+    restore::drill::printable(&match r {
         Ok(d) => format!(
             "{}  {:<6} RTO {}  RPO {}  backup {}  {} check(s){}",
             d.started_at,
@@ -60,7 +60,7 @@ fn drill_line(key: &str, r: &Result<restore::drill::DrillReport, String>) -> Str
                 .map_or(String::new(), |e| format!("; {e}"))
         ),
         Err(e) => format!("{key}: unreadable: {e}"),
-    }
+    })
 }
 
 async fn show_drills(repo: &Repository, json_out: bool) -> Result<(), Failure> {
@@ -147,10 +147,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
         if args.drills {
             return show_drills(&repo, args.json).await;
         }
-        let last_drill = restore::drill::records(repo.objects(), 1)
-            .await
-            .map_err(|e| failure(e.into()))?
-            .pop();
+        // Best effort: a listing of drills/ that fails (a bucket policy scoped to other
+        // prefixes, say) does not stop the listing of backups.
+        let last_drill = match restore::drill::records(repo.objects(), 1).await {
+            Ok(mut r) => r.pop(),
+            Err(e) => Some(("drills/".to_owned(), Err(e.to_string()))),
+        };
         let storage = repo.objects().storage().clone();
         let ids = list_backups(storage.as_ref())
             .await

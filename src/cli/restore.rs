@@ -367,11 +367,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
             _ => Action::Pause,
         }),
         tablespace_map: map,
+        tablespaces_under: None,
         prefetch_wal: args.prefetch_wal,
         parallel: args.parallel,
         start: args.start.then(|| StartSettings {
             pg_bin: args.pg_bin.clone(),
             settings: start_settings,
+            settings_up_to: Vec::new(),
         }),
         before_pg_control: stop_hook(),
         archive_mode: match args.archive_mode.as_str() {

@@ -44,7 +44,18 @@ fn a_drill_restores_checks_reports_and_leaves_nothing_behind() {
     src.pg
         .sql("CREATE TABLE t (batch int, n int PRIMARY KEY)")
         .unwrap();
-    src.pg.sql("CREATE TABLE t_idx (batch int, n int)").unwrap();
+    // A tablespace: the drill puts it in its own directory, not where it is here (it
+    // would be refused as not empty, or write into the source's).
+    let ts = src.pg.server_dir("ts").unwrap();
+    src.pg
+        .sql(&format!("CREATE TABLESPACE ts LOCATION '{}'", ts.display()))
+        .unwrap();
+    src.pg
+        .sql("CREATE TABLE t2 TABLESPACE ts AS SELECT g FROM generate_series(1, 10) g")
+        .unwrap();
+    // A restore_command in postgresql.conf (as Patroni writes one): none is left after the
+    // drill's recovery all the same.
+    src.pg.set_config("restore_command", "false").unwrap();
     src.backup();
     // Rows keyed 1..100 and 1001..1100 (n is the primary key: an index for amcheck).
     src.pg
@@ -87,13 +98,18 @@ fn a_drill_restores_checks_reports_and_leaves_nothing_behind() {
         "SELECT count(*) = 200 FROM t",
         "--check",
         "SELECT current_setting('archive_mode') = 'off' AND current_setting('listen_addresses') = ''",
+        "--check",
+        "SELECT current_setting('restore_command') = '' AND count(*) = 10 FROM t2",
+        "--check",
+        "SELECT count(*) = 0 FROM pg_replication_slots",
         "--amcheck",
     ]);
     let took = t0.elapsed().as_secs_f64();
     assert!(
         out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
     );
     let r = json(&out);
     assert_eq!(r["passed"], true, "{r}");
@@ -125,8 +141,9 @@ fn a_drill_restores_checks_reports_and_leaves_nothing_behind() {
     );
     assert_eq!(r["timeline"], 1, "{r}");
     assert!(r["backup"].is_string(), "{r}");
-    // Nothing left: no server, no directory.
+    // Nothing left: no server, no directory; the source's tablespace as it was.
     assert!(left_in(&work).is_empty(), "{:?}", left_in(&work));
+    assert_eq!(left_in(&ts).len(), 1, "{:?}", left_in(&ts));
     assert!(servers_under(&work).is_empty());
     let m = std::fs::read_to_string(&metrics).unwrap();
     assert!(m.contains("pitr_drill_success 1\n"), "{m}");
