@@ -815,6 +815,65 @@ pub fn metrics(report: &DrillReport, now_unix: f64) -> String {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn records_are_sealed_and_read_back_newest_last() {
+        use repo::crypto::{DataKey, Keys};
+        use repo::envelope::Protection;
+        let storage = std::sync::Arc::new(repo::storage::MemStorage::new());
+        let objects = ObjectStore::new(
+            storage.clone(),
+            std::sync::Arc::new(repo::codec::Codec::new(1, 2)),
+            repo::envelope::EncodeOptions::default(),
+        )
+        .with_protection(Protection::Encrypted(std::sync::Arc::new(Keys::new(
+            &DataKey::generate(),
+        ))));
+        let mut keys = Vec::new();
+        for (i, passed) in [(1, true), (2, false)] {
+            let r = DrillReport {
+                started_at: format!("2026-12-0{i} 10:00:00.000000+00"),
+                passed,
+                backup: Some("secret-backup-id".into()),
+                ..Default::default()
+            };
+            keys.push(record(&objects, &r).await.unwrap());
+        }
+        // Planted: a key of another form, one from the far future, a damaged record.
+        use repo::storage::Storage;
+        for k in ["drills/junk", "drills/99991231235959999-00000000"] {
+            storage
+                .put(k, Bytes::from_static(b"x"), PutMode::Overwrite)
+                .await
+                .unwrap();
+        }
+        storage
+            .put(
+                "drills/20261203100000000-00000000",
+                Bytes::from_static(b"x"),
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
+        for k in &keys {
+            let raw = repo::storage::get_bytes(storage.as_ref(), k).await.unwrap();
+            assert!(
+                !raw.windows(16).any(|w| w == b"secret-backup-id"),
+                "not sealed"
+            );
+        }
+        let all = records(&objects, 10).await.unwrap();
+        assert_eq!(all.len(), 3, "{all:?}");
+        assert_eq!(all[0].1.as_ref().unwrap().passed, true);
+        assert_eq!(all[1].1.as_ref().unwrap().passed, false);
+        assert!(
+            all[2].1.is_err(),
+            "the damaged one is unreadable, not a panic"
+        );
+        let last = records(&objects, 1).await.unwrap();
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].0, "drills/20261203100000000-00000000");
+    }
+
     #[test]
     fn record_keys_have_one_form() {
         let r = DrillReport {

@@ -301,13 +301,15 @@ pub fn run(args: Args) -> Result<(), Failure> {
         print_report(&report);
     }
     if keep {
+        let pg_ctl = report
+            .pg_version
+            .and_then(|v| restore::start::find_bin(v, args.pg_bin.as_deref()).ok())
+            .map_or("pg_ctl".into(), |b| b.join("pg_ctl").display().to_string());
         println!(
-            "the drilled server is still running: psql -h {} -p {} postgres; when done: {}/pg_ctl -D {} stop && rm -rf {}",
+            "the drill's directory is kept: {}; its server, if it runs: psql -h {} -p {} postgres; when done: {pg_ctl} -D {} -m immediate stop; rm -rf {}",
+            dir.display(),
             dir.join("socket").display(),
             port,
-            args.pg_bin
-                .as_deref()
-                .map_or("<pg bin>".into(), |p| p.display().to_string()),
             dir.join("data").display(),
             dir.display()
         );
