@@ -26,9 +26,14 @@ impl Source {
     pub(crate) fn new(name: &str) -> Source {
         let s3 = S3Server::start().unwrap();
         let url = s3.repo_url(name);
-        let options = ClusterOptions::default()
+        let mut options = ClusterOptions::default()
             .wal_segment_size_mb(1)
             .setting("track_commit_timestamp", "on");
+        // 17's WAL summarizer (for incremental backups) on: pitr's backups stay full with
+        // dedup, and a cluster that summarizes must back up and restore all the same.
+        if testbed::PgBin::locate().is_ok_and(|b| b.major() >= 17) {
+            options = options.setting("summarize_wal", "on");
+        }
         let mut pg = Cluster::init(crate::s3_server_env(options, &s3, &url)).unwrap();
         crate::init_repo(&url, &pg, Some(&s3));
         let bin = pg

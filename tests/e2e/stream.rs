@@ -505,25 +505,7 @@ fn a_promote_while_streaming_is_followed_onto_the_new_timeline_and_restorable() 
     // A standby of it, which the stream follows.
     let dirs = tempfile::tempdir().unwrap();
     let sdir = dirs.path().join("standby");
-    let out = Command::new(primary.bin().client("pg_basebackup"))
-        .args([
-            "-d",
-            &primary.conninfo(),
-            "-R",
-            "-X",
-            "stream",
-            "-c",
-            "fast",
-            "-D",
-        ])
-        .arg(&sdir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    primary.make_standby(&sdir).unwrap();
     let mut standby = Cluster::adopt(&sdir, crate::s3_server_env(off(), &s3, &url)).unwrap();
     standby.start().unwrap();
     let bin = standby

@@ -230,3 +230,90 @@ mod tests {
         );
     }
 }
+
+/// A word for `sh`, single-quoted.
+fn sh_quote(path: &std::path::Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+}
+
+impl Cluster {
+    /// Makes `dest` (which must not exist) a streaming standby of this running cluster, the
+    /// way pg_basebackup would, without pg_basebackup (the machine's client tools are one
+    /// major version; a pg_basebackup refuses servers newer than itself): PostgreSQL's
+    /// low-level backup API in one psql session, the data directory copied meanwhile, its
+    /// backup_label written, `standby.signal`, and `primary_conninfo` / `primary_slot_name`
+    /// (a physical slot made first, holding the WAL the standby streams from its start).
+    /// Adopt and start it with [`Cluster::adopt`].
+    pub fn make_standby(&self, dest: &std::path::Path) -> Result<()> {
+        if dest.exists() {
+            bail!("{} exists", dest.display());
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let slot = format!("bed_standby_{nanos}");
+        let label = self.root.path().join(format!("{slot}.label"));
+        let (start, stop) = if self.bin.major() >= 15 {
+            (
+                "SELECT pg_backup_start('bed standby', true)",
+                "SELECT labelfile FROM pg_backup_stop(false)",
+            )
+        } else {
+            (
+                "SELECT pg_start_backup('bed standby', true, false)",
+                "SELECT labelfile FROM pg_stop_backup(false, false)",
+            )
+        };
+        let (src, dst) = (sh_quote(&self.data_dir), sh_quote(dest));
+        let copy = format!(
+            "cp -a {src} {dst} && rm -f {dst}/postmaster.pid {dst}/postmaster.opts && \
+             find {dst}/pg_wal {dst}/pg_replslot -mindepth 1 -delete && \
+             mkdir -p {dst}/pg_wal/archive_status"
+        );
+        let script = format!(
+            "SELECT pg_create_physical_replication_slot('{slot}', true);\n{start};\n\\! {copy}\n\\o {}\n{stop};\n\\o\n",
+            label.display()
+        );
+        // psql -c takes a backslash command only as the whole string: the script goes in
+        // on stdin.
+        let mut psql = self.psql();
+        psql.arg("-h")
+            .arg(self.socket_dir())
+            .args(["-U", SUPERUSER, "-d", "postgres", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = psql.spawn().context("run psql")?;
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().context("psql's stdin")?;
+            stdin.write_all(script.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() || !dest.join("PG_VERSION").is_file() {
+            bail!(
+                "the standby's base backup failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let text = std::fs::read_to_string(&label).context("the backup label")?;
+        if !text.contains("START WAL LOCATION") {
+            bail!("pg_backup_stop returned no backup label: {text:?}");
+        }
+        std::fs::write(dest.join("backup_label"), format!("{}\n", text.trim_end()))?;
+        std::fs::write(dest.join("standby.signal"), "")?;
+        let mut auto = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dest.join("postgresql.auto.conf"))?;
+        {
+            use std::io::Write;
+            writeln!(
+                auto,
+                "primary_conninfo = '{}'\nprimary_slot_name = '{slot}'",
+                self.conninfo()
+            )?;
+        }
+        self.user.give_tree(dest)?;
+        Ok(())
+    }
+}
