@@ -201,36 +201,6 @@ fn segment_range(first: &str, last: &str, seg_size: u64) -> Result<Vec<String>> 
         .collect())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lsn_text_round_trip() {
-        assert_eq!(parse_lsn("16/B374D848").unwrap(), 0x16_B374_D848);
-        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
-        assert!(parse_lsn("nope").is_err());
-    }
-
-    #[test]
-    fn segment_range_crosses_log_ids() {
-        let names = segment_range(
-            "0000000100000000000000FE",
-            "000000010000000100000000",
-            16 << 20,
-        )
-        .unwrap();
-        assert_eq!(
-            names,
-            [
-                "0000000100000000000000FE",
-                "0000000100000000000000FF",
-                "000000010000000100000000"
-            ]
-        );
-    }
-}
-
 /// A word for `sh`, single-quoted.
 fn sh_quote(path: &std::path::Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
@@ -315,5 +285,35 @@ impl Cluster {
         }
         self.user.give_tree(dest)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_round_trip() {
+        assert_eq!(parse_lsn("16/B374D848").unwrap(), 0x16_B374_D848);
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert!(parse_lsn("nope").is_err());
+    }
+
+    #[test]
+    fn segment_range_crosses_log_ids() {
+        let names = segment_range(
+            "0000000100000000000000FE",
+            "000000010000000100000000",
+            16 << 20,
+        )
+        .unwrap();
+        assert_eq!(
+            names,
+            [
+                "0000000100000000000000FE",
+                "0000000100000000000000FF",
+                "000000010000000100000000"
+            ]
+        );
     }
 }
