@@ -528,9 +528,14 @@ pub async fn finish_files(
     let mut files = Vec::new();
     let mut dirs: Vec<PathBuf> = places.spaces.values().cloned().collect();
     dirs.push(to.clone());
+    // The backup of a standby carries its standby.signal (and one of a server in recovery
+    // its recovery.signal): the recovery settings just replaced it with the one this
+    // restore wants, which they flushed themselves.
+    let signals = [to.join("standby.signal"), to.join("recovery.signal")];
     for (f, p) in m.files.iter().zip(&places.paths) {
         match f.kind {
             FileType::Directory => dirs.push(p.clone()),
+            FileType::File if signals.contains(p) => {}
             FileType::File => files.push(p.clone()),
             FileType::Symlink => {}
         }

@@ -205,3 +205,141 @@ fn without_archived_wal_the_backup_fails_with_exit_8_and_no_manifest() {
     assert_eq!(out.status.code(), Some(7), "{stderr}");
     assert!(stderr.contains("HINT:"), "{stderr}");
 }
+
+/// Waits until `standby` has replayed everything `primary` wrote so far.
+fn caught_up(primary: &Cluster, standby: &Cluster) {
+    let lsn = primary.current_lsn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while standby
+        .sql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'"))
+        .unwrap()
+        != "t"
+    {
+        assert!(Instant::now() < deadline, "the standby did not catch up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `pitr backup` pointed at a streaming standby (itself archiving into the same repository
+/// with archive_mode = always): it completes once the primary switches WAL, or at once when
+/// `pitr stream` holds the durable prefix of its last segment; without either it exits 8
+/// with a HINT for standbys. The backup restores to a time after it with exact rows.
+#[test]
+fn a_backup_from_a_standby_completes_when_its_last_segment_arrives() {
+    let src = crate::restore::Source::new("standby");
+    let pg = &src.pg;
+    pg.sql("CREATE TABLE t (batch int, n int)").unwrap();
+    let dirs = tempfile::tempdir().unwrap();
+    let sdir = dirs.path().join("standby");
+    pg.make_standby(&sdir).unwrap();
+    let options = ClusterOptions::default()
+        .setting("archive_mode", "always")
+        .setting(
+            "archive_command",
+            format!("'{}' wal-push %p", src.bin.display()),
+        );
+    let mut standby =
+        Cluster::adopt(&sdir, crate::s3_server_env(options, &src.s3, &src.url)).unwrap();
+    standby.start().unwrap();
+    // Written after the primary's last switch: the standby's backups end inside a segment
+    // no one has archived yet.
+    crate::restore::commit_batch(pg, 1);
+    caught_up(pg, &standby);
+    let backup = |timeout: &str| {
+        src.pitr()
+            .args([
+                "backup",
+                "--json",
+                "--repo",
+                &src.url,
+                "--wal-timeout",
+                timeout,
+                "--pg",
+                &socket(&standby),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // Nothing switches: exit 8, with the standby's HINT.
+    let out = backup("3").wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("standby") && err.contains("archive_timeout"),
+        "{err}"
+    );
+
+    // The primary switches while the backup waits: it completes.
+    let child = backup("120");
+    std::thread::sleep(Duration::from_secs(2));
+    src.archive_all();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = json(&out)["id"].as_str().unwrap().to_owned();
+
+    // pitr stream from the primary holds the last segment's durable prefix: no switch
+    // needed.
+    let mut stream = crate::Reaped(Some(
+        src.pitr()
+            .args([
+                "stream",
+                "--repo",
+                &src.url,
+                "--slot",
+                "standby_test",
+                "--create-slot",
+                "--flush-interval",
+                "200ms",
+                "--pg",
+                &socket(pg),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    crate::restore::commit_batch(pg, 2);
+    caught_up(pg, &standby);
+    let out = backup("60").wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(json(&out)["id"], first);
+    stream.signal("-TERM");
+
+    // A time after the backups: rows exact.
+    let (t3, _) = crate::restore::commit_batch(pg, 3);
+    std::thread::sleep(Duration::from_millis(300));
+    crate::restore::commit_batch(pg, 4);
+    src.archive_all();
+    // The standby archived what it received into the same repository, without a failure.
+    caught_up(pg, &standby);
+    let failed = standby
+        .sql("SELECT failed_count FROM pg_stat_archiver")
+        .unwrap();
+    assert_eq!(failed, "0", "{}", standby.server_log());
+    let to = dirs.path().join("restored");
+    let out = src.restore(&to, &["--target-time", &t3, "--target-action", "promote"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = crate::restore::start_restored(&src, &to, false);
+    assert_eq!(crate::restore::batches(&restored), ["1", "2", "3"]);
+}

@@ -109,6 +109,8 @@ pub enum BackupError {
         segment: String,
         /// How long pitr waited.
         waited: Duration,
+        /// The backup was taken from a standby (its backup_label says so).
+        standby: bool,
     },
     /// Something the server said makes no sense.
     #[error("{0}")]
@@ -123,6 +125,9 @@ impl BackupError {
     /// What the operator can do about it.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
+            BackupError::WalMissing { standby: true, .. } => Some(
+                "a standby does not switch WAL segments when its backup ends: its last segment is archived once the primary switches (set archive_timeout on the primary), or held by pitr stream from it as it is written; or take the backup with --wal",
+            ),
             BackupError::WalMissing { .. } => Some(
                 "is archive_command = 'pitr wal-push %p' archiving into this repository? Or take the backup with --wal",
             ),
@@ -346,12 +351,18 @@ async fn take_marked(
     };
 
     if !config.include_wal {
+        let standby = label
+            .as_deref()
+            .and_then(|b| walfmt::BackupLabel::parse(b).ok())
+            .and_then(|l| l.from)
+            .is_some_and(|f| f == "standby");
         wait_for_wal(
             repo,
             (timeline, stop_timeline),
             (start_lsn, stop_lsn),
             seg,
             config.wal_timeout,
+            standby,
             &mut |segment| {
                 report.phase = Phase::WaitingForWal(segment);
                 progress(&report);
@@ -450,13 +461,16 @@ async fn take_marked(
 }
 
 /// Waits until every segment from `lsns.0` up to the one holding the byte before `lsns.1`
-/// is in the repository (on the start or stop timeline).
+/// is in the repository (on the start or stop timeline). The last one may also be there as
+/// the durable prefix `pitr stream` holds of it (pieces under `stream/`) reaching `lsns.1`:
+/// a standby's backup ends inside a segment no one switches away from.
 async fn wait_for_wal(
     repo: &Repository,
     timelines: (u32, u32),
     lsns: (Lsn, Lsn),
     seg: WalSegmentSize,
     timeout: Duration,
+    standby: bool,
     waiting: &mut dyn FnMut(String),
 ) -> Result<(), BackupError> {
     let storage = repo.objects().storage();
@@ -480,6 +494,15 @@ async fn wait_for_wal(
                 found = true;
                 break;
             }
+            if name.segno == last {
+                // Bytes of this segment the backup needs: up to its stop position.
+                let needed = lsns.1 .0.saturating_sub(c.start_lsn().0);
+                let pieces = repo::pieces::list_pieces(storage.as_ref(), &c.to_string()).await?;
+                if u64::from(repo::pieces::contiguous(&pieces).1) >= needed {
+                    found = true;
+                    break;
+                }
+            }
         }
         if found {
             name = name.next();
@@ -490,6 +513,7 @@ async fn wait_for_wal(
             return Err(BackupError::WalMissing {
                 segment: name.to_string(),
                 waited: timeout,
+                standby,
             });
         }
         if !told {
