@@ -32,7 +32,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let url: Option<RepoUrl> = match &args.repo {
         Some(r) => Some(
             super::repo_args::RepoArgs {
-                repo: r.clone(),
+                repo: Some(r.clone()),
                 key: args.key.clone(),
             }
             .url()?,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use repo::codec::Codec;
 use repo::repository::Repository;
-use repo::url::{RepoUrl, RepoUrlError};
+use repo::url::RepoUrl;
 use restore::copy::{copy, follow, CopyError, CopyMetrics, CopyOptions, CopyReport};
 
 use super::repo_args::{open_failure, RepoArgs};
@@ -18,8 +18,9 @@ pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
     /// The repository copied into (made a copy of the source on the first run); S3 URLs
-    /// may carry their own endpoint, region, path-style and profile
-    #[arg(long, value_name = "URL")]
+    /// may carry their own endpoint, region, path-style and profile; or a repository named
+    /// in the configuration file
+    #[arg(long, value_name = "URL|NAME")]
     to: String,
     /// Objects copied at once
     #[arg(long, value_name = "N", default_value_t = 8)]
@@ -95,9 +96,8 @@ async fn follow_copy(
 pub fn run(args: Args) -> Result<(), Failure> {
     let url = args.repo.url()?;
     let key = args.repo.key()?;
-    let to: RepoUrl = args.to.parse().map_err(|e: RepoUrlError| {
-        Failure::new(Exit::BadInput, e.to_string()).hint(RepoUrlError::HINT)
-    })?;
+    let to: RepoUrl =
+        super::repo_args::parse_url(&super::repo_args::resolve_repo(Some(&args.to))?)?;
     if to.overlaps(&url) {
         return Err(Failure::new(
             Exit::BadInput,

@@ -206,7 +206,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     };
     let options = DrillOptions {
         url: url.clone(),
-        restore_command: restore_command(&args.repo.repo, &key)?,
+        restore_command: restore_command(&args.repo.url_text()?, &key)?,
         key: key.clone(),
         backup: args.target.backup.clone(),
         target,

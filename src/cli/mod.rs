@@ -4,6 +4,7 @@
 mod backup;
 mod bench;
 mod check;
+mod config;
 mod copy;
 mod drill;
 mod expire;
@@ -32,6 +33,10 @@ pub use failure::{Exit, Failure};
 #[derive(Debug, Parser)]
 #[command(name = "pitr", version, about, long_about = None, arg_required_else_help = true)]
 struct Cli {
+    /// The configuration file [default: PITR_CONFIG, else /etc/pitr/pitr.toml with
+    /// ~/.config/pitr/pitr.toml over it]
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,6 +60,8 @@ enum Command {
     Bench(bench::Args),
     /// Check the server can be reached for replication and the repository is its own
     Check(check::Args),
+    /// Show the effective settings and where each came from (flag, environment, file)
+    Config(config::Args),
     /// Show which cluster a repository belongs to and its format
     Info(info::Args),
     /// Create a repository for one cluster in an empty location
@@ -147,6 +154,7 @@ impl Command {
             Command::DrillWatchdog(_) => ("drill-watchdog", Exit::Internal),
             Command::Expire(_) => ("expire", Exit::Internal),
             Command::Check(_) => ("check", Exit::Internal),
+            Command::Config(_) => ("config", Exit::Internal),
             Command::Info(_) => ("info", Exit::Internal),
             Command::Init(_) => ("init", Exit::Internal),
             Command::Key(_) => ("key", Exit::Internal),
@@ -192,6 +200,18 @@ fn injected_panic(command: &str) {
 
 /// Parses the command line and runs the chosen command.
 pub fn run() -> ExitCode {
+    // The configuration file first: what it gives becomes the environment's defaults,
+    // which clap reads. (wal-fetch exits above 125 for it, as for any failure.)
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(mut failure) = config::init(&argv) {
+        let fetch = argv
+            .get(1)
+            .is_some_and(|a| a == "wal-fetch" || a == "wal-prefetch");
+        if fetch {
+            failure.exit = Exit::FetchFailed;
+        }
+        return failure.report();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -220,6 +240,7 @@ pub fn run() -> ExitCode {
         Command::DrillWatchdog(args) => drill::run_watchdog(args),
         Command::Expire(args) => expire::run(args),
         Command::Check(args) => check::run(args),
+        Command::Config(args) => config::run(args),
         Command::Info(args) => info::run(args),
         Command::Key(args) => key::run(args),
         Command::Init(args) => init::run(args),

@@ -14,9 +14,10 @@ use super::{Exit, Failure};
 
 #[derive(Debug, clap::Args)]
 pub struct RepoArgs {
-    /// Repository: s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH
-    #[arg(long, env = "PITR_REPO", value_name = "URL")]
-    pub repo: String,
+    /// Repository: s3://BUCKET/PREFIX, file:///ABSOLUTE/PATH, or a name from the
+    /// configuration file ([repo.NAME]) [default: the file's repo]
+    #[arg(long, env = "PITR_REPO", value_name = "URL|NAME")]
+    pub repo: Option<String>,
     #[command(flatten)]
     pub key: KeyArgs,
 }
@@ -167,12 +168,47 @@ impl RepoArgs {
         self.key.setting()
     }
 
+    /// The repository's URL as text, a name from the configuration file resolved (with its
+    /// S3 settings in the URL where the environment has none).
+    pub fn url_text(&self) -> Result<String, Failure> {
+        resolve_repo(self.repo.as_deref())
+    }
+
     /// The parsed URL, or a bad-input failure with a HINT.
     pub fn url(&self) -> Result<RepoUrl, Failure> {
-        self.repo.parse().map_err(|e: RepoUrlError| {
-            Failure::new(Exit::BadInput, e.to_string()).hint(RepoUrlError::HINT)
-        })
+        parse_url(&self.url_text()?)
     }
+}
+
+/// A repository given as a URL or as a name from the configuration file, or (None) the
+/// file's default: the URL to open, as text.
+pub fn resolve_repo(given: Option<&str>) -> Result<String, Failure> {
+    let is_name = |g: &str| {
+        !g.is_empty()
+            && g.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    match given {
+        Some(name) if is_name(name) => match super::config::named_repo(name) {
+            Some(url) => url,
+            None => Err(Failure::new(
+                Exit::BadInput,
+                format!("no repository is named \"{name}\" in the configuration file"),
+            )
+            .hint("name one in a [repo.NAME] table of the configuration file, or give a URL: s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH")),
+        },
+        // A URL (or something that is not one: its parse says why).
+        Some(g) => super::config::default_repo_with_settings(g),
+        None => Err(Failure::new(Exit::BadInput, "no repository given")
+            .hint("give --repo URL, set PITR_REPO, or set repo in the configuration file (/etc/pitr/pitr.toml)")),
+    }
+}
+
+/// A URL's text parsed, or a bad-input failure with a HINT.
+pub fn parse_url(text: &str) -> Result<RepoUrl, Failure> {
+    text.parse().map_err(|e: RepoUrlError| {
+        Failure::new(Exit::BadInput, e.to_string()).hint(RepoUrlError::HINT)
+    })
 }
 
 /// How objects written by a command are compressed.

@@ -353,7 +353,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let key = args.repo.key()?;
     let options = RestoreOptions {
         url,
-        restore_command: restore_command(&args.repo.repo, &key)?,
+        restore_command: restore_command(&args.repo.url_text()?, &key)?,
         key,
         to: args.to.clone(),
         backup: args.target.backup.clone(),
@@ -461,7 +461,7 @@ impl Printer {
         Printer {
             json: args.json,
             tty: std::io::stderr().is_terminal() && !args.json,
-            repo: args.repo.repo.clone(),
+            repo: args.repo.url_text().unwrap_or_default(),
             key: args.repo.key.clone(),
             to: args.to.clone(),
             wal: Mutex::new(Vec::new()),

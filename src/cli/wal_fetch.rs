@@ -130,13 +130,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
 /// Starts the prefetch worker for `dir` in the background unless one is running. The
 /// worker is a cache filler: failing to start it is not the fetch's failure.
 fn start_worker(repo: &RepoArgs, dir: &std::path::Path, prefetch: &PrefetchArgs) {
-    start_prefetch(
-        &repo.repo,
-        &repo.key,
-        dir,
-        prefetch.depth,
-        prefetch.parallel,
-    );
+    let Ok(url) = repo.url_text() else {
+        return;
+    };
+    start_prefetch(&url, &repo.key, dir, prefetch.depth, prefetch.parallel);
 }
 
 /// [`start_worker`] with its settings spelled out: `pitr restore --prefetch-wal` hands the

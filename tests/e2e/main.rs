@@ -5,6 +5,7 @@ mod backup;
 mod bench;
 mod check;
 mod cli;
+mod config;
 mod copy;
 mod drill;
 mod encryption;

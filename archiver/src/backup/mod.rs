@@ -488,7 +488,14 @@ async fn wait_for_wal(
             },
         ];
         let mut found = false;
-        for c in candidates {
+        // The stop segment on the stop timeline only: after a switch within it, its bytes
+        // past the switch are the new timeline's.
+        let candidates = if name.segno == last {
+            &candidates[1..]
+        } else {
+            &candidates[..]
+        };
+        for &c in candidates {
             let key = wal_key(&c.to_string()).unwrap_or_default();
             if storage.head(&key).await?.is_some() {
                 found = true;
@@ -498,7 +505,8 @@ async fn wait_for_wal(
                 // Bytes of this segment the backup needs: up to its stop position.
                 let needed = lsns.1 .0.saturating_sub(c.start_lsn().0);
                 let pieces = repo::pieces::list_pieces(storage.as_ref(), &c.to_string()).await?;
-                if u64::from(repo::pieces::contiguous(&pieces).1) >= needed {
+                let end = u64::from(repo::pieces::contiguous(&pieces).1);
+                if end > 0 && end >= needed {
                     found = true;
                     break;
                 }

@@ -234,11 +234,22 @@ impl Cluster {
                 "SELECT labelfile FROM pg_stop_backup(false, false)",
             )
         };
+        if std::fs::read_dir(self.data_dir.join("pg_tblspc"))?
+            .next()
+            .is_some()
+        {
+            bail!("make_standby does not copy tablespaces");
+        }
         let (src, dst) = (sh_quote(&self.data_dir), sh_quote(dest));
+        let done = dest.join(".bed-copied");
+        // tar, not cp: files the running server removes meanwhile (recycled WAL, stats
+        // temp files) are skipped, not fatal; the WAL comes from the primary by streaming.
         let copy = format!(
-            "cp -a {src} {dst} && rm -f {dst}/postmaster.pid {dst}/postmaster.opts && \
-             find {dst}/pg_wal {dst}/pg_replslot -mindepth 1 -delete && \
-             mkdir -p {dst}/pg_wal/archive_status"
+            "mkdir -p {dst} && (tar -C {src} --ignore-failed-read --warning=none \
+             --exclude=./pg_wal/* --exclude=./pg_replslot/* --exclude=./pg_stat_tmp/* \
+             --exclude=./postmaster.pid --exclude=./postmaster.opts -cf - . ; true) \
+             | tar -C {dst} -xpf - && mkdir -p {dst}/pg_wal/archive_status && touch {}",
+            sh_quote(&done)
         );
         let script = format!(
             "SELECT pg_create_physical_replication_slot('{slot}', true);\n{start};\n\\! {copy}\n\\o {}\n{stop};\n\\o\n",
@@ -260,7 +271,8 @@ impl Cluster {
             stdin.write_all(script.as_bytes())?;
         }
         let out = child.wait_with_output()?;
-        if !out.status.success() || !dest.join("PG_VERSION").is_file() {
+        let copied = std::fs::remove_file(&done).is_ok();
+        if !out.status.success() || !copied || !dest.join("PG_VERSION").is_file() {
             bail!(
                 "the standby's base backup failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()

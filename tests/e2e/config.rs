@@ -1,0 +1,248 @@
+//! The configuration file end to end: `archive_command = 'pitr wal-push %p'` with the
+//! repository and its S3 settings only in the file the server's `PITR_CONFIG` names (the
+//! credentials alone in its environment); the precedence flag > environment > file shown by
+//! `pitr config --json` with each source; a file others can write, and an unknown key,
+//! refused with exit 3 naming the file (and line); named repositories; a restore_command
+//! that runs with an empty environment.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use testbed::{Cluster, ClusterOptions, S3Server};
+
+use crate::{json, succeeds};
+
+/// Writes `text` as a config file only its owner can write (0644), readable by the server.
+fn config_file(dir: &Path, text: &str) -> std::path::PathBuf {
+    let p = dir.join("pitr.toml");
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    p
+}
+
+/// pitr with no repository or S3 setting in its environment but the credentials.
+fn bare_pitr(s3: &S3Server) -> std::process::Command {
+    let mut c = crate::pitr();
+    for var in [
+        "PITR_REPO",
+        "AWS_ENDPOINT_URL",
+        "AWS_REGION",
+        "PITR_S3_PATH_STYLE",
+        "PITR_CONFIG",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("AWS_ACCESS_KEY_ID", s3.access_key())
+        .env("AWS_SECRET_ACCESS_KEY", s3.secret_key());
+    c
+}
+
+#[test]
+fn archive_command_needs_only_the_config_file_and_precedence_is_flag_env_file() {
+    let s3 = S3Server::start_local().unwrap();
+    let url = s3.repo_url("cfg");
+    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let dir = pg.server_dir("etc").unwrap();
+    let file = config_file(
+        &dir,
+        &format!(
+            "[s3]\nendpoint = \"{}\"\nregion = \"{}\"\npath-style = true\n\n[repo]\nurl = \"{url}\"\n\n[repo.other]\nurl = \"file:///nonexistent/other\"\n",
+            s3.endpoint(),
+            s3.region()
+        ),
+    );
+    // Owned by root (the bed), readable by the server's user: as /etc/pitr/pitr.toml.
+    succeeds(
+        bare_pitr(&s3)
+            .env("PITR_CONFIG", &file)
+            .args(["init", "--data-dir"])
+            .arg(pg.data_dir()),
+    );
+    let bin = pg
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    pg.set_env("PITR_CONFIG", file.to_str().unwrap());
+    pg.set_env("AWS_ACCESS_KEY_ID", s3.access_key());
+    pg.set_env("AWS_SECRET_ACCESS_KEY", s3.secret_key());
+    pg.set_config(
+        "archive_command",
+        &format!("'{}' wal-push %p", bin.display()),
+    )
+    .unwrap();
+    pg.start().unwrap();
+    let seg = pg.switch_wal().unwrap();
+    pg.wait_archived(&seg, Duration::from_secs(60)).unwrap();
+    let listed = json(&succeeds(
+        bare_pitr(&s3)
+            .env("PITR_CONFIG", &file)
+            .args(["list", "--json"]),
+    ));
+    assert!(!listed["wal"].as_array().unwrap().is_empty(), "{listed}");
+
+    // Where each setting comes from.
+    let shown = |cmd: &mut std::process::Command, extra: &[&str]| {
+        let v = json(&succeeds(cmd.args(["config", "--json"]).args(extra)));
+        let repo = v["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "repo")
+            .unwrap()
+            .clone();
+        (repo, v)
+    };
+    let (repo, v) = shown(bare_pitr(&s3).env("PITR_CONFIG", &file), &[]);
+    assert_eq!(repo["source"], "file", "{v}");
+    assert_eq!(repo["value"], url.as_str(), "{v}");
+    assert_eq!(repo["line"], 7, "{v}");
+    assert_eq!(repo["file"], file.to_str().unwrap(), "{v}");
+    let endpoint = v["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "s3.endpoint")
+        .unwrap();
+    assert_eq!(endpoint["line"], 2, "{v}");
+    let (repo, v) = shown(
+        bare_pitr(&s3)
+            .env("PITR_CONFIG", &file)
+            .env("PITR_REPO", "file:///from/env"),
+        &[],
+    );
+    assert_eq!(repo["source"], "env", "{v}");
+    assert_eq!(repo["value"], "file:///from/env", "{v}");
+    let (repo, v) = shown(
+        bare_pitr(&s3)
+            .env("PITR_CONFIG", &file)
+            .env("PITR_REPO", "file:///from/env"),
+        &["--repo", "file:///from/flag"],
+    );
+    assert_eq!(repo["source"], "flag", "{v}");
+    // The flag beats the environment for a command too: a named repository from the file.
+    let out = bare_pitr(&s3)
+        .env("PITR_CONFIG", &file)
+        .env("PITR_REPO", url.as_str())
+        .args(["list", "--repo", "other"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/other"));
+
+    // A file others can write is refused, naming it; so is an unknown key, with its line.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = bare_pitr(&s3)
+        .env("PITR_CONFIG", &file)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unsafe") && err.contains(file.to_str().unwrap()) && err.contains("HINT"),
+        "{err}"
+    );
+    // wal-fetch reports it above 125, never as "not found".
+    let out = bare_pitr(&s3)
+        .env("PITR_CONFIG", &file)
+        .args(["wal-fetch", "000000010000000000000001", "/tmp/x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(200));
+    let bad = config_file(&dir, "repo = \"file:///x\"\n[s3]\nendpont = \"x\"\n");
+    let out = bare_pitr(&s3)
+        .env("PITR_CONFIG", &bad)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:3: unknown key s3.endpont", bad.display())),
+        "{err}"
+    );
+}
+
+/// A restore with everything from the configuration file writes a restore_command that
+/// fetches WAL with an empty environment (`env -i`): the repository and the key file it
+/// names are in the command itself.
+#[test]
+fn a_restore_command_from_a_configured_restore_runs_with_an_empty_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let etc = pg.server_dir("etc").unwrap();
+    let key = etc.join("key");
+    std::fs::write(&key, repo::crypto::random::<32>()).unwrap();
+    let file = config_file(
+        &etc,
+        &format!(
+            "repo = \"file://{}\"\n[key]\nfile = \"{}\"\n",
+            repo.display(),
+            key.display()
+        ),
+    );
+    let pitr = || {
+        let mut c = crate::pitr();
+        for var in [
+            "PITR_REPO",
+            "PITR_KEY_FILE",
+            "PITR_KEY_COMMAND",
+            "PITR_PASSPHRASE",
+        ] {
+            c.env_remove(var);
+        }
+        c.env("PITR_CONFIG", &file);
+        c
+    };
+    succeeds(
+        pitr()
+            .args(["init", "--encrypt", "--data-dir"])
+            .arg(pg.data_dir()),
+    );
+    pg.start().unwrap();
+    pg.sql("CREATE TABLE t AS SELECT 1 AS x").unwrap();
+    succeeds(pitr().args(["backup", "--wal", "--fast", "--pg", &crate::socket(&pg)]));
+    let seg = pg.switch_wal().unwrap();
+    // The segment reaches the repository by a push from the command line.
+    succeeds(
+        pitr()
+            .arg("wal-push")
+            .arg(pg.data_dir().join("pg_wal").join(&seg)),
+    );
+    let to = dir.path().join("restored");
+    succeeds(pitr().args(["restore", "--to"]).arg(&to));
+    let auto = std::fs::read_to_string(to.join("postgresql.auto.conf")).unwrap();
+    let line = auto
+        .lines()
+        .find(|l| l.starts_with("restore_command = "))
+        .unwrap();
+    let command = line
+        .trim_start_matches("restore_command = '")
+        .trim_end_matches('\'')
+        .replace("''", "'")
+        .replace("%%", "%");
+    assert!(command.contains("--key-file"), "{command}");
+    let dest = dir.path().join("fetched");
+    let command = command
+        .replace(" %f ", &format!(" {seg} "))
+        .replace(" %p", &format!(" {}", dest.display()));
+    let out = std::process::Command::new("env")
+        .args(["-i", "/bin/sh", "-c", &command])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        std::fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap()
+    );
+}
