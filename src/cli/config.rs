@@ -9,9 +9,10 @@
 //! Shape:
 //!
 //! ```toml
-//! repo = "s3://bucket/prefix"      # the default repository (or a [repo] table with `url`)
 //! [s3]                             # S3 settings for every repository
 //! endpoint = "https://host:9000"   # region, path-style, profile
+//! [repo]                           # the default repository (alone: repo = "URL")
+//! url = "s3://bucket/prefix"
 //! [repo.offsite]                   # --repo offsite
 //! url = "s3://other/prefix"
 //! region = "eu-west-1"
@@ -124,9 +125,11 @@ pub fn paths(explicit: Option<PathBuf>) -> Result<Vec<PathBuf>, Failure> {
         .collect())
 }
 
-/// Refuses a file (or a directory holding it) that someone other than its owner and root
-/// could rewrite: a `repo =` line there would redirect archiving.
-fn check_safe(path: &Path) -> Result<(), Failure> {
+/// Reads a configuration file, refusing one (or a directory holding it) that someone other
+/// than its owner and root could rewrite: a `repo =` line there would redirect archiving.
+/// The checks are made on the file opened, and it is read from that same handle.
+fn read_safe(path: &Path) -> Result<String, Failure> {
+    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let me = rustix::process::geteuid().as_raw();
     let unsafe_file = |what: &str| {
@@ -135,11 +138,11 @@ fn check_safe(path: &Path) -> Result<(), Failure> {
             format!("configuration file \"{}\" is unsafe: {what}", path.display()),
         )
         .hint(format!(
-            "make it writable by its owner only (chmod go-w \"{}\"), owned by root or the user running pitr",
+            "make it and its directory writable by their owner only (chmod go-w), owned by root or the user running pitr: \"{}\"",
             path.display()
         ))
     };
-    let meta = std::fs::metadata(path).map_err(|e| {
+    let unreadable = |e: std::io::Error| {
         Failure::new(
             Exit::BadInput,
             format!(
@@ -147,42 +150,66 @@ fn check_safe(path: &Path) -> Result<(), Failure> {
                 path.display()
             ),
         )
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(unreadable(std::io::Error::other("not a file")));
+    }
     if meta.uid() != me && meta.uid() != 0 {
         return Err(unsafe_file(&format!("it belongs to uid {}", meta.uid())));
     }
     if meta.mode() & 0o022 != 0 {
         return Err(unsafe_file("others than its owner can write it"));
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    if let Some(dir) = real.parent().filter(|d| !d.as_os_str().is_empty()) {
         if let Ok(d) = std::fs::metadata(dir) {
             let sticky = d.mode() & 0o1000 != 0;
-            if d.mode() & 0o002 != 0 && !sticky {
+            if (d.mode() & 0o022 != 0 && !sticky) || (d.uid() != me && d.uid() != 0) {
                 return Err(unsafe_file(&format!(
-                    "anyone can replace it in \"{}\"",
+                    "others can replace it in \"{}\"",
                     dir.display()
                 )));
             }
         }
     }
-    Ok(())
+    let mut text = String::new();
+    file.take(1 << 20)
+        .read_to_string(&mut text)
+        .map_err(unreadable)?;
+    Ok(text)
 }
 
-/// Reads and checks the files.
+/// Reads and checks the files; a later file's repository tables replace an earlier one's
+/// whole, other keys one by one.
 pub fn load(paths: &[PathBuf]) -> Result<Config, Failure> {
     let mut config = Config::default();
     for path in paths {
-        check_safe(path)?;
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Failure::new(
-                Exit::BadInput,
-                format!(
-                    "could not read configuration file \"{}\": {e}",
-                    path.display()
-                ),
-            )
-        })?;
-        for entry in parse(path, &text)? {
+        let text = read_safe(path)?;
+        let entries = parse(path, &text)?;
+        let repos: Vec<String> = entries
+            .iter()
+            .filter_map(|e| {
+                let rest = e.name.strip_prefix("repo.")?;
+                Some(match rest.split_once('.') {
+                    Some((name, _)) => format!("repo.{name}."),
+                    None => "repo.".to_owned(),
+                })
+            })
+            .collect();
+        config.entries.retain(|k, _| {
+            !repos.iter().any(|r| {
+                // The default repository ([repo] keys): only its own keys, not named ones.
+                if r == "repo." {
+                    k.strip_prefix("repo.")
+                        .is_some_and(|rest| !rest.contains('.'))
+                } else {
+                    k.starts_with(r.as_str())
+                }
+            })
+        });
+        for entry in entries {
             config.entries.insert(entry.name.clone(), entry);
         }
         config.files.push(path.clone());
@@ -222,6 +249,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
     };
     let value = |item: &toml_edit::Item, line: usize, name: &str| -> Result<String, Failure> {
         match item.as_value() {
+            Some(toml_edit::Value::String(s)) if s.value().contains('\0') => {
+                Err(bad(line, format!("{name} holds a NUL character")))
+            }
             Some(toml_edit::Value::String(s)) => Ok(s.value().clone()),
             Some(toml_edit::Value::Boolean(b)) => Ok(b.value().to_string()),
             Some(toml_edit::Value::Integer(i)) => Ok(i.value().to_string()),
@@ -273,7 +303,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
         let line = at(root, key);
         match key {
             "repo" if item.is_value() => out.push(Entry {
-                name: "repo".into(),
+                name: "repo.url".into(),
                 value: value(item, line, "repo")?,
                 file: path.to_owned(),
                 line,
@@ -335,7 +365,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
 /// The environment twins of what the file gives for every repository.
 fn env_twins(c: &Config) -> Vec<(&'static str, &Entry)> {
     let mut out = Vec::new();
-    if let Some(e) = c.entries.get("repo").or_else(|| c.entries.get("repo.url")) {
+    if let Some(e) = c.entries.get("repo.url") {
         out.push(("PITR_REPO", e));
     }
     for (k, var, _) in S3_KEYS {
@@ -351,22 +381,64 @@ fn env_twins(c: &Config) -> Vec<(&'static str, &Entry)> {
     out
 }
 
+/// The variable that tells a child process (a worker, a server's archive_command) which
+/// of its environment variables came from a configuration file, not from a person.
+const INJECTED_VAR: &str = "PITR_CONFIG_INJECTED";
+
+/// The key source variables (one key source at most: the file's [key] is used only when
+/// none of them, and no key flag, is given).
+const KEY_VARS: [&str; 4] = [
+    "PITR_KEY_FILE",
+    "PITR_KEY_COMMAND",
+    "PITR_KEY_KMS",
+    "PITR_PASSPHRASE",
+];
+
 /// Loads the configuration for this process and puts what it gives into the environment
 /// where the environment does not hold it. Call once, first, while the process has one
 /// thread.
 pub fn init(args: &[std::ffi::OsString]) -> Result<(), Failure> {
+    // What a parent pitr put into the environment from its file is not the environment's:
+    // this process reads its own file afresh.
+    if let Some(list) = std::env::var_os(INJECTED_VAR) {
+        for var in list.to_string_lossy().split(',').filter(|v| !v.is_empty()) {
+            std::env::remove_var(var);
+        }
+        std::env::remove_var(INJECTED_VAR);
+    }
     let paths = paths(explicit_path(args))?;
     let mut config = load(&paths)?;
+    let key_given = KEY_VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+        || args.iter().any(|a| {
+            let a = a.to_string_lossy();
+            ["--key-file", "--key-command", "--key-kms"]
+                .iter()
+                .any(|f| a == *f || a.starts_with(&format!("{f}=")))
+        });
     let mut injected = Vec::new();
     for (var, e) in env_twins(&config) {
+        if key_given && e.name.starts_with("key.") {
+            continue;
+        }
         if std::env::var_os(var).is_none_or(|v| v.is_empty()) {
             std::env::set_var(var, &e.value);
             injected.push(var.to_owned());
         }
     }
+    if !injected.is_empty() {
+        std::env::set_var(INJECTED_VAR, injected.join(","));
+    }
     config.injected = injected;
     let _ = CONFIG.set(config);
     Ok(())
+}
+
+/// Whether `var` was set from the configuration file (so a flag with the same value is
+/// still a flag).
+pub fn injected(var: &str) -> bool {
+    current().injected.iter().any(|i| i == var)
 }
 
 /// A named repository's URL with its S3 settings where neither its URL nor the real
@@ -473,11 +545,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 line: None,
             };
         }
-        let file_name = if name == "repo" && !c.entries.contains_key("repo") {
-            "repo.url"
-        } else {
-            name
-        };
+        let file_name = if name == "repo" { "repo.url" } else { name };
         if let Some(e) = c.entries.get(file_name) {
             return Shown {
                 name: name.into(),
@@ -501,14 +569,19 @@ pub fn run(args: Args) -> Result<(), Failure> {
         shown.push(from(&format!("s3.{k}"), var, None, default));
     }
     for (k, var, _) in KEY_KEYS {
-        shown.push(from(&format!("key.{k}"), var, None, None));
+        let mut s = from(&format!("key.{k}"), var, None, None);
+        // A key command may carry a token: said to be set, not shown.
+        if k == "command" && s.value.is_some() {
+            s.value = Some("(set, not shown)".into());
+        }
+        shown.push(s);
     }
     shown.push(Shown {
         name: "key.passphrase".into(),
         value: std::env::var_os("PITR_PASSPHRASE")
             .filter(|v| !v.is_empty())
             .map(|_| "(set, not shown)".into()),
-        source: if std::env::var_os("PITR_PASSPHRASE").is_some() {
+        source: if std::env::var_os("PITR_PASSPHRASE").is_some_and(|v| !v.is_empty()) {
             "env"
         } else {
             "default"
@@ -517,7 +590,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         line: None,
     });
     for (name, e) in &c.entries {
-        if name.starts_with("repo.") && name != "repo.url" {
+        if name.starts_with("repo.") && name != "repo.url" && name.matches('.').count() == 2 {
             shown.push(Shown {
                 name: name.clone(),
                 value: Some(e.value.clone()),
@@ -577,7 +650,7 @@ mod tests {
         assert_eq!(
             got,
             [
-                ("repo".to_owned(), "s3://b/p".to_owned(), 1),
+                ("repo.url".to_owned(), "s3://b/p".to_owned(), 1),
                 ("s3.endpoint".into(), "http://h:9000".into(), 3),
                 ("s3.path-style".into(), "true".into(), 4),
                 ("key.file".into(), "/k".into(), 6),
@@ -662,6 +735,35 @@ mod tests {
         assert!(u.contains("region=eu%20west"), "{u}");
         let e = with_settings("s3://b/p?region=x", "repo.o", &c).unwrap_err();
         assert!(e.message.contains("also given in its url"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_later_file_replaces_repository_tables_whole() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let f = d.path().join(name);
+            std::fs::write(&f, text).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+            f
+        };
+        let system = write(
+            "system.toml",
+            "[s3]\nregion = \"r1\"\n[repo]\nurl = \"s3://a/p\"\n[repo.x]\nurl = \"s3://x/p\"\nregion = \"rx\"\n",
+        );
+        let user = write(
+            "user.toml",
+            "[repo]\nurl = \"s3://b/p\"\n[repo.x]\nurl = \"s3://y/p\"\n",
+        );
+        let c = load(&[system, user]).unwrap();
+        assert_eq!(c.entries["repo.url"].value, "s3://b/p");
+        assert_eq!(c.entries["repo.x.url"].value, "s3://y/p");
+        assert!(
+            !c.entries.contains_key("repo.x.region"),
+            "{:?}",
+            c.entries.keys()
+        );
+        assert_eq!(c.entries["s3.region"].value, "r1");
     }
 
     #[test]

@@ -204,9 +204,18 @@ pub fn run() -> ExitCode {
     // which clap reads. (wal-fetch exits above 125 for it, as for any failure.)
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Err(mut failure) = config::init(&argv) {
-        let fetch = argv
-            .get(1)
-            .is_some_and(|a| a == "wal-fetch" || a == "wal-prefetch");
+        // The subcommand: the first argument that is not `--config X` or `--config=X`.
+        let mut rest = argv.iter().skip(1);
+        let mut command = None;
+        while let Some(a) = rest.next() {
+            if a == "--config" {
+                rest.next();
+            } else if !a.to_string_lossy().starts_with("--config=") {
+                command = Some(a);
+                break;
+            }
+        }
+        let fetch = command.is_some_and(|a| a == "wal-fetch" || a == "wal-prefetch");
         if fetch {
             failure.exit = Exit::FetchFailed;
         }

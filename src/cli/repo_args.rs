@@ -42,7 +42,7 @@ pub struct KeyArgs {
 /// Whether `value` is what environment variable `var` holds (a setting that came from the
 /// environment rather than the command line, as far as anyone can tell).
 fn from_env(var: &str, value: &std::ffi::OsStr) -> bool {
-    std::env::var_os(var).is_some_and(|v| v == value)
+    std::env::var_os(var).is_some_and(|v| v == value) && !super::config::injected(var)
 }
 
 impl KeyArgs {

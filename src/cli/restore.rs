@@ -227,6 +227,7 @@ pub(super) fn restore_command(repo: &str, key: &KeySetting) -> Result<String, Fa
     for var in [
         "AWS_ENDPOINT_URL",
         "AWS_REGION",
+        "AWS_PROFILE",
         "PITR_S3_PATH_STYLE",
         "PITR_S3_CONDITIONAL_PUT",
         "PITR_S3_CHECKSUMS",

@@ -21,6 +21,18 @@ fn config_file(dir: &Path, text: &str) -> std::path::PathBuf {
     p
 }
 
+/// A directory for the config file like /etc/pitr: the bed's (root's when it runs as root:
+/// a directory the server's user could write would let it replace root's configuration),
+/// readable by the server's user.
+fn etc_dir(pg: &Cluster) -> std::path::PathBuf {
+    let dir = pg.server_dir("etc").unwrap();
+    if rustix::process::geteuid().is_root() {
+        std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
 /// pitr with no repository or S3 setting in its environment but the credentials.
 fn bare_pitr(s3: &S3Server) -> std::process::Command {
     let mut c = crate::pitr();
@@ -43,7 +55,7 @@ fn archive_command_needs_only_the_config_file_and_precedence_is_flag_env_file() 
     let s3 = S3Server::start_local().unwrap();
     let url = s3.repo_url("cfg");
     let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
-    let dir = pg.server_dir("etc").unwrap();
+    let dir = etc_dir(&pg);
     let file = config_file(
         &dir,
         &format!(
@@ -176,7 +188,7 @@ fn a_restore_command_from_a_configured_restore_runs_with_an_empty_environment() 
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
     let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
-    let etc = pg.server_dir("etc").unwrap();
+    let etc = etc_dir(&pg);
     let key = etc.join("key");
     std::fs::write(&key, repo::crypto::random::<32>()).unwrap();
     let file = config_file(
