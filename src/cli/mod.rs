@@ -62,6 +62,10 @@ enum Command {
     Check(check::Args),
     /// Show the effective settings and where each came from (flag, environment, file)
     Config(config::Args),
+    /// Print a shell completion script (bash, zsh or fish)
+    Completions(DocsArgs),
+    /// Print the manual page (roff), or write one per command into --dir
+    Man(ManArgs),
     /// Show which cluster a repository belongs to and its format
     Info(info::Args),
     /// Create a repository for one cluster in an empty location
@@ -90,6 +94,62 @@ enum Command {
     /// The background worker wal-push starts to store ready files ahead
     #[command(hide = true)]
     WalPushWorker(wal_push::WorkerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DocsArgs {
+    /// The shell
+    #[arg(value_parser = ["bash", "zsh", "fish"])]
+    shell: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct ManArgs {
+    /// Write pitr.1 and pitr-COMMAND.1 for every command into this directory instead
+    #[arg(long, value_name = "DIR")]
+    dir: Option<std::path::PathBuf>,
+}
+
+/// `pitr completions SHELL`: the script, generated from the command definitions.
+fn completions(args: DocsArgs) -> Result<(), Failure> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let shell = match args.shell.as_str() {
+        "zsh" => Shell::Zsh,
+        "fish" => Shell::Fish,
+        _ => Shell::Bash,
+    };
+    clap_complete::generate(shell, &mut Cli::command(), "pitr", &mut std::io::stdout());
+    Ok(())
+}
+
+/// `pitr man [--dir DIR]`: manual pages generated from the command definitions (hidden
+/// commands, the background workers, left out).
+fn man(args: ManArgs) -> Result<(), Failure> {
+    use clap::CommandFactory;
+    let fail = |e: std::io::Error| {
+        Failure::new(Exit::BadInput, format!("could not write the manual: {e}"))
+    };
+    let cmd = Cli::command();
+    let Some(dir) = args.dir else {
+        let mut out = std::io::stdout();
+        return clap_mangen::Man::new(cmd).render(&mut out).map_err(fail);
+    };
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .render(&mut page)
+        .map_err(fail)?;
+    std::fs::write(dir.join("pitr.1"), page).map_err(fail)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("pitr-{}", sub.get_name());
+        // (clap names are &'static str; this process ends right after.)
+        let static_name: &'static str = Box::leak(name.clone().into_boxed_str());
+        let sub = sub.clone().name(static_name);
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub).render(&mut page).map_err(fail)?;
+        std::fs::write(dir.join(format!("{name}.1")), page).map_err(fail)?;
+    }
+    Ok(())
 }
 
 /// The async runtime of a command that talks to a repository; failing to start it exits
@@ -155,6 +215,8 @@ impl Command {
             Command::Expire(_) => ("expire", Exit::Internal),
             Command::Check(_) => ("check", Exit::Internal),
             Command::Config(_) => ("config", Exit::Internal),
+            Command::Completions(_) => ("completions", Exit::Internal),
+            Command::Man(_) => ("man", Exit::Internal),
             Command::Info(_) => ("info", Exit::Internal),
             Command::Init(_) => ("init", Exit::Internal),
             Command::Key(_) => ("key", Exit::Internal),
@@ -250,6 +312,8 @@ pub fn run() -> ExitCode {
         Command::Expire(args) => expire::run(args),
         Command::Check(args) => check::run(args),
         Command::Config(args) => config::run(args),
+        Command::Completions(args) => completions(args),
+        Command::Man(args) => man(args),
         Command::Info(args) => info::run(args),
         Command::Key(args) => key::run(args),
         Command::Init(args) => init::run(args),

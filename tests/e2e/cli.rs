@@ -21,6 +21,52 @@ fn help_describes_the_tool() {
     assert!(text.contains("Usage: pitr"), "{text}");
 }
 
+/// Completion scripts and manual pages come from the command definitions: every visible
+/// command is in them, the background workers are not.
+#[test]
+fn completions_and_manual_pages_cover_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = pitr().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        for cmd in [
+            "wal-push",
+            "wal-fetch",
+            "restore",
+            "drill",
+            "copy",
+            "config",
+        ] {
+            assert!(text.contains(cmd), "{shell}: {cmd}");
+        }
+    }
+    let out = pitr().arg("man").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(".TH pitr 1"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = pitr()
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    assert!(pages.contains(&"pitr.1".to_owned()), "{pages:?}");
+    assert!(pages.contains(&"pitr-drill.1".to_owned()), "{pages:?}");
+    assert!(
+        !pages
+            .iter()
+            .any(|p| p.contains("worker") || p.contains("watchdog")),
+        "{pages:?}"
+    );
+    let drill = std::fs::read_to_string(dir.path().join("pitr-drill.1")).unwrap();
+    assert!(drill.contains("amcheck"), "{drill}");
+}
+
 #[test]
 fn no_arguments_prints_usage_and_exits_2() {
     let out = pitr().output().unwrap();
