@@ -172,6 +172,18 @@ async fn backend(url: &RepoUrl, create_root: bool) -> Result<Arc<dyn Storage>, S
             settings.region = options.region.clone().or(settings.region);
             settings.path_style = options.path_style.unwrap_or(settings.path_style);
             settings.profile = options.profile.clone();
+            if let Some(class) = settings
+                .storage_class
+                .as_deref()
+                .filter(|c| crate::storage::ARCHIVE_CLASSES.contains(c))
+            {
+                return Err(StorageError::new(
+                    crate::storage::ErrorKind::Permanent,
+                    "connect",
+                    "",
+                    format!("storage class {class} needs a restore request before every read: a restore could not read the repository (use STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING or GLACIER_IR)"),
+                ));
+            }
             Arc::new(S3Storage::connect(settings).await)
         }
         RepoUrl::File { path } if create_root => Arc::new(FsStorage::create(path.clone())?),

@@ -422,3 +422,57 @@ async fn s3_copies_server_side_on_one_server_and_never_overwrites() {
         Some(PutOutcome::Stored)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_storage_class_goes_on_packs_and_segments_only_and_sse_on_every_write() {
+    let server = testbed::S3Server::start_local().unwrap();
+    let mut settings = support::s3_settings(&server);
+    settings.part_size = 8 << 20;
+    // The one class besides STANDARD the bed's server takes: what matters is the header.
+    settings.storage_class = Some("REDUCED_REDUNDANCY".into());
+    settings.sse = Some("AES256".into());
+    let s = repo::storage::S3Storage::connect(settings).await;
+    let small = Bytes::from(data(1000, 3));
+    for key in [
+        "config",
+        "pack/ab/small",
+        "wal/0000000100000000/000000010000000000000001",
+        "wal/0000000100000000/000000010000000000000001.summary",
+        "backup/20260101T000000Z/manifest",
+    ] {
+        s.put(key, small.clone(), PutMode::IfAbsent).await.unwrap();
+    }
+    // Multipart: on CreateMultipartUpload.
+    s.put(
+        "pack/cd/big",
+        Bytes::from(data(20 << 20, 4)),
+        PutMode::IfAbsent,
+    )
+    .await
+    .unwrap();
+    let seen = server.write_headers();
+    let of = |suffix: &str| {
+        seen.iter()
+            .filter(|h| h.path.ends_with(suffix))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    for key in ["pack/ab/small", "000000010000000000000001", "pack/cd/big"] {
+        let h = of(key);
+        assert!(!h.is_empty(), "{key}: {seen:?}");
+        assert!(
+            h.iter()
+                .all(|h| h.storage_class.as_deref() == Some("REDUCED_REDUNDANCY")),
+            "{key}: {h:?}"
+        );
+    }
+    for key in ["/config", ".summary", "/manifest"] {
+        let h = of(key);
+        assert!(!h.is_empty(), "{key}: {seen:?}");
+        assert!(h.iter().all(|h| h.storage_class.is_none()), "{key}: {h:?}");
+    }
+    assert!(
+        seen.iter().all(|h| h.sse.as_deref() == Some("AES256")),
+        "{seen:?}"
+    );
+}

@@ -34,8 +34,12 @@ pub const S3_KEYS: [(&str, &str, &str); 4] = [
     ("profile", "AWS_PROFILE", "profile"),
 ];
 
-/// S3 settings the file may not give yet (named so they are not taken for typos).
-const S3_NOT_YET: [&str; 3] = ["storage-class", "sse", "sse-kms-key-id"];
+/// S3 settings of every repository only ([s3]; not yet per named repository).
+pub const S3_GLOBAL_KEYS: [(&str, &str); 3] = [
+    ("storage-class", "PITR_S3_STORAGE_CLASS"),
+    ("sse", "PITR_S3_SSE"),
+    ("sse-kms-key-id", "PITR_S3_SSE_KMS_KEY_ID"),
+];
 
 /// Key sources: config key, environment twin, flag.
 pub const KEY_KEYS: [(&str, &str, &str); 3] = [
@@ -282,10 +286,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
             if tables && item.is_table_like() {
                 continue;
             }
-            if S3_NOT_YET.contains(&key) {
-                return Err(bad(line, format!("{name} is not supported yet")));
+            let global = S3_GLOBAL_KEYS.iter().any(|(k, _)| *k == key);
+            if global && prefix != "s3" {
+                return Err(bad(
+                    line,
+                    format!("{name}: {key} is set for every repository, in [s3], not yet per repository"),
+                ));
             }
-            let known = S3_KEYS.iter().any(|(k, _, _)| *k == key) || (with_url && key == "url");
+            let known =
+                global || S3_KEYS.iter().any(|(k, _, _)| *k == key) || (with_url && key == "url");
             if !known {
                 return Err(bad(line, format!("unknown key {name}")));
             }
@@ -369,6 +378,11 @@ fn env_twins(c: &Config) -> Vec<(&'static str, &Entry)> {
         out.push(("PITR_REPO", e));
     }
     for (k, var, _) in S3_KEYS {
+        if let Some(e) = c.entries.get(&format!("s3.{k}")) {
+            out.push((var, e));
+        }
+    }
+    for (k, var) in S3_GLOBAL_KEYS {
         if let Some(e) = c.entries.get(&format!("s3.{k}")) {
             out.push((var, e));
         }
@@ -568,6 +582,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
         let default = (k == "path-style").then_some("false");
         shown.push(from(&format!("s3.{k}"), var, None, default));
     }
+    for (k, var) in S3_GLOBAL_KEYS {
+        shown.push(from(&format!("s3.{k}"), var, None, None));
+    }
     for (k, var, _) in KEY_KEYS {
         let mut s = from(&format!("key.{k}"), var, None, None);
         // A key command may carry a token: said to be set, not shown.
@@ -680,7 +697,11 @@ mod tests {
                 3,
                 "unknown key s3.endpont",
             ),
-            ("[s3]\nsse = \"aws:kms\"\n", 2, "not supported yet"),
+            (
+                "[repo.x]\nurl = \"s3://b/p\"\nsse = \"aws:kms\"\n",
+                3,
+                "not yet per repository",
+            ),
             ("[key]\nkey = \"secret\"\n", 2, "unknown key key.key"),
             (
                 "[repo.x]\nurl = \"s3://b/p\"\nbucket = 1\n",

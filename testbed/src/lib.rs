@@ -27,7 +27,7 @@ pub use os_user::OsUser;
 pub use pg_bin::PgBin;
 pub use port::free_port;
 pub use proxy::Proxy;
-pub use s3::{serve as serve_s3, S3Server};
+pub use s3::{serve as serve_s3, S3Server, WriteHeaders};
 
 /// A fresh, unique name for objects, prefixes and dirs made by one test.
 pub fn unique_name(prefix: &str) -> String {

@@ -54,6 +54,18 @@ struct Counters {
     writes: AtomicU64,
     /// Of those, server-side copies (CopyObject).
     copies: AtomicU64,
+    /// Each object-creating request's path with its `x-amz-storage-class` and
+    /// `x-amz-server-side-encryption` headers.
+    headers: std::sync::Mutex<Vec<WriteHeaders>>,
+}
+
+/// The storage headers of one object-creating request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteHeaders {
+    /// The request path (`/bucket/key`, percent-encoded as sent).
+    pub path: String,
+    pub storage_class: Option<String>,
+    pub sse: Option<String>,
 }
 
 impl S3Server {
@@ -186,6 +198,17 @@ impl S3Server {
         self.local
             .as_ref()
             .map_or(0, |l| l.counters.writes.load(Ordering::SeqCst))
+    }
+
+    /// The storage headers of every PutObject, CreateMultipartUpload and CopyObject so far.
+    pub fn write_headers(&self) -> Vec<WriteHeaders> {
+        self.local.as_ref().map_or(Vec::new(), |l| {
+            l.counters
+                .headers
+                .lock()
+                .map(|h| h.clone())
+                .unwrap_or_default()
+        })
     }
 
     /// Of [`S3Server::writes`], the server-side copies (CopyObject).
@@ -341,6 +364,22 @@ impl hyper::service::Service<Incoming> for Counting {
         // pitr's conditional-put probe and its markers of running commands are not data.
         let path = req.uri().path();
         let probe = path.contains("/.conditional-probe/") || path.contains("/running/");
+        let creates = req.method() == hyper::Method::POST && query.contains("uploads");
+        if (object_put || creates) && !probe {
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            if let Ok(mut h) = self.counters.headers.lock() {
+                h.push(WriteHeaders {
+                    path: path.to_owned(),
+                    storage_class: header("x-amz-storage-class"),
+                    sse: header("x-amz-server-side-encryption"),
+                });
+            }
+        }
         let copy = object_put && req.headers().contains_key("x-amz-copy-source");
         if copy
             && req

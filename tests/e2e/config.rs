@@ -166,6 +166,14 @@ fn archive_command_needs_only_the_config_file_and_precedence_is_flag_env_file() 
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(200));
+    // A storage class a restore could not read from is refused.
+    let out = bare_pitr(&s3)
+        .env("PITR_S3_STORAGE_CLASS", "DEEP_ARCHIVE")
+        .args(["info", "--repo", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DEEP_ARCHIVE needs a restore request"));
     let bad = config_file(&dir, "repo = \"file:///x\"\n[s3]\nendpont = \"x\"\n");
     let out = bare_pitr(&s3)
         .env("PITR_CONFIG", &bad)

@@ -60,6 +60,30 @@ pub struct S3Settings {
     /// one-process-per-file commands do not probe every time (`PITR_CACHE_DIR`, else
     /// `$XDG_CACHE_HOME/pitr`, else `~/.cache/pitr`; none: probe once per process).
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Storage class of packs and whole WAL segments (`PITR_S3_STORAGE_CLASS`); every
+    /// other object stays STANDARD.
+    pub storage_class: Option<String>,
+    /// Server-side encryption: `AES256` or `aws:kms` (`PITR_S3_SSE`).
+    pub sse: Option<String>,
+    /// The KMS key of `aws:kms` (`PITR_S3_SSE_KMS_KEY_ID`).
+    pub sse_kms_key_id: Option<String>,
+}
+
+/// Storage classes whose objects need a restore request before a read: a restore could
+/// not read them.
+pub const ARCHIVE_CLASSES: [&str; 2] = ["GLACIER", "DEEP_ARCHIVE"];
+
+/// Whether `key` is an object the storage class applies to: a pack, or a whole WAL
+/// segment (24 hex digits), never config, manifests, chunk tables, summaries, histories,
+/// markers or stream pieces (small or short-lived: infrequent-access classes bill at least
+/// 30 days and 128 KB an object).
+fn classed(key: &str) -> bool {
+    if key.starts_with("pack/") {
+        return true;
+    }
+    key.strip_prefix("wal/")
+        .and_then(|rest| rest.rsplit('/').next())
+        .is_some_and(|name| name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Whether request bodies are hashed into the SigV4 signature.
@@ -118,8 +142,16 @@ impl S3Settings {
                 None => ConditionalPut::Auto,
             },
             cache_dir: default_cache_dir(),
+            storage_class: env_value("PITR_S3_STORAGE_CLASS"),
+            sse: env_value("PITR_S3_SSE"),
+            sse_kms_key_id: env_value("PITR_S3_SSE_KMS_KEY_ID"),
         }
     }
+}
+
+/// A setting from the environment, if set and not empty.
+fn env_value(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 /// An `auto|on|off` setting from the environment: on (`on`, `true`), off (`off`,
@@ -201,6 +233,11 @@ pub struct S3Storage {
     probe_cache: Option<std::path::PathBuf>,
     /// The endpoint URL ("aws" for AWS's own).
     endpoint: String,
+    /// Storage class of packs and whole segments.
+    storage_class: Option<aws_sdk_s3::types::StorageClass>,
+    /// Server-side encryption of every object written.
+    sse: Option<aws_sdk_s3::types::ServerSideEncryption>,
+    sse_kms_key_id: Option<String>,
     /// What signs requests (for [`Storage::copy_source`]).
     credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
     /// The server and identity, once resolved (`None`: no credentials).
@@ -423,6 +460,15 @@ impl S3Storage {
             probe_cache,
             credentials: shared.credentials_provider(),
             identity: Default::default(),
+            storage_class: settings
+                .storage_class
+                .as_deref()
+                .map(aws_sdk_s3::types::StorageClass::from),
+            sse: settings
+                .sse
+                .as_deref()
+                .map(aws_sdk_s3::types::ServerSideEncryption::from),
+            sse_kms_key_id: settings.sse_kms_key_id.clone(),
             endpoint,
             copy_probed: Default::default(),
             bucket: settings.bucket,
@@ -586,6 +632,9 @@ impl S3Storage {
             .bucket(&self.bucket)
             .key(full)
             .body(AwsBody::from(body))
+            .set_storage_class(self.class_for(key))
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.sse_kms_key_id.clone())
             .send()
             .await
             .map_err(|e| classify("put", key, e))?;
@@ -593,6 +642,11 @@ impl S3Storage {
             return Ok(PutOutcome::AlreadyExists);
         }
         Ok(PutOutcome::Stored)
+    }
+
+    /// The storage class for `key` (packs and whole segments only).
+    fn class_for(&self, key: &str) -> Option<aws_sdk_s3::types::StorageClass> {
+        self.storage_class.clone().filter(|_| classed(key))
     }
 
     fn full_key(&self, op: &'static str, key: &str) -> Result<String, StorageError> {
@@ -627,7 +681,10 @@ impl S3Storage {
             .put_object()
             .bucket(&self.bucket)
             .key(full)
-            .body(AwsBody::from(body));
+            .body(AwsBody::from(body))
+            .set_storage_class(self.class_for(key))
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.sse_kms_key_id.clone());
         if mode == PutMode::IfAbsent {
             req = req.if_none_match("*");
         }
@@ -664,6 +721,9 @@ impl S3Storage {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(full)
+            .set_storage_class(self.class_for(key))
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.sse_kms_key_id.clone())
             .send()
             .await
             .map_err(|e| classify("put", key, e))?;
@@ -1001,7 +1061,10 @@ impl Storage for S3Storage {
             .copy_object()
             .bucket(&self.bucket)
             .key(&full)
-            .copy_source(copy_source_header(&from.bucket, &source));
+            .copy_source(copy_source_header(&from.bucket, &source))
+            .set_storage_class(self.class_for(key))
+            .set_server_side_encryption(self.sse.clone())
+            .set_ssekms_key_id(self.sse_kms_key_id.clone());
         if mode == PutMode::IfAbsent {
             req = req.if_none_match("*");
         }
