@@ -245,12 +245,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
         Failure::new(Exit::BadInput, format!("{}:{line}: {what}", path.display()))
             .hint("see \"Configuration file\" in README for every key")
     };
-    let at = |table: &toml_edit::Table, key: &str| {
-        table
-            .key(key)
-            .and_then(|k| k.span())
-            .map_or(0, |s| line_of(text, s.start))
-    };
     let value = |item: &toml_edit::Item, line: usize, name: &str| -> Result<String, Failure> {
         match item.as_value() {
             Some(toml_edit::Value::String(s)) if s.value().contains('\0') => {
@@ -309,7 +303,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
     };
     let root = doc.as_table();
     for (key, item) in root.iter() {
-        let line = at(root, key);
+        let line = key_line(root, key, 0);
         match key {
             "repo" if item.is_value() => out.push(Entry {
                 name: "repo.url".into(),
@@ -353,7 +347,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
                     .as_table()
                     .ok_or_else(|| bad(line, "key must be a table".into()))?;
                 for (k, v) in table.iter() {
-                    let l = at(table, k);
+                    let l = key_line(table, k, line);
                     if !KEY_KEYS.iter().any(|(n, _, _)| *n == k) {
                         return Err(bad(l, format!("unknown key key.{k} (file, command or kms: a key's source, never the key)")));
                     }

@@ -208,16 +208,9 @@ fn without_archived_wal_the_backup_fails_with_exit_8_and_no_manifest() {
 
 /// Waits until `standby` has replayed everything `primary` wrote so far.
 fn caught_up(primary: &Cluster, standby: &Cluster) {
-    let lsn = primary.current_lsn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while standby
-        .sql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'"))
-        .unwrap()
-        != "t"
-    {
-        assert!(Instant::now() < deadline, "the standby did not catch up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    standby
+        .wait_replayed(primary, Duration::from_secs(60))
+        .unwrap();
 }
 
 /// `pitr backup` pointed at a streaming standby (itself archiving into the same repository

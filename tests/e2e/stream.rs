@@ -538,16 +538,9 @@ fn a_promote_while_streaming_is_followed_onto_the_new_timeline_and_restorable() 
     primary
         .sql("INSERT INTO t SELECT 'before', g FROM generate_series(1, 100) g")
         .unwrap();
-    let lsn = primary.current_lsn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while standby
-        .sql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'"))
-        .unwrap()
-        != "t"
-    {
-        assert!(Instant::now() < deadline, "the standby did not catch up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    standby
+        .wait_replayed(&primary, Duration::from_secs(30))
+        .unwrap();
     caught_up(&s3, &url, &standby, 1);
 
     // The standby becomes the primary: timeline 2.

@@ -461,6 +461,23 @@ impl Cluster {
         )
     }
 
+    /// Waits until this server (a standby) has replayed `primary`'s WAL up to where the
+    /// primary is now.
+    pub fn wait_replayed(&self, primary: &Cluster, timeout: Duration) -> Result<()> {
+        let lsn = primary.current_lsn()?;
+        let deadline = std::time::Instant::now() + timeout;
+        while self.sql(&format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'"))? != "t" {
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "the standby did not replay up to {lsn} within {timeout:?}\nserver log:\n{}",
+                    tail(&self.server_log(), 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// Environment of server-side commands: the caller's, a private HOME, no PG* variables
     /// that would point pg_ctl or the archive command elsewhere.
     fn server_env(&self) -> Vec<(String, String)> {
