@@ -172,6 +172,36 @@ async fn backend(url: &RepoUrl, create_root: bool) -> Result<Arc<dyn Storage>, S
             settings.region = options.region.clone().or(settings.region);
             settings.path_style = options.path_style.unwrap_or(settings.path_style);
             settings.profile = options.profile.clone();
+            settings.storage_class = options.storage_class.clone().or(settings.storage_class);
+            settings.sse = options.sse.clone().or(settings.sse);
+            settings.sse_kms_key_id = options.sse_kms_key_id.clone().or(settings.sse_kms_key_id);
+            if let Some(problem) = crate::storage::env_problem() {
+                return Err(StorageError::new(
+                    crate::storage::ErrorKind::Permanent,
+                    "connect",
+                    "",
+                    problem,
+                ));
+            }
+            let sse_ok = match settings.sse.as_deref() {
+                None => settings.sse_kms_key_id.is_none(),
+                Some(v) => {
+                    crate::url::SSE_VALUES.contains(&v)
+                        && (settings.sse_kms_key_id.is_none() || v.starts_with("aws:kms"))
+                }
+            };
+            if !sse_ok {
+                return Err(StorageError::new(
+                    crate::storage::ErrorKind::Permanent,
+                    "connect",
+                    "",
+                    format!(
+                        "server-side encryption {:?} with KMS key {:?}: sse is AES256, aws:kms or aws:kms:dsse, and a KMS key goes with aws:kms only",
+                        settings.sse.as_deref().unwrap_or("(none)"),
+                        settings.sse_kms_key_id.as_deref().unwrap_or("(none)")
+                    ),
+                ));
+            }
             if let Some(class) = settings
                 .storage_class
                 .as_deref()

@@ -1,7 +1,8 @@
 //! Repository locations: `s3://bucket/prefix` or `file:///absolute/path`, from `--repo` or
 //! `PITR_REPO`. An S3 URL may carry its own settings as query parameters
-//! (`?endpoint=https://host:port&region=eu-west-1&path-style=true&profile=NAME`), which win
-//! over every other source of the same setting; credentials are never taken from a URL.
+//! (`?endpoint=https://host:port&region=eu-west-1&path-style=true&profile=NAME`, and
+//! `storage-class=`, `sse=`, `sse-kms-key-id=` for what it writes), which win over every
+//! other source of the same setting; credentials are never taken from a URL.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -38,6 +39,13 @@ pub struct S3Options {
     pub path_style: Option<bool>,
     /// `profile=`: the AWS profile whose credentials (and region) are used.
     pub profile: Option<String>,
+    /// `storage-class=`: the S3 storage class of packs and whole WAL segments written.
+    pub storage_class: Option<String>,
+    /// `sse=`: server-side encryption of objects written (`AES256`, `aws:kms`,
+    /// `aws:kms:dsse`).
+    pub sse: Option<String>,
+    /// `sse-kms-key-id=`: the KMS key of `sse=aws:kms`.
+    pub sse_kms_key_id: Option<String>,
 }
 
 impl S3Options {
@@ -97,6 +105,30 @@ impl S3Options {
                     }
                     set(&mut o.profile, value)?;
                 }
+                "storage-class" => {
+                    let ok = !value.is_empty()
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+                    if !ok {
+                        return Err("storage-class= must be an S3 storage class (STANDARD_IA, INTELLIGENT_TIERING, ...)");
+                    }
+                    set(&mut o.storage_class, value)?;
+                }
+                "sse" => {
+                    if !SSE_VALUES.contains(&value.as_str()) {
+                        return Err("sse= must be AES256, aws:kms or aws:kms:dsse");
+                    }
+                    set(&mut o.sse, value)?;
+                }
+                "sse-kms-key-id" => {
+                    let ok = !value.is_empty()
+                        && !value.contains(|c: char| c.is_whitespace() || c.is_control());
+                    if !ok {
+                        return Err("sse-kms-key-id= must be a KMS key id, alias or ARN");
+                    }
+                    set(&mut o.sse_kms_key_id, value)?;
+                }
                 k if ["key", "secret", "token", "password", "credential"]
                     .iter()
                     .any(|w| k.to_ascii_lowercase().contains(w)) =>
@@ -105,12 +137,15 @@ impl S3Options {
                         "credentials are never taken from a URL (use profile= or the AWS chain)",
                     )
                 }
-                _ => return Err("unknown query parameter (endpoint, region, path-style, profile)"),
+                _ => return Err("unknown query parameter (endpoint, region, path-style, profile, storage-class, sse, sse-kms-key-id)"),
             }
         }
         Ok(o)
     }
 }
+
+/// The server-side encryption settings S3 knows.
+pub const SSE_VALUES: [&str; 3] = ["AES256", "aws:kms", "aws:kms:dsse"];
 
 /// `%XX` escapes decoded (UTF-8).
 fn percent_decode(s: &str) -> Result<String, &'static str> {
@@ -165,6 +200,15 @@ impl fmt::Display for S3Options {
         }
         if let Some(v) = &self.profile {
             put(f, "profile", v)?;
+        }
+        if let Some(v) = &self.storage_class {
+            put(f, "storage-class", v)?;
+        }
+        if let Some(v) = &self.sse {
+            put(f, "sse", v)?;
+        }
+        if let Some(v) = &self.sse_kms_key_id {
+            put(f, "sse-kms-key-id", v)?;
         }
         Ok(())
     }
@@ -351,6 +395,22 @@ mod tests {
         assert_eq!(options.profile.as_deref(), Some("off+site"));
         // Written back the same (what a restore_command names), and kept below it.
         assert_eq!(url.to_string(), text);
+        let writes = "s3://b-1/x?storage-class=STANDARD_IA&sse=aws:kms&sse-kms-key-id=alias/pitr";
+        let written: RepoUrl = writes.parse().unwrap();
+        let RepoUrl::S3 { options, .. } = &written else {
+            panic!()
+        };
+        assert_eq!(options.storage_class.as_deref(), Some("STANDARD_IA"));
+        assert_eq!(options.sse.as_deref(), Some("aws:kms"));
+        assert_eq!(options.sse_kms_key_id.as_deref(), Some("alias/pitr"));
+        assert_eq!(written.to_string(), writes);
+        for bad in [
+            "s3://b-1/x?sse=aes",
+            "s3://b-1/x?storage-class=standard",
+            "s3://b-1/x?sse-kms-key-id=",
+        ] {
+            assert!(bad.parse::<RepoUrl>().is_err(), "{bad}");
+        }
         assert_eq!(url.to_string().parse::<RepoUrl>().unwrap(), url);
         assert!(url
             .join("sub")

@@ -26,19 +26,365 @@ use std::sync::OnceLock;
 
 use super::{Exit, Failure};
 
-/// S3 settings: config key, environment twin, URL parameter.
-pub const S3_KEYS: [(&str, &str, &str); 4] = [
-    ("endpoint", "AWS_ENDPOINT_URL", "endpoint"),
-    ("region", "AWS_REGION", "region"),
-    ("path-style", "PITR_S3_PATH_STYLE", "path-style"),
-    ("profile", "AWS_PROFILE", "profile"),
+/// What a setting's value must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A string.
+    Text,
+    /// true or false.
+    Bool,
+    /// An integer in a range.
+    Int(i64, i64),
+    /// A string humantime reads ("90s", "6h", "30d").
+    Duration,
+    /// A number from 0 to 1.
+    Fraction,
+    /// One of these strings.
+    Choice(&'static [&'static str]),
+}
+
+/// A setting the file may give: its key (dotted below a table), environment twin, flag
+/// twin ("" when none), default as shown ("" when none) and kind.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    pub key: &'static str,
+    pub env: &'static str,
+    pub flag: &'static str,
+    pub default: &'static str,
+    pub kind: Kind,
+}
+
+const fn set(
+    key: &'static str,
+    env: &'static str,
+    flag: &'static str,
+    default: &'static str,
+    kind: Kind,
+) -> Setting {
+    Setting {
+        key,
+        env,
+        flag,
+        default,
+        kind,
+    }
+}
+
+/// S3 settings of a repository. In `[s3]` they are every repository's (through the
+/// environment twin); in `[repo]` or `[repo.NAME]` that repository's (through its URL,
+/// whose parameter has the key's name).
+pub const S3_KEYS: [Setting; 7] = [
+    set("endpoint", "AWS_ENDPOINT_URL", "", "AWS", Kind::Text),
+    set("region", "AWS_REGION", "", "the AWS chain's", Kind::Text),
+    set("path-style", "PITR_S3_PATH_STYLE", "", "false", Kind::Bool),
+    set("profile", "AWS_PROFILE", "", "the AWS chain's", Kind::Text),
+    set(
+        "storage-class",
+        "PITR_S3_STORAGE_CLASS",
+        "",
+        "STANDARD",
+        Kind::Text,
+    ),
+    set(
+        "sse",
+        "PITR_S3_SSE",
+        "",
+        "the bucket's",
+        Kind::Choice(&repo::url::SSE_VALUES),
+    ),
+    set(
+        "sse-kms-key-id",
+        "PITR_S3_SSE_KMS_KEY_ID",
+        "",
+        "",
+        Kind::Text,
+    ),
 ];
 
-/// S3 settings of every repository only ([s3]; not yet per named repository).
-pub const S3_GLOBAL_KEYS: [(&str, &str); 3] = [
-    ("storage-class", "PITR_S3_STORAGE_CLASS"),
-    ("sse", "PITR_S3_SSE"),
-    ("sse-kms-key-id", "PITR_S3_SSE_KMS_KEY_ID"),
+/// Every other setting: how S3 is spoken to (`[s3]`, every repository's), the commands'
+/// settings (a table per command; `compress-level` at the top).
+pub const SETTINGS: [Setting; 41] = [
+    set(
+        "compress-level",
+        "PITR_COMPRESS_LEVEL",
+        "--compress-level",
+        "1",
+        Kind::Int(0, 19),
+    ),
+    set(
+        "cache-dir",
+        "PITR_CACHE_DIR",
+        "",
+        "~/.cache/pitr",
+        Kind::Text,
+    ),
+    set(
+        "s3.conditional-put",
+        "PITR_S3_CONDITIONAL_PUT",
+        "",
+        "auto",
+        Kind::Choice(&["auto", "on", "off"]),
+    ),
+    set(
+        "s3.checksums",
+        "PITR_S3_CHECKSUMS",
+        "",
+        "when_supported",
+        Kind::Choice(&["when_supported", "when_required"]),
+    ),
+    set(
+        "s3.payload-signing",
+        "PITR_S3_PAYLOAD_SIGNING",
+        "",
+        "auto",
+        Kind::Choice(&["auto", "on", "off"]),
+    ),
+    set(
+        "s3.max-attempts",
+        "PITR_S3_MAX_ATTEMPTS",
+        "",
+        "3",
+        Kind::Int(1, 100),
+    ),
+    set(
+        "s3.attempt-timeout",
+        "PITR_S3_ATTEMPT_TIMEOUT",
+        "",
+        "60s",
+        Kind::Duration,
+    ),
+    set(
+        "wal-push.timeout",
+        "PITR_WAL_PUSH_TIMEOUT",
+        "--timeout",
+        "120",
+        Kind::Int(1, 86400),
+    ),
+    set(
+        "wal-push.ahead",
+        "PITR_WAL_PUSH_AHEAD",
+        "--ahead",
+        "8",
+        Kind::Int(0, 4096),
+    ),
+    set(
+        "wal-push.parallel",
+        "PITR_WAL_PUSH_PARALLEL",
+        "--parallel",
+        "twice the cores",
+        Kind::Int(1, 256),
+    ),
+    set(
+        "wal-push.state-dir",
+        "PITR_WAL_PUSH_STATE_DIR",
+        "--state-dir",
+        "pg_wal/.pitr/push",
+        Kind::Text,
+    ),
+    set(
+        "wal-push.recheck",
+        "PITR_WAL_PUSH_RECHECK",
+        "--recheck",
+        "false",
+        Kind::Bool,
+    ),
+    set(
+        "wal-fetch.prefetch",
+        "PITR_WAL_FETCH_PREFETCH",
+        "--prefetch",
+        "16",
+        Kind::Int(0, 4096),
+    ),
+    set(
+        "wal-fetch.prefetch-parallel",
+        "PITR_WAL_FETCH_PARALLEL",
+        "--prefetch-parallel",
+        "4",
+        Kind::Int(1, 256),
+    ),
+    set(
+        "wal-fetch.spool-dir",
+        "PITR_WAL_FETCH_SPOOL_DIR",
+        "--spool-dir",
+        "pg_wal/.pitr/fetch",
+        Kind::Text,
+    ),
+    set(
+        "backup.parallel",
+        "PITR_BACKUP_PARALLEL",
+        "--parallel",
+        "4",
+        Kind::Int(1, 64),
+    ),
+    set(
+        "backup.wal-timeout",
+        "PITR_BACKUP_WAL_TIMEOUT",
+        "--wal-timeout",
+        "60",
+        Kind::Int(0, 86400),
+    ),
+    set(
+        "restore.parallel",
+        "PITR_RESTORE_PARALLEL",
+        "--parallel",
+        "8",
+        Kind::Int(1, 256),
+    ),
+    set(
+        "restore.pg-bin",
+        "PITR_PG_BIN",
+        "--pg-bin",
+        "the backup's version's",
+        Kind::Text,
+    ),
+    set(
+        "stream.slot",
+        "PITR_STREAM_SLOT",
+        "--slot",
+        "pitr",
+        Kind::Text,
+    ),
+    set(
+        "stream.flush-interval",
+        "PITR_STREAM_FLUSH_INTERVAL",
+        "--flush-interval",
+        "1s",
+        Kind::Duration,
+    ),
+    set(
+        "stream.sync",
+        "PITR_STREAM_SYNC",
+        "--sync",
+        "false",
+        Kind::Bool,
+    ),
+    set(
+        "stream.receive-timeout",
+        "PITR_STREAM_RECEIVE_TIMEOUT",
+        "--receive-timeout",
+        "60s",
+        Kind::Duration,
+    ),
+    set("copy.to", "PITR_COPY_TO", "--to", "", Kind::Text),
+    set(
+        "copy.parallel",
+        "PITR_COPY_PARALLEL",
+        "--parallel",
+        "8",
+        Kind::Int(1, 256),
+    ),
+    set(
+        "copy.interval",
+        "PITR_COPY_INTERVAL",
+        "--interval",
+        "10s",
+        Kind::Duration,
+    ),
+    set(
+        "expire.keep-last",
+        "PITR_EXPIRE_KEEP_LAST",
+        "--keep-last",
+        "",
+        Kind::Int(1, i64::MAX),
+    ),
+    set(
+        "expire.keep-within",
+        "PITR_EXPIRE_KEEP_WITHIN",
+        "--keep-within",
+        "",
+        Kind::Duration,
+    ),
+    set(
+        "expire.keep-daily",
+        "PITR_EXPIRE_KEEP_DAILY",
+        "--keep-daily",
+        "",
+        Kind::Int(1, i64::MAX),
+    ),
+    set(
+        "expire.keep-weekly",
+        "PITR_EXPIRE_KEEP_WEEKLY",
+        "--keep-weekly",
+        "",
+        Kind::Int(1, i64::MAX),
+    ),
+    set(
+        "expire.keep-monthly",
+        "PITR_EXPIRE_KEEP_MONTHLY",
+        "--keep-monthly",
+        "",
+        Kind::Int(1, i64::MAX),
+    ),
+    set(
+        "expire.min-backups",
+        "PITR_EXPIRE_MIN_BACKUPS",
+        "--min-backups",
+        "1",
+        Kind::Int(0, i64::MAX),
+    ),
+    set(
+        "expire.grace",
+        "PITR_EXPIRE_GRACE",
+        "--grace",
+        "6h",
+        Kind::Duration,
+    ),
+    set(
+        "expire.repack-below",
+        "PITR_EXPIRE_REPACK_BELOW",
+        "--repack-below",
+        "0.5",
+        Kind::Fraction,
+    ),
+    set(
+        "drill.check-file",
+        "PITR_DRILL_CHECK_FILE",
+        "--check-file",
+        "",
+        Kind::Text,
+    ),
+    set(
+        "drill.amcheck",
+        "PITR_DRILL_AMCHECK",
+        "--amcheck",
+        "false",
+        Kind::Bool,
+    ),
+    set(
+        "drill.check-timeout",
+        "PITR_DRILL_CHECK_TIMEOUT",
+        "--check-timeout",
+        "1h",
+        Kind::Duration,
+    ),
+    set(
+        "drill.work-dir",
+        "PITR_DRILL_WORK_DIR",
+        "--work-dir",
+        "the temp dir",
+        Kind::Text,
+    ),
+    set(
+        "drill.user",
+        "PITR_DRILL_USER",
+        "--user",
+        "PGUSER, this user",
+        Kind::Text,
+    ),
+    set(
+        "drill.record",
+        "PITR_DRILL_RECORD",
+        "--record",
+        "false",
+        Kind::Bool,
+    ),
+    set(
+        "drill.metrics-file",
+        "PITR_DRILL_METRICS_FILE",
+        "--metrics-file",
+        "",
+        Kind::Text,
+    ),
 ];
 
 /// Key sources: config key, environment twin, flag.
@@ -245,59 +591,109 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
         Failure::new(Exit::BadInput, format!("{}:{line}: {what}", path.display()))
             .hint("see \"Configuration file\" in README for every key")
     };
-    let value = |item: &toml_edit::Item, line: usize, name: &str| -> Result<String, Failure> {
-        match item.as_value() {
-            Some(toml_edit::Value::String(s)) if s.value().contains('\0') => {
-                Err(bad(line, format!("{name} holds a NUL character")))
-            }
-            Some(toml_edit::Value::String(s)) => Ok(s.value().clone()),
-            Some(toml_edit::Value::Boolean(b)) => Ok(b.value().to_string()),
-            Some(toml_edit::Value::Integer(i)) => Ok(i.value().to_string()),
-            _ => Err(bad(
-                line,
-                format!("{name} must be a string, a number or true/false"),
-            )),
-        }
-    };
+    // A value of the kind a setting takes, as the text its environment twin would hold.
+    let typed =
+        |item: &toml_edit::Item, line: usize, name: &str, kind: Kind| -> Result<String, Failure> {
+            use toml_edit::Value as V;
+            let v = item.as_value();
+            let text = match (kind, v) {
+                (_, Some(V::String(s))) if s.value().contains('\0') => {
+                    return Err(bad(line, format!("{name} holds a NUL character")))
+                }
+                (Kind::Text, Some(V::String(s))) => s.value().clone(),
+                (Kind::Bool, Some(V::Boolean(b))) => b.value().to_string(),
+                (Kind::Int(lo, hi), Some(V::Integer(i))) if (lo..=hi).contains(i.value()) => {
+                    i.value().to_string()
+                }
+                (Kind::Int(lo, hi), _) => {
+                    let range = if hi == i64::MAX {
+                        format!("at least {lo}")
+                    } else {
+                        format!("from {lo} to {hi}")
+                    };
+                    return Err(bad(line, format!("{name} must be a whole number {range}")));
+                }
+                (Kind::Duration, Some(V::String(s)))
+                    if humantime::parse_duration(s.value()).is_ok() =>
+                {
+                    s.value().clone()
+                }
+                (Kind::Duration, _) => {
+                    return Err(bad(
+                        line,
+                        format!("{name} must be a duration in quotes (\"90s\", \"6h\", \"30d\")"),
+                    ))
+                }
+                (Kind::Fraction, Some(V::Float(f))) if (0.0..=1.0).contains(f.value()) => {
+                    f.value().to_string()
+                }
+                (Kind::Fraction, Some(V::Integer(i))) if (0..=1).contains(i.value()) => {
+                    i.value().to_string()
+                }
+                (Kind::Fraction, _) => {
+                    return Err(bad(line, format!("{name} must be a number from 0 to 1")))
+                }
+                (Kind::Choice(options), Some(V::String(s)))
+                    if options.contains(&s.value().as_str()) =>
+                {
+                    s.value().clone()
+                }
+                (Kind::Choice(options), _) => {
+                    return Err(bad(
+                        line,
+                        format!("{name} must be one of \"{}\"", options.join("\", \"")),
+                    ))
+                }
+                (Kind::Text, _) => return Err(bad(line, format!("{name} must be a string"))),
+                (Kind::Bool, _) => return Err(bad(line, format!("{name} must be true or false"))),
+            };
+            Ok(text)
+        };
     let key_line = |table: &dyn toml_edit::TableLike, key: &str, fallback: usize| {
         table
             .get_key_value(key)
             .and_then(|(k, _)| k.span())
             .map_or(fallback, |s| line_of(text, s.start))
     };
-    // Settings of one repository (or of every one, [s3]), under `prefix`; with `url` for
-    // a repository; tables inside skipped when `tables` (named repositories under [repo]).
+    let entry = |name: String, value: String, line: usize| Entry {
+        name,
+        value,
+        file: path.to_owned(),
+        line,
+    };
+    // Settings of one repository ([repo], [repo.NAME]: with its url; tables inside [repo]
+    // are named repositories, read apart) or of every one ([s3]: also how S3 is spoken to).
     let s3_table = |table: &dyn toml_edit::TableLike,
                     prefix: &str,
-                    with_url: bool,
-                    tables: bool,
                     fallback: usize,
                     out: &mut Vec<Entry>|
      -> Result<(), Failure> {
+        let every = prefix == "s3";
         for (key, item) in table.iter() {
             let line = key_line(table, key, fallback);
             let name = format!("{prefix}.{key}");
-            if tables && item.is_table_like() {
+            if prefix == "repo" && item.is_table_like() {
                 continue;
             }
-            let global = S3_GLOBAL_KEYS.iter().any(|(k, _)| *k == key);
-            if global && prefix != "s3" {
-                return Err(bad(
-                    line,
-                    format!("{name}: {key} is set for every repository, in [s3], not yet per repository"),
-                ));
-            }
-            let known =
-                global || S3_KEYS.iter().any(|(k, _, _)| *k == key) || (with_url && key == "url");
-            if !known {
+            let kind = if !every && key == "url" {
+                Some(Kind::Text)
+            } else if let Some(s) = S3_KEYS.iter().find(|s| s.key == key) {
+                Some(s.kind)
+            } else if let Some(s) = SETTINGS.iter().find(|s| s.key == format!("s3.{key}")) {
+                if !every {
+                    return Err(bad(
+                        line,
+                        format!("{name}: {key} is set for every repository, in [s3]"),
+                    ));
+                }
+                Some(s.kind)
+            } else {
+                None
+            };
+            let Some(kind) = kind else {
                 return Err(bad(line, format!("unknown key {name}")));
-            }
-            out.push(Entry {
-                value: value(item, line, &name)?,
-                name,
-                file: path.to_owned(),
-                line,
-            });
+            };
+            out.push(entry(name.clone(), typed(item, line, &name, kind)?, line));
         }
         Ok(())
     };
@@ -305,18 +701,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
     for (key, item) in root.iter() {
         let line = key_line(root, key, 0);
         match key {
-            "repo" if item.is_value() => out.push(Entry {
-                name: "repo.url".into(),
-                value: value(item, line, "repo")?,
-                file: path.to_owned(),
+            "repo" if item.is_value() => out.push(entry(
+                "repo.url".into(),
+                typed(item, line, "repo", Kind::Text)?,
                 line,
-            }),
+            )),
             "repo" => {
                 let table = item
                     .as_table_like()
                     .ok_or_else(|| bad(line, "repo must be a URL or a table".into()))?;
                 // [repo] itself: the default repository's url and S3 settings.
-                s3_table(table, "repo", true, true, line, &mut out)?;
+                s3_table(table, "repo", line, &mut out)?;
                 for (k, v) in table.iter() {
                     let Some(sub) = v.as_table_like() else {
                         continue;
@@ -333,14 +728,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
                             ),
                         ));
                     }
-                    s3_table(sub, &format!("repo.{k}"), true, false, sub_line, &mut out)?;
+                    s3_table(sub, &format!("repo.{k}"), sub_line, &mut out)?;
                 }
             }
             "s3" => {
                 let table = item
                     .as_table()
                     .ok_or_else(|| bad(line, "s3 must be a table".into()))?;
-                s3_table(table, "s3", false, false, line, &mut out)?;
+                s3_table(table, "s3", line, &mut out)?;
             }
             "key" => {
                 let table = item
@@ -351,15 +746,37 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
                     if !KEY_KEYS.iter().any(|(n, _, _)| *n == k) {
                         return Err(bad(l, format!("unknown key key.{k} (file, command or kms: a key's source, never the key)")));
                     }
-                    out.push(Entry {
-                        name: format!("key.{k}"),
-                        value: value(v, l, &format!("key.{k}"))?,
-                        file: path.to_owned(),
-                        line: l,
-                    });
+                    let name = format!("key.{k}");
+                    out.push(entry(name.clone(), typed(v, l, &name, Kind::Text)?, l));
                 }
             }
-            other => return Err(bad(line, format!("unknown key {other}"))),
+            table_name if item.is_table() => {
+                let table = item.as_table().unwrap_or_else(|| unreachable!());
+                let known = SETTINGS
+                    .iter()
+                    .any(|s| s.key.split_once('.').is_some_and(|(t, _)| t == table_name));
+                if !known || table_name == "s3" {
+                    return Err(bad(line, format!("unknown table [{table_name}]")));
+                }
+                for (k, v) in table.iter() {
+                    let l = key_line(table, k, line);
+                    let name = format!("{table_name}.{k}");
+                    let Some(s) = SETTINGS.iter().find(|s| s.key == name) else {
+                        return Err(bad(l, format!("unknown key {name}")));
+                    };
+                    out.push(entry(name.clone(), typed(v, l, &name, s.kind)?, l));
+                }
+            }
+            other => {
+                let Some(s) = SETTINGS.iter().find(|s| s.key == other) else {
+                    return Err(bad(line, format!("unknown key {other}")));
+                };
+                out.push(entry(
+                    other.to_owned(),
+                    typed(item, line, other, s.kind)?,
+                    line,
+                ));
+            }
         }
     }
     Ok(out)
@@ -371,14 +788,14 @@ fn env_twins(c: &Config) -> Vec<(&'static str, &Entry)> {
     if let Some(e) = c.entries.get("repo.url") {
         out.push(("PITR_REPO", e));
     }
-    for (k, var, _) in S3_KEYS {
-        if let Some(e) = c.entries.get(&format!("s3.{k}")) {
-            out.push((var, e));
+    for k in S3_KEYS {
+        if let Some(e) = c.entries.get(&format!("s3.{}", k.key)) {
+            out.push((k.env, e));
         }
     }
-    for (k, var) in S3_GLOBAL_KEYS {
-        if let Some(e) = c.entries.get(&format!("s3.{k}")) {
-            out.push((var, e));
+    for k in SETTINGS {
+        if let Some(e) = c.entries.get(k.key) {
+            out.push((k.env, e));
         }
     }
     for (k, var, _) in KEY_KEYS {
@@ -469,7 +886,11 @@ pub fn default_repo_with_settings(url: &str) -> Result<String, Failure> {
 
 fn with_settings(url: &str, table: &str, c: &Config) -> Result<String, Failure> {
     let mut params = Vec::new();
-    for (k, var, param) in S3_KEYS {
+    for Setting {
+        key: k, env: var, ..
+    } in S3_KEYS
+    {
+        let param = k;
         let Some(e) = c.entries.get(&format!("{table}.{k}")) else {
             continue;
         };
@@ -526,88 +947,80 @@ struct Shown {
     source: &'static str,
     file: Option<String>,
     line: Option<usize>,
+    env: &'static str,
+    flag: &'static str,
 }
 
 /// `pitr config`: the effective settings and where each came from (secrets never shown:
-/// a key command is shown, since it names a source, not key material; PITR_PASSPHRASE only
-/// as set or not).
+/// a key command may carry a token and is shown only as set; PITR_PASSPHRASE likewise).
 pub fn run(args: Args) -> Result<(), Failure> {
     let c = current();
-    let mut shown = Vec::new();
-    let from = |name: &str, var: &str, flag: Option<&String>, default: Option<&str>| -> Shown {
-        if let Some(v) = flag {
-            return Shown {
-                name: name.into(),
-                value: Some(v.clone()),
-                source: "flag",
-                file: None,
-                line: None,
-            };
-        }
-        if env_sets(var) {
-            return Shown {
-                name: name.into(),
-                value: std::env::var(var).ok(),
-                source: "env",
-                file: None,
-                line: None,
-            };
-        }
-        let file_name = if name == "repo" { "repo.url" } else { name };
-        if let Some(e) = c.entries.get(file_name) {
-            return Shown {
-                name: name.into(),
-                value: Some(e.value.clone()),
-                source: "file",
-                file: Some(e.file.display().to_string()),
-                line: Some(e.line),
-            };
-        }
-        Shown {
+    let from = |name: &str,
+                env: &'static str,
+                flag: &'static str,
+                given: Option<&String>,
+                default: &str| {
+        let mut s = Shown {
             name: name.into(),
-            value: default.map(str::to_owned),
+            value: None,
             source: "default",
             file: None,
             line: None,
+            env,
+            flag,
+        };
+        let file_name = if name == "repo" { "repo.url" } else { name };
+        if let Some(v) = given {
+            s.value = Some(v.clone());
+            s.source = "flag";
+        } else if env_sets(env) {
+            s.value = std::env::var(env).ok();
+            s.source = "env";
+        } else if let Some(e) = c.entries.get(file_name) {
+            s.value = Some(e.value.clone());
+            s.source = "file";
+            s.file = Some(e.file.display().to_string());
+            s.line = Some(e.line);
+        } else if !default.is_empty() {
+            s.value = Some(default.to_owned());
         }
+        s
     };
-    shown.push(from("repo", "PITR_REPO", args.repo.as_ref(), None));
-    for (k, var, _) in S3_KEYS {
-        let default = (k == "path-style").then_some("false");
-        shown.push(from(&format!("s3.{k}"), var, None, default));
+    let mut shown = vec![from("repo", "PITR_REPO", "--repo", args.repo.as_ref(), "")];
+    for k in S3_KEYS {
+        shown.push(from(
+            &format!("s3.{}", k.key),
+            k.env,
+            k.flag,
+            None,
+            k.default,
+        ));
     }
-    for (k, var) in S3_GLOBAL_KEYS {
-        shown.push(from(&format!("s3.{k}"), var, None, None));
+    for k in SETTINGS {
+        shown.push(from(k.key, k.env, k.flag, None, k.default));
     }
-    for (k, var, _) in KEY_KEYS {
-        let mut s = from(&format!("key.{k}"), var, None, None);
-        // A key command may carry a token: said to be set, not shown.
+    for (k, env, flag) in KEY_KEYS {
+        let mut s = from(&format!("key.{k}"), env, flag, None, "");
         if k == "command" && s.value.is_some() {
             s.value = Some("(set, not shown)".into());
         }
         shown.push(s);
     }
-    shown.push(Shown {
-        name: "key.passphrase".into(),
-        value: std::env::var_os("PITR_PASSPHRASE")
-            .filter(|v| !v.is_empty())
-            .map(|_| "(set, not shown)".into()),
-        source: if std::env::var_os("PITR_PASSPHRASE").is_some_and(|v| !v.is_empty()) {
-            "env"
-        } else {
-            "default"
-        },
-        file: None,
-        line: None,
-    });
+    let mut passphrase = from("key.passphrase", "PITR_PASSPHRASE", "", None, "");
+    if passphrase.value.is_some() {
+        passphrase.value = Some("(set, not shown)".into());
+    }
+    shown.push(passphrase);
     for (name, e) in &c.entries {
-        if name.starts_with("repo.") && name != "repo.url" && name.matches('.').count() == 2 {
+        if name.starts_with("repo.") && name != "repo.url" {
             shown.push(Shown {
                 name: name.clone(),
                 value: Some(e.value.clone()),
                 source: "file",
                 file: Some(e.file.display().to_string()),
                 line: Some(e.line),
+                env: "",
+                flag: "",
             });
         }
     }
@@ -616,28 +1029,30 @@ pub fn run(args: Args) -> Result<(), Failure> {
             "files": c.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
             "settings": shown.iter().map(|s| serde_json::json!({
                 "name": s.name, "value": s.value, "source": s.source, "file": s.file, "line": s.line,
+                "env": (!s.env.is_empty()).then_some(s.env),
+                "flag": (!s.flag.is_empty()).then_some(s.flag),
             })).collect::<Vec<_>>(),
         });
         println!("{v}");
-    } else {
-        if c.files.is_empty() {
-            println!("no configuration file (--config, PITR_CONFIG, /etc/pitr/pitr.toml, ~/.config/pitr/pitr.toml)");
-        }
-        for f in &c.files {
-            println!("file {}", f.display());
-        }
-        for s in &shown {
-            let place = match (&s.file, s.line) {
-                (Some(f), Some(l)) => format!(" ({f}:{l})"),
-                _ => String::new(),
-            };
-            println!(
-                "{:<24} {:<48} {}{place}",
-                s.name,
-                s.value.as_deref().unwrap_or("-"),
-                s.source
-            );
-        }
+        return Ok(());
+    }
+    if c.files.is_empty() {
+        println!("no configuration file (--config, PITR_CONFIG, /etc/pitr/pitr.toml, ~/.config/pitr/pitr.toml)");
+    }
+    for f in &c.files {
+        println!("file {}", f.display());
+    }
+    for s in &shown {
+        let place = match (&s.file, s.line) {
+            (Some(f), Some(l)) => format!(" ({f}:{l})"),
+            _ => String::new(),
+        };
+        println!(
+            "{:<28} {:<40} {}{place}",
+            s.name,
+            s.value.as_deref().unwrap_or("-"),
+            s.source
+        );
     }
     Ok(())
 }
@@ -692,10 +1107,32 @@ mod tests {
                 "unknown key s3.endpont",
             ),
             (
-                "[repo.x]\nurl = \"s3://b/p\"\nsse = \"aws:kms\"\n",
+                "[repo.x]\nurl = \"s3://b/p\"\nconditional-put = \"off\"\n",
                 3,
-                "not yet per repository",
+                "is set for every repository, in [s3]",
             ),
+            (
+                "[expire]\nkeep-last = \"7\"\n",
+                2,
+                "must be a whole number at least 1",
+            ),
+            (
+                "[expire]\nkeep-last = 0\n",
+                2,
+                "must be a whole number at least 1",
+            ),
+            ("[expire]\ngrace = 6\n", 2, "must be a duration"),
+            ("[expire]\nrepack-below = 2.0\n", 2, "from 0 to 1"),
+            (
+                "[expire]\nkeep-hourly = 2\n",
+                2,
+                "unknown key expire.keep-hourly",
+            ),
+            ("compress-level = 30\n", 1, "from 0 to 19"),
+            ("[s3]\nconditional-put = \"maybe\"\n", 2, "must be one of"),
+            ("[s3]\nsse = \"aes\"\n", 2, "must be one of"),
+            ("\n[backups]\nparallel = 2\n", 2, "unknown table [backups]"),
+            ("[drill]\namcheck = \"yes\"\n", 2, "must be true or false"),
             ("[key]\nkey = \"secret\"\n", 2, "unknown key key.key"),
             (
                 "[repo.x]\nurl = \"s3://b/p\"\nbucket = 1\n",
@@ -714,6 +1151,104 @@ mod tests {
             );
             assert!(e.message.contains(what), "{text:?}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn command_tables_give_their_environment_twins() {
+        let c = Config {
+            entries: entries(
+                "compress-level = 3\n[expire]\nkeep-last = 7\nkeep-within = \"30d\"\nrepack-below = 0.25\n[drill]\namcheck = true\n[s3]\nmax-attempts = 5\nstorage-class = \"STANDARD_IA\"\n[repo.o]\nurl = \"s3://bkt/p\"\nsse = \"aws:kms\"\nsse-kms-key-id = \"alias/x\"\n",
+            )
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name.clone(), e))
+            .collect(),
+            ..Default::default()
+        };
+        let twins: Vec<(&str, &str)> = env_twins(&c)
+            .into_iter()
+            .map(|(v, e)| (v, e.value.as_str()))
+            .collect();
+        for want in [
+            ("PITR_COMPRESS_LEVEL", "3"),
+            ("PITR_EXPIRE_KEEP_LAST", "7"),
+            ("PITR_EXPIRE_KEEP_WITHIN", "30d"),
+            ("PITR_EXPIRE_REPACK_BELOW", "0.25"),
+            ("PITR_DRILL_AMCHECK", "true"),
+            ("PITR_S3_MAX_ATTEMPTS", "5"),
+            ("PITR_S3_STORAGE_CLASS", "STANDARD_IA"),
+        ] {
+            assert!(twins.contains(&want), "{want:?} in {twins:?}");
+        }
+        // A named repository's write settings go into its URL, not the environment.
+        assert!(!twins.iter().any(|(v, _)| *v == "PITR_S3_SSE"), "{twins:?}");
+        let u = with_settings("s3://bkt/p", "repo.o", &c).unwrap();
+        assert_eq!(u, "s3://bkt/p?sse=aws:kms&sse-kms-key-id=alias/x");
+        let parsed: repo::url::RepoUrl = u.parse().unwrap();
+        assert_eq!(parsed.to_string(), u);
+    }
+
+    #[test]
+    fn the_example_file_in_contrib_parses() {
+        let text = include_str!("../../contrib/pitr.toml");
+        let e = parse(Path::new("contrib/pitr.toml"), text).unwrap();
+        let names: Vec<&str> = e.iter().map(|e| e.name.as_str()).collect();
+        for want in [
+            "repo.url",
+            "repo.offsite.storage-class",
+            "copy.to",
+            "expire.keep-within",
+            "drill.check-file",
+        ] {
+            assert!(names.contains(&want), "{want} in {names:?}");
+        }
+    }
+
+    #[test]
+    fn readme_lists_every_key_with_its_twins() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("\n## Configuration file")
+            .nth(1)
+            .and_then(|r| r.split("\n## ").next())
+            .expect("README has a Configuration file section");
+        let mut missing = Vec::new();
+        for k in S3_KEYS {
+            for word in [format!("`[s3] {}`", k.key), format!("`{}`", k.env)] {
+                if !section.contains(&word) {
+                    missing.push(word);
+                }
+            }
+        }
+        for k in SETTINGS {
+            let key = match k.key.split_once('.') {
+                Some((table, key)) => format!("`[{table}] {key}`"),
+                None => format!("`{}`", k.key),
+            };
+            for word in [key, format!("`{}`", k.env)] {
+                if !section.contains(&word) {
+                    missing.push(word);
+                }
+            }
+            if !k.flag.is_empty() && !section.contains(&format!("`{}`", k.flag)) {
+                missing.push(k.flag.to_owned());
+            }
+        }
+        for (k, env, flag) in KEY_KEYS {
+            for word in [
+                format!("`[key] {k}`"),
+                format!("`{env}`"),
+                format!("`{flag}`"),
+            ] {
+                if !section.contains(&word) {
+                    missing.push(word);
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "README's Configuration file lacks {missing:?}"
+        );
     }
 
     #[test]

@@ -20,17 +20,22 @@ pub struct Args {
     /// The repository copied into (made a copy of the source on the first run); S3 URLs
     /// may carry their own endpoint, region, path-style and profile; or a repository named
     /// in the configuration file
-    #[arg(long, value_name = "URL|NAME")]
+    #[arg(long, value_name = "URL|NAME", env = "PITR_COPY_TO")]
     to: String,
     /// Objects copied at once
-    #[arg(long, value_name = "N", default_value_t = 8)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 8,
+        env = "PITR_COPY_PARALLEL"
+    )]
     parallel: usize,
     /// Keep copying what appears, a pass every --interval, until SIGTERM (which lets the
     /// objects in flight finish and exits 0)
     #[arg(long)]
     follow: bool,
     /// With --follow: how often a pass starts
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration, requires = "follow")]
+    #[arg(long, value_name = "DURATION", default_value = "10s", env = "PITR_COPY_INTERVAL", value_parser = humantime::parse_duration)]
     interval: std::time::Duration,
     /// With --follow: serve Prometheus metrics on this address (host:port)
     #[arg(long, value_name = "ADDR", requires = "follow")]

@@ -30,10 +30,10 @@ pub struct Args {
     check: Vec<String>,
     /// Checks from a file, one per line (blank lines and lines starting with -- or # are
     /// left out)
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "PITR_DRILL_CHECK_FILE")]
     check_file: Option<PathBuf>,
     /// Run amcheck's bt_index_check on every B-tree index of every database
-    #[arg(long)]
+    #[arg(long, env = "PITR_DRILL_AMCHECK")]
     amcheck: bool,
     /// Where the drill's directory is made [default: the temp dir]
     #[arg(long, value_name = "DIR", env = "PITR_DRILL_WORK_DIR")]
@@ -45,23 +45,23 @@ pub struct Args {
     port: Option<u16>,
     /// How long one check statement may run (0s: no limit); a check waiting on a lock
     /// fails after 60 s
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1h", env = "PITR_DRILL_CHECK_TIMEOUT", value_parser = humantime::parse_duration)]
     check_timeout: std::time::Duration,
     /// The directory of pg_ctl [default: the backup's major version under
     /// /usr/lib/postgresql/N/bin or /usr/pgsql-N/bin, or pg_ctl on PATH]
     #[arg(long, value_name = "DIR", env = "PITR_PG_BIN")]
     pg_bin: Option<PathBuf>,
     /// The role the checks connect as [default: PGUSER, this OS user, then postgres]
-    #[arg(long, value_name = "ROLE")]
+    #[arg(long, value_name = "ROLE", env = "PITR_DRILL_USER")]
     user: Option<String>,
     /// Leave the server running and its directory in place, and say how to connect
     #[arg(long)]
     keep: bool,
     /// Store the report in the repository (drills/), shown by pitr list
-    #[arg(long)]
+    #[arg(long, env = "PITR_DRILL_RECORD")]
     record: bool,
     /// Write pitr_drill_* gauges to this file (node_exporter's textfile collector)
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "PITR_DRILL_METRICS_FILE")]
     metrics_file: Option<PathBuf>,
     /// Ranged reads from the repository at once
     #[arg(

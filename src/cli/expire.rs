@@ -19,22 +19,27 @@ pub struct Args {
     #[command(flatten)]
     repo: RepoArgs,
     /// Keep the newest N backups
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PITR_EXPIRE_KEEP_LAST")]
     keep_last: Option<usize>,
     /// Keep every point in time of the last DURATION restorable ("30d", "12h")
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "PITR_EXPIRE_KEEP_WITHIN", value_parser = humantime::parse_duration)]
     keep_within: Option<Duration>,
     /// Keep the newest backup of each of the last N days (UTC) that have one
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PITR_EXPIRE_KEEP_DAILY")]
     keep_daily: Option<usize>,
     /// Keep the newest backup of each of the last N weeks (Monday to Sunday, UTC)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PITR_EXPIRE_KEEP_WEEKLY")]
     keep_weekly: Option<usize>,
     /// Keep the newest backup of each of the last N months (UTC)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "PITR_EXPIRE_KEEP_MONTHLY")]
     keep_monthly: Option<usize>,
     /// Never keep fewer backups than this
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        env = "PITR_EXPIRE_MIN_BACKUPS"
+    )]
     min_backups: usize,
     #[command(flatten)]
     common: Common,
@@ -64,10 +69,10 @@ struct Common {
     json: bool,
     /// Unreferenced packs and leftovers of unfinished backups are removed only once this old
     /// (by the storage's clock)
-    #[arg(long, value_name = "DURATION", default_value = GRACE, value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = GRACE, env = "PITR_EXPIRE_GRACE", value_parser = humantime::parse_duration)]
     grace: Duration,
     /// Repack a pack the kept backups use less than this share of (0 to 1; 0: never)
-    #[arg(long, value_name = "FRACTION", default_value_t = 0.5, value_parser = fraction)]
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.5, env = "PITR_EXPIRE_REPACK_BELOW", value_parser = fraction)]
     repack_below: f64,
 }
 

@@ -53,7 +53,7 @@ pub struct Args {
     start: bool,
     /// With --start: the directory of pg_ctl [default: the backup's major version under
     /// /usr/lib/postgresql/N/bin or /usr/pgsql-N/bin, or pg_ctl on PATH]
-    #[arg(long, value_name = "DIR", env = "PITR_PG_BIN", requires = "start")]
+    #[arg(long, value_name = "DIR", env = "PITR_PG_BIN")]
     pg_bin: Option<PathBuf>,
     /// With --start: a server setting for this start (port=5433, say; repeatable)
     #[arg(long, value_name = "NAME=VALUE", requires = "start")]

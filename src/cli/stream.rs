@@ -31,11 +31,11 @@ pub struct Args {
     #[arg(long)]
     create_slot: bool,
     /// How often received WAL is made durable in the repository
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", env = "PITR_STREAM_FLUSH_INTERVAL", value_parser = humantime::parse_duration)]
     flush_interval: Duration,
     /// Make WAL durable as soon as it arrives and tell the server at once: with this
     /// connection's application_name in synchronous_standby_names, commits wait for it
-    #[arg(long)]
+    #[arg(long, env = "PITR_STREAM_SYNC")]
     sync: bool,
     /// A server silent this long is taken for gone and connected to again (asked for a
     /// reply at half of it, as wal_receiver_timeout); 0 waits forever

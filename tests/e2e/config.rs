@@ -174,6 +174,23 @@ fn archive_command_needs_only_the_config_file_and_precedence_is_flag_env_file() 
         .unwrap();
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("DEEP_ARCHIVE needs a restore request"));
+    // A KMS key without KMS encryption, or a count that is not one, likewise.
+    for (var, value, says) in [
+        (
+            "PITR_S3_SSE_KMS_KEY_ID",
+            "alias/x",
+            "a KMS key goes with aws:kms only",
+        ),
+        ("PITR_S3_MAX_ATTEMPTS", "many", "PITR_S3_MAX_ATTEMPTS"),
+    ] {
+        let out = bare_pitr(&s3)
+            .env(var, value)
+            .args(["info", "--repo", &url])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(4), "{var}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(says), "{var}");
+    }
     let bad = config_file(&dir, "repo = \"file:///x\"\n[s3]\nendpont = \"x\"\n");
     let out = bare_pitr(&s3)
         .env("PITR_CONFIG", &bad)
@@ -265,4 +282,115 @@ fn a_restore_command_from_a_configured_restore_runs_with_an_empty_environment() 
         std::fs::read(&dest).unwrap(),
         std::fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap()
     );
+}
+
+/// A named repository's own write settings (storage class, server-side encryption) reach
+/// the objects written there and only there; the command tables give `expire` its policy
+/// (a flag or the environment still wins, key by key) and `restore` its settings.
+#[test]
+fn named_repository_write_settings_and_command_tables_come_from_the_file() {
+    let s3 = S3Server::start_local().unwrap();
+    let main = s3.repo_url("main");
+    let off = s3.repo_url("off");
+    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let dir = etc_dir(&pg);
+    let text = format!(
+        "compress-level = 3\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\npath-style = true\n[repo]\nurl = \"{main}\"\n[repo.off]\nurl = \"{off}\"\nstorage-class = \"REDUCED_REDUNDANCY\"\nsse = \"AES256\"\n[expire]\nkeep-last = 1\ngrace = \"0s\"\n[restore]\npg-bin = \"/nonexistent/bin\"\n",
+        s3.endpoint(),
+        s3.region()
+    );
+    let file = config_file(&dir, &text);
+    let keep_last_line = text.lines().position(|l| l == "keep-last = 1").unwrap() + 1;
+    let pitr = || {
+        let mut c = bare_pitr(&s3);
+        c.env("PITR_CONFIG", &file);
+        c
+    };
+    succeeds(pitr().args(["init", "--data-dir"]).arg(pg.data_dir()));
+    pg.start().unwrap();
+    pg.sql("CREATE TABLE t AS SELECT generate_series(1, 1000) AS x")
+        .unwrap();
+    for _ in 0..2 {
+        succeeds(pitr().args(["backup", "--wal", "--fast", "--pg", &crate::socket(&pg)]));
+        // Backup ids are start times to the second.
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+
+    // The copy writes the off-site repository with its own class and encryption.
+    succeeds(pitr().args(["copy", "--to", "off"]));
+    let seen = s3.write_headers();
+    let (in_off, in_main): (Vec<_>, Vec<_>) = seen.iter().partition(|h| h.path.contains("/off/"));
+    assert!(in_off.iter().any(|h| h.path.contains("/pack/")), "{seen:?}");
+    assert!(
+        in_off.iter().all(|h| h.sse.as_deref() == Some("AES256")),
+        "{in_off:?}"
+    );
+    for h in &in_off {
+        let name = h.path.rsplit('/').next().unwrap_or("");
+        let classed = h.path.contains("/pack/")
+            || (name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit()));
+        let want = classed.then_some("REDUCED_REDUNDANCY");
+        assert_eq!(h.storage_class.as_deref(), want, "{h:?}");
+    }
+    assert!(!in_main.is_empty());
+    assert!(
+        in_main
+            .iter()
+            .all(|h| h.sse.is_none() && h.storage_class.is_none()),
+        "{in_main:?}"
+    );
+    succeeds(pitr().args(["verify", "--repo", "off"]));
+
+    // expire's policy from the file; a flag or the environment beats it.
+    let kept = |extra: &[&str], env: Option<(&str, &str)>| {
+        let mut c = pitr();
+        c.args(["expire", "--dry-run", "--json"]).args(extra);
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        let v = json(&succeeds(&mut c));
+        let kept: Vec<bool> = v["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["kept"].as_bool().unwrap())
+            .collect();
+        (kept, v)
+    };
+    let (k, v) = kept(&[], None);
+    assert_eq!(k, [false, true], "{v}");
+    assert_eq!(v["backups"][1]["reasons"][0], "keep-last 1", "{v}");
+    assert_eq!(kept(&["--keep-last", "2"], None).0, [true, true]);
+    assert_eq!(
+        kept(&[], Some(("PITR_EXPIRE_KEEP_LAST", "2"))).0,
+        [true, true]
+    );
+
+    // pitr config names the file and line, and each setting's twins.
+    let v = json(&succeeds(pitr().args(["config", "--json"])));
+    let setting = |name: &str| {
+        v["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {v}"))
+            .clone()
+    };
+    let k = setting("expire.keep-last");
+    assert_eq!(k["source"], "file", "{k}");
+    assert_eq!(k["line"], keep_last_line, "{k}");
+    assert_eq!(k["env"], "PITR_EXPIRE_KEEP_LAST", "{k}");
+    assert_eq!(k["flag"], "--keep-last", "{k}");
+    assert_eq!(setting("compress-level")["value"], "3");
+    assert_eq!(setting("backup.parallel")["source"], "default");
+    assert_eq!(
+        setting("repo.off.storage-class")["value"],
+        "REDUCED_REDUNDANCY"
+    );
+
+    // The file's pg-bin is for restore --start: a restore without it does not need it.
+    let to = tempfile::tempdir().unwrap();
+    succeeds(pitr().args(["restore", "--to"]).arg(to.path().join("data")));
+    assert!(to.path().join("data/PG_VERSION").is_file());
 }

@@ -22,7 +22,7 @@ pub use fs::FsStorage;
 pub use memory::MemStorage;
 pub use retry::{RetryPolicy, RetryingStorage};
 pub(crate) use s3::https_client;
-pub use s3::{ConditionalPut, PayloadSigning, S3Settings, S3Storage, ARCHIVE_CLASSES};
+pub use s3::{env_problem, ConditionalPut, PayloadSigning, S3Settings, S3Storage, ARCHIVE_CLASSES};
 
 /// An object's bytes, as a stream of chunks.
 pub type ByteStream = BoxStream<'static, Result<Bytes, StorageError>>;

@@ -132,8 +132,14 @@ impl S3Settings {
                 Some(false) => PayloadSigning::Off,
                 None => PayloadSigning::Auto,
             },
-            max_attempts: 3,
-            attempt_timeout: Duration::from_secs(60),
+            max_attempts: env_value("PITR_S3_MAX_ATTEMPTS")
+                .and_then(|v| v.parse().ok())
+                .filter(|n| (1..=100).contains(n))
+                .unwrap_or(3),
+            attempt_timeout: env_value("PITR_S3_ATTEMPT_TIMEOUT")
+                .and_then(|v| humantime::parse_duration(&v).ok())
+                .filter(|d| !d.is_zero())
+                .unwrap_or(Duration::from_secs(60)),
             part_size: 16 << 20,
             part_concurrency: 4,
             conditional_put: match on_off("PITR_S3_CONDITIONAL_PUT") {
@@ -147,6 +153,26 @@ impl S3Settings {
             sse_kms_key_id: env_value("PITR_S3_SSE_KMS_KEY_ID"),
         }
     }
+}
+
+/// What is wrong with pitr's S3 settings in the environment that [`S3Settings::new`] would
+/// otherwise pass over: a count or a duration that does not parse.
+pub fn env_problem() -> Option<String> {
+    if let Some(v) = env_value("PITR_S3_MAX_ATTEMPTS") {
+        if !v.parse::<u32>().is_ok_and(|n| (1..=100).contains(&n)) {
+            return Some(format!(
+                "PITR_S3_MAX_ATTEMPTS={v:?} is not a number from 1 to 100"
+            ));
+        }
+    }
+    if let Some(v) = env_value("PITR_S3_ATTEMPT_TIMEOUT") {
+        if !humantime::parse_duration(&v).is_ok_and(|d| !d.is_zero()) {
+            return Some(format!(
+                "PITR_S3_ATTEMPT_TIMEOUT={v:?} is not a duration (\"60s\", \"5m\")"
+            ));
+        }
+    }
+    None
 }
 
 /// A setting from the environment, if set and not empty.
