@@ -173,8 +173,14 @@ async fn backend(url: &RepoUrl, create_root: bool) -> Result<Arc<dyn Storage>, S
             settings.path_style = options.path_style.unwrap_or(settings.path_style);
             settings.profile = options.profile.clone();
             settings.storage_class = options.storage_class.clone().or(settings.storage_class);
-            settings.sse = options.sse.clone().or(settings.sse);
-            settings.sse_kms_key_id = options.sse_kms_key_id.clone().or(settings.sse_kms_key_id);
+            // Server-side encryption and its KMS key are one pair: a URL that gives `sse`
+            // gives its key too, or none (never the environment's key for another sse).
+            if options.sse.is_some() {
+                settings.sse = options.sse.clone();
+                settings.sse_kms_key_id = options.sse_kms_key_id.clone();
+            } else if options.sse_kms_key_id.is_some() {
+                settings.sse_kms_key_id = options.sse_kms_key_id.clone();
+            }
             if let Some(problem) = crate::storage::env_problem() {
                 return Err(StorageError::new(
                     crate::storage::ErrorKind::Permanent,

@@ -144,6 +144,12 @@ impl S3Options {
     }
 }
 
+/// Whether `value` is valid for the URL parameter `key` (the same rules as in a URL; a
+/// configuration file checks its keys with them).
+pub fn check_param(key: &str, value: &str) -> Result<(), &'static str> {
+    S3Options::parse(&format!("{key}={}", percent_encode(value))).map(|_| ())
+}
+
 /// The server-side encryption settings S3 knows.
 pub const SSE_VALUES: [&str; 3] = ["AES256", "aws:kms", "aws:kms:dsse"];
 

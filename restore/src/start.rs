@@ -225,6 +225,16 @@ pub fn start_and_promote(
     for var in LIBPQ_DEFAULTS {
         start.env_remove(var);
     }
+    // What pitr's configuration file put into this process's environment is not the
+    // server's: its archive_command and restore_command read the file themselves (the
+    // restore_command carries what it needs in its own words), and must not take the
+    // values named here for the environment's, nor drop those words as this process's.
+    if let Some(list) = std::env::var_os("PITR_CONFIG_INJECTED") {
+        for var in list.to_string_lossy().split(',').filter(|v| !v.is_empty()) {
+            start.env_remove(var);
+        }
+        start.env_remove("PITR_CONFIG_INJECTED");
+    }
     let out = run(start
         .arg("-D")
         .arg(&o.data_dir)

@@ -41,6 +41,12 @@ pub enum Kind {
     Fraction,
     /// One of these strings.
     Choice(&'static [&'static str]),
+    /// An absolute path.
+    Path,
+    /// A duration longer than zero.
+    NonZeroDuration,
+    /// What the repository URL parameter of the key's name takes (the same checks).
+    Param,
 }
 
 /// A setting the file may give: its key (dotted below a table), environment twin, flag
@@ -74,16 +80,16 @@ const fn set(
 /// environment twin); in `[repo]` or `[repo.NAME]` that repository's (through its URL,
 /// whose parameter has the key's name).
 pub const S3_KEYS: [Setting; 7] = [
-    set("endpoint", "AWS_ENDPOINT_URL", "", "AWS", Kind::Text),
-    set("region", "AWS_REGION", "", "the AWS chain's", Kind::Text),
+    set("endpoint", "AWS_ENDPOINT_URL", "", "AWS", Kind::Param),
+    set("region", "AWS_REGION", "", "the AWS chain's", Kind::Param),
     set("path-style", "PITR_S3_PATH_STYLE", "", "false", Kind::Bool),
-    set("profile", "AWS_PROFILE", "", "the AWS chain's", Kind::Text),
+    set("profile", "AWS_PROFILE", "", "the AWS chain's", Kind::Param),
     set(
         "storage-class",
         "PITR_S3_STORAGE_CLASS",
         "",
         "STANDARD",
-        Kind::Text,
+        Kind::Param,
     ),
     set(
         "sse",
@@ -97,13 +103,13 @@ pub const S3_KEYS: [Setting; 7] = [
         "PITR_S3_SSE_KMS_KEY_ID",
         "",
         "",
-        Kind::Text,
+        Kind::Param,
     ),
 ];
 
 /// Every other setting: how S3 is spoken to (`[s3]`, every repository's), the commands'
 /// settings (a table per command; `compress-level` at the top).
-pub const SETTINGS: [Setting; 41] = [
+pub const SETTINGS: [Setting; 39] = [
     set(
         "compress-level",
         "PITR_COMPRESS_LEVEL",
@@ -116,7 +122,7 @@ pub const SETTINGS: [Setting; 41] = [
         "PITR_CACHE_DIR",
         "",
         "~/.cache/pitr",
-        Kind::Text,
+        Kind::Path,
     ),
     set(
         "s3.conditional-put",
@@ -151,7 +157,7 @@ pub const SETTINGS: [Setting; 41] = [
         "PITR_S3_ATTEMPT_TIMEOUT",
         "",
         "60s",
-        Kind::Duration,
+        Kind::NonZeroDuration,
     ),
     set(
         "wal-push.timeout",
@@ -175,13 +181,6 @@ pub const SETTINGS: [Setting; 41] = [
         Kind::Int(1, 256),
     ),
     set(
-        "wal-push.state-dir",
-        "PITR_WAL_PUSH_STATE_DIR",
-        "--state-dir",
-        "pg_wal/.pitr/push",
-        Kind::Text,
-    ),
-    set(
         "wal-push.recheck",
         "PITR_WAL_PUSH_RECHECK",
         "--recheck",
@@ -201,13 +200,6 @@ pub const SETTINGS: [Setting; 41] = [
         "--prefetch-parallel",
         "4",
         Kind::Int(1, 256),
-    ),
-    set(
-        "wal-fetch.spool-dir",
-        "PITR_WAL_FETCH_SPOOL_DIR",
-        "--spool-dir",
-        "pg_wal/.pitr/fetch",
-        Kind::Text,
     ),
     set(
         "backup.parallel",
@@ -235,7 +227,7 @@ pub const SETTINGS: [Setting; 41] = [
         "PITR_PG_BIN",
         "--pg-bin",
         "the backup's version's",
-        Kind::Text,
+        Kind::Path,
     ),
     set(
         "stream.slot",
@@ -341,7 +333,7 @@ pub const SETTINGS: [Setting; 41] = [
         "PITR_DRILL_CHECK_FILE",
         "--check-file",
         "",
-        Kind::Text,
+        Kind::Path,
     ),
     set(
         "drill.amcheck",
@@ -362,7 +354,7 @@ pub const SETTINGS: [Setting; 41] = [
         "PITR_DRILL_WORK_DIR",
         "--work-dir",
         "the temp dir",
-        Kind::Text,
+        Kind::Path,
     ),
     set(
         "drill.user",
@@ -383,7 +375,7 @@ pub const SETTINGS: [Setting; 41] = [
         "PITR_DRILL_METRICS_FILE",
         "--metrics-file",
         "",
-        Kind::Text,
+        Kind::Path,
     ),
 ];
 
@@ -592,63 +584,94 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
             .hint("see \"Configuration file\" in README for every key")
     };
     // A value of the kind a setting takes, as the text its environment twin would hold.
-    let typed =
-        |item: &toml_edit::Item, line: usize, name: &str, kind: Kind| -> Result<String, Failure> {
-            use toml_edit::Value as V;
-            let v = item.as_value();
-            let text = match (kind, v) {
-                (_, Some(V::String(s))) if s.value().contains('\0') => {
-                    return Err(bad(line, format!("{name} holds a NUL character")))
+    let typed = |item: &toml_edit::Item,
+                 line: usize,
+                 name: &str,
+                 kind: Kind|
+     -> Result<String, Failure> {
+        use toml_edit::Value as V;
+        let v = item.as_value();
+        let text = match (kind, v) {
+            (_, Some(V::String(s))) if s.value().contains('\0') => {
+                return Err(bad(line, format!("{name} holds a NUL character")))
+            }
+            (Kind::Text, Some(V::String(s))) if !s.value().is_empty() => s.value().clone(),
+            (Kind::Path, Some(V::String(s))) if s.value().starts_with('/') => s.value().clone(),
+            (Kind::Path, _) => return Err(bad(line, format!("{name} must be an absolute path"))),
+            (Kind::NonZeroDuration, Some(V::String(s)))
+                if humantime::parse_duration(s.value()).is_ok_and(|d| !d.is_zero()) =>
+            {
+                s.value().clone()
+            }
+            (Kind::NonZeroDuration, _) => {
+                return Err(bad(
+                    line,
+                    format!("{name} must be a duration longer than zero, in quotes (\"60s\")"),
+                ))
+            }
+            (Kind::Param, Some(V::String(s))) => {
+                let param = name.rsplit('.').next().unwrap_or(name);
+                if let Err(why) = repo::url::check_param(param, s.value()) {
+                    return Err(bad(line, format!("{name}: {why}")));
                 }
-                (Kind::Text, Some(V::String(s))) => s.value().clone(),
-                (Kind::Bool, Some(V::Boolean(b))) => b.value().to_string(),
-                (Kind::Int(lo, hi), Some(V::Integer(i))) if (lo..=hi).contains(i.value()) => {
-                    i.value().to_string()
-                }
-                (Kind::Int(lo, hi), _) => {
-                    let range = if hi == i64::MAX {
-                        format!("at least {lo}")
-                    } else {
-                        format!("from {lo} to {hi}")
-                    };
-                    return Err(bad(line, format!("{name} must be a whole number {range}")));
-                }
-                (Kind::Duration, Some(V::String(s)))
-                    if humantime::parse_duration(s.value()).is_ok() =>
+                if param == "storage-class"
+                    && repo::storage::ARCHIVE_CLASSES.contains(&s.value().as_str())
                 {
-                    s.value().clone()
+                    return Err(bad(line, format!("{name}: {} needs a restore request before every read: a restore could not read the repository (use STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING or GLACIER_IR)", s.value())));
                 }
-                (Kind::Duration, _) => {
-                    return Err(bad(
-                        line,
-                        format!("{name} must be a duration in quotes (\"90s\", \"6h\", \"30d\")"),
-                    ))
-                }
-                (Kind::Fraction, Some(V::Float(f))) if (0.0..=1.0).contains(f.value()) => {
-                    f.value().to_string()
-                }
-                (Kind::Fraction, Some(V::Integer(i))) if (0..=1).contains(i.value()) => {
-                    i.value().to_string()
-                }
-                (Kind::Fraction, _) => {
-                    return Err(bad(line, format!("{name} must be a number from 0 to 1")))
-                }
-                (Kind::Choice(options), Some(V::String(s)))
-                    if options.contains(&s.value().as_str()) =>
-                {
-                    s.value().clone()
-                }
-                (Kind::Choice(options), _) => {
-                    return Err(bad(
-                        line,
-                        format!("{name} must be one of \"{}\"", options.join("\", \"")),
-                    ))
-                }
-                (Kind::Text, _) => return Err(bad(line, format!("{name} must be a string"))),
-                (Kind::Bool, _) => return Err(bad(line, format!("{name} must be true or false"))),
-            };
-            Ok(text)
+                s.value().clone()
+            }
+            (Kind::Param, _) => return Err(bad(line, format!("{name} must be a string"))),
+            (Kind::Bool, Some(V::Boolean(b))) => b.value().to_string(),
+            (Kind::Int(lo, hi), Some(V::Integer(i))) if (lo..=hi).contains(i.value()) => {
+                i.value().to_string()
+            }
+            (Kind::Int(lo, hi), _) => {
+                let range = if hi == i64::MAX {
+                    format!("at least {lo}")
+                } else {
+                    format!("from {lo} to {hi}")
+                };
+                return Err(bad(line, format!("{name} must be a whole number {range}")));
+            }
+            (Kind::Duration, Some(V::String(s)))
+                if humantime::parse_duration(s.value()).is_ok() =>
+            {
+                s.value().clone()
+            }
+            (Kind::Duration, _) => {
+                return Err(bad(
+                    line,
+                    format!("{name} must be a duration in quotes (\"90s\", \"6h\", \"30d\")"),
+                ))
+            }
+            (Kind::Fraction, Some(V::Float(f))) if (0.0..=1.0).contains(f.value()) => {
+                f.value().to_string()
+            }
+            (Kind::Fraction, Some(V::Integer(i))) if (0..=1).contains(i.value()) => {
+                i.value().to_string()
+            }
+            (Kind::Fraction, _) => {
+                return Err(bad(line, format!("{name} must be a number from 0 to 1")))
+            }
+            (Kind::Choice(options), Some(V::String(s)))
+                if options.contains(&s.value().as_str()) =>
+            {
+                s.value().clone()
+            }
+            (Kind::Choice(options), _) => {
+                return Err(bad(
+                    line,
+                    format!("{name} must be one of \"{}\"", options.join("\", \"")),
+                ))
+            }
+            (Kind::Text, _) => {
+                return Err(bad(line, format!("{name} must be a string, not empty")))
+            }
+            (Kind::Bool, _) => return Err(bad(line, format!("{name} must be true or false"))),
         };
+        Ok(text)
+    };
     let key_line = |table: &dyn toml_edit::TableLike, key: &str, fallback: usize| {
         table
             .get_key_value(key)
@@ -694,6 +717,20 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
                 return Err(bad(line, format!("unknown key {name}")));
             };
             out.push(entry(name.clone(), typed(item, line, &name, kind)?, line));
+        }
+        // A KMS key goes with KMS encryption.
+        let sse = table.get("sse").and_then(|i| i.as_str());
+        if let Some((k, _)) = table.get_key_value("sse-kms-key-id") {
+            if sse.is_some_and(|v| !v.starts_with("aws:kms")) {
+                let line = k.span().map_or(fallback, |s| line_of(text, s.start));
+                return Err(bad(
+                    line,
+                    format!(
+                        "{prefix}.sse-kms-key-id goes with sse = \"aws:kms\", not {:?}",
+                        sse.unwrap_or_default()
+                    ),
+                ));
+            }
         }
         Ok(())
     };
@@ -747,7 +784,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, Failure> {
                         return Err(bad(l, format!("unknown key key.{k} (file, command or kms: a key's source, never the key)")));
                     }
                     let name = format!("key.{k}");
-                    out.push(entry(name.clone(), typed(v, l, &name, Kind::Text)?, l));
+                    let kind = if k == "file" { Kind::Path } else { Kind::Text };
+                    out.push(entry(name.clone(), typed(v, l, &name, kind)?, l));
                 }
             }
             table_name if item.is_table() => {
@@ -831,8 +869,14 @@ pub fn init(args: &[std::ffi::OsString]) -> Result<(), Failure> {
         }
         std::env::remove_var(INJECTED_VAR);
     }
-    let paths = paths(explicit_path(args))?;
+    let explicit = explicit_path(args);
+    let paths = paths(explicit.clone())?;
     let mut config = load(&paths)?;
+    // The processes pitr starts (its workers, a server's archive_command and
+    // restore_command) read the same file.
+    if let Some(p) = explicit {
+        std::env::set_var("PITR_CONFIG", std::path::absolute(&p).unwrap_or(p));
+    }
     let key_given = KEY_VARS
         .iter()
         .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
@@ -905,7 +949,10 @@ fn with_settings(url: &str, table: &str, c: &Config) -> Result<String, Failure> 
             )
             .hint("give each setting of a repository once: in its url or as a key"));
         }
-        if env_sets(var) {
+        // Server-side encryption and its key are one pair: either from the environment or
+        // from the file, never one of each.
+        let sse_pair = ["PITR_S3_SSE", "PITR_S3_SSE_KMS_KEY_ID"];
+        if env_sets(var) || (sse_pair.contains(&var) && sse_pair.iter().any(|v| env_sets(v))) {
             continue;
         }
         params.push(format!("{param}={}", url_escape(&e.value)));
@@ -1102,7 +1149,7 @@ mod tests {
                 "unknown key repository",
             ),
             (
-                "[s3]\nendpoint = \"x\"\nendpont = \"y\"\n",
+                "[s3]\nendpoint = \"http://x\"\nendpont = \"y\"\n",
                 3,
                 "unknown key s3.endpont",
             ),
@@ -1133,6 +1180,31 @@ mod tests {
             ("[s3]\nsse = \"aes\"\n", 2, "must be one of"),
             ("\n[backups]\nparallel = 2\n", 2, "unknown table [backups]"),
             ("[drill]\namcheck = \"yes\"\n", 2, "must be true or false"),
+            ("[s3]\nattempt-timeout = \"0s\"\n", 2, "longer than zero"),
+            (
+                "[s3]\nstorage-class = \"GLACIER\"\n",
+                2,
+                "needs a restore request",
+            ),
+            (
+                "[s3]\nstorage-class = \"standard_ia\"\n",
+                2,
+                "storage-class= must be",
+            ),
+            ("[s3]\nregion = \"eu west\"\n", 2, "region= must be"),
+            (
+                "[repo.x]\nurl = \"s3://b/p\"\nsse = \"AES256\"\nsse-kms-key-id = \"k\"\n",
+                4,
+                "goes with sse",
+            ),
+            ("[drill]\nwork-dir = \"tmp\"\n", 2, "absolute path"),
+            ("[key]\nfile = \"key\"\n", 2, "absolute path"),
+            ("[stream]\nslot = \"\"\n", 2, "not empty"),
+            (
+                "[wal-fetch]\nspool-dir = \"/x\"\n",
+                2,
+                "unknown key wal-fetch.spool-dir",
+            ),
             ("[key]\nkey = \"secret\"\n", 2, "unknown key key.key"),
             (
                 "[repo.x]\nurl = \"s3://b/p\"\nbucket = 1\n",
@@ -1212,42 +1284,34 @@ mod tests {
             .nth(1)
             .and_then(|r| r.split("\n## ").next())
             .expect("README has a Configuration file section");
-        let mut missing = Vec::new();
-        for k in S3_KEYS {
-            for word in [format!("`[s3] {}`", k.key), format!("`{}`", k.env)] {
-                if !section.contains(&word) {
-                    missing.push(word);
-                }
+        // Each key's row names its environment twin and its flag twin.
+        let mut wrong = Vec::new();
+        let mut check = |key: String, env: &str, flag: &str| {
+            let row = section.lines().find(|l| l.starts_with(&format!("| {key}")));
+            let ok = row.is_some_and(|r| {
+                r.contains(&format!("`{env}`"))
+                    && (flag.is_empty() || r.contains(&format!("`{flag}")))
+            });
+            if !ok {
+                wrong.push(format!("{key} {env} {flag}: {row:?}"));
             }
+        };
+        for k in S3_KEYS {
+            check(format!("`[s3] {}`", k.key), k.env, k.flag);
         }
         for k in SETTINGS {
             let key = match k.key.split_once('.') {
                 Some((table, key)) => format!("`[{table}] {key}`"),
                 None => format!("`{}`", k.key),
             };
-            for word in [key, format!("`{}`", k.env)] {
-                if !section.contains(&word) {
-                    missing.push(word);
-                }
-            }
-            if !k.flag.is_empty() && !section.contains(&format!("`{}`", k.flag)) {
-                missing.push(k.flag.to_owned());
-            }
+            check(key, k.env, k.flag);
         }
         for (k, env, flag) in KEY_KEYS {
-            for word in [
-                format!("`[key] {k}`"),
-                format!("`{env}`"),
-                format!("`{flag}`"),
-            ] {
-                if !section.contains(&word) {
-                    missing.push(word);
-                }
-            }
+            check(format!("`[key] {k}`"), env, flag);
         }
         assert!(
-            missing.is_empty(),
-            "README's Configuration file lacks {missing:?}"
+            wrong.is_empty(),
+            "README's Configuration file table: {wrong:#?}"
         );
     }
 
@@ -1272,7 +1336,7 @@ mod tests {
     fn named_settings_go_into_the_url_unless_given_there() {
         let c = Config {
             entries: entries(
-                "[repo.o]\nurl = \"s3://b/p\"\nregion = \"eu west\"\npath-style = true\n",
+                "[repo.o]\nurl = \"s3://b/p\"\nregion = \"eu-west-9\"\nprofile = \"off+site\"\npath-style = true\n",
             )
             .unwrap()
             .into_iter()
@@ -1282,7 +1346,8 @@ mod tests {
         };
         let u = with_settings("s3://b/p", "repo.o", &c).unwrap();
         assert!(u.starts_with("s3://b/p?"), "{u}");
-        assert!(u.contains("region=eu%20west"), "{u}");
+        assert!(u.contains("region=eu-west-9"), "{u}");
+        assert!(u.contains("profile=off%2Bsite"), "{u}");
         let e = with_settings("s3://b/p?region=x", "repo.o", &c).unwrap_err();
         assert!(e.message.contains("also given in its url"), "{}", e.message);
     }

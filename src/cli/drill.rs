@@ -33,8 +33,11 @@ pub struct Args {
     #[arg(long, value_name = "FILE", env = "PITR_DRILL_CHECK_FILE")]
     check_file: Option<PathBuf>,
     /// Run amcheck's bt_index_check on every B-tree index of every database
-    #[arg(long, env = "PITR_DRILL_AMCHECK")]
+    #[arg(long, env = "PITR_DRILL_AMCHECK", overrides_with = "no_amcheck")]
     amcheck: bool,
+    /// No amcheck, whatever the configuration file or PITR_DRILL_AMCHECK says
+    #[arg(long, overrides_with = "amcheck")]
+    no_amcheck: bool,
     /// Where the drill's directory is made [default: the temp dir]
     #[arg(long, value_name = "DIR", env = "PITR_DRILL_WORK_DIR")]
     work_dir: Option<PathBuf>,
@@ -58,8 +61,11 @@ pub struct Args {
     #[arg(long)]
     keep: bool,
     /// Store the report in the repository (drills/), shown by pitr list
-    #[arg(long, env = "PITR_DRILL_RECORD")]
+    #[arg(long, env = "PITR_DRILL_RECORD", overrides_with = "no_record")]
     record: bool,
+    /// Do not record, whatever the configuration file or PITR_DRILL_RECORD says
+    #[arg(long, overrides_with = "record")]
+    no_record: bool,
     /// Write pitr_drill_* gauges to this file (node_exporter's textfile collector)
     #[arg(long, value_name = "PATH", env = "PITR_DRILL_METRICS_FILE")]
     metrics_file: Option<PathBuf>,
@@ -218,7 +224,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         pg_bin: args.pg_bin.clone(),
         parallel: args.parallel,
         checks,
-        amcheck: args.amcheck,
+        amcheck: args.amcheck && !args.no_amcheck,
         user: args.user.clone(),
         check_timeout: args.check_timeout,
     };
@@ -269,7 +275,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     }
     drop(watchdog);
     let mut record_failure = None;
-    if args.record {
+    if args.record && !args.no_record {
         let recorded = runtime.block_on(async {
             let repo = Repository::open(&url, &key, None, Arc::new(Codec::new(1, 4)))
                 .await

@@ -35,8 +35,11 @@ pub struct Args {
     flush_interval: Duration,
     /// Make WAL durable as soon as it arrives and tell the server at once: with this
     /// connection's application_name in synchronous_standby_names, commits wait for it
-    #[arg(long, env = "PITR_STREAM_SYNC")]
+    #[arg(long, env = "PITR_STREAM_SYNC", overrides_with = "no_sync")]
     sync: bool,
+    /// Not synchronous, whatever the configuration file or PITR_STREAM_SYNC says
+    #[arg(long, overrides_with = "sync")]
+    no_sync: bool,
     /// A server silent this long is taken for gone and connected to again (asked for a
     /// reply at half of it, as wal_receiver_timeout); 0 waits forever
     #[arg(long, value_name = "DURATION", env = "PITR_STREAM_RECEIVE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -84,7 +87,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         slot: args.slot.clone(),
         create_slot: args.create_slot,
         flush_interval: args.flush_interval.max(Duration::from_millis(10)),
-        sync: args.sync,
+        sync: args.sync && !args.no_sync,
         status_interval: Duration::from_secs(10)
             .min(args.flush_interval.max(Duration::from_millis(100)) * 10),
         receive_timeout: Some(args.receive_timeout).filter(|t| !t.is_zero()),
@@ -110,7 +113,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
             "pitr: stream: from {} (slot \"{}\") into {url}{}",
             settings.describe(),
             args.slot,
-            if args.sync { ", synchronous" } else { "" }
+            if args.sync && !args.no_sync {
+                ", synchronous"
+            } else {
+                ""
+            }
         );
         stream(&settings, &url, &config, metrics, rx)
             .await

@@ -8,12 +8,16 @@
 //!
 //! - [`KmsServer`]: a real KMS-compatible server (moto's, from PyPI) on a free 127.0.0.1
 //!   port, installed into a venv on first use.
+//! - [`Fault`]: storage faults the bed's S3 server injects into its own responses
+//!   ([`S3Server::set_faults`]): resets, stalls, cut responses, 503 SlowDown, 500 after the
+//!   write.
 //! - [`Proxy`]: a TCP proxy in front of a real server that can be told to go silent
 //!   without closing anything (a lost network path).
 //!
 //! Nothing here is a mock: tests talk to the real servers over real sockets.
 
 mod cluster;
+mod faults;
 pub mod kms;
 mod os_user;
 mod pg_bin;
@@ -22,6 +26,7 @@ mod proxy;
 mod s3;
 
 pub use cluster::{Cluster, ClusterOptions, StopMode, PASSWORD, PASSWORD_ROLES, SUPERUSER};
+pub use faults::{Fault, FaultCounts};
 pub use kms::KmsServer;
 pub use os_user::OsUser;
 pub use pg_bin::PgBin;

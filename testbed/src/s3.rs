@@ -57,6 +57,8 @@ struct Counters {
     /// Each object-creating request's path with its `x-amz-storage-class` and
     /// `x-amz-server-side-encryption` headers.
     headers: std::sync::Mutex<Vec<WriteHeaders>>,
+    /// Storage faults injected into responses.
+    faults: crate::faults::Injector,
 }
 
 /// The storage headers of one object-creating request.
@@ -218,6 +220,29 @@ impl S3Server {
             .map_or(0, |l| l.counters.copies.load(Ordering::SeqCst))
     }
 
+    /// From now on each request to the local server meets one of `kinds` (chosen evenly)
+    /// with probability `rate`; `rate` 0 ends the faults. `seed` makes a run repeatable.
+    /// (Nothing for an external endpoint.)
+    pub fn set_faults(&self, rate: f64, kinds: &[crate::Fault], seed: u64) {
+        if let Some(l) = &self.local {
+            l.counters.faults.set(rate, kinds, seed);
+        }
+    }
+
+    /// The faults injected so far, by kind.
+    pub fn faults_injected(&self) -> crate::FaultCounts {
+        self.local
+            .as_ref()
+            .map_or_else(Default::default, |l| l.counters.faults.counts())
+    }
+
+    /// Requests the local server has received so far (0 for an external endpoint).
+    pub fn requests(&self) -> u64 {
+        self.local
+            .as_ref()
+            .map_or(0, |l| l.counters.faults.requests())
+    }
+
     /// Where the local server keeps its bucket dirs (None for an external endpoint).
     pub fn storage_dir(&self) -> Option<&Path> {
         self.local.as_ref().map(|l| l.root.path())
@@ -358,6 +383,61 @@ impl hyper::service::Service<Incoming> for Counting {
     type Future = <s3s::service::S3Service as hyper::service::Service<Incoming>>::Future;
 
     fn call(&self, req: Incoming) -> Self::Future {
+        use crate::faults::{error_response, CutBody};
+        use crate::Fault;
+        let Some(fault) = self.counters.faults.draw() else {
+            return self.serve(req);
+        };
+        match fault {
+            Fault::Reset => {
+                Box::pin(async { Err(s3s::HttpError::new("fault: connection reset".into())) })
+            }
+            Fault::SlowDown => Box::pin(async {
+                Ok(error_response(
+                    503,
+                    "SlowDown",
+                    "Please reduce your request rate.",
+                ))
+            }),
+            Fault::Stall(d) => {
+                let call = self.serve(req);
+                Box::pin(async move {
+                    tokio::time::sleep(d).await;
+                    call.await
+                })
+            }
+            Fault::ErrorAfter => {
+                let call = self.serve(req);
+                Box::pin(async move {
+                    let _ = call.await;
+                    Ok(error_response(
+                        500,
+                        "InternalError",
+                        "We encountered an internal error. Please try again.",
+                    ))
+                })
+            }
+            Fault::Cut => {
+                let call = self.serve(req);
+                Box::pin(async move {
+                    let (parts, body) = call.await?.into_parts();
+                    let whole = http_body_util::BodyExt::collect(body)
+                        .await
+                        .map(|c| c.to_bytes())
+                        .unwrap_or_default();
+                    Ok(hyper::Response::from_parts(
+                        parts,
+                        s3s::Body::http_body(CutBody::new(whole)),
+                    ))
+                })
+            }
+        }
+    }
+}
+
+impl Counting {
+    /// The request served (counted, conditional copies refused), no fault injected.
+    fn serve(&self, req: Incoming) -> <Self as hyper::service::Service<Incoming>>::Future {
         let query = req.uri().query().unwrap_or("");
         let object_put = req.method() == hyper::Method::PUT && !query.contains("partNumber=");
         let completed = req.method() == hyper::Method::POST && query.contains("uploadId=");

@@ -1,7 +1,7 @@
 //! Proves the test bed itself: a real PostgreSQL cluster that archives, restarts, adopts a
 //! copied data dir, authenticates password roles and leaves no postmaster behind; a real
-//! S3 server that aws-sdk-s3, configured the way pitr configures it, can use; and a TCP
-//! proxy that goes silent on command.
+//! S3 server that aws-sdk-s3, configured the way pitr configures it, can use, and that
+//! injects storage faults on command; and a TCP proxy that goes silent on command.
 
 use std::path::Path;
 use std::time::Duration;
@@ -213,6 +213,8 @@ fn s3_client(s3: &S3Server) -> aws_sdk_s3::Client {
         )
         .endpoint_url(s3.endpoint())
         .force_path_style(true)
+        // One attempt per call: the fault test sees each fault as it was injected.
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
         .region(Region::new(s3.region().to_owned()))
         .credentials_provider(Credentials::new(
             s3.access_key(),
@@ -335,6 +337,99 @@ async fn s3_outage_refuses_then_recovers() {
         .await
         .unwrap();
     assert_eq!(&got.body.collect().await.unwrap().into_bytes()[..], b"v");
+}
+
+/// The HTTP status an S3 call failed with, if a response came at all.
+fn status<E>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_injects_each_kind_of_fault_on_command() {
+    use testbed::Fault;
+    let s3 = S3Server::start_local().unwrap();
+    let client = s3_client(&s3);
+    let key = |k: &str| format!("{}/{k}", s3.prefix());
+    let put = |k: String| {
+        client
+            .put_object()
+            .bucket(s3.bucket())
+            .key(k)
+            .body(ByteStream::from(vec![7u8; 1000]))
+            .send()
+    };
+    let exists = |k: String| async {
+        s3.set_faults(0.0, &[], 0);
+        let r = client.head_object().bucket(s3.bucket()).key(k).send().await;
+        r.is_ok()
+    };
+
+    // 503 SlowDown: not performed.
+    s3.set_faults(1.0, &[Fault::SlowDown], 1);
+    let e = put(key("slow")).await.unwrap_err();
+    assert_eq!(status(&e), Some(503), "{e:?}");
+    assert!(!exists(key("slow")).await);
+    // 500 after the write: performed.
+    s3.set_faults(1.0, &[Fault::ErrorAfter], 2);
+    let e = put(key("after")).await.unwrap_err();
+    assert_eq!(status(&e), Some(500), "{e:?}");
+    assert!(exists(key("after")).await);
+    // A reset: no response at all, not performed.
+    s3.set_faults(1.0, &[Fault::Reset], 3);
+    let e = put(key("reset")).await.unwrap_err();
+    assert_eq!(status(&e), None, "{e:?}");
+    assert!(!exists(key("reset")).await);
+    // A cut GET: the body ends early, as an error.
+    put(key("whole")).await.unwrap();
+    s3.set_faults(1.0, &[Fault::Cut], 4);
+    let cut = match client
+        .get_object()
+        .bucket(s3.bucket())
+        .key(key("whole"))
+        .send()
+        .await
+    {
+        Ok(r) => r.body.collect().await.is_err(),
+        Err(_) => true,
+    };
+    assert!(cut, "a cut response read whole");
+    // A stall: answered late, in full.
+    s3.set_faults(1.0, &[Fault::Stall(Duration::from_millis(400))], 5);
+    let started = std::time::Instant::now();
+    let got = client
+        .get_object()
+        .bucket(s3.bucket())
+        .key(key("whole"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.body.collect().await.unwrap().into_bytes().len(), 1000);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    // Counted by kind; a rate of 0.3 hits about that share.
+    let c = s3.faults_injected();
+    assert_eq!(
+        (c.slow_down, c.error_after, c.reset, c.cut, c.stall),
+        (1, 1, 1, 1, 1),
+        "{c:?}"
+    );
+    s3.set_faults(0.3, &[Fault::SlowDown], 6);
+    let mut failed = 0;
+    for _ in 0..200 {
+        if client
+            .head_object()
+            .bucket(s3.bucket())
+            .key(key("whole"))
+            .send()
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    assert!((30..=90).contains(&failed), "{failed} of 200 at 0.3");
+    assert_eq!(s3.faults_injected().slow_down, 1 + failed);
 }
 
 #[test]

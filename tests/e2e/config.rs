@@ -35,7 +35,12 @@ fn etc_dir(pg: &Cluster) -> std::path::PathBuf {
 
 /// pitr with no repository or S3 setting in its environment but the credentials.
 fn bare_pitr(s3: &S3Server) -> std::process::Command {
-    let mut c = crate::pitr();
+    bare(crate::pitr(), s3)
+}
+
+/// `c` (a pitr command) with no repository or S3 setting in its environment but the
+/// credentials.
+fn bare(mut c: std::process::Command, s3: &S3Server) -> std::process::Command {
     for var in [
         "PITR_REPO",
         "AWS_ENDPOINT_URL",
@@ -295,7 +300,7 @@ fn named_repository_write_settings_and_command_tables_come_from_the_file() {
     let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
     let dir = etc_dir(&pg);
     let text = format!(
-        "compress-level = 3\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\npath-style = true\n[repo]\nurl = \"{main}\"\n[repo.off]\nurl = \"{off}\"\nstorage-class = \"REDUCED_REDUNDANCY\"\nsse = \"AES256\"\n[expire]\nkeep-last = 1\ngrace = \"0s\"\n[restore]\npg-bin = \"/nonexistent/bin\"\n",
+        "compress-level = 3\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\npath-style = true\n[repo]\nurl = \"{main}\"\n[repo.off]\nurl = \"{off}\"\nstorage-class = \"REDUCED_REDUNDANCY\"\nsse = \"AES256\"\n[copy]\nto = \"off\"\n[expire]\nkeep-last = 1\ngrace = \"0s\"\n[restore]\npg-bin = \"/nonexistent/bin\"\n",
         s3.endpoint(),
         s3.region()
     );
@@ -317,7 +322,8 @@ fn named_repository_write_settings_and_command_tables_come_from_the_file() {
     }
 
     // The copy writes the off-site repository with its own class and encryption.
-    succeeds(pitr().args(["copy", "--to", "off"]));
+    // The target from the file's [copy] to.
+    succeeds(pitr().arg("copy"));
     let seen = s3.write_headers();
     let (in_off, in_main): (Vec<_>, Vec<_>) = seen.iter().partition(|h| h.path.contains("/off/"));
     assert!(in_off.iter().any(|h| h.path.contains("/pack/")), "{seen:?}");
@@ -393,4 +399,99 @@ fn named_repository_write_settings_and_command_tables_come_from_the_file() {
     let to = tempfile::tempdir().unwrap();
     succeeds(pitr().args(["restore", "--to"]).arg(to.path().join("data")));
     assert!(to.path().join("data/PG_VERSION").is_file());
+}
+
+/// A file named by `--config` alone (no PITR_CONFIG) reaches every process pitr starts: the
+/// archive_command's push-ahead worker, and a server `restore --start` starts, whose
+/// restore_command fetches from the S3 server the file names.
+#[test]
+fn a_file_named_by_the_flag_reaches_workers_and_started_servers() {
+    let s3 = S3Server::start_local().unwrap();
+    let url = s3.repo_url("flag");
+    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let dir = etc_dir(&pg);
+    let file = config_file(
+        &dir,
+        &format!(
+            "repo = \"{url}\"\n[s3]\nendpoint = \"{}\"\nregion = \"{}\"\npath-style = true\n[wal-push]\nahead = 4\n",
+            s3.endpoint(),
+            s3.region()
+        ),
+    );
+    let bin = pg
+        .expose_binary(Path::new(env!("CARGO_BIN_EXE_pitr")))
+        .unwrap();
+    pg.set_env("AWS_ACCESS_KEY_ID", s3.access_key());
+    pg.set_env("AWS_SECRET_ACCESS_KEY", s3.secret_key());
+    pg.set_config(
+        "archive_command",
+        &format!(
+            "'{}' --config '{}' wal-push %p",
+            bin.display(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    succeeds(
+        bare_pitr(&s3)
+            .args(["--config"])
+            .arg(&file)
+            .args(["init", "--data-dir"])
+            .arg(pg.data_dir()),
+    );
+    pg.start().unwrap();
+    pg.sql("CREATE TABLE t AS SELECT 1 AS x").unwrap();
+    succeeds(bare_pitr(&s3).arg("--config").arg(&file).args([
+        "backup",
+        "--fast",
+        "--pg",
+        &crate::socket(&pg),
+    ]));
+    pg.sql("INSERT INTO t SELECT 2").unwrap();
+    // Several segments at once: the worker stores them ahead of the calls.
+    let mut last = String::new();
+    for _ in 0..4 {
+        pg.sql("INSERT INTO t SELECT 3").unwrap();
+        last = pg.switch_wal().unwrap();
+    }
+    pg.wait_archived(&last, Duration::from_secs(60)).unwrap();
+    let log = pg.server_log();
+    assert!(!log.contains("failed"), "{log}");
+
+    // A server started by restore --start fetches with the file's S3 settings.
+    let user = pg.os_user().clone();
+    let home = pg.server_dir("flag-home").unwrap();
+    let sock = pg.server_dir("flag-sock").unwrap();
+    let to = home.join("restored");
+    let port = testbed::free_port().unwrap().to_string();
+    // The binary the server's user can run (the restore_command names this one).
+    let mut cmd = bare(std::process::Command::new(&bin), &s3);
+    cmd.env("HOME", &home)
+        .arg("--config")
+        .arg(&file)
+        .args(["restore", "--start", "--archive-mode", "off", "--to"])
+        .arg(&to)
+        .arg("--pg-bin")
+        .arg(pg.bin().dir());
+    for o in [
+        format!("port={port}"),
+        "listen_addresses=".to_owned(),
+        format!("unix_socket_directories={}", sock.display()),
+    ] {
+        cmd.args(["--server-option", &o]);
+    }
+    user.apply(&mut cmd);
+    let out = cmd.output().unwrap();
+    let log = std::fs::read_to_string(to.join("log/pitr-start.log")).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "{}\nserver log:\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = Cluster::attach(&to, ClusterOptions::default()).unwrap();
+    assert_eq!(
+        restored.sql("SELECT count(*) FROM t").unwrap(),
+        "6",
+        "{log}"
+    );
 }

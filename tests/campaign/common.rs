@@ -1,0 +1,109 @@
+//! What the campaign's scenarios share: pitr against a repository, the state of a
+//! database as one line, fault counts as words.
+
+use std::process::Command;
+
+use testbed::{Cluster, FaultCounts, S3Server};
+
+pub const PITR: &str = env!("CARGO_BIN_EXE_pitr");
+
+/// pitr against the campaign's repository (no configuration file).
+pub fn pitr(s3: &S3Server, url: &str) -> Command {
+    pitr_at(std::path::Path::new(PITR), s3, url)
+}
+
+/// [`pitr`] from another copy of the binary (one the server's user can run: a restore
+/// writes its own path into the restore_command).
+pub fn pitr_at(bin: &std::path::Path, s3: &S3Server, url: &str) -> Command {
+    let mut c = Command::new(bin);
+    c.envs(s3.env())
+        .env("PITR_REPO", url)
+        .env_remove("PITR_CONFIG")
+        .env("HOME", "/nonexistent");
+    c
+}
+
+/// Starts a restored cluster and waits until it is promoted: Ok(true), or Ok(false) when
+/// the server stopped (recovery failed, as it must when WAL cannot be fetched). A set-up
+/// problem of the campaign's own is a panic.
+pub fn start_and_wait(restored: &mut Cluster) -> bool {
+    let started = restored.start();
+    let log = restored.server_log();
+    assert!(
+        !log.contains("not executable") && !log.contains("Permission denied"),
+        "the campaign's set-up: {log}"
+    );
+    if started.is_err() {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        match restored.sql("SELECT pg_is_in_recovery()") {
+            Ok(s) if s == "f" => return true,
+            _ if !restored.is_running() => return false,
+            _ => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "recovery took over 10 minutes"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+        }
+    }
+}
+
+/// The last lines of a log.
+pub fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+pub fn ok(c: &mut Command) -> String {
+    let out = c.output().expect("run pitr");
+    assert!(
+        out.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A small random number from the clock (the kills need no more).
+pub fn jitter(max: u64) -> u64 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) % max.max(1)
+}
+
+/// What the database holds, as one line to compare.
+pub fn state(pg: &Cluster) -> String {
+    pg.sql(
+        "SELECT (SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts) || ' ' || \
+         (SELECT count(*) || '/' || coalesce(sum(delta), 0) FROM pgbench_history)",
+    )
+    .expect("read the state")
+}
+
+pub fn counts_minus(a: FaultCounts, b: FaultCounts) -> FaultCounts {
+    FaultCounts {
+        reset: a.reset - b.reset,
+        stall: a.stall - b.stall,
+        cut: a.cut - b.cut,
+        slow_down: a.slow_down - b.slow_down,
+        error_after: a.error_after - b.error_after,
+    }
+}
+
+pub fn describe(c: FaultCounts, requests: u64) -> String {
+    format!(
+        "{} storage faults in {requests} requests ({} resets, {} stalls, {} cut responses, {} SlowDown, {} 500 after the write)",
+        c.total(),
+        c.reset,
+        c.stall,
+        c.cut,
+        c.slow_down,
+        c.error_after
+    )
+}
