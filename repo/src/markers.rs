@@ -59,6 +59,10 @@ pub struct MarkerBody {
     /// Backups it is removing (expire, delete).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub condemned: Vec<String>,
+    /// The holding process, so that another on the same host can tell it is gone without
+    /// waiting for [`TTL`]: `BOOT_ID/PIDNS/PID/START` (see [`process_identity`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
 }
 
 impl MarkerBody {
@@ -68,9 +72,50 @@ impl MarkerBody {
             command: command.to_owned(),
             host: host_name(),
             pid: std::process::id(),
+            process: process_identity(std::process::id()),
             ..MarkerBody::default()
         }
     }
+}
+
+/// A process as one string: this boot's id, the PID namespace, the pid, and the process's
+/// start time in clock ticks since boot (`/proc/PID/stat`, field 22). None where /proc
+/// does not tell.
+pub fn process_identity(pid: u32) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let start = start_ticks(pid)?;
+    Some(format!(
+        "{}/{}/{pid}/{start}",
+        boot.trim(),
+        ns.to_string_lossy()
+    ))
+}
+
+/// Field 22 of `/proc/PID/stat` (after the command name, which may hold anything, in
+/// parentheses).
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Whether `identity` ([`process_identity`]) names a process of this boot and PID
+/// namespace that no longer runs (gone, or its pid now another process's). A process
+/// elsewhere, or an identity that does not parse, is not known to be gone.
+pub fn process_gone(identity: &str) -> bool {
+    let mut parts = identity.rsplitn(3, '/');
+    let (Some(start), Some(pid), Some(place)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let (Ok(start), Ok(pid)) = (start.parse::<u64>(), pid.parse::<u32>()) else {
+        return false;
+    };
+    let Some(mine) = process_identity(std::process::id()) else {
+        return false;
+    };
+    let my_place = mine.rsplitn(3, '/').nth(2).unwrap_or_default();
+    place == my_place && start_ticks(pid) != Some(start)
 }
 
 fn host_name() -> String {
@@ -387,6 +432,15 @@ pub async fn live(objects: &ObjectStore, now: SystemTime) -> Result<Markers, Sto
             Err(ObjectError::Storage(e)) => return Err(e),
             Err(_) => None,
         };
+        // Its holder ran on this host and is gone (killed, say): dead now, not in 10 min.
+        if body
+            .as_ref()
+            .and_then(|b| b.process.as_deref())
+            .is_some_and(process_gone)
+        {
+            out.dead.push(meta.key);
+            continue;
+        }
         out.live.push(Running {
             key: meta.key,
             modified: meta.modified,
@@ -447,6 +501,24 @@ mod tests {
             .unwrap()
             .live
             .is_empty());
+    }
+
+    #[test]
+    fn a_process_of_this_host_that_is_gone_is_known_to_be() {
+        let me = process_identity(std::process::id()).expect("/proc");
+        assert!(!process_gone(&me), "{me}");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let alive = process_identity(pid);
+        child.wait().unwrap();
+        // Its identity while it ran (or a made-up start time if it was already gone).
+        let place = me.rsplitn(3, '/').nth(2).unwrap().to_owned();
+        let gone = alive.unwrap_or_else(|| format!("{place}/{pid}/1"));
+        assert!(process_gone(&gone), "{gone}");
+        // Another boot (or PID namespace) is not known to be gone.
+        let elsewhere = format!("ffffffff{}", &gone[8..]);
+        assert!(!process_gone(&elsewhere), "{elsewhere}");
+        assert!(!process_gone("not an identity"));
     }
 
     #[tokio::test]

@@ -9,6 +9,8 @@
 mod archive;
 mod backup;
 mod common;
+mod disk;
+mod expire;
 mod report;
 mod stream;
 
@@ -31,9 +33,14 @@ pub struct Scale {
     pub backup_kills: u64,
     /// Kills of the stream and of the server, together.
     pub stream_kills: u64,
+    /// SIGKILLs of expire.
+    pub expire_kills: u64,
     /// Whether this is the short run in the test command.
     pub smoke: bool,
 }
+
+/// A scenario: it runs at a scale and reports its rows.
+type Scenario = fn(Scale) -> Vec<Row>;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -55,6 +62,7 @@ fn main() {
             restores: 1,
             backup_kills: 3,
             stream_kills: 4,
+            expire_kills: 2,
             smoke,
         }
     } else {
@@ -65,19 +73,28 @@ fn main() {
             restores: 6,
             backup_kills: 50,
             stream_kills: 50,
+            expire_kills: 30,
             smoke,
         }
     };
     let runs = |name: &str| wanted.is_empty() || wanted.contains(&name);
     let mut rows: Vec<Row> = Vec::new();
-    if runs("archive") {
-        rows.extend(archive::run(scale));
-    }
-    if runs("backup") {
-        rows.extend(backup::run(scale));
-    }
-    if runs("stream") {
-        rows.extend(stream::run(scale));
+    let scenarios: [(&str, Scenario); 5] = [
+        ("archive", archive::run),
+        ("backup", backup::run),
+        ("stream", stream::run),
+        ("expire", expire::run),
+        ("disk", disk::run),
+    ];
+    for (name, run) in scenarios {
+        if runs(name) {
+            let done = run(scale);
+            // As each scenario ends, so that a long run interrupted keeps what it found.
+            for r in &done {
+                eprintln!("campaign: {name}: {r:?}");
+            }
+            rows.extend(done);
+        }
     }
     report::print(&rows);
     if let Some(path) = json_out {

@@ -1,0 +1,209 @@
+//! `pitr expire` SIGKILLed at random moments while backups keep coming.
+//!
+//! Each round takes a backup of a cluster that is still while it runs (so what it holds is
+//! known), then runs `pitr expire --keep-last 3 --grace 0s` and kills it at a random moment
+//! of its run. After every kill `pitr verify` must pass on the whole repository. At the
+//! end an expire runs to completion, and every kept backup is restored to its end
+//! (`--target-immediate`) and compared with what the cluster held when it was taken; a
+//! restore of the newest point is compared with the cluster's last state.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use testbed::{Cluster, ClusterOptions, S3Server, StopMode, SUPERUSER};
+
+use crate::common::{jitter, ok, pitr_at, start_and_wait, state, tail, PITR};
+use crate::report::Row;
+use crate::Scale;
+
+fn listed(bin: &Path, s3: &S3Server, url: &str) -> Vec<String> {
+    let out = ok(pitr_at(bin, s3, url).args(["list", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("list --json");
+    v["backups"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Restores `backup` (or the newest point) and returns what it holds.
+fn restored_state(
+    bin: &Path,
+    s3: &S3Server,
+    url: &str,
+    backup: Option<&str>,
+) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("data");
+    let mut c = pitr_at(bin, s3, url);
+    c.args(["restore", "--archive-mode", "off", "--to"])
+        .arg(&to);
+    if let Some(id) = backup {
+        c.args([
+            "--backup",
+            id,
+            "--target-immediate",
+            "--target-action",
+            "promote",
+        ]);
+    }
+    let out = c.output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let mut options = ClusterOptions::default().env("PITR_REPO", url);
+    for (k, v) in s3.env() {
+        options = options.env(k, v);
+    }
+    let mut restored = Cluster::adopt(&to, options).unwrap();
+    if !start_and_wait(&mut restored) {
+        return Err(tail(&restored.server_log()));
+    }
+    let s = state(&restored);
+    let _ = restored.stop(StopMode::Immediate);
+    Ok(s)
+}
+
+pub fn run(scale: Scale) -> Vec<Row> {
+    let s3 = S3Server::start_local().expect("start the S3 server");
+    let url = s3.repo_url("campaign-expire");
+    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let bin = pg.expose_binary(Path::new(PITR)).unwrap();
+    for (k, v) in s3.env() {
+        pg.set_env(&k, &v);
+    }
+    pg.set_env("PITR_REPO", &url);
+    pg.set_config(
+        "archive_command",
+        &format!("'{}' wal-push %p", bin.display()),
+    )
+    .unwrap();
+    ok(pitr_at(&bin, &s3, &url)
+        .args(["init", "--data-dir"])
+        .arg(pg.data_dir()));
+    pg.start().unwrap();
+    pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
+    let conn = format!(
+        "host={} port={} user={SUPERUSER}",
+        pg.socket_dir().display(),
+        pg.port()
+    );
+    let mut held: BTreeMap<String, String> = BTreeMap::new();
+    let mut backup = |pg: &Cluster| {
+        // Backup ids are start times to the second.
+        std::thread::sleep(Duration::from_millis(1100));
+        let out = ok(pitr_at(&bin, &s3, &url).args(["backup", "--fast", "--json", "--pg", &conn]));
+        let v: serde_json::Value = serde_json::from_str(&out).expect("backup --json");
+        held.insert(v["id"].as_str().unwrap_or_default().to_owned(), state(pg));
+    };
+    let expire = || {
+        let mut c = pitr_at(&bin, &s3, &url);
+        c.args([
+            "expire",
+            "--keep-last",
+            "3",
+            "--grace",
+            "0s",
+            "--repack-below",
+            "0.9",
+        ]);
+        c
+    };
+    for _ in 0..3 {
+        pg.pgbench(&["-n", "-T", "1"]).unwrap();
+        backup(&pg);
+    }
+    // How long an expire with work to do takes: the kills land anywhere in it.
+    pg.pgbench(&["-n", "-T", "1"]).unwrap();
+    backup(&pg);
+    let t = Instant::now();
+    ok(&mut expire());
+    let whole = t.elapsed();
+
+    let started = Instant::now();
+    let mut row = Row {
+        scenario: "expire (keep-last 3, grace 0, repack) SIGKILLed at random moments while backups keep coming".into(),
+        ..Row::default()
+    };
+    let (mut kills, mut attempts) = (0, 0);
+    while kills < scale.expire_kills && attempts < scale.expire_kills * 4 {
+        attempts += 1;
+        pg.pgbench(&["-n", "-T", "1"]).unwrap();
+        backup(&pg);
+        let mut child = expire()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(jitter(whole.as_millis() as u64 + 1)));
+        let _ = child.kill();
+        if child.wait().unwrap().code().is_none() {
+            kills += 1;
+        }
+        let out = pitr_at(&bin, &s3, &url).arg("verify").output().unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "campaign: verify after an expire was killed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            row.wrong += 1;
+        }
+    }
+    ok(&mut expire());
+    let kept = listed(&bin, &s3, &url);
+    if kept.len() != 3 {
+        // An expire that completed keeps what its policy keeps: more means something a
+        // killed one left behind holds backups back.
+        let why = ok(expire().arg("--dry-run"));
+        eprintln!(
+            "campaign: {} backups kept by keep-last 3:\n{why}",
+            kept.len()
+        );
+        row.wrong += 1;
+    }
+    let mut compared = 0;
+    for id in &kept {
+        match restored_state(&bin, &s3, &url, Some(id)) {
+            Ok(s) if Some(&s) == held.get(id) => compared += 1,
+            Ok(s) => {
+                eprintln!(
+                    "campaign: kept backup {id} restored to {s}, held {:?}",
+                    held.get(id)
+                );
+                row.wrong += 1;
+            }
+            Err(e) => {
+                eprintln!("campaign: kept backup {id} does not restore: {e}");
+                row.wrong += 1;
+            }
+        }
+    }
+    let _ = pg.sql("SELECT pg_switch_wal()");
+    let last = state(&pg);
+    let seg = pg
+        .sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        .unwrap();
+    let _ = pg.sql("SELECT pg_switch_wal()");
+    let _ = pg.wait_archived(&seg, Duration::from_secs(60));
+    match restored_state(&bin, &s3, &url, None) {
+        Ok(s) if s == last => compared += 1,
+        other => {
+            eprintln!("campaign: the newest point after the expires: {other:?}, held {last}");
+            row.wrong += 1;
+        }
+    }
+    row.runs = attempts;
+    row.faults = format!("{kills} kills (of {attempts} expires started; the rest finished first)");
+    row.checked = format!(
+        "verify after each; {} kept backups and the newest point restored, {compared} compared equal",
+        kept.len()
+    );
+    row.secs = started.elapsed().as_secs_f64();
+    vec![row]
+}
