@@ -82,13 +82,27 @@ impl MarkerBody {
 /// start time in clock ticks since boot (`/proc/PID/stat`, field 22). None where /proc
 /// does not tell.
 pub fn process_identity(pid: u32) -> Option<String> {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
     let start = start_ticks(pid)?;
+    Some(format!("{}/{pid}/{start}", place()?))
+}
+
+/// Where pids and start times mean one thing: the boot, the PID namespace and the time
+/// namespace (start times are shifted by its offset). None when this process's /proc is
+/// not its own PID namespace's (then no pid there can be trusted to be this one's).
+fn place() -> Option<String> {
+    let own = std::fs::read_link("/proc/self").ok()?;
+    if own.to_string_lossy() != std::process::id().to_string() {
+        return None;
+    }
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let pid_ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    let time_ns = std::fs::read_link("/proc/self/ns/time")
+        .map(|t| t.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "time:[-]".into());
     Some(format!(
-        "{}/{}/{pid}/{start}",
+        "{}/{}+{time_ns}",
         boot.trim(),
-        ns.to_string_lossy()
+        pid_ns.to_string_lossy()
     ))
 }
 
@@ -105,17 +119,36 @@ fn start_ticks(pid: u32) -> Option<u64> {
 /// elsewhere, or an identity that does not parse, is not known to be gone.
 pub fn process_gone(identity: &str) -> bool {
     let mut parts = identity.rsplitn(3, '/');
-    let (Some(start), Some(pid), Some(place)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(start), Some(pid), Some(theirs)) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
     let (Ok(start), Ok(pid)) = (start.parse::<u64>(), pid.parse::<u32>()) else {
         return false;
     };
-    let Some(mine) = process_identity(std::process::id()) else {
+    if place().as_deref() != Some(theirs) {
         return false;
+    }
+    // Gone only when the kernel says so: its stat read with another start time (the pid
+    // is another process's now), or no such process at all. A stat that cannot be read
+    // (another user's process under hidepid, say) is not a process that is gone.
+    match start_ticks(pid) {
+        Some(now) => now != start,
+        None => !process_exists(pid),
+    }
+}
+
+/// Whether a process with this pid exists (`kill(pid, 0)`: only "no such process" says no).
+fn process_exists(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return true;
     };
-    let my_place = mine.rsplitn(3, '/').nth(2).unwrap_or_default();
-    place == my_place && start_ticks(pid) != Some(start)
+    !matches!(
+        rustix::process::test_kill_process(pid),
+        Err(rustix::io::Errno::SRCH)
+    )
 }
 
 fn host_name() -> String {
@@ -512,7 +545,7 @@ mod tests {
         let alive = process_identity(pid);
         child.wait().unwrap();
         // Its identity while it ran (or a made-up start time if it was already gone).
-        let place = me.rsplitn(3, '/').nth(2).unwrap().to_owned();
+        let place = place().unwrap();
         let gone = alive.unwrap_or_else(|| format!("{place}/{pid}/1"));
         assert!(process_gone(&gone), "{gone}");
         // Another boot (or PID namespace) is not known to be gone.

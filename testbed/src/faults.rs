@@ -5,6 +5,7 @@
 //! write done, the client told it failed). Taking the whole server down and up is
 //! [`crate::S3Server::stop`] and [`crate::S3Server::restart`].
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -16,7 +17,8 @@ use bytes::Bytes;
 /// One kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// The connection is closed before any response; the request is not performed.
+    /// The connection is closed before any response (no RST: an orderly close of a
+    /// connection the client was using); the request is not performed.
     Reset,
     /// The response is held back this long, then the request is performed and answered.
     Stall(Duration),
@@ -143,17 +145,22 @@ pub(crate) fn error_response(status: u16, code: &str, message: &str) -> hyper::R
     r
 }
 
-/// A body that yields the first half of what it was given, then fails (the server closes
-/// the connection with the response incomplete).
+/// A body that yields the first half of what it was given, waits a moment (so that the
+/// server sends the head and that half), then fails: the server closes the connection
+/// with the response incomplete. With nothing to send (an empty body, a HEAD) it fails at
+/// once: the request was performed, the connection closed before the response completed.
 pub(crate) struct CutBody {
     first: Option<Bytes>,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl CutBody {
     pub(crate) fn new(whole: Bytes) -> CutBody {
         let half = whole.slice(..whole.len() / 2);
+        let sent = !half.is_empty();
         CutBody {
-            first: (!half.is_empty()).then_some(half),
+            first: sent.then_some(half),
+            pause: sent.then(|| Box::pin(tokio::time::sleep(Duration::from_millis(50)))),
         }
     }
 }
@@ -164,11 +171,17 @@ impl http_body::Body for CutBody {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
-        match self.first.take() {
-            Some(b) => Poll::Ready(Some(Ok(http_body::Frame::data(b)))),
-            None => Poll::Ready(Some(Err(std::io::Error::other("fault: response cut")))),
+        if let Some(b) = self.first.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(b))));
         }
+        if let Some(pause) = self.pause.as_mut() {
+            if pause.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.pause = None;
+        }
+        Poll::Ready(Some(Err(std::io::Error::other("fault: response cut"))))
     }
 }

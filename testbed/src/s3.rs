@@ -287,7 +287,8 @@ impl S3Server {
         // The port was ours a moment ago; give the kernel a few tries to release it.
         let mut last_err = None;
         for _ in 0..50 {
-            match serve(local.root.path(), local.addr) {
+            let socket = hold(local.addr);
+            match socket.and_then(|s| serve_socket(local.root.path(), s, local.counters.clone())) {
                 Ok((rt, _)) => {
                     local.runtime = Some(rt);
                     return Ok(());

@@ -98,7 +98,7 @@ pub fn counts_minus(a: FaultCounts, b: FaultCounts) -> FaultCounts {
 
 pub fn describe(c: FaultCounts, requests: u64) -> String {
     format!(
-        "{} storage faults in {requests} requests ({} resets, {} stalls, {} cut responses, {} SlowDown, {} 500 after the write)",
+        "{} storage faults in {requests} requests ({} closed before a response, {} stalled 3 s, {} cut midway, {} 503 SlowDown, {} 500 after performing)",
         c.total(),
         c.reset,
         c.stall,

@@ -94,7 +94,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
         pg.port()
     );
     let mut held: BTreeMap<String, String> = BTreeMap::new();
-    let mut backup = |pg: &Cluster| {
+    let backup = |pg: &Cluster, held: &mut BTreeMap<String, String>| {
         // Backup ids are start times to the second.
         std::thread::sleep(Duration::from_millis(1100));
         let out = ok(pitr_at(&bin, &s3, &url).args(["backup", "--fast", "--json", "--pg", &conn]));
@@ -116,11 +116,11 @@ pub fn run(scale: Scale) -> Vec<Row> {
     };
     for _ in 0..3 {
         pg.pgbench(&["-n", "-T", "1"]).unwrap();
-        backup(&pg);
+        backup(&pg, &mut held);
     }
     // How long an expire with work to do takes: the kills land anywhere in it.
     pg.pgbench(&["-n", "-T", "1"]).unwrap();
-    backup(&pg);
+    backup(&pg, &mut held);
     let t = Instant::now();
     ok(&mut expire());
     let whole = t.elapsed();
@@ -134,7 +134,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
     while kills < scale.expire_kills && attempts < scale.expire_kills * 4 {
         attempts += 1;
         pg.pgbench(&["-n", "-T", "1"]).unwrap();
-        backup(&pg);
+        backup(&pg, &mut held);
         let mut child = expire()
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -144,6 +144,13 @@ pub fn run(scale: Scale) -> Vec<Row> {
         let _ = child.kill();
         if child.wait().unwrap().code().is_none() {
             kills += 1;
+        }
+        // The newest three are listed whatever the kill interrupted.
+        let now = listed(&bin, &s3, &url);
+        let newest: Vec<&String> = held.keys().rev().take(3).collect();
+        if let Some(gone) = newest.iter().find(|id| !now.contains(id)) {
+            eprintln!("campaign: backup {gone}, among the newest three, is gone after a kill");
+            row.wrong += 1;
         }
         let out = pitr_at(&bin, &s3, &url).arg("verify").output().unwrap();
         if !out.status.success() {
@@ -157,14 +164,12 @@ pub fn run(scale: Scale) -> Vec<Row> {
     }
     ok(&mut expire());
     let kept = listed(&bin, &s3, &url);
-    if kept.len() != 3 {
+    let newest: Vec<String> = held.keys().rev().take(3).rev().cloned().collect();
+    if kept != newest {
         // An expire that completed keeps what its policy keeps: more means something a
         // killed one left behind holds backups back.
         let why = ok(expire().arg("--dry-run"));
-        eprintln!(
-            "campaign: {} backups kept by keep-last 3:\n{why}",
-            kept.len()
-        );
+        eprintln!("campaign: kept {kept:?}, not the newest three {newest:?}:\n{why}");
         row.wrong += 1;
     }
     let mut compared = 0;
@@ -199,6 +204,8 @@ pub fn run(scale: Scale) -> Vec<Row> {
         }
     }
     row.runs = attempts;
+    row.injected = kills;
+    row.compared = compared;
     row.faults = format!("{kills} kills (of {attempts} expires started; the rest finished first)");
     row.checked = format!(
         "verify after each; {} kept backups and the newest point restored, {compared} compared equal",

@@ -57,7 +57,7 @@ fn main() {
     let scale = if smoke {
         Scale {
             push_kills: 5,
-            fault_phase: Duration::from_secs(4),
+            fault_phase: Duration::from_secs(6),
             outage: Duration::from_secs(3),
             restores: 1,
             backup_kills: 3,
@@ -77,6 +77,14 @@ fn main() {
             smoke,
         }
     };
+    let known = ["archive", "backup", "stream", "expire", "disk"];
+    if let Some(bad) = wanted.iter().find(|w| !known.contains(w)) {
+        eprintln!(
+            "campaign: no scenario {bad:?} (there are {})",
+            known.join(", ")
+        );
+        std::process::exit(2);
+    }
     let runs = |name: &str| wanted.is_empty() || wanted.contains(&name);
     let mut rows: Vec<Row> = Vec::new();
     let scenarios: [(&str, Scenario); 5] = [
@@ -103,6 +111,15 @@ fn main() {
     let bad: u64 = rows.iter().map(|r| r.lost + r.wrong).sum();
     if bad > 0 {
         eprintln!("campaign: {bad} item(s) lost or restored wrong");
+        std::process::exit(1);
+    }
+    let vacuous: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r.skipped && (r.injected == 0 || r.compared == 0))
+        .map(|r| r.scenario.as_str())
+        .collect();
+    if !vacuous.is_empty() {
+        eprintln!("campaign: nothing injected or nothing checked in: {vacuous:?}");
         std::process::exit(1);
     }
 }

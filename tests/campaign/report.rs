@@ -19,6 +19,13 @@ pub struct Row {
     pub failed_loudly: u64,
     /// Wall time of the scenario, seconds.
     pub secs: f64,
+    /// How many faults (kills, storage faults, seconds down) were injected: 0 means the
+    /// row proved nothing, and the run fails.
+    pub injected: u64,
+    /// How many items were checked afterwards: likewise.
+    pub compared: u64,
+    /// Not run on this machine (said in the scenario), so not held to the above.
+    pub skipped: bool,
 }
 
 pub fn print(rows: &[Row]) {

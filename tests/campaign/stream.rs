@@ -138,6 +138,11 @@ pub fn run(scale: Scale) -> Vec<Row> {
             let _ = streamer.wait();
             stream_kills += 1;
             streamer = stream(&bin, &s3, &url, &pg);
+            // Commits wait for it: it must be back before the next round.
+            assert!(
+                synchronous(&pg),
+                "the stream did not come back after a kill"
+            );
         } else {
             pg.stop(StopMode::Immediate).unwrap();
             server_kills += 1;
@@ -164,7 +169,14 @@ pub fn run(scale: Scale) -> Vec<Row> {
     let _ = Command::new("kill")
         .args(["-TERM", &streamer.id().to_string()])
         .status();
-    let _ = streamer.wait();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while streamer.try_wait().ok().flatten().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "pitr stream did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     pg.stop(StopMode::Immediate).unwrap();
 
     let mut row = Row {
@@ -204,6 +216,8 @@ pub fn run(scale: Scale) -> Vec<Row> {
         .filter_map(|s| s.parse().ok())
         .collect();
     row.lost = acked.difference(&back).count() as u64;
+    row.injected = stream_kills.min(server_kills);
+    row.compared = acked.len() as u64;
     if row.lost > 0 {
         eprintln!(
             "campaign: {} acknowledged rows not restored, first {:?}",
