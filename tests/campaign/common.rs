@@ -40,7 +40,8 @@ pub fn start_and_wait(restored: &mut Cluster) -> bool {
     loop {
         match restored.sql("SELECT pg_is_in_recovery()") {
             Ok(s) if s == "f" => return true,
-            _ if !restored.is_running() => return false,
+            // The server removes its postmaster.pid as it stops (recovery failed).
+            _ if !server_up(restored) => return false,
             _ => {
                 assert!(
                     std::time::Instant::now() < deadline,
@@ -50,6 +51,12 @@ pub fn start_and_wait(restored: &mut Cluster) -> bool {
             }
         }
     }
+}
+
+/// Whether the cluster's postmaster still runs.
+pub fn server_up(pg: &Cluster) -> bool {
+    pg.postmaster_pid()
+        .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// The last lines of a log.

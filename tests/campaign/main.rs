@@ -70,10 +70,10 @@ fn main() {
             push_kills: 50,
             fault_phase: Duration::from_secs(40),
             outage: Duration::from_secs(30),
-            restores: 6,
+            restores: 4,
             backup_kills: 50,
             stream_kills: 50,
-            expire_kills: 30,
+            expire_kills: 20,
             smoke,
         }
     };
