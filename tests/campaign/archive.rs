@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use testbed::{Cluster, ClusterOptions, Fault, S3Server, SUPERUSER};
 
 use crate::common::{
-    counts_minus, describe, jitter, ok, pitr, pitr_at, start_and_wait, state, tail, PITR,
+    archived_whole, conninfo, counts_minus, describe, jitter, ok, pitr, pitr_at, start_and_wait,
+    state, tail, PITR,
 };
 use crate::report::Row;
 use crate::Scale;
@@ -142,11 +143,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
         .arg(pg.data_dir()));
     pg.start().unwrap();
     pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
-    let conn = format!(
-        "host={} port={} user={SUPERUSER}",
-        pg.socket_dir().display(),
-        pg.port()
-    );
+    let conn = conninfo(&pg);
     ok(pitr(&s3, &url).args(["backup", "--fast", "--pg", &conn]));
     let mut bench = pgbench(&pg);
     let odds = ctl.join("kill-odds");
@@ -305,28 +302,10 @@ pub fn run(scale: Scale) -> Vec<Row> {
     let mut missing: BTreeSet<String> = BTreeSet::new();
     let all = done(&pg);
     for name in &all {
-        let local = pg.data_dir().join("pg_wal").join(name);
-        let Ok(want) = std::fs::read(&local) else {
-            // wal_keep_size keeps every segment: one gone cannot be compared, so it counts.
-            eprintln!("campaign: {name} marked archived but gone from pg_wal: not compared");
-            missing.insert(name.clone());
-            continue;
-        };
-        let dest = fetched.path().join(name);
-        let out = pitr(&s3, &url)
-            .env("PITR_WAL_FETCH_PREFETCH", "0")
-            .args(["wal-fetch", name])
-            .arg(&dest)
-            .output()
-            .unwrap();
-        if !out.status.success() || std::fs::read(&dest).ok().as_deref() != Some(&want[..]) {
-            eprintln!(
-                "campaign: {name} marked archived but not in the repository as it is in pg_wal: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+        if let Err(why) = archived_whole(pitr(&s3, &url), &pg, name, fetched.path()) {
+            eprintln!("campaign: {name} marked archived but {why}");
             missing.insert(name.clone());
         }
-        let _ = std::fs::remove_file(&dest);
     }
     let verified = pitr(&s3, &url).args(["verify"]).output().unwrap();
     if !verified.status.success() {

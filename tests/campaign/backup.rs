@@ -11,26 +11,14 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use testbed::{Cluster, ClusterOptions, Fault, S3Server, SUPERUSER};
+use testbed::{Cluster, ClusterOptions, Fault, S3Server};
 
 use crate::common::{
-    counts_minus, describe, jitter, ok, pitr, pitr_at, start_and_wait, state, PITR,
+    conninfo, counts_minus, describe, jitter, listed, ok, pitr, pitr_at, start_and_wait, state,
+    PITR,
 };
 use crate::report::Row;
 use crate::Scale;
-
-fn listed(s3: &S3Server, url: &str) -> Vec<String> {
-    let out = ok(pitr(s3, url).args(["list", "--json"]));
-    let v: serde_json::Value = serde_json::from_str(&out).expect("list --json");
-    v["backups"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b["id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 pub fn run(scale: Scale) -> Vec<Row> {
     let s3 = S3Server::start_local().expect("start the S3 server");
@@ -54,11 +42,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
     pg.pgbench(&["-i", "-s", if scale.smoke { "3" } else { "10" }, "-q"])
         .unwrap();
     let expected = state(&pg);
-    let conn = format!(
-        "host={} port={} user={SUPERUSER}",
-        pg.socket_dir().display(),
-        pg.port()
-    );
+    let conn = conninfo(&pg);
     let backup = || {
         let mut c = pitr(&s3, &url);
         c.args(["backup", "--fast", "--pg", &conn]);
@@ -99,7 +83,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
             }
         }
         // Whatever is listed now reads back whole.
-        for id in listed(&s3, &url) {
+        for id in listed(pitr(&s3, &url)) {
             if verified.contains(&id) {
                 continue;
             }

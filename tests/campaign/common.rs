@@ -59,6 +59,62 @@ pub fn server_up(pg: &Cluster) -> bool {
         .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
+/// The backups `pitr list` shows, oldest first (`list` is a pitr command, its repository
+/// set).
+pub fn listed(mut list: Command) -> Vec<String> {
+    let out = ok(list.args(["list", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("list --json");
+    v["backups"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A libpq connection string for the cluster's socket as the bed's superuser.
+pub fn conninfo(pg: &Cluster) -> String {
+    format!(
+        "host={} port={} user={}",
+        pg.socket_dir().display(),
+        pg.port(),
+        testbed::SUPERUSER
+    )
+}
+
+/// Whether the file `name` PostgreSQL marked archived comes back from the repository
+/// (`fetch`: a pitr command, its repository set) as it is in the cluster's pg_wal; why
+/// not, if not. `scratch` is a directory to fetch into.
+pub fn archived_whole(
+    mut fetch: Command,
+    pg: &Cluster,
+    name: &str,
+    scratch: &std::path::Path,
+) -> Result<(), String> {
+    // wal_keep_size keeps every segment: one gone cannot be compared, so it counts.
+    let want = std::fs::read(pg.data_dir().join("pg_wal").join(name))
+        .map_err(|_| "gone from pg_wal: not compared".to_owned())?;
+    let dest = scratch.join(name);
+    let out = fetch
+        .env("PITR_WAL_FETCH_PREFETCH", "0")
+        .args(["wal-fetch", name])
+        .arg(&dest)
+        .output()
+        .expect("run pitr wal-fetch");
+    let got = std::fs::read(&dest).ok();
+    let _ = std::fs::remove_file(&dest);
+    if out.status.success() && got.as_deref() == Some(&want[..]) {
+        Ok(())
+    } else {
+        Err(format!(
+            "not in the repository as it is in pg_wal: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// The last lines of a log.
 pub fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();

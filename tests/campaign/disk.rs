@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use testbed::{Cluster, ClusterOptions, SUPERUSER};
+use testbed::{Cluster, ClusterOptions};
 
-use crate::common::{ok, PITR};
+use crate::common::{archived_whole, conninfo, ok, PITR};
 use crate::report::Row;
 use crate::Scale;
 
@@ -163,20 +163,8 @@ pub fn run(_scale: Scale) -> Vec<Row> {
     let fetched = tempfile::tempdir().unwrap();
     let mut lost = 0;
     for name in &done {
-        let Ok(want) = std::fs::read(pg.data_dir().join("pg_wal").join(name)) else {
-            eprintln!("campaign: {name} marked archived but gone from pg_wal: not compared");
-            lost += 1;
-            continue;
-        };
-        let dest = fetched.path().join(name);
-        let out = pitr(&url)
-            .env("PITR_WAL_FETCH_PREFETCH", "0")
-            .args(["wal-fetch", name])
-            .arg(&dest)
-            .output()
-            .unwrap();
-        if !out.status.success() || std::fs::read(&dest).ok().as_deref() != Some(&want[..]) {
-            eprintln!("campaign: {name} marked archived but not in the repository whole");
+        if let Err(why) = archived_whole(pitr(&url), &pg, name, fetched.path()) {
+            eprintln!("campaign: {name} marked archived but {why}");
             lost += 1;
         }
     }
@@ -213,11 +201,7 @@ pub fn run(_scale: Scale) -> Vec<Row> {
 
     // A restore into a directory too small for it.
     let started = Instant::now();
-    let conn = format!(
-        "host={} port={} user={SUPERUSER}",
-        pg.socket_dir().display(),
-        pg.port()
-    );
+    let conn = conninfo(&pg);
     ok(pitr(&url).args(["backup", "--fast", "--pg", &conn]));
     let small = Tmpfs::mount(8).expect("a second tmpfs");
     let out = pitr(&url)

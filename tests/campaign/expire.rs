@@ -12,24 +12,11 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use testbed::{Cluster, ClusterOptions, S3Server, StopMode, SUPERUSER};
+use testbed::{Cluster, ClusterOptions, S3Server, StopMode};
 
-use crate::common::{jitter, ok, pitr_at, start_and_wait, state, tail, PITR};
+use crate::common::{conninfo, jitter, listed, ok, pitr_at, start_and_wait, state, tail, PITR};
 use crate::report::Row;
 use crate::Scale;
-
-fn listed(bin: &Path, s3: &S3Server, url: &str) -> Vec<String> {
-    let out = ok(pitr_at(bin, s3, url).args(["list", "--json"]));
-    let v: serde_json::Value = serde_json::from_str(&out).expect("list --json");
-    v["backups"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b["id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// Restores `backup` (or the newest point) and returns what it holds.
 fn restored_state(
@@ -88,11 +75,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
         .arg(pg.data_dir()));
     pg.start().unwrap();
     pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
-    let conn = format!(
-        "host={} port={} user={SUPERUSER}",
-        pg.socket_dir().display(),
-        pg.port()
-    );
+    let conn = conninfo(&pg);
     let mut held: BTreeMap<String, String> = BTreeMap::new();
     let backup = |pg: &Cluster, held: &mut BTreeMap<String, String>| {
         // Backup ids are start times to the second.
@@ -146,7 +129,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
             kills += 1;
         }
         // The newest three are listed whatever the kill interrupted.
-        let now = listed(&bin, &s3, &url);
+        let now = listed(pitr_at(&bin, &s3, &url));
         let newest: Vec<&String> = held.keys().rev().take(3).collect();
         if let Some(gone) = newest.iter().find(|id| !now.contains(id)) {
             eprintln!("campaign: backup {gone}, among the newest three, is gone after a kill");
@@ -163,7 +146,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
         }
     }
     ok(&mut expire());
-    let kept = listed(&bin, &s3, &url);
+    let kept = listed(pitr_at(&bin, &s3, &url));
     let newest: Vec<String> = held.keys().rev().take(3).rev().cloned().collect();
     if kept != newest {
         // An expire that completed keeps what its policy keeps: more means something a
