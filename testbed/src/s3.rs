@@ -384,6 +384,21 @@ impl hyper::service::Service<Incoming> for Counting {
     type Future = <s3s::service::S3Service as hyper::service::Service<Incoming>>::Future;
 
     fn call(&self, req: Incoming) -> Self::Future {
+        // Run to its end even when the client goes away (hyper drops a request's future
+        // when its connection closes): s3s-fs renames a body into place and then writes
+        // its checksum and ETag beside it, and a drop in between left an object whose
+        // every later GET failed its checksum. S3 stores a write whole or not at all.
+        let task = tokio::spawn(self.handle(req));
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(s3s::HttpError::new(Box::new(e))))
+        })
+    }
+}
+
+impl Counting {
+    /// The request, with the fault drawn for it if any.
+    fn handle(&self, req: Incoming) -> <Self as hyper::service::Service<Incoming>>::Future {
         use crate::faults::{error_response, CutBody};
         use crate::Fault;
         let Some(fault) = self.counters.faults.draw() else {
@@ -434,9 +449,7 @@ impl hyper::service::Service<Incoming> for Counting {
             }
         }
     }
-}
 
-impl Counting {
     /// The request served (counted, conditional copies refused), no fault injected.
     fn serve(&self, req: Incoming) -> <Self as hyper::service::Service<Incoming>>::Future {
         let query = req.uri().query().unwrap_or("");

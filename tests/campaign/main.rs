@@ -85,11 +85,7 @@ fn main() {
         );
         std::process::exit(2);
     }
-    // The short run leaves expire out: a full run once saw an expire after many killed
-    // ones stop on a marker it could not read (exit 4), not understood yet (README
-    // "Reliability"); it runs when named or in a full run.
-    let runs =
-        |name: &str| wanted.contains(&name) || (wanted.is_empty() && !(smoke && name == "expire"));
+    let runs = |name: &str| wanted.is_empty() || wanted.contains(&name);
     let mut rows: Vec<Row> = Vec::new();
     let scenarios: [(&str, Scenario); 5] = [
         ("archive", archive::run),
