@@ -1,9 +1,10 @@
 //! What the campaign's scenarios share: pitr against a repository, the state of a
 //! database as one line, fault counts as words.
 
+use std::path::Path;
 use std::process::Command;
 
-use testbed::{Cluster, FaultCounts, S3Server};
+use testbed::{Cluster, ClusterOptions, FaultCounts, S3Server, StopMode};
 
 pub const PITR: &str = env!("CARGO_BIN_EXE_pitr");
 
@@ -113,6 +114,44 @@ pub fn archived_whole(
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// Restores `backup` (or the newest point) and returns what it holds.
+pub fn restored_state(
+    bin: &Path,
+    s3: &S3Server,
+    url: &str,
+    backup: Option<&str>,
+) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("data");
+    let mut c = pitr_at(bin, s3, url);
+    c.args(["restore", "--archive-mode", "off", "--to"])
+        .arg(&to);
+    if let Some(id) = backup {
+        c.args([
+            "--backup",
+            id,
+            "--target-immediate",
+            "--target-action",
+            "promote",
+        ]);
+    }
+    let out = c.output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let mut options = ClusterOptions::default().env("PITR_REPO", url);
+    for (k, v) in s3.env() {
+        options = options.env(k, v);
+    }
+    let mut restored = Cluster::adopt(&to, options).unwrap();
+    if !start_and_wait(&mut restored) {
+        return Err(tail(&restored.server_log()));
+    }
+    let s = state(&restored);
+    let _ = restored.stop(StopMode::Immediate);
+    Ok(s)
 }
 
 /// The last lines of a log.

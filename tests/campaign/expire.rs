@@ -12,49 +12,11 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use testbed::{Cluster, ClusterOptions, S3Server, StopMode};
+use testbed::{Cluster, ClusterOptions, S3Server};
 
-use crate::common::{conninfo, jitter, listed, ok, pitr_at, start_and_wait, state, tail, PITR};
+use crate::common::{conninfo, jitter, listed, ok, pitr_at, restored_state, state, PITR};
 use crate::report::Row;
 use crate::Scale;
-
-/// Restores `backup` (or the newest point) and returns what it holds.
-fn restored_state(
-    bin: &Path,
-    s3: &S3Server,
-    url: &str,
-    backup: Option<&str>,
-) -> Result<String, String> {
-    let dir = tempfile::tempdir().unwrap();
-    let to = dir.path().join("data");
-    let mut c = pitr_at(bin, s3, url);
-    c.args(["restore", "--archive-mode", "off", "--to"])
-        .arg(&to);
-    if let Some(id) = backup {
-        c.args([
-            "--backup",
-            id,
-            "--target-immediate",
-            "--target-action",
-            "promote",
-        ]);
-    }
-    let out = c.output().unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    let mut options = ClusterOptions::default().env("PITR_REPO", url);
-    for (k, v) in s3.env() {
-        options = options.env(k, v);
-    }
-    let mut restored = Cluster::adopt(&to, options).unwrap();
-    if !start_and_wait(&mut restored) {
-        return Err(tail(&restored.server_log()));
-    }
-    let s = state(&restored);
-    let _ = restored.stop(StopMode::Immediate);
-    Ok(s)
-}
 
 pub fn run(scale: Scale) -> Vec<Row> {
     let s3 = S3Server::start_local().expect("start the S3 server");

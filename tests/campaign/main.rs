@@ -9,7 +9,9 @@
 mod archive;
 mod backup;
 mod common;
+mod copy;
 mod disk;
+mod drill;
 mod expire;
 mod report;
 mod stream;
@@ -35,6 +37,10 @@ pub struct Scale {
     pub stream_kills: u64,
     /// SIGKILLs of expire.
     pub expire_kills: u64,
+    /// SIGKILLs of copy.
+    pub copy_kills: u64,
+    /// SIGKILLs of drill.
+    pub drill_kills: u64,
     /// Whether this is the short run in the test command.
     pub smoke: bool,
 }
@@ -63,6 +69,8 @@ fn main() {
             backup_kills: 3,
             stream_kills: 4,
             expire_kills: 2,
+            copy_kills: 2,
+            drill_kills: 2,
             smoke,
         }
     } else {
@@ -74,10 +82,14 @@ fn main() {
             backup_kills: 50,
             stream_kills: 50,
             expire_kills: 20,
+            copy_kills: 20,
+            drill_kills: 20,
             smoke,
         }
     };
-    let known = ["archive", "backup", "stream", "expire", "disk"];
+    let known = [
+        "archive", "backup", "stream", "expire", "copy", "drill", "disk",
+    ];
     if let Some(bad) = wanted.iter().find(|w| !known.contains(w)) {
         eprintln!(
             "campaign: no scenario {bad:?} (there are {})",
@@ -87,11 +99,13 @@ fn main() {
     }
     let runs = |name: &str| wanted.is_empty() || wanted.contains(&name);
     let mut rows: Vec<Row> = Vec::new();
-    let scenarios: [(&str, Scenario); 5] = [
+    let scenarios: [(&str, Scenario); 7] = [
         ("archive", archive::run),
         ("backup", backup::run),
         ("stream", stream::run),
         ("expire", expire::run),
+        ("copy", copy::run),
+        ("drill", drill::run),
         ("disk", disk::run),
     ];
     for (name, run) in scenarios {
