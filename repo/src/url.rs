@@ -175,7 +175,7 @@ fn percent_decode(s: &str) -> Result<String, &'static str> {
 }
 
 /// A query value with everything but unreserved characters and `:` `/` escaped.
-fn percent_encode(s: &str) -> String {
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~:/".contains(&b) {

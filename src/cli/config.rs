@@ -955,26 +955,13 @@ fn with_settings(url: &str, table: &str, c: &Config) -> Result<String, Failure> 
         if env_sets(var) || (sse_pair.contains(&var) && sse_pair.iter().any(|v| env_sets(v))) {
             continue;
         }
-        params.push(format!("{param}={}", url_escape(&e.value)));
+        params.push(format!("{param}={}", repo::url::percent_encode(&e.value)));
     }
     if params.is_empty() || !url.starts_with("s3://") {
         return Ok(url.to_owned());
     }
     let sep = if url.contains('?') { '&' } else { '?' };
     Ok(format!("{url}{sep}{}", params.join("&")))
-}
-
-/// Percent-escapes what a URL query value cannot hold as it is.
-fn url_escape(v: &str) -> String {
-    let mut out = String::new();
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~:/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[derive(Debug, clap::Args)]

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use testbed::{Cluster, ClusterOptions, S3Server, StopMode, SUPERUSER};
+use testbed::{Cluster, ClusterOptions, Fault, S3Server, StopMode, SUPERUSER};
 
-use crate::common::{jitter, ok, pitr_at, start_and_wait, tail, PITR};
+use crate::common::{counts_minus, describe, jitter, ok, pitr_at, start_and_wait, tail, PITR};
 use crate::report::Row;
 use crate::Scale;
 
@@ -160,6 +160,27 @@ pub fn run(scale: Scale) -> Vec<Row> {
             }
         }
     }
+    // Storage faults with everything up: 10% of requests, then 30%; the stream retries,
+    // and a commit is acknowledged only once its WAL is stored.
+    let faulted_from = acked.lock().map(|a| a.len()).unwrap_or(0);
+    let (faults0, requests0) = (s3.faults_injected(), s3.requests());
+    let fault_started = Instant::now();
+    for (i, rate) in [0.1, 0.3].into_iter().enumerate() {
+        s3.set_faults(rate, &Fault::all(Duration::from_secs(3)), 0x57e0 + i as u64);
+        std::thread::sleep(scale.fault_phase / 2);
+    }
+    s3.set_faults(0.0, &[], 0);
+    let faults = counts_minus(s3.faults_injected(), faults0);
+    let requests = s3.requests() - requests0;
+    let faulted_to = acked.lock().map(|a| a.len()).unwrap_or(0);
+    let fault_secs = fault_started.elapsed().as_secs_f64();
+    if !synchronous(&pg) {
+        // It gave up (loudly) on a fault that lasted: started again.
+        let _ = streamer.kill();
+        let _ = streamer.wait();
+        streamer = stream(&bin, &s3, &url, &pg);
+        assert!(synchronous(&pg), "the stream did not come back");
+    }
     // A little more load with everything up, then the writer stops.
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::SeqCst);
@@ -229,7 +250,31 @@ pub fn run(scale: Scale) -> Vec<Row> {
         "{} acknowledged commits looked for in a restore to the end of the WAL; the repository verified",
         acked.len()
     );
-    row.secs = started.elapsed().as_secs_f64();
+    row.secs = started.elapsed().as_secs_f64() - fault_secs;
     let _ = restored.stop(StopMode::Immediate);
-    vec![row]
+    // The commits acknowledged while faults were injected, by their ids' order of
+    // acknowledgement (the writer counts up).
+    let during: Vec<u64> = acked
+        .iter()
+        .copied()
+        .skip(faulted_from)
+        .take(faulted_to - faulted_from)
+        .collect();
+    let lost_during = during.iter().filter(|id| !back.contains(id)).count() as u64;
+    let fault_row = Row {
+        scenario: "stream --sync under storage faults (10% then 30% of requests)".into(),
+        runs: 2,
+        faults: describe(faults, requests),
+        checked: format!(
+            "{} commits acknowledged meanwhile, looked for in the same restore",
+            during.len()
+        ),
+        lost: lost_during,
+        injected: faults.total(),
+        compared: during.len() as u64,
+        secs: fault_secs,
+        ..Row::default()
+    };
+    row.lost -= lost_during;
+    vec![row, fault_row]
 }

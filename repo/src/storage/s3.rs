@@ -132,13 +132,10 @@ impl S3Settings {
                 Some(false) => PayloadSigning::Off,
                 None => PayloadSigning::Auto,
             },
-            max_attempts: env_value("PITR_S3_MAX_ATTEMPTS")
-                .and_then(|v| v.parse().ok())
-                .filter(|n| (1..=100).contains(n))
-                .unwrap_or(3),
-            attempt_timeout: env_value("PITR_S3_ATTEMPT_TIMEOUT")
-                .and_then(|v| humantime::parse_duration(&v).ok())
-                .filter(|d| !d.is_zero())
+            max_attempts: env_max_attempts().ok().flatten().unwrap_or(3),
+            attempt_timeout: env_attempt_timeout()
+                .ok()
+                .flatten()
                 .unwrap_or(Duration::from_secs(60)),
             part_size: 16 << 20,
             part_concurrency: 4,
@@ -155,24 +152,38 @@ impl S3Settings {
     }
 }
 
+/// `PITR_S3_MAX_ATTEMPTS`: None when unset, an error when not a number from 1 to 100.
+fn env_max_attempts() -> Result<Option<u32>, String> {
+    let Some(v) = env_value("PITR_S3_MAX_ATTEMPTS") else {
+        return Ok(None);
+    };
+    match v.parse::<u32>() {
+        Ok(n) if (1..=100).contains(&n) => Ok(Some(n)),
+        _ => Err(format!(
+            "PITR_S3_MAX_ATTEMPTS={v:?} is not a number from 1 to 100"
+        )),
+    }
+}
+
+/// `PITR_S3_ATTEMPT_TIMEOUT`: None when unset, an error when not a non-zero duration.
+fn env_attempt_timeout() -> Result<Option<Duration>, String> {
+    let Some(v) = env_value("PITR_S3_ATTEMPT_TIMEOUT") else {
+        return Ok(None);
+    };
+    match humantime::parse_duration(&v) {
+        Ok(d) if !d.is_zero() => Ok(Some(d)),
+        _ => Err(format!(
+            "PITR_S3_ATTEMPT_TIMEOUT={v:?} is not a duration (\"60s\", \"5m\")"
+        )),
+    }
+}
+
 /// What is wrong with pitr's S3 settings in the environment that [`S3Settings::new`] would
 /// otherwise pass over: a count or a duration that does not parse.
 pub fn env_problem() -> Option<String> {
-    if let Some(v) = env_value("PITR_S3_MAX_ATTEMPTS") {
-        if !v.parse::<u32>().is_ok_and(|n| (1..=100).contains(&n)) {
-            return Some(format!(
-                "PITR_S3_MAX_ATTEMPTS={v:?} is not a number from 1 to 100"
-            ));
-        }
-    }
-    if let Some(v) = env_value("PITR_S3_ATTEMPT_TIMEOUT") {
-        if !humantime::parse_duration(&v).is_ok_and(|d| !d.is_zero()) {
-            return Some(format!(
-                "PITR_S3_ATTEMPT_TIMEOUT={v:?} is not a duration (\"60s\", \"5m\")"
-            ));
-        }
-    }
-    None
+    env_max_attempts()
+        .err()
+        .or_else(|| env_attempt_timeout().err())
 }
 
 /// A setting from the environment, if set and not empty.
