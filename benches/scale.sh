@@ -80,7 +80,7 @@ CONF
   psql=("$PGBIN/psql" -X -q -t -A -h "$dir" -p "$port" -U postgres postgres)
   export PITR_S3_PATH_STYLE=true
   "$PITR" init --repo "$repo" --pg "$conn" >/dev/null
-  size_of() { as_pg "${psql[@]}" -c "SELECT sum(pg_database_size(oid)) / 1000000 FROM pg_database"; }
+  size_of() { as_pg "${psql[@]}" -c "SELECT (sum(pg_database_size(oid)) / 1000000)::bigint FROM pg_database"; }
   files_of() { as_pg find "$dir/data/base" -type f | wc -l; }
 
   case "$kind" in
