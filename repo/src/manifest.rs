@@ -513,6 +513,9 @@ impl BackupManifest {
             );
         }
         drop(pieces);
+        // Room grew by doubling: what was not filled goes back (a large block is remapped,
+        // not copied).
+        chunks.shrink_to_fit();
         self.chunks = Arc::new(chunks);
         self.check().map_err(|reason| ManifestError::Bad {
             key: manifest_key_at(&self.id, self.generation),

@@ -17,8 +17,8 @@ use bytes::Bytes;
 /// One kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    /// The connection is closed before any response (no RST: an orderly close of a
-    /// connection the client was using); the request is not performed.
+    /// The connection is reset (an RST) before any response; the request is not
+    /// performed.
     Reset,
     /// The response is held back this long, then the request is performed and answered.
     Stall(Duration),

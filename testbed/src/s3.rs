@@ -343,6 +343,14 @@ struct Counting {
     inner: s3s::service::S3Service,
     counters: Arc<Counters>,
     root: std::path::PathBuf,
+    /// The connection's socket (each connection has its own copy of the service).
+    conn: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+/// Makes the connection's close a reset (SO_LINGER of 0): what a client of a server that
+/// crashed, or of a balancer that dropped it, sees.
+fn reset_on_close(socket: &std::os::fd::OwnedFd) {
+    let _ = socket2::SockRef::from(socket).set_linger(Some(std::time::Duration::ZERO));
 }
 
 /// Percent-decodes a request path (`None` if it is not UTF-8 once decoded).
@@ -406,6 +414,9 @@ impl Counting {
         };
         match fault {
             Fault::Reset => {
+                if let Some(socket) = &self.conn {
+                    reset_on_close(socket);
+                }
                 Box::pin(async { Err(s3s::HttpError::new("fault: connection reset".into())) })
             }
             Fault::SlowDown => Box::pin(async {
@@ -529,6 +540,7 @@ fn serve_socket(
             inner: b.build(),
             counters,
             root: root.to_owned(),
+            conn: None,
         }
     };
     // No block_on: this may be called from inside a test's own runtime.
@@ -546,8 +558,13 @@ fn serve_socket(
             // Without TCP_NODELAY small responses wait ~40 ms on delayed ACKs, which would
             // falsify every latency figure measured against this server.
             let _ = socket.set_nodelay(true);
+            let mut own = service.clone();
+            own.conn = std::os::fd::AsFd::as_fd(&socket)
+                .try_clone_to_owned()
+                .ok()
+                .map(Arc::new);
             let conn = http
-                .serve_connection(TokioIo::new(socket), service.clone())
+                .serve_connection(TokioIo::new(socket), own)
                 .into_owned();
             tokio::spawn(async move {
                 let _ = conn.await;

@@ -376,10 +376,12 @@ async fn s3_injects_each_kind_of_fault_on_command() {
     let e = put(key("after")).await.unwrap_err();
     assert_eq!(status(&e), Some(500), "{e:?}");
     assert!(exists(key("after")).await);
-    // A reset: no response at all, not performed.
+    // A reset: no response at all (an RST, not a close), not performed.
     s3.set_faults(1.0, &[Fault::Reset], 3);
     let e = put(key("reset")).await.unwrap_err();
     assert_eq!(status(&e), None, "{e:?}");
+    let said = format!("{}", aws_sdk_s3::error::DisplayErrorContext(&e));
+    assert!(said.contains("reset by peer"), "{said}");
     assert!(!exists(key("reset")).await);
     // A cut GET: the body ends early, as an error.
     put(key("whole")).await.unwrap();

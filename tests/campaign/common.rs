@@ -200,7 +200,7 @@ pub fn counts_minus(a: FaultCounts, b: FaultCounts) -> FaultCounts {
 
 pub fn describe(c: FaultCounts, requests: u64) -> String {
     format!(
-        "{} storage faults in {requests} requests ({} closed before a response, {} stalled 3 s, {} cut midway, {} 503 SlowDown, {} 500 after performing)",
+        "{} storage faults in {requests} requests ({} connections reset before a response, {} stalled 3 s, {} cut midway, {} 503 SlowDown, {} 500 after performing)",
         c.total(),
         c.reset,
         c.stall,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use testbed::{Cluster, ClusterOptions};
 
-use crate::common::{archived_whole, conninfo, ok, PITR};
+use crate::common::{archived_whole, conninfo, ok, start_and_wait, PITR};
 use crate::report::Row;
 use crate::Scale;
 
@@ -22,6 +22,10 @@ struct Tmpfs {
 
 impl Tmpfs {
     fn mount(mib: u32) -> Option<Tmpfs> {
+        Tmpfs::mount_kib(u64::from(mib) * 1024)
+    }
+
+    fn mount_kib(kib: u64) -> Option<Tmpfs> {
         let parent = tempfile::tempdir().ok()?;
         let dir = parent.path().join("fs");
         std::fs::create_dir(&dir).ok()?;
@@ -30,7 +34,7 @@ impl Tmpfs {
                 "-t",
                 "tmpfs",
                 "-o",
-                &format!("size={mib}m,mode=0755"),
+                &format!("size={kib}k,mode=0755"),
                 "tmpfs",
             ])
             .arg(&dir)
@@ -226,7 +230,13 @@ pub fn run(_scale: Scale) -> Vec<Row> {
         scenario: "full disk: a restore into a directory too small for the backup".into(),
         runs: 1,
         faults: "8 MiB for a 30 MB backup".into(),
-        checked: format!("exit {:?}: {}", out.status.code(), line.trim()),
+        checked: format!(
+            "exit {}: {}",
+            out.status
+                .code()
+                .map_or_else(|| "by a signal".to_owned(), |c| c.to_string()),
+            line.trim().replace('"', "")
+        ),
         wrong: u64::from(!loud),
         failed_loudly: u64::from(loud),
         injected: 1,
@@ -234,7 +244,126 @@ pub fn run(_scale: Scale) -> Vec<Row> {
         secs: started.elapsed().as_secs_f64(),
         ..Row::default()
     });
+    rows.push(recovery_on_a_full_pg_wal(&pg, &url, &bin));
     rows
+}
+
+/// Bytes of the files under `dir`.
+fn used(dir: &Path) -> u64 {
+    walk(dir)
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// A restored server whose pg_wal (where `pitr wal-fetch` writes each segment and its
+/// prefetch spool) is on a disk without room for the next segment: recovery must stop
+/// (wal-fetch fails above 125, PostgreSQL stops), not end early as if the archive ended
+/// there; once the disk grows it must finish where the source was.
+fn recovery_on_a_full_pg_wal(pg: &Cluster, url: &str, bin: &Path) -> Row {
+    let started = Instant::now();
+    // WAL the recovery will need, archived.
+    for _ in 0..8 {
+        pg.sql("INSERT INTO t SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 64), generate_series(1, 100) g GROUP BY g")
+            .unwrap();
+        pg.sql("SELECT pg_switch_wal()").unwrap();
+    }
+    let held = pg
+        .sql("SELECT count(*) || '/' || sum(hashtext(x)) FROM t")
+        .unwrap();
+    let _ = pg.sql("SELECT pg_switch_wal()");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done_and_ready(pg).1 > 0 {
+        assert!(Instant::now() < deadline, "archiving did not finish");
+        let _ = pg.sql("SELECT pg_switch_wal()");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("data");
+    let mut restore = Command::new(bin);
+    restore
+        .env("PITR_REPO", url)
+        .env_remove("PITR_CONFIG")
+        .env("HOME", "/nonexistent")
+        .args([
+            "restore",
+            "--archive-mode",
+            "off",
+            "--target-action",
+            "promote",
+            "--to",
+        ])
+        .arg(&to);
+    ok(&mut restore);
+    let mut restored =
+        Cluster::adopt(&to, ClusterOptions::default().env("PITR_REPO", url)).unwrap();
+    // pg_wal moved onto a tmpfs with 256 KiB to spare (a segment is 1 MiB).
+    let wal = to.join("pg_wal");
+    let need = used(&wal) / 1024 + 256;
+    let walfs = Tmpfs::mount_kib(need).expect("a tmpfs for pg_wal");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(wal.join("."))
+        .arg(&walfs.dir)
+        .status()
+        .unwrap();
+    assert!(copied.success(), "copy pg_wal");
+    std::fs::remove_dir_all(&wal).unwrap();
+    std::os::unix::fs::symlink(&walfs.dir, &wal).unwrap();
+    restored.os_user().give_tree(&walfs.dir).unwrap();
+    restored.os_user().give_tree(&wal).unwrap();
+
+    let promoted_full = start_and_wait(&mut restored);
+    let log = restored.server_log();
+    let said = log
+        .lines()
+        .find(|l| l.contains("No space left on device"))
+        .map(|l| l.split("pitr: ").nth(1).unwrap_or(l).trim().to_owned())
+        .unwrap_or_default();
+    let stopped_loudly = !promoted_full && !said.is_empty();
+    if !stopped_loudly {
+        eprintln!(
+            "campaign: recovery with a full pg_wal {}: {}",
+            if promoted_full {
+                "ended and promoted"
+            } else {
+                "stopped, not for the full disk"
+            },
+            crate::common::tail(&log)
+        );
+    }
+    // The disk grows: recovery goes on to the end.
+    walfs.resize(512);
+    let finished = !promoted_full && start_and_wait(&mut restored);
+    let got = if finished {
+        restored
+            .sql("SELECT count(*) || '/' || sum(hashtext(x)) FROM t")
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let exact = finished && got == held;
+    if finished && !exact {
+        eprintln!("campaign: recovery after the disk grew: {got}, held {held}");
+    }
+    let _ = restored.stop(testbed::StopMode::Immediate);
+    Row {
+        scenario: "full disk: recovery with pg_wal (wal-fetch's target and its prefetch spool) on a disk without room for a segment, then grown".into(),
+        runs: 1,
+        faults: format!("{need} KiB for pg_wal; said: {said}"),
+        checked: format!(
+            "recovery stopped instead of ending early: {}; after the disk grew it finished where the source was: {}",
+            if stopped_loudly { "yes" } else { "no" },
+            if exact { "yes" } else { "no" }
+        ),
+        wrong: u64::from(!stopped_loudly) + u64::from(!exact),
+        failed_loudly: u64::from(stopped_loudly),
+        injected: 1,
+        compared: u64::from(exact),
+        secs: started.elapsed().as_secs_f64(),
+        ..Row::default()
+    }
 }
 
 fn dedup(codes: &[String]) -> String {

@@ -110,7 +110,10 @@ fn main() {
     ];
     for (name, run) in scenarios {
         if runs(name) {
-            let done = run(scale);
+            let mut done = run(scale);
+            for r in &mut done {
+                r.scenario_key = name;
+            }
             // As each scenario ends, so that a long run interrupted keeps what it found.
             for r in &done {
                 eprintln!("campaign: {name}: {r:?}");

@@ -26,15 +26,25 @@ pub struct Row {
     pub compared: u64,
     /// Not run on this machine (said in the scenario), so not held to the above.
     pub skipped: bool,
+    /// The scenario's name (`scripts/campaign NAME` runs it alone).
+    pub scenario_key: &'static str,
 }
 
 pub fn print(rows: &[Row]) {
-    println!("| scenario | runs | faults injected | checked afterwards | acknowledged lost | restored wrong | failed loudly | time |");
-    println!("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |");
+    println!("| scenario | runs | faults injected | checked afterwards | acknowledged lost | restored wrong | failed loudly | time | reproduce |");
+    println!("| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |");
     for r in rows {
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} s |",
-            r.scenario, r.runs, r.faults, r.checked, r.lost, r.wrong, r.failed_loudly, r.secs
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} s | `scripts/campaign {}` |",
+            r.scenario,
+            r.runs,
+            r.faults,
+            r.checked,
+            r.lost,
+            r.wrong,
+            r.failed_loudly,
+            r.secs,
+            r.scenario_key
         );
     }
 }
