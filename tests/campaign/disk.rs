@@ -298,9 +298,10 @@ fn recovery_on_a_full_pg_wal(pg: &Cluster, url: &str, bin: &Path) -> Row {
     ok(&mut restore);
     let mut restored =
         Cluster::adopt(&to, ClusterOptions::default().env("PITR_REPO", url)).unwrap();
-    // pg_wal moved onto a tmpfs with 256 KiB to spare (a segment is 1 MiB).
+    // pg_wal moved onto a tmpfs with 64 KiB to spare (a segment is 1 MiB): the first of
+    // wal-fetch and PostgreSQL to write a segment there meets the full disk.
     let wal = to.join("pg_wal");
-    let need = used(&wal) / 1024 + 256;
+    let need = used(&wal) / 1024 + 64;
     let walfs = Tmpfs::mount_kib(need).expect("a tmpfs for pg_wal");
     let copied = Command::new("cp")
         .arg("-a")
@@ -319,7 +320,11 @@ fn recovery_on_a_full_pg_wal(pg: &Cluster, url: &str, bin: &Path) -> Row {
     let said = log
         .lines()
         .find(|l| l.contains("No space left on device"))
-        .map(|l| l.split("pitr: ").nth(1).unwrap_or(l).trim().to_owned())
+        .map(|l| match (l.split_once("pitr: "), l.split_once(":  ")) {
+            (Some((_, said)), _) => format!("pitr wal-fetch: {}", said.trim()),
+            (None, Some((_, said))) => format!("PostgreSQL: {}", said.trim().replace('"', "")),
+            _ => l.trim().to_owned(),
+        })
         .unwrap_or_default();
     let stopped_loudly = !promoted_full && !said.is_empty();
     if !stopped_loudly {
@@ -344,12 +349,15 @@ fn recovery_on_a_full_pg_wal(pg: &Cluster, url: &str, bin: &Path) -> Row {
         String::new()
     };
     let exact = finished && got == held;
-    if finished && !exact {
-        eprintln!("campaign: recovery after the disk grew: {got}, held {held}");
+    if !exact {
+        eprintln!(
+            "campaign: recovery after the disk grew: {got}, held {held}: {}",
+            crate::common::tail(&restored.server_log())
+        );
     }
     let _ = restored.stop(testbed::StopMode::Immediate);
     Row {
-        scenario: "full disk: recovery with pg_wal (wal-fetch's target and its prefetch spool) on a disk without room for a segment, then grown".into(),
+        scenario: "full disk: recovery with pg_wal (where wal-fetch and its prefetch spool write) on a disk without room for a segment, then grown".into(),
         runs: 1,
         faults: format!("{need} KiB for pg_wal; said: {said}"),
         checked: format!(

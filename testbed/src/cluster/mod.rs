@@ -258,9 +258,11 @@ impl Cluster {
     /// Starts the server and waits until it accepts connections. A lost race for the port
     /// is retried on another one.
     pub fn start(&mut self) -> Result<()> {
-        if self.running {
+        if self.is_running() {
             bail!("cluster {} is already running", self.data_dir.display());
         }
+        // Started once and gone by itself since (a FATAL in recovery, say).
+        self.running = false;
         for attempt in 0.. {
             let log_len_before = std::fs::metadata(self.log_path()).map_or(0, |m| m.len());
             let options = format!(
@@ -347,9 +349,13 @@ impl Cluster {
         self.start()
     }
 
-    /// Whether the bed believes the server is running.
+    /// Whether the bed started the server and its postmaster still runs (a server can stop
+    /// by itself: a FATAL in the startup process, say).
     pub fn is_running(&self) -> bool {
         self.running
+            && self
+                .postmaster_pid()
+                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
     }
 
     /// Pid of the postmaster, from `postmaster.pid`, while one is there.
