@@ -479,9 +479,19 @@ impl BackupManifest {
             key: key.clone(),
             reason: e.to_string(),
         })?;
-        match objects.put(&key, json.into(), PutMode::IfAbsent).await? {
+        let json = Bytes::from(json);
+        match objects.put(&key, json.clone(), PutMode::IfAbsent).await? {
             PutOutcome::Stored => Ok(()),
-            PutOutcome::AlreadyExists => Err(ManifestError::Exists(self.id.clone())),
+            // A write retried after its first attempt was performed but not answered (a
+            // 500 after the fact, a cut response) finds itself: the same manifest is ours.
+            PutOutcome::AlreadyExists => {
+                let (_, there) = objects.get_at_most(&key, MANIFEST_MAX).await?;
+                if there == json {
+                    Ok(())
+                } else {
+                    Err(ManifestError::Exists(self.id.clone()))
+                }
+            }
         }
     }
 
@@ -1019,6 +1029,15 @@ mod tests {
         m.files[0].chunks = ChunkSpan { first: 0, count: n };
         m.chunks = Arc::new(Vec::new());
         m.store(&objects).await.unwrap();
+        // Stored again as it is (a retried write that was performed): ours, fine; another
+        // manifest under the same id is refused.
+        m.store(&objects).await.unwrap();
+        let mut other = m.clone();
+        other.label = "another".into();
+        assert!(matches!(
+            other.store(&objects).await,
+            Err(ManifestError::Exists(_))
+        ));
 
         let whole = BackupManifest::load(&objects, &m.id).await.unwrap();
         assert_eq!(whole.chunks.len() as u64, n);

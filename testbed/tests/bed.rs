@@ -68,6 +68,19 @@ fn restart_and_stop_modes_keep_data() {
     pg.start().unwrap();
     assert_eq!(pg.sql("SELECT sum(v) FROM t").unwrap(), "6");
     assert!(pg.server_log().contains("database system was interrupted"));
+    // A server that goes away by itself (a FATAL in its startup process; here stopped
+    // behind the bed's back) is not running, and starts again (the campaign's recovery
+    // on a full pg_wal met this).
+    let mut stop = std::process::Command::new(pg.bin().tool("pg_ctl"));
+    stop.arg("-D")
+        .arg(pg.data_dir())
+        .args(["-m", "immediate", "-w", "stop"])
+        .current_dir(pg.data_dir());
+    pg.os_user().apply(&mut stop);
+    assert!(stop.output().unwrap().status.success());
+    assert!(!pg.is_running());
+    pg.start().unwrap();
+    assert_eq!(pg.sql("SELECT sum(v) FROM t").unwrap(), "6");
 }
 
 #[test]

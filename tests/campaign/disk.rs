@@ -248,12 +248,13 @@ pub fn run(_scale: Scale) -> Vec<Row> {
     rows
 }
 
-/// Bytes of the files under `dir`.
+/// Bytes the files under `dir` take on disk (a restored file can be sparse).
 fn used(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     walk(dir)
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
+        .map(|m| m.blocks() * 512)
         .sum()
 }
 
