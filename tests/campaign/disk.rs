@@ -280,6 +280,33 @@ fn recovery_on_a_full_pg_wal(pg: &Cluster, url: &str, bin: &Path) -> Row {
         let _ = pg.sql("SELECT pg_switch_wal()");
         std::thread::sleep(Duration::from_millis(300));
     }
+    // wal-fetch itself onto a full disk: an error that stops recovery (above 125), never
+    // "not found" (1), and nothing half-written left where PostgreSQL reads.
+    let seg = done_and_ready(pg).0.into_iter().max().expect("an archived segment");
+    let full = Tmpfs::mount_kib(512).expect("a tmpfs for wal-fetch");
+    let _ = std::fs::write(full.dir.join("ballast"), vec![0u8; 1 << 20]);
+    let fetched = pitr(url)
+        .env("PITR_WAL_FETCH_PREFETCH", "0")
+        .args(["wal-fetch", &seg])
+        .arg(full.dir.join("RECOVERYXLOG"))
+        .output()
+        .unwrap();
+    let fetch_code = fetched.status.code();
+    let fetch_left: Vec<PathBuf> = walk(&full.dir)
+        .into_iter()
+        .filter(|p| !p.ends_with("ballast"))
+        .collect();
+    let fetch_loud = fetch_code.is_some_and(|c| c > 125)
+        && String::from_utf8_lossy(&fetched.stderr).contains("No space left on device")
+        && fetch_left.is_empty();
+    if !fetch_loud {
+        eprintln!(
+            "campaign: wal-fetch onto a full disk: exit {fetch_code:?}, left {fetch_left:?}: {}",
+            String::from_utf8_lossy(&fetched.stderr)
+        );
+    }
+    drop(full);
+
     let dir = tempfile::tempdir().unwrap();
     let to = dir.path().join("data");
     let mut restore = Command::new(bin);
@@ -362,13 +389,15 @@ fn recovery_on_a_full_pg_wal(pg: &Cluster, url: &str, bin: &Path) -> Row {
         runs: 1,
         faults: format!("{need} KiB for pg_wal; said: {said}"),
         checked: format!(
-            "recovery stopped instead of ending early: {}; after the disk grew it finished where the source was: {}",
+            "recovery stopped instead of ending early: {}; after the disk grew it finished where the source was: {}; wal-fetch alone onto a full disk: exit {}, nothing left: {}",
             if stopped_loudly { "yes" } else { "no" },
-            if exact { "yes" } else { "no" }
+            if exact { "yes" } else { "no" },
+            fetch_code.map_or_else(|| "by a signal".to_owned(), |c| c.to_string()),
+            if fetch_left.is_empty() { "yes" } else { "no" }
         ),
-        wrong: u64::from(!stopped_loudly) + u64::from(!exact),
-        failed_loudly: u64::from(stopped_loudly),
-        injected: 1,
+        wrong: u64::from(!stopped_loudly) + u64::from(!exact) + u64::from(!fetch_loud),
+        failed_loudly: u64::from(stopped_loudly) + u64::from(fetch_loud),
+        injected: 2,
         compared: u64::from(exact),
         secs: started.elapsed().as_secs_f64(),
         ..Row::default()
