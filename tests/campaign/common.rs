@@ -154,6 +154,44 @@ pub fn restored_state(
     Ok(s)
 }
 
+/// A cluster (1 MiB WAL segments) archiving into `url` with `pitr wal-push`, the repository
+/// made for it, pgbench's tables at scale 2; with the copy of pitr the server's user runs.
+pub fn archiving_cluster(s3: &S3Server, url: &str) -> (Cluster, std::path::PathBuf) {
+    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
+    let bin = pg.expose_binary(Path::new(PITR)).unwrap();
+    for (k, v) in s3.env() {
+        pg.set_env(&k, &v);
+    }
+    pg.set_env("PITR_REPO", url);
+    pg.set_config(
+        "archive_command",
+        &format!("'{}' wal-push %p", bin.display()),
+    )
+    .unwrap();
+    ok(pitr_at(&bin, s3, url)
+        .args(["init", "--data-dir"])
+        .arg(pg.data_dir()));
+    pg.start().unwrap();
+    pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
+    (pg, bin)
+}
+
+/// Backs up `pg` (still while it runs) into `url` and notes what it holds under the new
+/// backup's id.
+pub fn backup_held(
+    bin: &Path,
+    s3: &S3Server,
+    url: &str,
+    pg: &Cluster,
+    held: &mut std::collections::BTreeMap<String, String>,
+) {
+    // Backup ids are start times to the second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let out = ok(pitr_at(bin, s3, url).args(["backup", "--fast", "--json", "--pg", &conninfo(pg)]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("backup --json");
+    held.insert(v["id"].as_str().unwrap_or_default().to_owned(), state(pg));
+}
+
 /// The last lines of a log.
 pub fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();

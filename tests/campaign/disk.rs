@@ -282,7 +282,11 @@ fn recovery_on_a_full_pg_wal(pg: &Cluster, url: &str, bin: &Path) -> Row {
     }
     // wal-fetch itself onto a full disk: an error that stops recovery (above 125), never
     // "not found" (1), and nothing half-written left where PostgreSQL reads.
-    let seg = done_and_ready(pg).0.into_iter().max().expect("an archived segment");
+    let seg = done_and_ready(pg)
+        .0
+        .into_iter()
+        .max()
+        .expect("an archived segment");
     let full = Tmpfs::mount_kib(512).expect("a tmpfs for wal-fetch");
     let _ = std::fs::write(full.dir.join("ballast"), vec![0u8; 1 << 20]);
     let fetched = pitr(url)

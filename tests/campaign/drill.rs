@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use testbed::{Cluster, ClusterOptions, S3Server, StopMode};
+use testbed::{S3Server, StopMode};
 
-use crate::common::{conninfo, jitter, ok, pitr_at, state, PITR};
+use crate::common::{archiving_cluster, conninfo, jitter, ok, pitr_at, state};
 use crate::report::Row;
 use crate::Scale;
 
@@ -43,22 +43,7 @@ fn left_in(dir: &Path) -> Vec<String> {
 pub fn run(scale: Scale) -> Vec<Row> {
     let s3 = S3Server::start_local().expect("start the S3 server");
     let url = s3.repo_url("campaign-drill");
-    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
-    let bin = pg.expose_binary(Path::new(PITR)).unwrap();
-    for (k, v) in s3.env() {
-        pg.set_env(&k, &v);
-    }
-    pg.set_env("PITR_REPO", &url);
-    pg.set_config(
-        "archive_command",
-        &format!("'{}' wal-push %p", bin.display()),
-    )
-    .unwrap();
-    ok(pitr_at(&bin, &s3, &url)
-        .args(["init", "--data-dir"])
-        .arg(pg.data_dir()));
-    pg.start().unwrap();
-    pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
+    let (mut pg, bin) = archiving_cluster(&s3, &url);
     ok(pitr_at(&bin, &s3, &url).args(["backup", "--fast", "--pg", &conninfo(&pg)]));
     pg.pgbench(&["-n", "-T", "2"]).unwrap();
     let _ = pg.sql("SELECT pg_switch_wal()");

@@ -8,44 +8,24 @@
 //! restore of the newest point is compared with the cluster's last state.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use testbed::{Cluster, ClusterOptions, S3Server};
+use testbed::{Cluster, S3Server};
 
-use crate::common::{conninfo, jitter, listed, ok, pitr_at, restored_state, state, PITR};
+use crate::common::{
+    archiving_cluster, backup_held, jitter, listed, ok, pitr_at, restored_state, state,
+};
 use crate::report::Row;
 use crate::Scale;
 
 pub fn run(scale: Scale) -> Vec<Row> {
     let s3 = S3Server::start_local().expect("start the S3 server");
     let url = s3.repo_url("campaign-expire");
-    let mut pg = Cluster::init(ClusterOptions::default().wal_segment_size_mb(1)).unwrap();
-    let bin = pg.expose_binary(Path::new(PITR)).unwrap();
-    for (k, v) in s3.env() {
-        pg.set_env(&k, &v);
-    }
-    pg.set_env("PITR_REPO", &url);
-    pg.set_config(
-        "archive_command",
-        &format!("'{}' wal-push %p", bin.display()),
-    )
-    .unwrap();
-    ok(pitr_at(&bin, &s3, &url)
-        .args(["init", "--data-dir"])
-        .arg(pg.data_dir()));
-    pg.start().unwrap();
-    pg.pgbench(&["-i", "-s", "2", "-q"]).unwrap();
-    let conn = conninfo(&pg);
+    let (pg, bin) = archiving_cluster(&s3, &url);
     let mut held: BTreeMap<String, String> = BTreeMap::new();
-    let backup = |pg: &Cluster, held: &mut BTreeMap<String, String>| {
-        // Backup ids are start times to the second.
-        std::thread::sleep(Duration::from_millis(1100));
-        let out = ok(pitr_at(&bin, &s3, &url).args(["backup", "--fast", "--json", "--pg", &conn]));
-        let v: serde_json::Value = serde_json::from_str(&out).expect("backup --json");
-        held.insert(v["id"].as_str().unwrap_or_default().to_owned(), state(pg));
-    };
+    let backup =
+        |pg: &Cluster, held: &mut BTreeMap<String, String>| backup_held(&bin, &s3, &url, pg, held);
     let expire = || {
         let mut c = pitr_at(&bin, &s3, &url);
         c.args([
