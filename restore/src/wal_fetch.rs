@@ -187,6 +187,24 @@ pub struct PrefetchOptions {
     pub linger: Duration,
 }
 
+/// Whether the server whose pg_wal holds the spool at `spool` (`<data>/pg_wal/.pitr/fetch`,
+/// relative to the data directory as restore_command runs there, or absolute) has left
+/// recovery: its data directory has neither recovery.signal nor standby.signal. False
+/// when the spool is not in a data directory's pg_wal.
+fn recovery_over(spool: &Path) -> bool {
+    let Some(data) = spool.parent().and_then(Path::parent).and_then(Path::parent) else {
+        return false;
+    };
+    let at = |name: &str| {
+        if data.as_os_str().is_empty() {
+            PathBuf::from(name)
+        } else {
+            data.join(name)
+        }
+    };
+    at("PG_VERSION").is_file() && !at("recovery.signal").exists() && !at("standby.signal").exists()
+}
+
 /// The prefetch worker: keeps the `depth` segments after the one PostgreSQL asked for last
 /// in the spool, fetched `parallel` at once, each verified before it appears there. It stops
 /// at the first segment the repository does not hold (the end of the archive, for now) or
@@ -211,13 +229,17 @@ pub async fn prefetch(
         .map_err(|e| FetchError::Open(OpenError::BadConfig(e.to_string())))?;
     let mut filled_for: Option<String> = None;
     let mut idle_since = Instant::now();
+    let mut at_end = false;
     loop {
         let wanted = spool.wanted();
         if wanted.is_none() || wanted == filled_for {
             if idle_since.elapsed() >= options.linger {
                 // Nothing asked for a while: recovery is over or paused. What is left
-                // ahead goes, unless it waits for a server not started yet.
-                if !spool.is_staged() {
+                // ahead goes, unless it waits for a server not started yet, or, at the
+                // end of the archive, for the requests of a recovery still going on.
+                // (Returning at once at the end of the archive left the segments fetched
+                // ahead of a recovery that then stopped at its target in pg_wal for good.)
+                if !spool.is_staged() && (!at_end || recovery_over(&options.spool)) {
                     let _ = spool.drop_segments();
                 }
                 return Ok(());
@@ -230,11 +252,9 @@ pub async fn prefetch(
         let _ = spool.prune_behind(&want, seg_size);
         let missing: Vec<String> = window.into_iter().filter(|n| !spool.has(n)).collect();
         let wanted = missing.len();
-        let complete = fill(&repo, &spool, missing, options.parallel).await == wanted;
-        if !complete {
-            // The end of the archive, or a failure the foreground fetch will report.
-            return Ok(());
-        }
+        // Short of the window at the end of the archive (or on a failure the foreground
+        // fetch will report): what was fetched ahead stays for the requests to come.
+        at_end = fill(&repo, &spool, missing, options.parallel).await != wanted;
         filled_for = Some(want);
         idle_since = Instant::now();
     }
@@ -354,4 +374,26 @@ async fn fill(repo: &Repository, spool: &Spool, names: Vec<String>, parallel: us
         }
     }
     filled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_is_over_when_the_data_directory_has_no_signal_file_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("pg_wal/.pitr/fetch");
+        std::fs::create_dir_all(&spool).unwrap();
+        // Not a data directory: never said over (the spool of a fetch into any directory).
+        assert!(!recovery_over(&spool));
+        std::fs::write(dir.path().join("PG_VERSION"), "17\n").unwrap();
+        std::fs::write(dir.path().join("recovery.signal"), "").unwrap();
+        assert!(!recovery_over(&spool));
+        std::fs::remove_file(dir.path().join("recovery.signal")).unwrap();
+        std::fs::write(dir.path().join("standby.signal"), "").unwrap();
+        assert!(!recovery_over(&spool));
+        std::fs::remove_file(dir.path().join("standby.signal")).unwrap();
+        assert!(recovery_over(&spool));
+    }
 }

@@ -20,7 +20,8 @@ pub enum Fault {
     /// The connection is reset (an RST) before any response; the request is not
     /// performed.
     Reset,
-    /// The response is held back this long, then the request is performed and answered.
+    /// The response is held back this long, then the request is performed and answered;
+    /// performed even when the client gave up meanwhile (a late write, as S3 can make).
     Stall(Duration),
     /// The request is performed; its response's body stops halfway and the connection is
     /// closed (a response without a body: closed before it completes).

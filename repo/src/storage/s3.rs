@@ -1000,6 +1000,10 @@ impl Storage for S3Storage {
             }
             data.extend_from_slice(&frame);
         }
+        // A short read (the object ends first) does not keep the room asked for.
+        if data.len() < data.capacity() {
+            data.shrink_to_fit();
+        }
         Ok(Bytes::from(data))
     }
 

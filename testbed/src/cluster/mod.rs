@@ -309,7 +309,9 @@ impl Cluster {
 
     /// Stops the server and waits for it to be gone.
     pub fn stop(&mut self, mode: StopMode) -> Result<()> {
-        if !self.running {
+        // Never started, or stopped by itself since (nothing left to stop).
+        if !self.is_running() {
+            self.running = false;
             return Ok(());
         }
         let postmaster = self.postmaster_pid();
@@ -352,10 +354,7 @@ impl Cluster {
     /// Whether the bed started the server and its postmaster still runs (a server can stop
     /// by itself: a FATAL in the startup process, say).
     pub fn is_running(&self) -> bool {
-        self.running
-            && self
-                .postmaster_pid()
-                .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        self.running && self.postmaster_pid().is_some_and(process_running)
     }
 
     /// Pid of the postmaster, from `postmaster.pid`, while one is there.
