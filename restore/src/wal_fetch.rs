@@ -233,6 +233,15 @@ pub async fn prefetch(
     loop {
         let wanted = spool.wanted();
         if wanted.is_none() || wanted == filled_for {
+            // At the end of the archive and the server out of recovery (promoted): nothing
+            // more will be asked; what was fetched ahead goes now, and so does the worker
+            // (a drill removes the server's directory soon after).
+            if at_end && recovery_over(&options.spool) {
+                if !spool.is_staged() {
+                    let _ = spool.drop_segments();
+                }
+                return Ok(());
+            }
             if idle_since.elapsed() >= options.linger {
                 // Nothing asked for a while: recovery is over or paused. What is left
                 // ahead goes, unless it waits for a server not started yet, or, at the
