@@ -208,6 +208,21 @@ pub fn ok(c: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `cmd` (output dropped) and SIGKILLs it at a random moment within `within`; true
+/// when the kill landed (it had not finished by itself).
+pub fn kill_at_random(cmd: &mut Command, within: std::time::Duration) -> bool {
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the command to kill");
+    std::thread::sleep(std::time::Duration::from_millis(jitter(
+        within.as_millis() as u64 + 1,
+    )));
+    let _ = child.kill();
+    child.wait().expect("wait for it").code().is_none()
+}
+
 /// A small random number from the clock (the kills need no more).
 pub fn jitter(max: u64) -> u64 {
     let n = std::time::SystemTime::now()

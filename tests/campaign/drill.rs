@@ -7,12 +7,11 @@
 //! At the end a drill runs to completion and its check of the data passes.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use testbed::{S3Server, StopMode};
 
-use crate::common::{archiving_cluster, conninfo, jitter, ok, pitr_at, state};
+use crate::common::{archiving_cluster, conninfo, kill_at_random, ok, pitr_at, state};
 use crate::report::Row;
 use crate::Scale;
 
@@ -87,14 +86,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
     let (mut kills, mut attempts, mut clean) = (0, 0, 0);
     while kills < scale.drill_kills && attempts < scale.drill_kills * 4 {
         attempts += 1;
-        let mut child = drill()
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(jitter(whole.as_millis() as u64 + 1)));
-        let _ = child.kill();
-        if child.wait().unwrap().code().is_none() {
+        if kill_at_random(&mut drill(), whole) {
             kills += 1;
         }
         // The watchdog tears down what the drill left.

@@ -8,13 +8,12 @@
 //! restore of the newest point is compared with the cluster's last state.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use testbed::{Cluster, S3Server};
 
 use crate::common::{
-    archiving_cluster, backup_held, jitter, listed, ok, pitr_at, restored_state, state,
+    archiving_cluster, backup_held, kill_at_random, listed, ok, pitr_at, restored_state, state,
 };
 use crate::report::Row;
 use crate::Scale;
@@ -60,14 +59,7 @@ pub fn run(scale: Scale) -> Vec<Row> {
         attempts += 1;
         pg.pgbench(&["-n", "-T", "1"]).unwrap();
         backup(&pg, &mut held);
-        let mut child = expire()
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(jitter(whole.as_millis() as u64 + 1)));
-        let _ = child.kill();
-        if child.wait().unwrap().code().is_none() {
+        if kill_at_random(&mut expire(), whole) {
             kills += 1;
         }
         // The newest three are listed whatever the kill interrupted.
