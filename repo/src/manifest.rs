@@ -388,8 +388,13 @@ impl BackupManifest {
 
     /// Checks that every index points inside its table (the chunk table as read), every
     /// pack id has a pack id's shape, and no number overflows where it is used: what a
-    /// reader relies on before it trusts the manifest's numbers.
+    /// reader relies on before it trusts the manifest's numbers. The table is walked whole
+    /// here; a reader going through it a piece at a time checks [`check_header`] first and
+    /// each piece with a [`TableWalk`].
+    ///
+    /// [`check_header`]: BackupManifest::check_header
     pub fn check(&self) -> Result<(), String> {
+        self.check_header()?;
         if self.chunks.len() as u64 != self.chunk_table.count {
             return Err(format!(
                 "its chunk table holds {} entries, not {}",
@@ -397,6 +402,16 @@ impl BackupManifest {
                 self.chunk_table.count
             ));
         }
+        let mut walk = TableWalk::new(self);
+        walk.walk(0, &self.chunks, |_, _, _| {})?;
+        walk.finish()
+    }
+
+    /// What [`BackupManifest::check`] checks without the chunk table: the chunk size, the
+    /// pack ids, and that the files' runs of entries follow one another and cover the
+    /// table's `count` exactly (so no two files share entries, and the table is walked in
+    /// one pass, file after file).
+    pub fn check_header(&self) -> Result<(), String> {
         if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
             return Err(format!("chunk size {} is out of range", self.chunk_size));
         }
@@ -406,28 +421,6 @@ impl BackupManifest {
                 bad.escape_debug()
             ));
         }
-        for (i, c) in self.chunks.iter().enumerate() {
-            if c.pack() >= self.packs.len() {
-                return Err(format!(
-                    "chunk {i} names pack {} of {}",
-                    c.pack,
-                    self.packs.len()
-                ));
-            }
-            // An envelope is its header and at most a little more than the plaintext.
-            let stored_max = u64::from(c.plain_len) + u64::from(c.plain_len) / 64 + 4096;
-            if c.plain_len > self.chunk_size
-                || u64::from(c.stored_len) > stored_max
-                || c.offset.checked_add(u64::from(c.stored_len)).is_none()
-            {
-                return Err(format!(
-                    "chunk {i} ({} bytes stored at {} for {} bytes) does not fit chunks of {} bytes",
-                    c.stored_len, c.offset, c.plain_len, self.chunk_size
-                ));
-            }
-        }
-        // Each file's run follows the previous one's: the table is every file's chunks one
-        // after another (so no two files share entries, and the work is one pass).
         let mut next = 0u64;
         for f in &self.files {
             if f.chunks.count > 0 {
@@ -440,33 +433,26 @@ impl BackupManifest {
                 next = next.saturating_add(f.chunks.count);
             }
             let end = f.chunks.first.checked_add(f.chunks.count);
-            if end.is_none_or(|end| end > self.chunks.len() as u64) {
+            if end.is_none_or(|end| end > self.chunk_table.count) {
                 return Err(format!(
                     "file {} names {} chunks from {} of {}",
-                    f.path,
-                    f.chunks.count,
-                    f.chunks.first,
-                    self.chunks.len()
-                ));
-            }
-            let sum: u64 = self.chunks[f.chunks.indexes()]
-                .iter()
-                .map(|c| u64::from(c.plain_len()))
-                .sum();
-            if f.kind == FileType::File && sum != f.size {
-                return Err(format!(
-                    "file {} has {} bytes of chunks for size {}",
-                    f.path, sum, f.size
+                    f.path, f.chunks.count, f.chunks.first, self.chunk_table.count
                 ));
             }
             if f.kind != FileType::File && f.chunks.count > 0 {
                 return Err(format!("{} is not a file but has chunks", f.path));
             }
+            if f.kind == FileType::File && f.chunks.count == 0 && f.size != 0 {
+                return Err(format!(
+                    "file {} has 0 bytes of chunks for size {}",
+                    f.path, f.size
+                ));
+            }
         }
-        if next != self.chunks.len() as u64 {
+        if next != self.chunk_table.count {
             return Err(format!(
                 "its files use {next} chunk table entries of {}",
-                self.chunks.len()
+                self.chunk_table.count
             ));
         }
         Ok(())
@@ -474,7 +460,7 @@ impl BackupManifest {
 
     /// Stores the manifest (put-if-absent): from now on the backup exists.
     pub async fn store(&self, objects: &ObjectStore) -> Result<(), ManifestError> {
-        let key = manifest_key_at(&self.id, self.generation);
+        let key = self.key();
         let json = serde_json::to_vec(self).map_err(|e| ManifestError::Bad {
             key: key.clone(),
             reason: e.to_string(),
@@ -509,26 +495,20 @@ impl BackupManifest {
         mut self,
         objects: &ObjectStore,
     ) -> Result<BackupManifest, ManifestError> {
-        let table = self.chunk_table.clone();
-        let mut pieces = futures::stream::iter(0..table.pieces.len())
-            .map(|n| read_piece(objects, &self.id, self.generation, &table, n))
-            .buffered(4);
-        // The count is the manifest's word: room grows with the pieces really read.
-        let mut chunks = Vec::with_capacity(table.count.min(u64::from(CHUNKS_PER_PIECE)) as usize);
-        while let Some(piece) = pieces.try_next().await? {
-            chunks.extend(
-                piece
-                    .chunks_exact(CHUNK_ENTRY_LEN)
-                    .filter_map(ChunkRef::decode),
-            );
+        let mut chunks = Vec::new();
+        {
+            let mut pieces = std::pin::pin!(self.table_pieces(objects, 4));
+            while let Some((_, piece)) = pieces.try_next().await? {
+                // The count is the manifest's word: room grows with the pieces really read.
+                chunks.extend(piece);
+            }
         }
-        drop(pieces);
         // Room grew by doubling: what was not filled goes back (a large block is remapped,
         // not copied).
         chunks.shrink_to_fit();
         self.chunks = Arc::new(chunks);
         self.check().map_err(|reason| ManifestError::Bad {
-            key: manifest_key_at(&self.id, self.generation),
+            key: self.key(),
             reason,
         })?;
         Ok(self)
@@ -701,6 +681,140 @@ pub fn check_piece(
         });
     }
     Ok(())
+}
+
+/// A walk through a backup's chunk table in order, a run of entries at a time, with the
+/// files that use it: each entry is checked (its pack, its lengths) and named with the
+/// file that holds it and its offset there, and each file's entries must add up to its
+/// size. With [`BackupManifest::check_header`] passed first, a table walked whole is
+/// checked as [`BackupManifest::check`] checks it, holding only the run at hand.
+#[derive(Debug)]
+pub struct TableWalk<'m> {
+    m: &'m BackupManifest,
+    /// The entry expected next.
+    next: u64,
+    /// The file holding it, or one before it (files without chunks are passed over).
+    file: usize,
+    /// Plaintext bytes of `file` before entry `next`.
+    offset: u64,
+}
+
+impl<'m> TableWalk<'m> {
+    /// A walk from entry 0 of `m`'s table (whose header is checked).
+    pub fn new(m: &'m BackupManifest) -> TableWalk<'m> {
+        TableWalk {
+            m,
+            next: 0,
+            file: 0,
+            offset: 0,
+        }
+    }
+
+    /// Entries `first..first + chunks.len()`, which must follow those walked before: each
+    /// is checked and handed to `each` as (its index in `chunks`, the index of its file in
+    /// the manifest's files, its offset in that file).
+    pub fn walk(
+        &mut self,
+        first: u64,
+        chunks: &[ChunkRef],
+        mut each: impl FnMut(usize, usize, u64),
+    ) -> Result<(), String> {
+        let m = self.m;
+        if first != self.next {
+            return Err(format!(
+                "its chunk table is read from entry {first}, not {}",
+                self.next
+            ));
+        }
+        for (k, c) in chunks.iter().enumerate() {
+            let i = first + k as u64;
+            if c.pack() >= m.packs.len() {
+                return Err(format!(
+                    "chunk {i} names pack {} of {}",
+                    c.pack,
+                    m.packs.len()
+                ));
+            }
+            // An envelope is its header and at most a little more than the plaintext.
+            let stored_max = u64::from(c.plain_len) + u64::from(c.plain_len) / 64 + 4096;
+            if c.plain_len > m.chunk_size
+                || u64::from(c.stored_len) > stored_max
+                || c.offset.checked_add(u64::from(c.stored_len)).is_none()
+            {
+                return Err(format!(
+                    "chunk {i} ({} bytes stored at {} for {} bytes) does not fit chunks of {} bytes",
+                    c.stored_len, c.offset, c.plain_len, m.chunk_size
+                ));
+            }
+            // The file holding entry i: the header check made the files' runs follow one
+            // another, so it is this one or a later one.
+            let f = loop {
+                let Some(f) = m.files.get(self.file) else {
+                    return Err(format!("chunk {i} is in no file"));
+                };
+                if f.chunks.count > 0 && i < f.chunks.first.saturating_add(f.chunks.count) {
+                    break f;
+                }
+                self.file += 1;
+                self.offset = 0;
+            };
+            let end = self.offset.saturating_add(u64::from(c.plain_len));
+            let last = i + 1 == f.chunks.first + f.chunks.count;
+            if end > f.size || (last && end != f.size) {
+                return Err(format!(
+                    "file {} has {}{end} bytes of chunks for size {}",
+                    f.path,
+                    if last { "" } else { "at least " },
+                    f.size
+                ));
+            }
+            each(k, self.file, self.offset);
+            self.offset = end;
+        }
+        self.next = first + chunks.len() as u64;
+        Ok(())
+    }
+
+    /// Checks that the whole table was walked.
+    pub fn finish(&self) -> Result<(), String> {
+        if self.next != self.m.chunk_table.count {
+            return Err(format!(
+                "its chunk table holds {} entries, not {}",
+                self.next, self.m.chunk_table.count
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl BackupManifest {
+    /// The chunk table a piece at a time, in order: each piece read, checked (the hash the
+    /// manifest names, its length) and decoded, as (the index of its first entry, its
+    /// entries), up to `ahead` pieces read at once. Only those are in memory; walk them
+    /// with a [`TableWalk`].
+    pub fn table_pieces<'a>(
+        &'a self,
+        objects: &'a ObjectStore,
+        ahead: usize,
+    ) -> impl futures::Stream<Item = Result<(u64, Vec<ChunkRef>), ManifestError>> + 'a {
+        let per = u64::from(self.chunk_table.per_piece);
+        futures::stream::iter(0..self.chunk_table.pieces.len())
+            .map(move |n| async move {
+                let piece =
+                    read_piece(objects, &self.id, self.generation, &self.chunk_table, n).await?;
+                let chunks = piece
+                    .chunks_exact(CHUNK_ENTRY_LEN)
+                    .filter_map(ChunkRef::decode)
+                    .collect();
+                Ok((n as u64 * per, chunks))
+            })
+            .buffered(ahead.max(1))
+    }
+
+    /// The key of the manifest (this generation's).
+    pub fn key(&self) -> String {
+        manifest_key_at(&self.id, self.generation)
+    }
 }
 
 /// Random access to a backup's chunk table a piece at a time, keeping the last few pieces
@@ -955,6 +1069,80 @@ mod tests {
         let mut bad = m;
         Arc::make_mut(&mut bad.chunks)[0].pack = 1;
         assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn a_table_walked_in_runs_names_each_entry_s_file_and_offset_and_finds_damage_where_it_is() {
+        // Three files of 3, 0 and 2 chunks (sizes 5, 0, 3), a directory between them.
+        let mut m = sample();
+        let c = |plain_len| ChunkRef {
+            pack: 0,
+            offset: 0,
+            stored_len: 10,
+            plain_len,
+            hash: [0; 32],
+        };
+        let file = |path: &str, size, first, count| ManifestFile {
+            path: path.into(),
+            tablespace: None,
+            kind: FileType::File,
+            mode: 0o600,
+            size,
+            mtime: 0,
+            target: None,
+            chunks: ChunkSpan { first, count },
+        };
+        let mut dir = file("d", 0, 0, 0);
+        dir.kind = FileType::Directory;
+        m.files = vec![
+            file("a", 5, 0, 3),
+            dir,
+            file("b", 0, 0, 0),
+            file("c", 3, 3, 2),
+        ];
+        let chunks = vec![c(2), c(2), c(1), c(1), c(2)];
+        m.chunk_table.count = 5;
+        m.chunks = Arc::new(chunks.clone());
+        m.check().unwrap();
+        let mut seen = Vec::new();
+        let mut walk = TableWalk::new(&m);
+        for (first, run) in [(0, &chunks[..2]), (2, &chunks[2..4]), (4, &chunks[4..])] {
+            walk.walk(first, run, |k, f, at| seen.push((first + k as u64, f, at)))
+                .unwrap();
+        }
+        walk.finish().unwrap();
+        assert_eq!(
+            seen,
+            [(0, 0, 0), (1, 0, 2), (2, 0, 4), (3, 3, 0), (4, 3, 1)]
+        );
+
+        // Runs out of order, or the table cut short.
+        let mut walk = TableWalk::new(&m);
+        assert!(walk.walk(2, &chunks[2..], |_, _, _| {}).is_err());
+        walk.walk(0, &chunks[..4], |_, _, _| {}).unwrap();
+        assert!(walk.finish().is_err());
+        // An entry that takes a file past its size is refused at that entry, before the
+        // entries after it are handed out; one that leaves it short, at its last entry.
+        let mut long = chunks.clone();
+        long[1].plain_len = 4;
+        let mut walk = TableWalk::new(&m);
+        let mut handed = 0;
+        let e = walk.walk(0, &long, |_, _, _| handed += 1).unwrap_err();
+        assert_eq!(handed, 1);
+        assert!(e.contains("file a has at least 6 bytes"), "{e}");
+        let mut short = chunks.clone();
+        short[4].plain_len = 1;
+        let e = TableWalk::new(&m)
+            .walk(0, &short, |_, _, _| {})
+            .unwrap_err();
+        assert!(e.contains("file c has 2 bytes of chunks for size 3"), "{e}");
+        // An empty file given a size, a run that skips entries: refused by the header.
+        let mut bad = m.clone();
+        bad.files[2].size = 1;
+        assert!(bad.check_header().is_err());
+        let mut bad = m.clone();
+        bad.files[3].chunks.first = 4;
+        assert!(bad.check_header().is_err());
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! hash its chunk table names, every file against PostgreSQL's own backup_manifest. verify
 //! and the backup tests build on this.
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use repo::envelope::EnvelopeError;
 use repo::manifest::{BackupManifest, FileType, ManifestFile};
 use repo::objects::{ObjectError, ObjectStore};
+
+use crate::files::Piece;
 
 /// Why a file could not be read back.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,9 @@ pub enum CheckError {
     /// A file could not be read back.
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// A piece of the chunk table could not be read, or is damaged or inconsistent.
+    #[error(transparent)]
+    Table(repo::manifest::ManifestError),
     /// PostgreSQL's backup_manifest could not be read.
     #[error("backup_manifest of backup {id}: {reason}")]
     PgManifest {
@@ -132,36 +137,68 @@ const CHECK_READS: usize = 8;
 /// Reads every file of backup `m` back, checking each chunk's hash, and compares each with
 /// PostgreSQL's backup_manifest (size and CRC-32C) when the backup holds one: every file
 /// the server listed must be there, and nothing else but the WAL under `pg_wal/`. The packs
-/// are read as a restore reads them (large ranged reads in pack order, several at once,
-/// each chunk fetched once however many entries name it); each chunk's CRC-32C is kept and
-/// a file's is combined from its chunks' in order, so memory stays bounded by the chunk
-/// table, not the files.
+/// are read as a restore reads them (the chunk table a piece at a time, each piece's chunks
+/// in large ranged reads in pack order, several at once, each place fetched once however
+/// many of the piece's entries name it); each chunk's CRC-32C is kept for its piece and a
+/// file's is combined from its chunks' in order, across pieces: memory stays bounded by a
+/// piece, whatever the backup's size. `m` may be its header only
+/// ([`BackupManifest::load_header`]).
 pub async fn check_backup(
     objects: &ObjectStore,
     m: &BackupManifest,
 ) -> Result<CheckReport, CheckError> {
-    let mut listed = pg_files(objects, m).await?;
-    let (uses, ranges) = crate::files::plan(m, CHECK_RANGE);
+    m.check_header().map_err(|reason| {
+        CheckError::Table(repo::manifest::ManifestError::Bad {
+            key: m.key(),
+            reason,
+        })
+    })?;
+    let mut files = FileCheck {
+        m,
+        listed: pg_files(objects, m).await?,
+        next: 0,
+        len: 0,
+        crc: 0,
+        report: CheckReport::default(),
+    };
+    let mut pieces = std::pin::pin!(crate::files::planned(objects, m, CHECK_RANGE));
+    while let Some((piece, ranges)) = pieces.try_next().await.map_err(CheckError::Table)? {
+        let crcs = check_piece(objects, m, &piece, ranges).await?;
+        for (k, (c, crc)) in piece.chunks.iter().zip(crcs).enumerate() {
+            files.chunk(piece.first + k as u64, c.plain_len(), crc)?;
+        }
+    }
+    files.end()
+}
+
+/// Reads the chunks of one piece of the chunk table and checks them: the CRC-32C of each
+/// entry's plaintext, in table order.
+async fn check_piece(
+    objects: &ObjectStore,
+    m: &BackupManifest,
+    piece: &Piece,
+    ranges: Vec<crate::files::Range>,
+) -> Result<Vec<u32>, CheckError> {
     // The chunk read for each entry: its CRC-32C, once checked.
-    let mut crcs: Vec<Option<u32>> = vec![None; m.chunks.len()];
+    let mut crcs: Vec<Option<u32>> = vec![None; piece.chunks.len()];
+    let uses = &piece.uses;
     // The file a group's first use is in (for messages).
     let file_of = |g: u32| {
         m.files
             .get(uses.group(g)[0].file as usize)
             .map_or_else(String::new, |f| f.path.clone())
     };
-    let uses = &uses;
     let reads = futures::stream::iter(ranges)
         .map(|r| async move {
             // (group, its bytes in the range, hash, plaintext length)
             let chunks: Vec<(u32, std::ops::Range<usize>, [u8; 32], u64)> = r
                 .chunks
                 .iter()
-                .map(|&ci| {
-                    let c = &m.chunks[uses.read(ci) as usize];
+                .map(|&g| {
+                    let c = piece.read(g);
                     let range = c.range();
                     (
-                        ci,
+                        g,
                         (range.start - r.start) as usize..(range.end - r.start) as usize,
                         c.hash,
                         u64::from(c.plain_len),
@@ -180,23 +217,23 @@ pub async fn check_backup(
                 .codec()
                 .run(move || {
                     let mut out = Vec::with_capacity(chunks.len());
-                    for (ci, rel, hash, plain_len) in chunks {
+                    for (g, rel, hash, plain_len) in chunks {
                         let env = bytes.get(rel.clone()).ok_or((
-                            ci,
+                            g,
                             EnvelopeError::Truncated(bytes.len()),
                             rel.start,
                         ))?;
                         let plain = repo::pack::decode_chunk_of(env, &hash, plain_len, &protection)
-                            .map_err(|e| (ci, e, rel.start))?;
-                        out.push((ci, crc32c::crc32c(&plain)));
+                            .map_err(|e| (g, e, rel.start))?;
+                        out.push((g, crc32c::crc32c(&plain)));
                     }
                     Ok(out)
                 })
                 .await
                 .map_err(|e| (r.chunks[0], Some(ObjectError::from(e))))?;
-            checked.map_err(|(ci, source, at): (u32, EnvelopeError, usize)| {
+            checked.map_err(|(g, source, at): (u32, EnvelopeError, usize)| {
                 (
-                    ci,
+                    g,
                     Some(ObjectError::Corrupt {
                         key: format!("{pack}@{}", r.start + at as u64),
                         source,
@@ -213,10 +250,10 @@ pub async fn check_backup(
                     crcs[uses.read(g) as usize] = Some(crc);
                 }
             }
-            Err((ci, None)) => return Err(ReadError::Manifest(file_of(ci)).into()),
-            Err((ci, Some(source))) => {
+            Err((g, None)) => return Err(ReadError::Manifest(file_of(g)).into()),
+            Err((g, Some(source))) => {
                 return Err(ReadError::Object {
-                    path: file_of(ci),
+                    path: file_of(g),
                     source,
                 }
                 .into())
@@ -226,12 +263,12 @@ pub async fn check_backup(
     // Every entry naming a place another entry was read for must name the same chunk.
     for dests in uses.groups() {
         let read = dests[0].entry;
-        let c = &m.chunks[read as usize];
+        let c = &piece.chunks[read as usize];
         for &crate::files::Use {
             file: fi, entry, ..
         } in dests
         {
-            let e = &m.chunks[entry as usize];
+            let e = &piece.chunks[entry as usize];
             // Same place by construction: the whole entry must be the one checked.
             if e != c {
                 return Err(ReadError::Object {
@@ -246,16 +283,82 @@ pub async fn check_backup(
             crcs[entry as usize] = crcs[read as usize];
         }
     }
-    let mut report = CheckReport::default();
-    for f in m.files.iter().filter(|f| f.kind == FileType::File) {
-        let (mut len, mut crc) = (0u64, 0u32);
-        for ci in f.chunks.indexes() {
-            let c = &m.chunks[ci];
-            let Some(chunk_crc) = crcs[ci] else {
-                return Err(ReadError::Manifest(f.path.clone()).into());
+    crcs.into_iter()
+        .enumerate()
+        .map(|(k, crc)| {
+            crc.ok_or_else(|| {
+                let file = piece
+                    .uses
+                    .groups()
+                    .flatten()
+                    .find(|u| u.entry as usize == k)
+                    .map_or(0, |u| u.file as usize);
+                ReadError::Manifest(
+                    m.files
+                        .get(file)
+                        .map_or_else(String::new, |f| f.path.clone()),
+                )
+                .into()
+            })
+        })
+        .collect()
+}
+
+/// The files of a backup checked as their chunks' CRC-32Cs come, in table order: each
+/// file is compared with PostgreSQL's backup_manifest once its last chunk is in.
+struct FileCheck<'m> {
+    m: &'m BackupManifest,
+    /// What PostgreSQL's backup_manifest lists and no file matched yet.
+    listed: Option<std::collections::HashMap<String, PgFile>>,
+    /// The first file not checked yet.
+    next: usize,
+    /// Bytes and CRC-32C of its chunks so far.
+    len: u64,
+    crc: u32,
+    report: CheckReport,
+}
+
+impl FileCheck<'_> {
+    /// Table entry `i`'s chunk: `plain_len` bytes with CRC-32C `crc`. The files before the
+    /// one holding it are complete: they are checked.
+    fn chunk(&mut self, i: u64, plain_len: u32, crc: u32) -> Result<(), CheckError> {
+        loop {
+            let Some(f) = self.m.files.get(self.next) else {
+                return Err(ReadError::Manifest(format!("chunk {i}")).into());
             };
-            crc = crc32c::crc32c_combine(crc, chunk_crc, c.plain_len() as usize);
-            len += u64::from(c.plain_len());
+            if f.chunks.count > 0 && i < f.chunks.first.saturating_add(f.chunks.count) {
+                break;
+            }
+            self.file_done()?;
+        }
+        self.crc = crc32c::crc32c_combine(self.crc, crc, plain_len as usize);
+        self.len += u64::from(plain_len);
+        Ok(())
+    }
+
+    /// Every chunk is in: the last files are checked, and nothing PostgreSQL listed may be
+    /// left.
+    fn end(mut self) -> Result<CheckReport, CheckError> {
+        while self.next < self.m.files.len() {
+            self.file_done()?;
+        }
+        if let Some(missing) = self.listed.and_then(|l| l.into_keys().min()) {
+            return Err(CheckError::Mismatch {
+                path: missing,
+                what: "is in PostgreSQL's backup_manifest but not in the backup".into(),
+            });
+        }
+        Ok(self.report)
+    }
+
+    /// File `next` has all its chunks in: compared with what its manifests say.
+    fn file_done(&mut self) -> Result<(), CheckError> {
+        let f = &self.m.files[self.next];
+        let (len, crc) = (self.len, self.crc);
+        self.next += 1;
+        (self.len, self.crc) = (0, 0);
+        if f.kind != FileType::File {
+            return Ok(());
         }
         let path = pg_path(f);
         if len != f.size {
@@ -264,14 +367,14 @@ pub async fn check_backup(
                 what: format!("has {len} bytes, the manifest says {}", f.size),
             });
         }
-        report.files += 1;
-        report.bytes += f.size;
-        let Some(listed) = listed.as_mut() else {
-            continue;
+        self.report.files += 1;
+        self.report.bytes += f.size;
+        let Some(listed) = self.listed.as_mut() else {
+            return Ok(());
         };
         let Some(pg) = listed.remove(&path) else {
             if path.starts_with("pg_wal/") {
-                continue;
+                return Ok(());
             }
             return Err(CheckError::Mismatch {
                 path,
@@ -297,13 +400,7 @@ pub async fn check_backup(
                 });
             }
         }
-        report.matched_pg_manifest += 1;
+        self.report.matched_pg_manifest += 1;
+        Ok(())
     }
-    if let Some(missing) = listed.and_then(|l| l.into_keys().min()) {
-        return Err(CheckError::Mismatch {
-            path: missing,
-            what: "is in PostgreSQL's backup_manifest but not in the backup".into(),
-        });
-    }
-    Ok(report)
 }

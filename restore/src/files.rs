@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use repo::envelope::EnvelopeError;
-use repo::manifest::{BackupManifest, FileType, ManifestFile};
+use repo::manifest::{BackupManifest, ChunkRef, FileType, ManifestError, ManifestFile, TableWalk};
 use repo::objects::{ObjectError, ObjectStore};
 use repo::pool::{Pool, PoolGone};
 
@@ -107,6 +107,9 @@ pub enum FilesError {
     /// The manifest points outside itself or outside the directory.
     #[error("backup manifest: {0}")]
     Manifest(String),
+    /// A piece of the chunk table could not be read, or is damaged or inconsistent.
+    #[error(transparent)]
+    Table(ManifestError),
     /// The worker threads died.
     #[error(transparent)]
     Pool(#[from] PoolGone),
@@ -193,8 +196,8 @@ pub(crate) struct Range {
     pub(crate) chunks: Vec<u32>,
 }
 
-/// One use of a chunk: file `file` (an index into the manifest's files) holds chunk table
-/// entry `entry` at `offset`.
+/// One use of a chunk: file `file` (an index into the manifest's files) holds entry
+/// `entry` of a [`Piece`] at `offset`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Use {
     pub(crate) file: u32,
@@ -202,11 +205,11 @@ pub(crate) struct Use {
     pub(crate) offset: u64,
 }
 
-/// Every use of every chunk of a backup, grouped by place (pack and offset), the groups
-/// in pack order: a place several files (or entries) name is fetched once and checked
-/// against every entry that names it. The first use of a group, in file order, names the
-/// entry read for it. 20 bytes or so per chunk, in two flat arrays (a map of lists took
-/// over 100).
+/// Every use of every chunk of a piece of the chunk table, grouped by place (pack and
+/// offset), the groups in pack order: a place several entries name is fetched once and
+/// checked against every entry that names it. The first use of a group, in file order,
+/// names the entry read for it. 20 bytes or so per chunk, in two flat arrays (a map of
+/// lists took over 100).
 #[derive(Debug, Default)]
 pub(crate) struct Uses {
     uses: Vec<Use>,
@@ -226,7 +229,7 @@ impl Uses {
         &self.uses[start..end]
     }
 
-    /// The chunk table entry read for group `g`.
+    /// The entry read for group `g`.
     pub(crate) fn read(&self, g: u32) -> u32 {
         self.uses[self.starts[g as usize] as usize].entry
     }
@@ -237,32 +240,53 @@ impl Uses {
     }
 }
 
-/// The ranged reads that fetch every chunk of `m` once, in pack order, at most
-/// `range_size` bytes each (restore and verify read a backup this way).
-pub(crate) fn plan(m: &BackupManifest, range_size: u64) -> (Uses, Vec<Range>) {
-    let total: usize = m.files.iter().map(|f| f.chunks.indexes().len()).sum();
-    let mut uses = Vec::with_capacity(total);
-    for (fi, f) in m.files.iter().enumerate() {
-        let mut offset = 0u64;
-        for ci in f.chunks.indexes() {
-            uses.push(Use {
-                file: fi as u32,
-                entry: ci as u32,
-                offset,
-            });
-            offset += u64::from(m.chunks[ci].plain_len());
-        }
+/// A piece of a backup's chunk table (at most [`repo::manifest::CHUNKS_PER_PIECE`]
+/// entries) with its uses: what the ranged reads planned from it fetch and check. A
+/// restore or a verify holds the pieces in flight only, whatever the backup's size; a
+/// place named in two pieces is fetched once for each.
+#[derive(Debug)]
+pub(crate) struct Piece {
+    /// The table index of its first entry.
+    pub(crate) first: u64,
+    /// Its entries.
+    pub(crate) chunks: Vec<ChunkRef>,
+    pub(crate) uses: Uses,
+}
+
+impl Piece {
+    /// The entry read for group `g`.
+    pub(crate) fn read(&self, g: u32) -> &ChunkRef {
+        &self.chunks[self.uses.read(g) as usize]
     }
+}
+
+/// Walks entries `first..` of the chunk table (checking them, [`TableWalk`]) and plans the
+/// ranged reads that fetch each of their chunks once, in pack order, at most `range_size`
+/// bytes each (restore and verify read a backup this way).
+pub(crate) fn plan_piece(
+    walk: &mut TableWalk,
+    first: u64,
+    chunks: Vec<ChunkRef>,
+    range_size: u64,
+) -> Result<(Piece, Vec<Range>), String> {
+    let mut uses = Vec::with_capacity(chunks.len());
+    walk.walk(first, &chunks, |k, file, offset| {
+        uses.push(Use {
+            file: file as u32,
+            entry: k as u32,
+            offset,
+        })
+    })?;
     // By place; within a place, in file order (the first names the entry read).
     uses.sort_unstable_by_key(|u| {
-        let c = &m.chunks[u.entry as usize];
+        let c = &chunks[u.entry as usize];
         (c.pack(), c.range().start, u.file, u.offset)
     });
     let mut starts: Vec<u32> = Vec::new();
     let mut ranges: Vec<Range> = Vec::new();
     let mut last_place = None;
     for (i, u) in uses.iter().enumerate() {
-        let c = &m.chunks[u.entry as usize];
+        let c = &chunks[u.entry as usize];
         let place = (c.pack(), c.range().start);
         if last_place == Some(place) {
             continue;
@@ -291,14 +315,44 @@ pub(crate) fn plan(m: &BackupManifest, range_size: u64) -> (Uses, Vec<Range>) {
             }),
         }
     }
-    (Uses { uses, starts }, ranges)
+    let piece = Piece {
+        first,
+        chunks,
+        uses: Uses { uses, starts },
+    };
+    Ok((piece, ranges))
+}
+
+/// Backup `m`'s chunk table read a piece at a time, each piece checked and planned
+/// ([`plan_piece`]); `m`'s header ([`BackupManifest::check_header`]) must be checked.
+pub(crate) fn planned<'a>(
+    objects: &'a ObjectStore,
+    m: &'a BackupManifest,
+    range_size: u64,
+) -> impl futures::Stream<Item = Result<(Arc<Piece>, Vec<Range>), ManifestError>> + 'a {
+    let count = m.chunk_table.count;
+    m.table_pieces(objects, 1)
+        .scan(TableWalk::new(m), move |walk, piece| {
+            let bad = |reason| ManifestError::Bad {
+                key: m.key(),
+                reason,
+            };
+            let planned = piece.and_then(|(first, chunks)| {
+                let end = first + chunks.len() as u64;
+                let (piece, ranges) = plan_piece(walk, first, chunks, range_size).map_err(bad)?;
+                if end >= count {
+                    walk.finish().map_err(bad)?;
+                }
+                Ok((Arc::new(piece), ranges))
+            });
+            futures::future::ready(Some(planned))
+        })
 }
 
 struct Shared {
     manifest: BackupManifest,
     protection: repo::envelope::Protection,
     paths: Vec<PathBuf>,
-    uses: Uses,
     written: Arc<AtomicU64>,
     /// Per file: written to since the flusher last flushed it.
     dirty: Vec<AtomicBool>,
@@ -307,20 +361,20 @@ struct Shared {
 /// Plaintext bytes a job checks and writes at most (unless one chunk is larger).
 const JOB_PLAIN_BYTES: u64 = 16 << 20;
 
-/// Range `r` as parts of at most [`JOB_PLAIN_BYTES`] of plaintext each, all with `r`'s
-/// start (offsets stay relative to the bytes read for `r`).
-fn split_by_plain(m: &BackupManifest, uses: &Uses, r: Range) -> Vec<Range> {
+/// Range `r` of `piece` as parts of at most [`JOB_PLAIN_BYTES`] of plaintext each, all
+/// with `r`'s start (offsets stay relative to the bytes read for `r`).
+fn split_by_plain(piece: &Piece, r: Range) -> Vec<Range> {
     let mut parts = Vec::new();
     let mut chunks = Vec::new();
     let mut plain = 0u64;
-    for ci in r.chunks {
-        let len = u64::from(m.chunks[uses.read(ci) as usize].plain_len);
+    for g in r.chunks {
+        let len = u64::from(piece.read(g).plain_len);
         if plain + len > JOB_PLAIN_BYTES && !chunks.is_empty() {
             parts.push(std::mem::take(&mut chunks));
             plain = 0;
         }
         plain += len;
-        chunks.push(ci);
+        chunks.push(g);
     }
     if !chunks.is_empty() {
         parts.push(chunks);
@@ -337,11 +391,11 @@ fn split_by_plain(m: &BackupManifest, uses: &Uses, r: Range) -> Vec<Range> {
 }
 
 /// Checks the chunks of one range and writes them where they belong.
-fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
+fn write_range(s: &Shared, piece: &Piece, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
     let mut open: Option<(u32, fs::File)> = None;
     for &g in &r.chunks {
-        let dests = s.uses.group(g);
-        let c = &s.manifest.chunks[dests[0].entry as usize];
+        let dests = piece.uses.group(g);
+        let c = &piece.chunks[dests[0].entry as usize];
         let corrupt_in = |fi: u32, source: EnvelopeError| FilesError::Object {
             path: s.manifest.files[fi as usize].path.clone(),
             source: ObjectError::Corrupt {
@@ -371,7 +425,7 @@ fn write_range(s: &Shared, r: &Range, bytes: &[u8]) -> Result<(), FilesError> {
             // Another entry naming the same place in the same pack must name the same
             // chunk: the whole entry (hash and lengths; the place is the same by
             // construction) is compared with the one checked.
-            let e = &s.manifest.chunks[entry as usize];
+            let e = &piece.chunks[entry as usize];
             if entry != dests[0].entry && e != c {
                 return Err(corrupt_in(
                     fi,
@@ -433,10 +487,31 @@ pub async fn lay_out_files(m: &BackupManifest, places: Places) -> Result<LaidOut
 
 /// What a restore checks before it writes anything: the manifest's numbers and where each
 /// of its entries goes ([`crate::dest::place`]: a manifest that would write outside the
-/// restore's directories is refused here).
+/// restore's directories is refused here). The chunk table is checked next
+/// ([`check_table`]), and each piece again as it is read to be used ([`write_files`]).
 pub fn check_manifest(m: &BackupManifest, options: &FilesOptions) -> Result<Places, FilesError> {
-    m.check().map_err(FilesError::Manifest)?;
+    m.check_header().map_err(FilesError::Manifest)?;
     place(m, &options.to, &options.tablespace_map).map_err(FilesError::Manifest)
+}
+
+/// Reads backup `m`'s whole chunk table and checks it (each piece's hash and length, every
+/// entry against the files, [`TableWalk`]) without keeping it: a restore does this before
+/// it writes anything, so that a damaged or inconsistent table leaves nothing behind. The
+/// pieces are read again as the files are fetched ([`write_files`]): 52 bytes a chunk of
+/// 64 KiB, under a thousandth of what is restored. `m`'s header must be checked.
+pub async fn check_table(objects: &ObjectStore, m: &BackupManifest) -> Result<(), FilesError> {
+    let bad = |reason| {
+        FilesError::Table(ManifestError::Bad {
+            key: m.key(),
+            reason,
+        })
+    };
+    let mut walk = TableWalk::new(m);
+    let mut pieces = std::pin::pin!(m.table_pieces(objects, 4));
+    while let Some((first, chunks)) = pieces.try_next().await.map_err(FilesError::Table)? {
+        walk.walk(first, &chunks, |_, _, _| {}).map_err(bad)?;
+    }
+    walk.finish().map_err(bad)
 }
 
 /// Fills the files [`lay_out_files`] made, each chunk checked against every chunk table
@@ -450,15 +525,11 @@ pub async fn write_files(
 ) -> Result<FilesReport, FilesError> {
     let started = std::time::Instant::now();
     let paths = laid_out.places.paths.clone();
-    let (uses, ranges) = plan(m, options.range_size);
-    let requests = ranges.len() as u64;
-    let fetched: u64 = ranges.iter().map(|r| r.end - r.start).sum();
     let shared = Arc::new(Shared {
         manifest: m.clone(),
         protection: objects.protection().clone(),
         dirty: paths.iter().map(|_| AtomicBool::new(false)).collect(),
         paths,
-        uses,
         written,
     });
     let pool = Arc::new(Pool::new(
@@ -494,13 +565,25 @@ pub async fn write_files(
             .ok();
         (done, handle)
     };
-    let fetched_all = futures::stream::iter(ranges)
-        .map(|r| {
+    // The chunk table a piece at a time: the ranges of the next piece are planned as the
+    // last ones of this one are fetched.
+    let (mut requests, mut fetched) = (0u64, 0u64);
+    let fetched_all = planned(objects, m, options.range_size)
+        .map_err(FilesError::Table)
+        .map_ok(|(piece, ranges)| {
+            futures::stream::iter(ranges.into_iter().map(move |r| Ok((piece.clone(), r))))
+        })
+        .try_flatten()
+        .inspect_ok(|(_, r)| {
+            requests += 1;
+            fetched += r.end - r.start;
+        })
+        .map_ok(|(piece, r)| {
             let shared = shared.clone();
             let pool = pool.clone();
             async move {
                 let key = shared.manifest.pack_key(r.pack).unwrap_or_default();
-                let first = &shared.manifest.files[shared.uses.group(r.chunks[0])[0].file as usize];
+                let first = &shared.manifest.files[piece.uses.group(r.chunks[0])[0].file as usize];
                 let object = |source: ObjectError| FilesError::Object {
                     path: first.path.clone(),
                     source,
@@ -519,19 +602,17 @@ pub async fn write_files(
                 // A well-compressed range holds far more plaintext than its size: its
                 // chunks are checked and written in several jobs, so that the last ranges
                 // do not leave all but one thread idle.
-                let jobs = split_by_plain(&shared.manifest, &shared.uses, r)
-                    .into_iter()
-                    .map(|part| {
-                        let (s, bytes) = (shared.clone(), bytes.clone());
-                        pool.run(move || write_range(&s, &part, &bytes))
-                    });
+                let jobs = split_by_plain(&piece, r).into_iter().map(|part| {
+                    let (s, piece, bytes) = (shared.clone(), piece.clone(), bytes.clone());
+                    pool.run(move || write_range(&s, &piece, &part, &bytes))
+                });
                 for done in futures::future::join_all(jobs).await {
                     done??;
                 }
                 Ok(())
             }
         })
-        .buffer_unordered(options.fetches.max(1))
+        .try_buffer_unordered(options.fetches.max(1))
         .try_collect::<()>()
         .await;
     flusher.0.store(true, Ordering::Relaxed);

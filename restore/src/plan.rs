@@ -30,7 +30,8 @@ pub enum TimelineChoice {
 /// What the restore will do.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// The backup to restore.
+    /// The backup to restore: its manifest without the chunk table (`chunks` is empty; a
+    /// restore reads the table a piece at a time).
     pub backup: BackupManifest,
     /// The timeline recovery ends on.
     pub timeline: u32,
@@ -636,8 +637,9 @@ pub async fn plan(
                 name_of(newest).to_string(),
             )
         });
-    // Only the backup chosen is read whole (its chunk table): the others' headers sufficed.
-    let backup = chosen.clone().with_table(repo.objects()).await?;
+    // Headers only: a restore reads the chosen backup's chunk table a piece at a time as
+    // it fetches the files.
+    let backup = chosen.clone();
     Ok(Plan {
         backup,
         timeline: tli,

@@ -18,7 +18,8 @@ use repo::slots::KeySetting;
 use repo::url::RepoUrl;
 
 use crate::files::{
-    check_manifest, finish_files, lay_out_files, write_files, FilesError, FilesOptions, FilesReport,
+    check_manifest, check_table, finish_files, lay_out_files, write_files, FilesError,
+    FilesOptions, FilesReport,
 };
 use crate::plan::{plan, Plan, PlanError, TimelineChoice};
 use crate::recovery::{self, Action, RecoveryConfig};
@@ -238,8 +239,9 @@ async fn restore_planned(
     }
     files_options.fetches = o.parallel.max(1);
     files_options.before_pg_control = o.before_pg_control;
-    // The whole manifest, before anything is written.
+    // The whole manifest and its chunk table, before anything is written.
     let places = check_manifest(m, &files_options)?;
+    check_table(repo.objects(), m).await?;
     let plan_seconds = started.elapsed().as_secs_f64();
     let pg_bin = match &o.start {
         Some(s) => Some(

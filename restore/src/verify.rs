@@ -293,7 +293,8 @@ async fn verify_ids(
         // The backup's own timeline, from its manifest when the files were checked.
         let mut own_timeline = None;
         if !o.wal_only {
-            let loaded = BackupManifest::load(repo.objects(), &id).await;
+            // Its header: the chunk table is read a piece at a time as the files are.
+            let loaded = BackupManifest::load_header(repo.objects(), &id).await;
             if let Ok(m) = &loaded {
                 own_timeline = Some(m.timeline);
             }
@@ -313,6 +314,14 @@ async fn verify_ids(
                         b.bytes = r.bytes;
                         b.matched_pg_manifest = r.matched_pg_manifest;
                         report.bytes += r.bytes;
+                    }
+                    Err(CheckError::Table(e)) => {
+                        let why = manifest_verdict(e)?;
+                        b.files_ok = Some(false);
+                        report.problems.push(problem(
+                            Severity::Damaged,
+                            format!("its chunk table cannot be read: {why}"),
+                        ));
                     }
                     Err(e) => {
                         let storage = matches!(

@@ -149,13 +149,8 @@ pub(super) fn timeline(text: &str) -> Result<TimelineChoice, Failure> {
 fn plan_failure(e: PlanError) -> Failure {
     let exit = match &e {
         PlanError::Unreachable { .. } | PlanError::NoBackup(_) => Exit::Unreachable,
-        PlanError::Object(ObjectError::Corrupt { .. })
-        | PlanError::Bad(_)
-        | PlanError::Manifest(
-            ManifestError::Bad { .. }
-            | ManifestError::UnknownFormat { .. }
-            | ManifestError::Object(ObjectError::Corrupt { .. }),
-        ) => Exit::Corrupt,
+        PlanError::Object(ObjectError::Corrupt { .. }) | PlanError::Bad(_) => Exit::Corrupt,
+        PlanError::Manifest(m) => manifest_exit(m),
         _ => Exit::Repository,
     };
     let hint = e.hint();
@@ -163,6 +158,17 @@ fn plan_failure(e: PlanError) -> Failure {
     match hint {
         Some(h) => f.hint(h),
         None => f,
+    }
+}
+
+/// A manifest or chunk table piece damaged or of a newer format is corrupt input; one that
+/// could not be read is the repository's failure.
+fn manifest_exit(e: &ManifestError) -> Exit {
+    match e {
+        ManifestError::Bad { .. }
+        | ManifestError::UnknownFormat { .. }
+        | ManifestError::Object(ObjectError::Corrupt { .. }) => Exit::Corrupt,
+        _ => Exit::Repository,
     }
 }
 
@@ -175,6 +181,7 @@ fn files_failure(e: FilesError, to: &Path) -> Failure {
         }
         | FilesError::Manifest(_) => Exit::Corrupt,
         FilesError::Io { .. } => Exit::BadInput,
+        FilesError::Table(m) => manifest_exit(m),
         _ => Exit::Repository,
     };
     let f = Failure::new(exit, format!("restore failed: {e}"));

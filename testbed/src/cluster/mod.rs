@@ -384,8 +384,22 @@ impl Cluster {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
         let name = src.file_name().context("binary path has no file name")?;
         let dest = dir.join(name);
-        std::fs::copy(src, &dest)
-            .with_context(|| format!("copy {} to {}", src.display(), dest.display()))?;
+        // Copied by another process: a file this (multi-threaded) process held open for
+        // writing would be inherited by any child another thread forks meanwhile, until
+        // that child's exec, and running the copy then fails with ETXTBSY ("Text file
+        // busy"; a test met it). cp's own descriptor goes when cp exits.
+        let status = std::process::Command::new("cp")
+            .arg("--")
+            .arg(src)
+            .arg(&dest)
+            .status()
+            .with_context(|| format!("run cp {} {}", src.display(), dest.display()))?;
+        anyhow::ensure!(
+            status.success(),
+            "cp {} {}: {status}",
+            src.display(),
+            dest.display()
+        );
         std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))?;
         Ok(dest)
     }
