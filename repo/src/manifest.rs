@@ -747,19 +747,26 @@ impl<'m> TableWalk<'m> {
                 ));
             }
             // The file holding entry i: the header check made the files' runs follow one
-            // another, so it is this one or a later one.
+            // another, so it is this one or a later one (checked again here: a walk of a
+            // manifest whose header was not checked refuses, never misplaces).
             let f = loop {
                 let Some(f) = m.files.get(self.file) else {
                     return Err(format!("chunk {i} is in no file"));
                 };
                 if f.chunks.count > 0 && i < f.chunks.first.saturating_add(f.chunks.count) {
+                    if i < f.chunks.first {
+                        return Err(format!(
+                            "chunk {i} is in no file (the next starts at {})",
+                            f.chunks.first
+                        ));
+                    }
                     break f;
                 }
                 self.file += 1;
                 self.offset = 0;
             };
             let end = self.offset.saturating_add(u64::from(c.plain_len));
-            let last = i + 1 == f.chunks.first + f.chunks.count;
+            let last = i + 1 == f.chunks.first.saturating_add(f.chunks.count);
             if end > f.size || (last && end != f.size) {
                 return Err(format!(
                     "file {} has {}{end} bytes of chunks for size {}",

@@ -565,8 +565,8 @@ pub async fn write_files(
             .ok();
         (done, handle)
     };
-    // The chunk table a piece at a time: the ranges of the next piece are planned as the
-    // last ones of this one are fetched.
+    // The chunk table a piece at a time: the next piece is read and planned once every
+    // range of this one is under way (a pause of one piece's read per 4 GiB or so).
     let (mut requests, mut fetched) = (0u64, 0u64);
     let fetched_all = planned(objects, m, options.range_size)
         .map_err(FilesError::Table)

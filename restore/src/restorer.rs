@@ -239,10 +239,9 @@ async fn restore_planned(
     }
     files_options.fetches = o.parallel.max(1);
     files_options.before_pg_control = o.before_pg_control;
-    // The whole manifest and its chunk table, before anything is written.
+    // The whole manifest, the server binaries, then the chunk table (read through once),
+    // before anything is written.
     let places = check_manifest(m, &files_options)?;
-    check_table(repo.objects(), m).await?;
-    let plan_seconds = started.elapsed().as_secs_f64();
     let pg_bin = match &o.start {
         Some(s) => Some(
             crate::start::find_bin(m.pg_version, s.pg_bin.as_deref())
@@ -250,6 +249,8 @@ async fn restore_planned(
         ),
         None => None,
     };
+    check_table(repo.objects(), m).await?;
+    let plan_seconds = started.elapsed().as_secs_f64();
     progress.planned(&plan);
 
     let written = Arc::new(AtomicU64::new(0));

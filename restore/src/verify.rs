@@ -320,7 +320,9 @@ async fn verify_ids(
                         b.files_ok = Some(false);
                         report.problems.push(problem(
                             Severity::Damaged,
-                            format!("its chunk table cannot be read: {why}"),
+                            // The manifest's numbers or a piece of its chunk table (the
+                            // reason names which object).
+                            format!("its manifest cannot be used: {why}"),
                         ));
                     }
                     Err(e) => {

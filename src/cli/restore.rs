@@ -187,7 +187,8 @@ fn files_failure(e: FilesError, to: &Path) -> Failure {
     let f = Failure::new(exit, format!("restore failed: {e}"));
     if matches!(e, FilesError::NotEmpty(_)) {
         f.hint("restore into a new or empty directory")
-    } else if !to.exists() {
+    } else if !to.join(INCOMPLETE_MARKER).exists() {
+        // Refused before anything was laid out.
         f
     } else {
         f.hint(format!(

@@ -269,47 +269,55 @@ fn a_chunk_table_in_many_pieces_restores_and_verifies_piece_by_piece() {
             .args(["restore", "--repo", &b.url, "--to"])
             .arg(&whole),
     );
-    const PER: usize = 97;
     let table = {
         let (_, plain) =
             envelope::decode(&std::fs::read(b.object("chunks/000000")).unwrap()).unwrap();
         plain.to_vec()
     };
-    let pieces: Vec<&[u8]> = table.chunks(PER * 52).collect();
-    assert!(pieces.len() >= 5, "{} entries", table.len() / 52);
-    let mut names = Vec::new();
-    for (n, piece) in pieces.iter().enumerate() {
-        let env = envelope::encode(piece, EncodeOptions::default());
-        let hash = envelope::header(&env).unwrap().hash;
-        std::fs::write(b.object(&format!("chunks/{n:06}")), &env).unwrap();
-        names.push(hash.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let mut pieces: Vec<&[u8]> = Vec::new();
+    // One entry a piece puts every file's end (and every file without chunks, and every
+    // directory) at a piece's end; 97 a piece, most files straddle one.
+    for per in [1, 97] {
+        pieces = table.chunks(per * 52).collect();
+        assert!(pieces.len() >= 5, "{} entries", table.len() / 52);
+        let mut names = Vec::new();
+        for (n, piece) in pieces.iter().enumerate() {
+            let env = envelope::encode(piece, EncodeOptions::default());
+            let hash = envelope::header(&env).unwrap().hash;
+            std::fs::write(b.object(&format!("chunks/{n:06}")), &env).unwrap();
+            names.push(hash.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        }
+        b.edit_manifest(|m| {
+            m["chunk_table"]["per_piece"] = per.into();
+            m["chunk_table"]["pieces"] = names.clone().into();
+        });
+        let cut = dirs.path().join(format!("cut{per}"));
+        succeeds(
+            crate::pitr()
+                .args(["restore", "--repo", &b.url, "--to"])
+                .arg(&cut),
+        );
+        let (mut a, mut c) = (files_under(&whole), files_under(&cut));
+        // The recovery settings name the directory restored into.
+        let auto = PathBuf::from("postgresql.auto.conf");
+        assert!(a.remove(&auto).is_some() && c.remove(&auto).is_some());
+        assert_eq!(a.keys().collect::<Vec<_>>(), c.keys().collect::<Vec<_>>());
+        for (path, bytes) in &a {
+            assert!(
+                &c[path] == bytes,
+                "{} differs ({per} a piece)",
+                path.display()
+            );
+        }
+        // verify compares every file with PostgreSQL's backup_manifest: CRCs carried over
+        // the piece ends.
+        let out =
+            succeeds(crate::pitr().args(["verify", "--backups-only", "--json", "--repo", &b.url]));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let backup = &v["backups"][0];
+        assert_eq!(backup["files_ok"], true, "{per} a piece: {v}");
+        assert!(backup["matched_pg_manifest"].as_u64().unwrap() > 500, "{v}");
     }
-    b.edit_manifest(|m| {
-        m["chunk_table"]["per_piece"] = PER.into();
-        m["chunk_table"]["pieces"] = names.clone().into();
-    });
-    let cut = dirs.path().join("cut");
-    succeeds(
-        crate::pitr()
-            .args(["restore", "--repo", &b.url, "--to"])
-            .arg(&cut),
-    );
-    let (mut a, mut c) = (files_under(&whole), files_under(&cut));
-    // The recovery settings name the directory restored into.
-    let auto = PathBuf::from("postgresql.auto.conf");
-    assert!(a.remove(&auto).is_some() && c.remove(&auto).is_some());
-    assert_eq!(a.keys().collect::<Vec<_>>(), c.keys().collect::<Vec<_>>());
-    for (path, bytes) in &a {
-        assert!(&c[path] == bytes, "{} differs", path.display());
-    }
-    // verify compares every file with PostgreSQL's backup_manifest: CRCs carried over the
-    // piece ends.
-    let out =
-        succeeds(crate::pitr().args(["verify", "--backups-only", "--json", "--repo", &b.url]));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let backup = &v["backups"][0];
-    assert_eq!(backup["files_ok"], true, "{v}");
-    assert!(backup["matched_pg_manifest"].as_u64().unwrap() > 500, "{v}");
 
     // An entry of a later piece made one byte longer: refused as damage naming the file,
     // before anything is written; and verify calls the backup damaged.
