@@ -62,8 +62,9 @@ pub struct Places {
     pub to: PathBuf,
     /// Each tablespace's destination, by OID.
     pub spaces: HashMap<u32, PathBuf>,
-    /// Per manifest entry, in order: where it goes (pg_control: its pending name).
-    pub paths: Vec<PathBuf>,
+    /// Per manifest entry, in order: where it goes (pg_control: its pending name). Shared
+    /// with the threads that write the files.
+    pub paths: std::sync::Arc<[PathBuf]>,
     /// The links to make once every file is written: (where, what it points at).
     pub links: Vec<(PathBuf, PathBuf)>,
 }
@@ -206,7 +207,7 @@ pub fn place(m: &BackupManifest, to: &Path, map: &HashMap<u32, PathBuf>) -> Resu
     Ok(Places {
         to: to.to_owned(),
         spaces,
-        paths,
+        paths: paths.into(),
         links,
     })
 }

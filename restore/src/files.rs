@@ -154,7 +154,7 @@ fn lay_out(m: &BackupManifest, places: &Places) -> Result<(), FilesError> {
         ),
     )
     .map_err(io_err(&marker))?;
-    for (f, path) in m.files.iter().zip(&places.paths) {
+    for (f, path) in m.files.iter().zip(places.paths.iter()) {
         let root = match f.tablespace {
             None => &places.to,
             Some(oid) => &places.spaces[&oid],
@@ -350,9 +350,9 @@ pub(crate) fn planned<'a>(
 }
 
 struct Shared {
-    manifest: BackupManifest,
+    manifest: Arc<BackupManifest>,
     protection: repo::envelope::Protection,
-    paths: Vec<PathBuf>,
+    paths: Arc<[PathBuf]>,
     written: Arc<AtomicU64>,
     /// Per file: written to since the flusher last flushed it.
     dirty: Vec<AtomicBool>,
@@ -478,7 +478,7 @@ pub struct LaidOut {
 /// Checks the targets are empty and makes the directories and files (empty, at their
 /// sizes) of backup `m` where `places` ([`check_manifest`]) says, with the marker that a
 /// restore is in progress.
-pub async fn lay_out_files(m: &BackupManifest, places: Places) -> Result<LaidOut, FilesError> {
+pub async fn lay_out_files(m: &Arc<BackupManifest>, places: Places) -> Result<LaidOut, FilesError> {
     let m = m.clone();
     tokio::task::spawn_blocking(move || lay_out(&m, &places).map(|()| LaidOut { places }))
         .await
@@ -518,7 +518,7 @@ pub async fn check_table(objects: &ObjectStore, m: &BackupManifest) -> Result<()
 /// entry that names it. Nothing is final yet: [`finish_files`] follows.
 pub async fn write_files(
     objects: &ObjectStore,
-    m: &BackupManifest,
+    m: &Arc<BackupManifest>,
     options: &FilesOptions,
     laid_out: &LaidOut,
     written: Arc<AtomicU64>,
@@ -668,7 +668,7 @@ pub async fn finish_files(
     // its recovery.signal): the recovery settings just replaced it with the one this
     // restore wants, which they flushed themselves.
     let signals = [to.join("standby.signal"), to.join("recovery.signal")];
-    for (f, p) in m.files.iter().zip(&places.paths) {
+    for (f, p) in m.files.iter().zip(places.paths.iter()) {
         match f.kind {
             FileType::Directory => dirs.push(p.clone()),
             FileType::File if signals.contains(p) => {}

@@ -32,7 +32,7 @@ pub enum TimelineChoice {
 pub struct Plan {
     /// The backup to restore: its manifest without the chunk table (`chunks` is empty; a
     /// restore reads the table a piece at a time).
-    pub backup: BackupManifest,
+    pub backup: std::sync::Arc<BackupManifest>,
     /// The timeline recovery ends on.
     pub timeline: u32,
     /// The first and last segment recovery needs.
@@ -639,7 +639,7 @@ pub async fn plan(
         });
     // Headers only: a restore reads the chosen backup's chunk table a piece at a time as
     // it fetches the files.
-    let backup = chosen.clone();
+    let backup = std::sync::Arc::new(chosen.clone());
     Ok(Plan {
         backup,
         timeline: tli,

@@ -521,7 +521,7 @@ async fn check_wal(
         timeline: p.timeline,
         first_segment: p.first_segment,
         last_segment: p.last_segment,
-        from: p.backup.stop_time,
+        from: p.backup.stop_time.clone(),
         to: p.last_xact_time,
         ends_before,
     }))
