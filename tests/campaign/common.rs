@@ -251,11 +251,16 @@ pub fn counts_minus(a: FaultCounts, b: FaultCounts) -> FaultCounts {
     }
 }
 
+/// "1 connection", "2 connections".
+fn plural(n: u64, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 pub fn describe(c: FaultCounts, requests: u64) -> String {
     format!(
-        "{} storage faults in {requests} requests ({} connections reset before a response, {} stalled 3 s, {} cut midway, {} 503 SlowDown, {} 500 after performing)",
+        "{} storage faults in {requests} requests ({} reset before a response, {} stalled 3 s, {} cut midway, {} 503 SlowDown, {} 500 after performing)",
         c.total(),
-        c.reset,
+        plural(c.reset, "connection"),
         c.stall,
         c.cut,
         c.slow_down,
