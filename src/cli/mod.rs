@@ -25,7 +25,7 @@ mod wal_push;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 pub use failure::{Exit, Failure};
 
@@ -260,6 +260,34 @@ fn injected_panic(command: &str) {
     }
 }
 
+/// Options that mean something only beside another: given on the command line without it,
+/// they are refused as a usage error (clap's `requires` would also refuse them when they
+/// come from the environment or the configuration file, where they are only ignored).
+fn only_with(m: &clap::ArgMatches) -> Result<(), clap::Error> {
+    const PAIRS: [(&str, &str, &str); 2] = [
+        ("copy", "interval", "follow"),
+        ("restore", "pg_bin", "start"),
+    ];
+    let Some((name, sub)) = m.subcommand() else {
+        return Ok(());
+    };
+    for (command, option, needs) in PAIRS {
+        if name == command
+            && sub.value_source(option) == Some(clap::parser::ValueSource::CommandLine)
+            && !sub.get_flag(needs)
+        {
+            return Err(Cli::command().error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                format!(
+                    "pitr {command}: --{} applies only with --{needs}",
+                    option.replace('_', "-")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Parses the command line and runs the chosen command.
 pub fn run() -> ExitCode {
     // The configuration file first: what it gives becomes the environment's defaults,
@@ -283,7 +311,10 @@ pub fn run() -> ExitCode {
         }
         return failure.report();
     }
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| only_with(&m).and_then(|()| Cli::from_arg_matches(&m)));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             // As restore_command, a command line this pitr does not take (written by

@@ -123,3 +123,41 @@ fn server_user_can_run_pitr_from_archive_command() {
         format!("pitr {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// An option that only means something beside another is refused on the command line
+/// without it (a usage error, exit 2), and ignored when it comes from the environment.
+#[test]
+fn options_that_need_another_are_refused_without_it() {
+    for (args, says) in [
+        (
+            &["copy", "--to", "file:///nonexistent/b", "--interval", "5s"][..],
+            "--interval applies only with --follow",
+        ),
+        (
+            &["restore", "--to", "/nonexistent/r", "--pg-bin", "/usr/bin"][..],
+            "--pg-bin applies only with --start",
+        ),
+    ] {
+        let out = pitr()
+            .args(args)
+            .env("PITR_REPO", "file:///nonexistent/a")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // From the environment (a service's settings, say): not a usage error.
+    let out = pitr()
+        .args(["restore", "--to", "/nonexistent/r"])
+        .env("PITR_REPO", "file:///nonexistent/a")
+        .env("PITR_PG_BIN", "/usr/bin")
+        .output()
+        .unwrap();
+    assert_ne!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
