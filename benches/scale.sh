@@ -46,6 +46,24 @@ timed() {
   row "$shape" "$size" "$files" "$name" "$secs" "$rss"
 }
 
+# wal_commands REPO LIST RESTORE VERIFY EXPIRE [BACKUP-OPTION]...: for the WAL shape, times
+# list, a restore to the end of the WAL (and prints its planning time), verify, and an
+# expire after another backup, on REPO, under the names given.
+wal_commands() {
+  local r="$1" list="$2" restore="$3" verify="$4" expire="$5"
+  shift 5
+  timed "$shape" "$size" "$segs seg" "$list" "$PITR" list --repo "$r"
+  timed "$shape" "$size" "$segs seg" "$restore" "$PITR" restore --repo "$r" \
+    --to "$work/restored" --archive-mode off --json
+  plan="$(python3 -c 'import json,sys; print("%.2f" % json.load(open(sys.argv[1]))["plan_seconds"])' "$work/out")"
+  echo "  (of which planning: $plan s)"
+  rm -rf "$work/restored"
+  timed "$shape" "$size" "$segs seg" "$verify" "$PITR" verify --repo "$r"
+  "$PITR" backup --repo "$r" --pg "$conn" --fast "$@" >/dev/null
+  timed "$shape" "$size" "$segs seg" "$expire" "$PITR" expire --repo "$r" \
+    --keep-last 1 --grace 0s
+}
+
 printf '%-18s %9s %8s %-22s %9s %12s\n' shape "DB MB" files command seconds "peak RSS"
 n=0
 for shape in "${SHAPES[@]}"; do
@@ -137,27 +155,10 @@ CONF
     cp -a "$work/s3/pitr-test/scale-$n" "$work/fsrepo"
     rm -rf "$work/fsrepo/running"
     fsrepo="file://$work/fsrepo"
-    timed "$shape" "$size" "$segs seg" "list (file://)" "$PITR" list --repo "$fsrepo"
-    timed "$shape" "$size" "$segs seg" "restore (file://)" "$PITR" restore --repo "$fsrepo" \
-      --to "$work/restored" --archive-mode off --json
-    plan="$(python3 -c 'import json,sys; print("%.2f" % json.load(open(sys.argv[1]))["plan_seconds"])' "$work/out")"
-    echo "  (of which planning: $plan s)"
-    rm -rf "$work/restored"
-    timed "$shape" "$size" "$segs seg" "verify (file://)" "$PITR" verify --repo "$fsrepo"
-    "$PITR" backup --repo "$fsrepo" --pg "$conn" --fast --wal >/dev/null
-    timed "$shape" "$size" "$segs seg" "expire (file://)" "$PITR" expire --repo "$fsrepo" \
-      --keep-last 1 --grace 0s
+    wal_commands "$fsrepo" "list (file://)" "restore (file://)" "verify (file://)" \
+      "expire (file://)" --wal
     rm -rf "$work/fsrepo"
-    timed "$shape" "$size" "$segs seg" "list" "$PITR" list --repo "$repo"
-    timed "$shape" "$size" "$segs seg" "restore (to the end)" "$PITR" restore --repo "$repo" \
-      --to "$work/restored" --archive-mode off --json
-    plan="$(python3 -c 'import json,sys; print("%.2f" % json.load(open(sys.argv[1]))["plan_seconds"])' "$work/out")"
-    echo "  (of which planning: $plan s)"
-    rm -rf "$work/restored"
-    timed "$shape" "$size" "$segs seg" "verify" "$PITR" verify --repo "$repo"
-    "$PITR" backup --repo "$repo" --pg "$conn" --fast >/dev/null
-    timed "$shape" "$size" "$segs seg" "expire (keep-last 1)" "$PITR" expire --repo "$repo" \
-      --keep-last 1 --grace 0s
+    wal_commands "$repo" "list" "restore (to the end)" "verify" "expire (keep-last 1)"
   else
     timed "$shape" "$size" "$files" "backup" "$PITR" backup --repo "$repo" --pg "$conn" --fast --wal
     timed "$shape" "$size" "$files" "verify" "$PITR" verify --repo "$repo"

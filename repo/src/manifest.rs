@@ -507,10 +507,7 @@ impl BackupManifest {
         // not copied).
         chunks.shrink_to_fit();
         self.chunks = Arc::new(chunks);
-        self.check().map_err(|reason| ManifestError::Bad {
-            key: self.key(),
-            reason,
-        })?;
+        self.check().map_err(|reason| self.bad(reason))?;
         Ok(self)
     }
 
@@ -821,6 +818,27 @@ impl BackupManifest {
     /// The key of the manifest (this generation's).
     pub fn key(&self) -> String {
         manifest_key_at(&self.id, self.generation)
+    }
+
+    /// This manifest, or its chunk table, is inconsistent: `reason`.
+    pub fn bad(&self, reason: String) -> ManifestError {
+        ManifestError::Bad {
+            key: self.key(),
+            reason,
+        }
+    }
+
+    /// Reads the whole chunk table, a few pieces at a time, and walks it ([`TableWalk`])
+    /// without keeping it: what [`BackupManifest::check`] checks, for a manifest loaded
+    /// without its table (whose header is checked).
+    pub async fn check_table(&self, objects: &ObjectStore) -> Result<(), ManifestError> {
+        let mut walk = TableWalk::new(self);
+        let mut pieces = std::pin::pin!(self.table_pieces(objects, 4));
+        while let Some((first, chunks)) = pieces.try_next().await? {
+            walk.walk(first, &chunks, |_, _, _| {})
+                .map_err(|r| self.bad(r))?;
+        }
+        walk.finish().map_err(|r| self.bad(r))
     }
 }
 

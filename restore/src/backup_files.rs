@@ -147,12 +147,8 @@ pub async fn check_backup(
     objects: &ObjectStore,
     m: &BackupManifest,
 ) -> Result<CheckReport, CheckError> {
-    m.check_header().map_err(|reason| {
-        CheckError::Table(repo::manifest::ManifestError::Bad {
-            key: m.key(),
-            reason,
-        })
-    })?;
+    m.check_header()
+        .map_err(|reason| CheckError::Table(m.bad(reason)))?;
     let mut files = FileCheck {
         m,
         listed: pg_files(objects, m).await?,

@@ -333,10 +333,7 @@ pub(crate) fn planned<'a>(
     let count = m.chunk_table.count;
     m.table_pieces(objects, 1)
         .scan(TableWalk::new(m), move |walk, piece| {
-            let bad = |reason| ManifestError::Bad {
-                key: m.key(),
-                reason,
-            };
+            let bad = |reason| m.bad(reason);
             let planned = piece.and_then(|(first, chunks)| {
                 let end = first + chunks.len() as u64;
                 let (piece, ranges) = plan_piece(walk, first, chunks, range_size).map_err(bad)?;
@@ -500,18 +497,7 @@ pub fn check_manifest(m: &BackupManifest, options: &FilesOptions) -> Result<Plac
 /// pieces are read again as the files are fetched ([`write_files`]): 52 bytes a chunk of
 /// 64 KiB, under a thousandth of what is restored. `m`'s header must be checked.
 pub async fn check_table(objects: &ObjectStore, m: &BackupManifest) -> Result<(), FilesError> {
-    let bad = |reason| {
-        FilesError::Table(ManifestError::Bad {
-            key: m.key(),
-            reason,
-        })
-    };
-    let mut walk = TableWalk::new(m);
-    let mut pieces = std::pin::pin!(m.table_pieces(objects, 4));
-    while let Some((first, chunks)) = pieces.try_next().await.map_err(FilesError::Table)? {
-        walk.walk(first, &chunks, |_, _, _| {}).map_err(bad)?;
-    }
-    walk.finish().map_err(bad)
+    m.check_table(objects).await.map_err(FilesError::Table)
 }
 
 /// Fills the files [`lay_out_files`] made, each chunk checked against every chunk table
